@@ -1,0 +1,1 @@
+"""Probe contrast data shipped with safetylock: response templates and recipes (see README.md here)."""

