@@ -12,7 +12,7 @@ import click
 from safetylock import models
 from safetylock.data import DataError
 from safetylock.geometry import GeometryError
-from safetylock.lockfile import LockError
+from safetylock.lockfile import LockError, check_alpha
 
 USER_ERRORS = (LockError, GeometryError, models.ModelError, DataError)
 
@@ -28,6 +28,21 @@ def user_errors(func):
             raise click.ClickException(str(exc)) from None
 
     return wrapper
+
+
+class AlphaType(click.ParamType):
+    """A finite steering strength within the lock format's bounds."""
+
+    name = "alpha"
+
+    def convert(self, value, param, ctx):
+        try:
+            return check_alpha(float(value))
+        except (TypeError, ValueError) as exc:
+            self.fail(str(exc), param, ctx)
+
+
+ALPHA = AlphaType()
 
 
 @click.group()
@@ -87,7 +102,7 @@ def models_fetch(name: str) -> None:
     default=None,
     help="Own harmful questions (.jsonl/.csv/.txt) instead of AdvBench.",
 )
-@click.option("--alpha", type=click.FloatRange(-64, 64), default=6.0, show_default=True, help="Default α stored in the lock.")
+@click.option("--alpha", type=ALPHA, default=6.0, show_default=True, help="Default α stored in the lock.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @user_errors
@@ -161,7 +176,7 @@ def inspect(lock_path: Path, plot: Path | None) -> None:
     help="Packaged model name or local HF model directory.",
 )
 @click.option("--lock", "lock_path", type=click.Path(path_type=Path), required=True)
-@click.option("--alpha", type=click.FloatRange(-64, 64), default=None, help="Default: the lock's own α.")
+@click.option("--alpha", type=ALPHA, default=None, help="Default: the lock's own α.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=64, show_default=True)
 @click.argument("prompts", nargs=-1, required=True)
 @user_errors
