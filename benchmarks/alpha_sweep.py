@@ -19,7 +19,7 @@ from extract_time import lock_path
 
 @click.command()
 @click.option("--model", "model_name", default=models.DEFAULT_MODEL)
-@click.option("--alphas", default="0,1,2,3,4,6,8")
+@click.option("--alphas", default="0,0.25,0.5,0.75,1,1.5,2,4,8")
 @click.option("--prompts", "count", type=int, default=40, help="Prompts per suite.")
 @click.option("--max-new-tokens", type=int, default=32)
 @click.option("--seed", type=int, default=0)

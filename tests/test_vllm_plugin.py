@@ -1,0 +1,69 @@
+"""The vLLM plugin in the real vLLM CPU engine, against the HF apply path (fp32, tiny Llama, head_dim 64)."""
+
+import pytest
+
+from safetylock.lockfile import load
+
+from helpers import tiny_lock
+from vllm_support import assert_same_generation, hf_reference, run_vllm, write_lora
+
+ALPHA = 4.0
+
+
+@pytest.fixture(scope="module")
+def lock_path(llama_dir, tmp_path_factory):
+    from safetylock.pipeline import load_model
+
+    model, tok = load_model(llama_dir)
+    lock = tiny_lock(model, tok)
+    return lock.save(tmp_path_factory.mktemp("locks") / "llama.lock.safetensors")
+
+
+@pytest.fixture(scope="module")
+def plain_reference(llama_dir):
+    return hf_reference(llama_dir, None)
+
+
+@pytest.fixture(scope="module")
+def locked_reference(llama_dir, lock_path):
+    reference = hf_reference(llama_dir, load(lock_path), ALPHA)
+    return reference
+
+
+def test_plugin_equals_hf_apply_with_and_without_lora(llama_dir, lock_path, plain_reference, locked_reference, tmp_path):
+    adapter = write_lora(llama_dir, tmp_path / "adapter")
+    got = run_vllm(
+        tmp_path / "run", model=str(llama_dir), lora=str(adapter),
+        additional_config={"safetylock": {"lock": str(lock_path), "alpha": ALPHA}},
+    )
+    assert [r["tokens"] for r in locked_reference] != [r["tokens"] for r in plain_reference]  # the lock steers
+    assert_same_generation(got["base"], locked_reference)
+    assert_same_generation(got["lora"], hf_reference(llama_dir, load(lock_path), ALPHA, lora=adapter))
+    assert "safetylock: locked 3 heads in" in got["log"] and load(lock_path).fingerprint in got["log"]
+
+
+def test_installed_plugin_without_config_changes_nothing(llama_dir, plain_reference, tmp_path):
+    with_plugin = run_vllm(tmp_path / "with", model=str(llama_dir))
+    without_plugin = run_vllm(tmp_path / "without", model=str(llama_dir), env={"VLLM_PLUGINS": ""})
+    assert with_plugin["base"] == without_plugin["base"]
+    assert_same_generation(with_plugin["base"], plain_reference)
+    assert "safetylock:" not in with_plugin["log"]
+
+
+def test_env_configuration(llama_dir, lock_path, locked_reference, tmp_path):
+    got = run_vllm(tmp_path / "env", model=str(llama_dir),
+                   env={"SAFETYLOCK_LOCK": str(lock_path), "SAFETYLOCK_ALPHA": str(ALPHA)})
+    assert_same_generation(got["base"], locked_reference)
+
+
+def test_compiled_graph_is_locked_and_keyed_by_the_lock(llama_dir, lock_path, plain_reference, locked_reference,
+                                                        tmp_path):
+    """torch.compile on, one compile cache: plain, then locked, then plain again must each be right."""
+    env = {"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
+    locked_config = {"safetylock": {"lock": str(lock_path), "alpha": ALPHA}}
+    plain = run_vllm(tmp_path / "a", env=env, model=str(llama_dir), enforce_eager=False)
+    locked = run_vllm(tmp_path / "b", env=env, model=str(llama_dir), enforce_eager=False, additional_config=locked_config)
+    plain_again = run_vllm(tmp_path / "c", env=env, model=str(llama_dir), enforce_eager=False)
+    assert_same_generation(plain["base"], plain_reference)
+    assert_same_generation(locked["base"], locked_reference)
+    assert_same_generation(plain_again["base"], plain_reference)

@@ -1,0 +1,42 @@
+"""Run the real vLLM engine once in a fresh process: ``python vllm_runner.py SPEC.json OUT.json``.
+
+SPEC: model, prompts (token-id lists), max_tokens, enforce_eager, additional_config, lora (adapter dir or null).
+OUT: per prompt and per LoRA setting, the greedy token ids and their logprobs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(spec_path: str, out_path: str) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    spec = json.loads(open(spec_path).read())
+    kwargs = {"additional_config": spec["additional_config"]} if spec.get("additional_config") else {}
+    if spec.get("lora"):
+        kwargs.update(enable_lora=True, max_lora_rank=8, max_loras=2)
+    llm = LLM(
+        spec["model"], dtype="float32", enforce_eager=spec.get("enforce_eager", True), max_model_len=256, seed=0,
+        kv_cache_memory_bytes=1 << 27, skip_tokenizer_init=True, **kwargs,
+    )
+    params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, logprobs=0, ignore_eos=True)
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
+    results = {}
+    for name, lora in [("base", None)] + ([("lora", LoRARequest("adapter", 1, spec["lora"]))] if spec.get("lora") else []):
+        outputs = llm.generate(prompts, params, lora_request=lora)
+        results[name] = [
+            {
+                "tokens": list(o.outputs[0].token_ids),
+                "logprobs": [step[token].logprob for step, token in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)],
+            }
+            for o in outputs
+        ]
+    open(out_path, "w").write(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,105 @@
+"""Helpers for tests that run the real vLLM engine (in subprocesses) against the HF reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from safetylock.apply import apply
+from safetylock.lockfile import SafetyLock
+from safetylock.pipeline import load_model
+
+RUNNER = Path(__file__).with_name("vllm_runner.py")
+PROMPTS = [[1, 40, 41, 42, 43, 44, 45, 46], [1, 100, 7, 250, 31, 99], [1, 300, 301, 302, 303, 304, 305, 306, 307]]
+MAX_TOKENS = 8
+
+
+def run_vllm(workdir: Path, env: dict[str, str] | None = None, **spec) -> dict:
+    """One real vLLM engine in a fresh process; returns the runner's results."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, **spec}
+    spec_path, out_path = workdir / "spec.json", workdir / "out.json"
+    spec_path.write_text(json.dumps(spec, default=str))
+    done = subprocess.run(
+        [sys.executable, str(RUNNER), str(spec_path), str(out_path)],
+        env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return json.loads(out_path.read_text()) | {"log": done.stdout + done.stderr}
+
+
+@torch.no_grad()
+def hf_greedy(model, prompts=PROMPTS, max_tokens=MAX_TOKENS) -> list[dict]:
+    """Greedy continuation with per-step logprobs, recomputing the full prefix each step (fp32 reference)."""
+    results = []
+    for ids in prompts:
+        seq, tokens, logprobs = list(ids), [], []
+        for _ in range(max_tokens):
+            logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0, -1].double(), -1)
+            token = int(logp.argmax())
+            tokens.append(token)
+            logprobs.append(float(logp[token]))
+            seq.append(token)
+        results.append({"tokens": tokens, "logprobs": logprobs})
+    return results
+
+
+def hf_reference(model_dir: Path, lock: SafetyLock | None, alpha: float | None = None, lora: Path | None = None):
+    model, _ = load_model(model_dir)
+    if lora is not None:
+        merge_lora(model, lora)
+    if lock is None:
+        return hf_greedy(model)
+    with apply(model, lock, alpha):
+        return hf_greedy(model)
+
+
+def assert_same_generation(got: list[dict], want: list[dict], atol: float = 2e-3) -> None:
+    assert [g["tokens"] for g in got] == [w["tokens"] for w in want]
+    for g, w in zip(got, want):
+        assert max(abs(a - b) for a, b in zip(g["logprobs"], w["logprobs"])) < atol
+
+
+def write_lora(model_dir: Path, out: Path, rank: int = 4, seed: int = 0) -> Path:
+    """A random PEFT LoRA adapter on q_proj and v_proj of every layer."""
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv = config["num_key_value_heads"] * head_dim
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for name, out_features in (("q_proj", heads * head_dim), ("v_proj", kv)):
+            key = f"base_model.model.model.layers.{layer}.self_attn.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, hidden, generator=gen) * 0.3
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_features, rank, generator=gen) * 0.3
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj"], "bias": "none", "fan_in_fan_out": False,
+        "base_model_name_or_path": str(model_dir),
+    }))
+    return out
+
+
+@torch.no_grad()
+def merge_lora(model, adapter: Path) -> None:
+    """W += (lora_alpha / r) · B A for every adapted module (the HF reference of a served adapter)."""
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    modules = dict(model.named_modules())
+    for key, a in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            b = tensors[key.replace("lora_A", "lora_B")]
+            modules[name].weight += scale * b @ a
