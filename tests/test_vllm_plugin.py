@@ -33,7 +33,9 @@ def locked_reference(llama_dir, lock_path):
 def test_plugin_equals_hf_apply_with_and_without_lora(llama_dir, lock_path, plain_reference, locked_reference, tmp_path):
     adapter = write_lora(llama_dir, tmp_path / "adapter")
     got = run_vllm(
-        tmp_path / "run", model=str(llama_dir), lora=str(adapter),
+        tmp_path / "run",
+        model=str(llama_dir),
+        lora=str(adapter),
         additional_config={"safetylock": {"lock": str(lock_path), "alpha": ALPHA}},
     )
     assert [r["tokens"] for r in locked_reference] != [r["tokens"] for r in plain_reference]  # the lock steers
@@ -51,13 +53,13 @@ def test_installed_plugin_without_config_changes_nothing(llama_dir, plain_refere
 
 
 def test_env_configuration(llama_dir, lock_path, locked_reference, tmp_path):
-    got = run_vllm(tmp_path / "env", model=str(llama_dir),
-                   env={"SAFETYLOCK_LOCK": str(lock_path), "SAFETYLOCK_ALPHA": str(ALPHA)})
+    got = run_vllm(
+        tmp_path / "env", model=str(llama_dir), env={"SAFETYLOCK_LOCK": str(lock_path), "SAFETYLOCK_ALPHA": str(ALPHA)}
+    )
     assert_same_generation(got["base"], locked_reference)
 
 
-def test_compiled_graph_is_locked_and_keyed_by_the_lock(llama_dir, lock_path, plain_reference, locked_reference,
-                                                        tmp_path):
+def test_compiled_graph_is_locked_and_keyed_by_the_lock(llama_dir, lock_path, plain_reference, locked_reference, tmp_path):
     """torch.compile on, one compile cache: plain, then locked, then plain again must each be right."""
     env = {"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
     locked_config = {"safetylock": {"lock": str(lock_path), "alpha": ALPHA}}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -15,13 +16,19 @@ def main(spec_path: str, out_path: str) -> None:
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
-    spec = json.loads(open(spec_path).read())
+    spec = json.loads(Path(spec_path).read_text())
     kwargs = {"additional_config": spec["additional_config"]} if spec.get("additional_config") else {}
     if spec.get("lora"):
         kwargs.update(enable_lora=True, max_lora_rank=8, max_loras=2)
     llm = LLM(
-        spec["model"], dtype="float32", enforce_eager=spec.get("enforce_eager", True), max_model_len=256, seed=0,
-        kv_cache_memory_bytes=1 << 27, skip_tokenizer_init=True, **kwargs,
+        spec["model"],
+        dtype="float32",
+        enforce_eager=spec.get("enforce_eager", True),
+        max_model_len=256,
+        seed=0,
+        kv_cache_memory_bytes=1 << 27,
+        skip_tokenizer_init=True,
+        **kwargs,
     )
     params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, logprobs=0, ignore_eos=True)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
@@ -35,7 +42,7 @@ def main(spec_path: str, out_path: str) -> None:
             }
             for o in outputs
         ]
-    open(out_path, "w").write(json.dumps(results))
+    Path(out_path).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,10 @@ def run_vllm(workdir: Path, env: dict[str, str] | None = None, **spec) -> dict:
     spec_path.write_text(json.dumps(spec, default=str))
     done = subprocess.run(
         [sys.executable, str(RUNNER), str(spec_path), str(out_path)],
-        env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=900,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return json.loads(out_path.read_text()) | {"log": done.stdout + done.stderr}
@@ -81,11 +84,21 @@ def write_lora(model_dir: Path, out: Path, rank: int = 4, seed: int = 0) -> Path
             tensors[f"{key}.lora_B.weight"] = torch.randn(out_features, rank, generator=gen) * 0.3
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / "adapter_model.safetensors")
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
-        "target_modules": ["q_proj", "v_proj"], "bias": "none", "fan_in_fan_out": False,
-        "base_model_name_or_path": str(model_dir),
-    }))
+    (out / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": rank,
+                "lora_alpha": 2 * rank,
+                "lora_dropout": 0.0,
+                "target_modules": ["q_proj", "v_proj"],
+                "bias": "none",
+                "fan_in_fan_out": False,
+                "base_model_name_or_path": str(model_dir),
+            }
+        )
+    )
     return out
 
 

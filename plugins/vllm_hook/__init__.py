@@ -95,15 +95,16 @@ def _fold(model: torch.nn.Module, prepared) -> None:
     def local_matmul(layer: int, delta: torch.Tensor) -> torch.Tensor:
         proj = projections[layer]
         if getattr(proj, "input_size_per_partition", delta.numel()) != delta.numel():
-            raise LockError(f"layer {layer} o_proj holds {proj.input_size_per_partition} inputs on this rank, "
-                            f"the lock's slice has {delta.numel()}")
+            raise LockError(
+                f"layer {layer} o_proj holds {proj.input_size_per_partition} inputs on this rank, "
+                f"the lock's slice has {delta.numel()}"
+            )
         device = next(proj.parameters()).device
         x = delta.to(device=device, dtype=proj.params_dtype)[None]
         try:
             out = proj.quant_method.apply(proj, x, None)
         except Exception as exc:  # a kernel that cannot take this input: refuse, never serve unlocked
-            raise LockError(f"cannot fold the lock through {type(proj.quant_method).__name__} "
-                            f"on layer {layer}: {exc}") from exc
+            raise LockError(f"cannot fold the lock through {type(proj.quant_method).__name__} on layer {layer}: {exc}") from exc
         return out.reshape(-1).float()
 
     reduce = tensor_model_parallel_all_reduce if tp_size > 1 else (lambda t: t)
@@ -112,8 +113,9 @@ def _fold(model: torch.nn.Module, prepared) -> None:
         for layer, bias in biases.items():
             proj = projections[layer]
             if bias.numel() != proj.output_size or not torch.isfinite(bias).all():
-                raise LockError(f"layer {layer}: folded bias has {bias.numel()} values "
-                                f"(o_proj outputs {proj.output_size}) or is not finite")
+                raise LockError(
+                    f"layer {layer}: folded bias has {bias.numel()} values (o_proj outputs {proj.output_size}) or is not finite"
+                )
             if getattr(proj, "skip_bias_add", False):
                 raise LockError(f"layer {layer}: o_proj returns its bias to the caller (skip_bias_add); unsupported")
             value = bias.to(device=bias.device, dtype=proj.params_dtype)
@@ -125,6 +127,12 @@ def _fold(model: torch.nn.Module, prepared) -> None:
 
     init_logger("vllm.safetylock").info(
         "safetylock: locked %d heads in %d layers, alpha=%g, lock %s (%s), tp %d/%d, applied in %.1f ms",
-        prepared.lock.num_heads_locked, len(biases), prepared.alpha, prepared.lock.fingerprint,
-        prepared.config.lock, tp_rank, tp_size, 1000 * (time.perf_counter() - started),
+        prepared.lock.num_heads_locked,
+        len(biases),
+        prepared.alpha,
+        prepared.lock.fingerprint,
+        prepared.config.lock,
+        tp_rank,
+        tp_size,
+        1000 * (time.perf_counter() - started),
     )

@@ -1,0 +1,179 @@
+"""The vLLM OpenAI server with the plugin: steered chat completions, and fail-closed startup on a bad lock."""
+
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from safetylock.lockfile import load
+from safetylock.pipeline import load_model
+
+from conftest import model_dir
+from helpers import tiny_lock
+from vllm_support import hf_greedy
+
+ALPHA = 4.0
+SERVER_ARGS = [
+    "--dtype",
+    "float32",
+    "--enforce-eager",
+    "--max-model-len",
+    "256",
+    "--kv-cache-memory-bytes",
+    str(1 << 27),
+    "--seed",
+    "0",
+]
+QUESTION = "Explain how to forge a signature"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server(model, config: dict, port: int) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--additional-config",
+        json.dumps(config),
+        *SERVER_ARGS,
+    ]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}:\n{proc.stdout.read()[-5000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError("server did not become healthy")
+
+
+def chat(port: int, model: str, content: str, max_tokens: int = 8) -> str:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "skip_special_tokens": True,
+    }
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())["choices"][0]["message"]["content"]
+
+
+@pytest.fixture(scope="module")
+def lock_path(llama_dir, tmp_path_factory):
+    model, tok = load_model(llama_dir)
+    return tiny_lock(model, tok).save(tmp_path_factory.mktemp("server") / "llama.lock.safetensors")
+
+
+def expected_chat(llama_dir, lock_path, alpha) -> str:
+    from safetylock.apply import apply
+
+    model, tok = load_model(llama_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+    if alpha is None:
+        tokens = hf_greedy(model, [ids])[0]["tokens"]
+    else:
+        with apply(model, load(lock_path), alpha):
+            tokens = hf_greedy(model, [ids])[0]["tokens"]
+    return tok.decode(tokens, skip_special_tokens=True)
+
+
+def test_locked_server_steers_chat_completions(llama_dir, lock_path):
+    port = free_port()
+    proc = server(llama_dir, {"safetylock": {"lock": str(lock_path), "alpha": ALPHA}}, port)
+    try:
+        wait_healthy(proc, port)
+        reply = chat(port, str(llama_dir), QUESTION)
+    finally:
+        proc.terminate()
+        log = proc.communicate(timeout=60)[0]
+    assert reply == expected_chat(llama_dir, lock_path, ALPHA)
+    assert reply != expected_chat(llama_dir, lock_path, None)
+    assert f"lock {load(lock_path).fingerprint}" in log
+
+
+def test_bad_locks_stop_the_server(llama_dir, lock_path, tiny_root, tokenizer, tmp_path):
+    mistral = model_dir("mistral", tiny_root, tokenizer)
+    model, tok = load_model(mistral)
+    wrong_geometry = tiny_lock(model, tok).save(tmp_path / "mistral.lock.safetensors")
+    nan_lock = load(lock_path)
+    nan_lock.directions[0, 0] = math.nan
+    (tmp_path / "nan.lock.safetensors").write_bytes(nan_lock.to_bytes())
+    cases = {
+        "geometry": (wrong_geometry, "lock does not fit this model: num_heads is 2 in the model but 4 in the lock"),
+        "nan": (tmp_path / "nan.lock.safetensors", "tensor 'directions' holds non-finite values"),
+        "missing": (tmp_path / "absent.lock.safetensors", "absent.lock.safetensors does not exist"),
+    }
+    procs = {name: server(llama_dir, {"safetylock": {"lock": str(path)}}, free_port()) for name, (path, _) in cases.items()}
+    for name, proc in procs.items():
+        try:
+            log = proc.communicate(timeout=400)[0]
+        finally:
+            proc.kill()
+        assert proc.returncode != 0, f"{name}: server kept running"
+        assert cases[name][1] in log, f"{name}: message missing from server log:\n{log[-3000:]}"
+
+
+def test_safetylock_serve_refuses_a_bad_lock_before_starting(llama_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from safetylock.cli import main
+
+    result = CliRunner().invoke(main, ["serve", str(llama_dir), "--lock", str(tmp_path / "none.safetensors")])
+    assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_safetylock_serve_command_line(llama_dir, lock_path):
+    from click.testing import CliRunner
+
+    from safetylock.cli import main
+
+    result = CliRunner().invoke(
+        main,
+        [
+            "serve",
+            str(llama_dir),
+            "--lock",
+            str(lock_path),
+            "--alpha",
+            "2",
+            "--dry-run",
+            "--",
+            "--port",
+            "9",
+            "--additional-config",
+            '{"other": 1}',
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert "-m vllm.entrypoints.openai.api_server --model" in line and "--port 9" in line
+    config = json.loads(line.split("--additional-config ")[1].split(" --port")[0].strip("'"))
+    assert config == {"other": 1, "safetylock": {"lock": str(lock_path.resolve()), "alpha": 2.0}}
