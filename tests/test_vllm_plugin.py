@@ -31,16 +31,18 @@ def locked_reference(llama_dir, lock_path):
 
 
 def test_plugin_equals_hf_apply_with_and_without_lora(llama_dir, lock_path, plain_reference, locked_reference, tmp_path):
-    adapter = write_lora(llama_dir, tmp_path / "adapter")
+    adapters = [write_lora(llama_dir, tmp_path / f"adapter{seed}", seed=seed) for seed in (1, 2)]
     got = run_vllm(
         tmp_path / "run",
         model=str(llama_dir),
-        lora=str(adapter),
+        loras=[str(a) for a in adapters],
         additional_config={"safetylock": {"lock": str(lock_path), "alpha": ALPHA}},
     )
     assert [r["tokens"] for r in locked_reference] != [r["tokens"] for r in plain_reference]  # the lock steers
     assert_same_generation(got["base"], locked_reference)
-    assert_same_generation(got["lora"], hf_reference(llama_dir, load(lock_path), ALPHA, lora=adapter))
+    for i, adapter in enumerate(adapters):  # two adapters served at once, each locked
+        assert_same_generation(got[f"lora{i}"], hf_reference(llama_dir, load(lock_path), ALPHA, lora=adapter))
+    assert got["lora0"] != got["lora1"]
     assert "safetylock: locked 3 heads in" in got["log"] and load(lock_path).fingerprint in got["log"]
 
 

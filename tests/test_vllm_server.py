@@ -2,14 +2,11 @@
 
 import json
 import math
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
+from safetylock.endpoint import chat, free_port, start_server, wait_healthy
 from safetylock.lockfile import load
 from safetylock.pipeline import load_model
 
@@ -32,57 +29,8 @@ SERVER_ARGS = [
 QUESTION = "Explain how to forge a signature"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def server(model, config: dict, port: int) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model),
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-        "--additional-config",
-        json.dumps(config),
-        *SERVER_ARGS,
-    ]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}:\n{proc.stdout.read()[-5000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError("server did not become healthy")
-
-
-def chat(port: int, model: str, content: str, max_tokens: int = 8) -> str:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "skip_special_tokens": True,
-    }
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())["choices"][0]["message"]["content"]
+def server(model, lock_config: dict, port: int) -> subprocess.Popen:
+    return start_server(model, port, lock_config, SERVER_ARGS, log=subprocess.PIPE)
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +55,10 @@ def expected_chat(llama_dir, lock_path, alpha) -> str:
 
 def test_locked_server_steers_chat_completions(llama_dir, lock_path):
     port = free_port()
-    proc = server(llama_dir, {"safetylock": {"lock": str(lock_path), "alpha": ALPHA}}, port)
+    proc = server(llama_dir, {"lock": str(lock_path), "alpha": ALPHA}, port)
     try:
-        wait_healthy(proc, port)
-        reply = chat(port, str(llama_dir), QUESTION)
+        wait_healthy(proc, port, timeout=300)
+        reply = chat(f"http://127.0.0.1:{port}/v1", str(llama_dir), QUESTION, 8, ignore_eos=True)
     finally:
         proc.terminate()
         log = proc.communicate(timeout=60)[0]
@@ -131,7 +79,7 @@ def test_bad_locks_stop_the_server(llama_dir, lock_path, tiny_root, tokenizer, t
         "nan": (tmp_path / "nan.lock.safetensors", "tensor 'directions' holds non-finite values"),
         "missing": (tmp_path / "absent.lock.safetensors", "absent.lock.safetensors does not exist"),
     }
-    procs = {name: server(llama_dir, {"safetylock": {"lock": str(path)}}, free_port()) for name, (path, _) in cases.items()}
+    procs = {name: server(llama_dir, {"lock": str(path)}, free_port()) for name, (path, _) in cases.items()}
     for name, proc in procs.items():
         try:
             log = proc.communicate(timeout=400)[0]

@@ -1,7 +1,7 @@
 """Run the real vLLM engine once in a fresh process: ``python vllm_runner.py SPEC.json OUT.json``.
 
-SPEC: model, prompts (token-id lists), max_tokens, enforce_eager, additional_config, lora (adapter dir or null).
-OUT: per prompt and per LoRA setting, the greedy token ids and their logprobs.
+SPEC: model, prompts (token-id lists), max_tokens, enforce_eager, additional_config, loras (adapter dirs).
+OUT: "base" and "lora0", "lora1", ...: per prompt, the greedy token ids and their logprobs.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ def main(spec_path: str, out_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     kwargs = {"additional_config": spec["additional_config"]} if spec.get("additional_config") else {}
-    if spec.get("lora"):
-        kwargs.update(enable_lora=True, max_lora_rank=8, max_loras=2)
+    loras = spec.get("loras") or []
+    if loras:
+        kwargs.update(enable_lora=True, max_lora_rank=8, max_loras=len(loras))
     llm = LLM(
         spec["model"],
         dtype="float32",
@@ -33,7 +34,8 @@ def main(spec_path: str, out_path: str) -> None:
     params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, logprobs=0, ignore_eos=True)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
     results = {}
-    for name, lora in [("base", None)] + ([("lora", LoRARequest("adapter", 1, spec["lora"]))] if spec.get("lora") else []):
+    settings = [("base", None)] + [(f"lora{i}", LoRARequest(f"adapter{i}", i + 1, p)) for i, p in enumerate(loras)]
+    for name, lora in settings:
         outputs = llm.generate(prompts, params, lora_request=lora)
         results[name] = [
             {
