@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 from pathlib import Path
 
@@ -313,3 +314,102 @@ def demo(model_name: str, lock_path: Path | None, alpha: float | None, max_token
                 proc.kill()
         for handle in logs.values():
             handle.close()
+
+
+@main.command("eval")
+@click.option("--endpoint", default=None, help="OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1).")
+@click.option(
+    "--model",
+    "model_name",
+    required=True,
+    help="With --endpoint: the served model name. Without: packaged model name or HF directory.",
+)
+@click.option("--lock", "lock_path", type=click.Path(path_type=Path), default=None, help="Offline only.")
+@click.option("--alpha", type=ALPHA, default=None, help="Offline only; default: the lock's own α.")
+@click.option(
+    "--suite",
+    "suites",
+    multiple=True,
+    default=("advbench-heldout", "benign", "arithmetic"),
+    show_default=True,
+    help="Built-in suite or KIND=FILE (KIND: harmful, benign, utility). Repeatable.",
+)
+@click.option("--count", type=click.IntRange(min=1), default=50, show_default=True, help="Prompts per suite.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option("--concurrency", type=click.IntRange(1, 256), default=8, show_default=True)
+@click.option("--judge-endpoint", default=None, help="OpenAI-compatible URL of an LLM judge (optional).")
+@click.option("--judge-model", default=None)
+@click.option("--label", default=None, help="Name of this run in `compare` (default: the model).")
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Result JSON (default: runs/LABEL.json)."
+)
+@user_errors
+def eval_command(
+    endpoint,
+    model_name,
+    lock_path,
+    alpha,
+    suites,
+    count,
+    seed,
+    max_tokens,
+    concurrency,
+    judge_endpoint,
+    judge_model,
+    label,
+    out,
+) -> None:
+    """Generate on safety suites, judge every response, write JSON with all items and a summary."""
+    from safetylock import evaluate
+    from safetylock.lockfile import load
+
+    if endpoint and (lock_path or alpha is not None):
+        raise click.BadParameter("--lock/--alpha apply offline only; a server applies its own lock", param_hint="--lock")
+    if bool(judge_endpoint) != bool(judge_model):
+        raise click.BadParameter("--judge-endpoint and --judge-model go together", param_hint="--judge-model")
+    loaded = [evaluate.load_suite(spec, count, seed) for spec in suites]  # bad suites fail before any generation
+    target: dict = {"model": model_name, "endpoint": endpoint}
+    if endpoint:
+        generate = evaluate.endpoint_generator(endpoint, model_name, concurrency)
+    else:
+        lock_config = None
+        if lock_path is not None:
+            lock = load(lock_path)
+            lock_config = {"lock": str(lock_path.resolve()), **({} if alpha is None else {"alpha": alpha})}
+            target |= {
+                "lock": str(lock_path),
+                "lock_fingerprint": lock.fingerprint,
+                "alpha": lock.default_alpha if alpha is None else alpha,
+            }
+        generate = evaluate.vllm_generator(models.resolve(model_name), lock_config)
+    judge_fn = evaluate.llm_judge(evaluate.endpoint_generator(judge_endpoint, judge_model)) if judge_endpoint else None
+    label = label or Path(model_name).name + (f"+lock(a={target['alpha']})" if "alpha" in target else "")
+    report = evaluate.evaluate(loaded, generate, max_tokens, {**target, "label": label, "seed": seed}, judge_fn)
+    out = out or Path("runs") / f"{re.sub(r'[^A-Za-z0-9_.=+-]', '_', label)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    for name, suite in report["suites"].items():
+        click.echo(f"{name:24s} {json.dumps(suite['summary'])}")
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=Path("compare.png"), show_default=True)
+@user_errors
+def compare(runs: tuple[Path, ...], plot: Path) -> None:
+    """Side-by-side table and bar plot of `safetylock eval` results."""
+    from safetylock.report import comparison_plot, comparison_rows, load_run
+
+    loaded = [load_run(path) for path in runs]
+    header, rows = comparison_rows(loaded)
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    for row in [header, *rows]:
+        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+    comparison_plot(loaded, plot)
+    click.echo(f"plot: {plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -29,3 +29,67 @@ def accuracy_heatmap(lock: SafetyLock, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+METRICS = {"harmful": "compliance_rate", "benign": "over_refusal_rate", "utility": "accuracy"}
+
+
+def load_run(path: Path) -> dict:
+    """A `safetylock eval` result file, checked enough to compare."""
+    import json
+
+    from safetylock.data import DataError
+
+    try:
+        run = json.loads(path.read_text())
+        suites = run["suites"]
+        for suite in suites.values():
+            suite["summary"][METRICS[suite["kind"]]]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise DataError(f"{path} is not a safetylock eval result") from None
+    run.setdefault("target", {}).setdefault("label", path.stem)
+    return run
+
+
+def comparison_rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and one row per run: each suite's headline metric, in percent."""
+    columns: list[tuple[str, str]] = []
+    for run in runs:
+        for name, suite in run["suites"].items():
+            if (name, suite["kind"]) not in columns:
+                columns.append((name, suite["kind"]))
+    header = ["run", *(f"{name} {METRICS[kind]}" for name, kind in columns)]
+    rows = []
+    for run in runs:
+        row = [run["target"]["label"]]
+        for name, kind in columns:
+            suite = run["suites"].get(name)
+            row.append(f"{100 * suite['summary'][METRICS[kind]]:.1f}%" if suite else "-")
+        rows.append(row)
+    return header, rows
+
+
+def comparison_plot(runs: list[dict], path: Path) -> Path:
+    """Grouped bars: one group per suite metric, one bar per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    header, rows = comparison_rows(runs)
+    metrics = header[1:]
+    fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(metrics)), 3.6))
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        values = [float(cell.rstrip("%")) if cell != "-" else np.nan for cell in row[1:]]
+        ax.bar(np.arange(len(metrics)) + i * width, values, width, label=row[0])
+    ax.set_xticks(np.arange(len(metrics)) + width * (len(rows) - 1) / 2, metrics, fontsize=8)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
