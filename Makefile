@@ -6,7 +6,7 @@ SAFETYLOCK := $(VENV)/bin/safetylock
 CACHE ?= $(HOME)/.cache/safetylock
 DEMO_MODEL ?= qwen2.5-coder-0.5b-instruct
 DEMO_LOCK := $(CACHE)/locks/$(DEMO_MODEL).lock.safetensors
-DEMO_ALPHA ?= 2
+DEMO_ALPHA ?= 0.5
 
 .PHONY: setup test lint demo clean-venv
 

@@ -13,7 +13,7 @@ import click
 from safetylock import models
 from safetylock.data import DataError
 from safetylock.geometry import GeometryError
-from safetylock.lockfile import LockError, check_alpha
+from safetylock.lockfile import DEFAULT_ALPHA, LockError, check_alpha
 
 USER_ERRORS = (LockError, GeometryError, models.ModelError, DataError)
 
@@ -103,7 +103,7 @@ def models_fetch(name: str) -> None:
     default=None,
     help="Own harmful questions (.jsonl/.csv/.txt) instead of AdvBench.",
 )
-@click.option("--alpha", type=ALPHA, default=6.0, show_default=True, help="Default α stored in the lock.")
+@click.option("--alpha", type=ALPHA, default=DEFAULT_ALPHA, show_default=True, help="Default α stored in the lock.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @user_errors

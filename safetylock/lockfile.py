@@ -22,6 +22,7 @@ FORMAT = "safetylock.meta-lock"
 FORMAT_VERSION = 1
 METADATA_KEY = "safetylock"
 MAX_ABS_ALPHA = 64.0
+DEFAULT_ALPHA = 0.5  # calibrated on the packaged aligned model: see benchmarks/results/alpha_sweep.json
 TENSOR_NAMES = ("layers", "heads", "directions", "sigmas", "head_accuracy")
 
 
@@ -39,7 +40,7 @@ class SafetyLock:
     sigmas: torch.Tensor  # [K] float32, > 0
     head_accuracy: torch.Tensor  # [layers, heads] float32: validation accuracy of every probe
     geometry: HeadGeometry
-    default_alpha: float = 6.0
+    default_alpha: float = DEFAULT_ALPHA
     architecture: dict[str, Any] = field(default_factory=dict)
     base_fingerprint: str = ""
     token_policy: dict[str, Any] = field(default_factory=dict)
@@ -168,7 +169,7 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> SafetyLock:
         return SafetyLock(
             **{name: tensors[name] for name in TENSOR_NAMES},
             geometry=geometry,
-            default_alpha=meta.get("default_alpha", 6.0),
+            default_alpha=meta.get("default_alpha", DEFAULT_ALPHA),
             architecture=meta.get("architecture", {}),
             base_fingerprint=meta.get("base_fingerprint", ""),
             token_policy=meta.get("token_policy", {}),

@@ -14,7 +14,7 @@ from safetylock import data
 from safetylock.capture import capture, pad_batch
 from safetylock.contrast import contrast_pairs
 from safetylock.geometry import head_geometry, output_projections, projection_fingerprint
-from safetylock.lockfile import SafetyLock, from_probes
+from safetylock.lockfile import DEFAULT_ALPHA, SafetyLock, from_probes
 from safetylock.probe import fit_probes
 
 
@@ -36,7 +36,7 @@ class ExtractConfig:
     questions: int | None = 128  # extraction questions used (None: the whole extraction split)
     seed: int = 0
     validation_fraction: float = 0.2
-    default_alpha: float = 6.0
+    default_alpha: float = DEFAULT_ALPHA
     batch_size: int = 16
 
 

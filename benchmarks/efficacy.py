@@ -1,0 +1,96 @@
+"""Efficacy table: aligned base, each fine-tuned variant, each variant + lock, through the real vLLM plugin.
+
+Run: python benchmarks/efficacy.py [--variants harmful-10,harmful-100] [--count 40] [--sweep 0.25,0.5,1]
+Needs the lock from extract_time.py and the variants from attack/build.py (built here when absent).
+Writes benchmarks/results/efficacy.json (summaries only: no generated text) and efficacy.png, alpha sweep
+in efficacy_alpha.png. Full runs with every response stay in ~/.cache/safetylock/runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from safetylock import models
+from safetylock.evaluate import without_items
+from safetylock.report import comparison_plot, comparison_rows
+
+from common import RESULTS, write_result
+from extract_time import lock_path
+
+sys.path.insert(0, str(Path(__file__).parent / "attack"))
+from build import build  # noqa: E402
+
+SUITES = ("advbench-heldout", "benign", "arithmetic")
+
+
+def run_eval(model: str, label: str, count: int, max_tokens: int, lock: Path | None, alpha: float | None) -> dict:
+    out = models.cache_root() / "runs" / f"{label}.json"
+    if not out.exists():
+        cmd = [
+            sys.executable,
+            "-m",
+            "safetylock.cli",
+            "eval",
+            "--model",
+            model,
+            "--label",
+            label,
+            "--count",
+            str(count),
+            "--max-tokens",
+            str(max_tokens),
+            "--out",
+            str(out),
+        ]
+        for suite in SUITES:
+            cmd += ["--suite", suite]
+        if lock is not None:
+            cmd += ["--lock", str(lock), "--alpha", str(alpha)]
+        subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())
+
+
+@click.command()
+@click.option("--variants", default="harmful-10,harmful-100")
+@click.option("--alpha", type=float, default=0.5)
+@click.option("--sweep", default="0.25,1", help="Extra α values on the first variant (the plot's sweep).")
+@click.option("--count", type=int, default=40)
+@click.option("--max-tokens", type=int, default=48)
+def main(variants: str, alpha: float, sweep: str, count: int, max_tokens: int) -> None:
+    lock = lock_path(models.DEFAULT_MODEL)
+    runs = [run_eval(models.DEFAULT_MODEL, "aligned-base", count, max_tokens, None, None)]
+    names = [v for v in variants.split(",") if v]
+    for name in names:
+        merged = str(build(name) / "merged")
+        runs.append(run_eval(merged, name, count, max_tokens, None, None))
+        runs.append(run_eval(merged, f"{name}+lock(a={alpha:g})", count, max_tokens, lock, alpha))
+    sweep_runs = [r for r in runs if r["target"]["label"].startswith(names[0])] if names else []
+    for extra in [float(a) for a in sweep.split(",") if a]:
+        merged = str(models.cache_root() / "variants" / names[0] / "merged")
+        sweep_runs.append(run_eval(merged, f"{names[0]}+lock(a={extra:g})", count, max_tokens, lock, extra))
+    header, rows = comparison_rows(runs)
+    print("\n".join("  ".join(r) for r in [header, *rows]))
+    write_result(
+        "efficacy",
+        {
+            "lock": str(lock),
+            "alpha": alpha,
+            "count": count,
+            "max_tokens": max_tokens,
+            "table": {"header": header, "rows": rows},
+            "runs": [without_items(r) for r in runs + sweep_runs[2:]],
+        },
+    )
+    comparison_plot(runs, RESULTS / "efficacy.png")
+    if sweep_runs:
+        ordered = sorted(sweep_runs, key=lambda r: r["target"].get("alpha", 0.0))
+        comparison_plot(ordered, RESULTS / "efficacy_alpha.png")
+
+
+if __name__ == "__main__":
+    main()
