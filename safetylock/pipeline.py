@@ -86,6 +86,12 @@ def extract_lock(
     )
 
 
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a one-turn chat ending with the assistant's generation prompt."""
+    messages = [{"role": "user", "content": prompt}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -100,11 +106,7 @@ def generate(
     replies: list[str] = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="generate", unit="batch", disable=not progress):
-        chunk = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-            for p in prompts[start : start + batch_size]
-        ]
-        chunk = [ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids for ids in chunk]
+        chunk = [chat_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
         input_ids, mask = pad_batch(chunk, pad_id, "left")
         output = model.generate(
             input_ids=input_ids,

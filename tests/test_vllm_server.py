@@ -8,7 +8,7 @@ import pytest
 
 from safetylock.endpoint import chat, free_port, start_server, wait_healthy
 from safetylock.lockfile import load
-from safetylock.pipeline import load_model
+from safetylock.pipeline import chat_ids, load_model
 
 from conftest import model_dir
 from helpers import tiny_lock
@@ -43,8 +43,7 @@ def expected_chat(llama_dir, lock_path, alpha) -> str:
     from safetylock.apply import apply
 
     model, tok = load_model(llama_dir)
-    ids = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=True)
-    ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+    ids = chat_ids(tok, QUESTION)
     if alpha is None:
         tokens = hf_greedy(model, [ids])[0]["tokens"]
     else:
