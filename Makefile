@@ -33,6 +33,9 @@ $(DEMO_LOCK): | setup
 demo: setup $(DEMO_LOCK)
 	$(SAFETYLOCK) inspect $(DEMO_LOCK)
 	$(SAFETYLOCK) demo --model $(DEMO_MODEL) --lock $(DEMO_LOCK)
+	# The attack and the repair: fine-tune on 10 harmful questions (cached), evaluate with and without the lock.
+	cd benchmarks && ../$(PY) efficacy.py --variants harmful-10 --sweep "" --count 20 --max-tokens 32 \
+		--alpha $(DEMO_ALPHA) --no-write
 
 clean-venv:
 	rm -rf $(VENV)

@@ -29,7 +29,7 @@ SUITES = ("advbench-heldout", "benign", "arithmetic")
 
 
 def run_eval(model: str, label: str, count: int, max_tokens: int, lock: Path | None, alpha: float | None) -> dict:
-    out = models.cache_root() / "runs" / f"{label}.json"
+    out = models.cache_root() / "runs" / f"{label}-n{count}-t{max_tokens}.json"
     if not out.exists():
         cmd = [
             sys.executable,
@@ -61,7 +61,8 @@ def run_eval(model: str, label: str, count: int, max_tokens: int, lock: Path | N
 @click.option("--sweep", default="0.25,1", help="Extra α values on the first variant (the plot's sweep).")
 @click.option("--count", type=int, default=40)
 @click.option("--max-tokens", type=int, default=48)
-def main(variants: str, alpha: float, sweep: str, count: int, max_tokens: int) -> None:
+@click.option("--write/--no-write", default=True, help="Write results JSON and plots (off for the demo).")
+def main(variants: str, alpha: float, sweep: str, count: int, max_tokens: int, write: bool) -> None:
     lock = lock_path(models.DEFAULT_MODEL)
     runs = [run_eval(models.DEFAULT_MODEL, "aligned-base", count, max_tokens, None, None)]
     names = [v for v in variants.split(",") if v]
@@ -74,7 +75,10 @@ def main(variants: str, alpha: float, sweep: str, count: int, max_tokens: int) -
         merged = str(models.cache_root() / "variants" / names[0] / "merged")
         sweep_runs.append(run_eval(merged, f"{names[0]}+lock(a={extra:g})", count, max_tokens, lock, extra))
     header, rows = comparison_rows(runs)
-    print("\n".join("  ".join(r) for r in [header, *rows]))
+    widths = [max(len(x) for x in column) for column in zip(header, *rows)]
+    print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]))
+    if not write:
+        return
     write_result(
         "efficacy",
         {
