@@ -14,8 +14,9 @@ from safetylock import models
 from safetylock.data import DataError
 from safetylock.geometry import GeometryError
 from safetylock.lockfile import DEFAULT_ALPHA, LockError, check_alpha
+from safetylock.lora import AdapterError
 
-USER_ERRORS = (LockError, GeometryError, models.ModelError, DataError)
+USER_ERRORS = (LockError, GeometryError, models.ModelError, DataError, AdapterError)
 
 
 def user_errors(func):
@@ -409,6 +410,52 @@ def compare(runs: tuple[Path, ...], plot: Path) -> None:
         click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
     comparison_plot(loaded, plot)
     click.echo(f"plot: {plot}")
+
+
+@main.command()
+@click.option("--base", "base_model", required=True, help="Base model (packaged name or HF directory).")
+@click.option("--aligned", type=click.Path(path_type=Path), required=True, help="Safety-aligned LoRA adapter.")
+@click.option("--finetuned", type=click.Path(path_type=Path), required=True, help="Fine-tuned LoRA adapter to repair.")
+@click.option("--weak", type=click.Path(path_type=Path), default=None, help="Weaker aligned adapter (pre-amplification).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), default=0.8, show_default=True)
+@click.option("--prune-rate", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True)
+@click.option("--beta", type=click.FloatRange(min=0), default=0.9, show_default=True)
+@click.option("--method", type=click.Choice(["lowrank", "wanda"]), default="lowrank", show_default=True)
+@click.option(
+    "--questions",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Harmful extraction questions answered with refusals: the safety data.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@user_errors
+def realign(base_model, aligned, finetuned, weak, out, sparsity, prune_rate, beta, method, questions, seed) -> None:
+    """NLSR: patch the safety-critical entries of a fine-tuned LoRA adapter from the amplified aligned one."""
+    from safetylock import data, nlsr
+    from safetylock.contrast import contrast_pairs
+    from safetylock.lora import load_adapter
+    from safetylock.pipeline import load_model
+
+    config = nlsr.NlsrConfig(sparsity=sparsity, prune_rate=prune_rate, beta=beta, seed=seed, method=method)
+    aligned_adapter, finetuned_adapter = load_adapter(aligned), load_adapter(finetuned)
+    weak_adapter = load_adapter(weak) if weak else None
+    amplified = nlsr.amplify(aligned_adapter, weak_adapter, beta)
+    split = data.split_harmful(data.advbench(), seed=0)
+    examples = [ex for ex in contrast_pairs(data.sample(split.extraction, questions, seed), seed) if ex.safe]
+    model, tokenizer = load_model(models.resolve(base_model))
+    stats = nlsr.safety_statistics(model, tokenizer, amplified, examples)
+    repaired, reports = nlsr.realign(aligned_adapter, finetuned_adapter, stats, config, weak_adapter)
+    repaired.save(out)
+    patched = [r for r in reports if r.patched]
+    (out / "nlsr_report.json").write_text(
+        json.dumps({"config": config.__dict__, "modules": [r.__dict__ for r in reports]}, indent=1) + "\n"
+    )
+    click.echo(
+        f"patched {len(patched)}/{len(reports)} modules, {sum(r.entries for r in patched)} entries; "
+        f"wrote {out} (report: {out / 'nlsr_report.json'})"
+    )
 
 
 if __name__ == "__main__":
