@@ -286,8 +286,11 @@ def demo(model_name: str, lock_path: Path | None, alpha: float | None, max_token
         if not lock_path.exists():
             click.get_current_context().invoke(extract, model_name=model_name, out=lock_path)
     lock_config = {"lock": str(lock_path.resolve()), **({} if alpha is None else {"alpha": alpha})}
-    args = ["--dtype", "float32", "--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 30), "--seed", "0"]
-    logs = {name: open(models.cache_root() / f"demo-{name}.log", "w") for name in ("plain", "locked")}  # noqa: SIM115
+    context = str(models.context_length(model_dir))
+    args = ["--dtype", "float32", "--max-model-len", context, "--kv-cache-memory-bytes", str(1 << 30), "--seed", "0"]
+    models.cache_root().mkdir(parents=True, exist_ok=True)
+    log_paths = {name: models.cache_root() / f"demo-{name}.log" for name in ("plain", "locked")}
+    logs = {name: path.open("w") for name, path in log_paths.items()}
     ports = {name: free_port() for name in logs}
     procs = {
         name: start_server(model_dir, ports[name], lock_config if name == "locked" else None, args, logs[name]) for name in logs
@@ -296,7 +299,10 @@ def demo(model_name: str, lock_path: Path | None, alpha: float | None, max_token
     try:
         with console.status("starting the unsteered and the locked vLLM server ..."):
             for name, proc in procs.items():
-                wait_healthy(proc, ports[name])
+                try:
+                    wait_healthy(proc, ports[name])
+                except RuntimeError as exc:
+                    raise click.ClickException(f"{str(exc).splitlines()[0]}; see {log_paths[name]}") from None
         table = Table(title=f"{model_name}: unsteered vs locked (vLLM + safetylock plugin)", show_lines=True)
         table.add_column("prompt", ratio=1)
         table.add_column("unsteered", ratio=2)

@@ -170,11 +170,17 @@ def endpoint_generator(base_url: str, model: str, concurrency: int = 8, **extra:
 
 def vllm_generator(model_dir: Path, lock_config: dict | None = None, **engine_args: Any) -> Generator:
     """Greedy chat completions through vLLM's offline ``LLM`` class, with the safetylock plugin when locked."""
-    from transformers import AutoConfig
     from vllm import LLM, SamplingParams
 
-    context = min(2048, getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", 2048))
-    args = {"dtype": "float32", "seed": 0, "max_model_len": context, "kv_cache_memory_bytes": 1 << 30, **engine_args}
+    from safetylock.models import context_length
+
+    args = {
+        "dtype": "float32",
+        "seed": 0,
+        "max_model_len": context_length(model_dir),
+        "kv_cache_memory_bytes": 1 << 30,
+        **engine_args,
+    }
     if lock_config is not None:
         args["additional_config"] = {"safetylock": lock_config}
     llm = LLM(str(model_dir), **args)

@@ -175,3 +175,9 @@ def resolve(name_or_dir: str, fetch_missing: bool = True) -> Path:
     if not (path / "config.json").is_file():
         raise ModelError(f"model directory {path} has no config.json")
     return path
+
+
+def context_length(model_dir: Path, cap: int = 2048) -> int:
+    """The serving context: the model's own maximum, at most ``cap`` (keeps CPU KV caches small)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return min(cap, int(config.get("max_position_embeddings") or cap))
