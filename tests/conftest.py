@@ -55,6 +55,11 @@ def build_tokenizer(out_dir: Path):
 ARCHITECTURES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}),
+    "gemma": (
+        "GemmaConfig",
+        "GemmaForCausalLM",
+        {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64},
+    ),
     "mistral": (
         "MistralConfig",
         "MistralForCausalLM",

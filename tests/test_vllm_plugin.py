@@ -4,6 +4,7 @@ import pytest
 
 from safetylock.lockfile import load
 
+from conftest import model_dir
 from helpers import tiny_lock
 from vllm_support import assert_same_generation, hf_reference, run_vllm, write_lora
 
@@ -17,6 +18,21 @@ def lock_path(llama_dir, tmp_path_factory):
     model, tok = load_model(llama_dir)
     lock = tiny_lock(model, tok)
     return lock.save(tmp_path_factory.mktemp("locks") / "llama.lock.safetensors")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma"])
+def test_plugin_equals_hf_apply_on_other_architectures(arch, tiny_root, tokenizer, tmp_path):
+    from safetylock.pipeline import load_model
+
+    directory = model_dir(arch, tiny_root, tokenizer)
+    model, tok = load_model(directory)
+    lock = tiny_lock(model, tok)
+    path = lock.save(tmp_path / f"{arch}.lock.safetensors")
+    got = run_vllm(
+        tmp_path / "run", model=str(directory), additional_config={"safetylock": {"lock": str(path), "alpha": ALPHA}}
+    )
+    assert_same_generation(got["base"], hf_reference(directory, lock, ALPHA))
+    assert [r["tokens"] for r in got["base"]] != [r["tokens"] for r in hf_reference(directory, None)]  # steered
 
 
 @pytest.fixture(scope="module")
