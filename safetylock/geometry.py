@@ -80,13 +80,19 @@ def head_geometry(config: Any) -> HeadGeometry:
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.o_proj$")
 
 
+def output_projection_layer(module_name: str) -> int | None:
+    """Layer index of a module named like ``...layers.N.self_attn.o_proj`` (HF and vLLM naming), else None."""
+    match = _LAYER_INDEX.search(module_name)
+    return int(match.group(1)) if match else None
+
+
 def output_projections(model: torch.nn.Module, geometry: HeadGeometry | None = None) -> list[torch.nn.Linear]:
     """Every decoder layer's attention ``o_proj``, in layer order (HF transformers module naming)."""
     found: dict[int, torch.nn.Linear] = {}
     for name, module in model.named_modules():
-        match = _LAYER_INDEX.search(name)
-        if match and isinstance(module, torch.nn.Linear):
-            found.setdefault(int(match.group(1)), module)
+        layer = output_projection_layer(name)
+        if layer is not None and isinstance(module, torch.nn.Linear):
+            found.setdefault(layer, module)
     geometry = geometry or head_geometry(model.config)
     if sorted(found) != list(range(geometry.num_layers)):
         raise GeometryError(f"expected {geometry.num_layers} layers with self_attn.o_proj, found layers {sorted(found)}")

@@ -8,12 +8,9 @@ and the fold ``b_l = W_o · δ_l`` live in ``safetylock.serving``. Without a saf
 from __future__ import annotations
 
 import functools
-import re
 import time
 
 import torch
-
-_O_PROJ = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.o_proj$")
 
 
 def register() -> None:
@@ -62,13 +59,14 @@ def _prepare(vllm_config):
 
 def output_projections(model: torch.nn.Module, num_layers: int) -> list[torch.nn.Module]:
     """vLLM's row-parallel ``o_proj`` of every decoder layer, in layer order."""
+    from safetylock.geometry import output_projection_layer
     from safetylock.lockfile import LockError
 
     found = {}
     for name, module in model.named_modules():
-        match = _O_PROJ.search(name)
-        if match and hasattr(module, "quant_method"):
-            found.setdefault(int(match.group(1)), module)
+        layer = output_projection_layer(name)
+        if layer is not None and hasattr(module, "quant_method"):
+            found.setdefault(layer, module)
     if sorted(found) != list(range(num_layers)):
         raise LockError(
             f"served model exposes o_proj for layers {sorted(found)}, expected 0..{num_layers - 1}; "
