@@ -70,7 +70,7 @@ def main(variants: str, alpha: float, sweep: str, count: int, max_tokens: int, w
         merged = str(build(name) / "merged")
         runs.append(run_eval(merged, name, count, max_tokens, None, None))
         runs.append(run_eval(merged, f"{name}+lock(a={alpha:g})", count, max_tokens, lock, alpha))
-    sweep_runs = [r for r in runs if r["target"]["label"].startswith(names[0])] if names else []
+    sweep_runs = [r for r in runs if r["target"]["label"].split("+")[0] == names[0]] if names else []
     for extra in [float(a) for a in sweep.split(",") if a]:
         merged = str(models.cache_root() / "variants" / names[0] / "merged")
         sweep_runs.append(run_eval(merged, f"{names[0]}+lock(a={extra:g})", count, max_tokens, lock, extra))

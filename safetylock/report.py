@@ -84,7 +84,8 @@ def comparison_plot(runs: list[dict], path: Path) -> Path:
     for i, row in enumerate(rows):
         values = [float(cell.rstrip("%")) if cell != "-" else np.nan for cell in row[1:]]
         ax.bar(np.arange(len(metrics)) + i * width, values, width, label=row[0])
-    ax.set_xticks(np.arange(len(metrics)) + width * (len(rows) - 1) / 2, metrics, fontsize=8)
+    labels = [metric.replace(" ", "\n", 1) for metric in metrics]
+    ax.set_xticks(np.arange(len(metrics)) + width * (len(rows) - 1) / 2, labels, fontsize=8)
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7)
