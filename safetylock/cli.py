@@ -216,36 +216,80 @@ def _split_additional_config(args: tuple[str, ...]) -> tuple[dict, list[str]]:
     return extra, rest
 
 
+def _adapter_alphas(values: tuple[str, ...]) -> dict[str, float]:
+    """``("support=2", "coder=1.5")`` -> ``{"support": 2.0, "coder": 1.5}``."""
+    out = {}
+    for value in values:
+        name, _, alpha = value.partition("=")
+        try:
+            out[name] = float(alpha)
+        except ValueError:
+            name = ""
+        if not name:
+            raise click.BadParameter(f"{value!r} is not NAME=ALPHA", param_hint="--adapter-alpha")
+    return out
+
+
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("model_name", metavar="MODEL")
 @click.option("--lock", "lock_path", type=click.Path(path_type=Path), required=True)
 @click.option("--alpha", type=ALPHA, default=None, help="Default: the lock's own α.")
+@click.option("--allow-request-alpha", is_flag=True, help="Let requests set vllm_xargs.safetylock_alpha within bounds.")
+@click.option("--min-alpha", type=ALPHA, default=None, help="Lowest request α (default: the server's α).")
+@click.option("--max-alpha", type=ALPHA, default=None, help="Highest request α (default: the largest a lock accepts).")
+@click.option("--adapter-alpha", multiple=True, metavar="NAME=ALPHA", help="α for requests to one LoRA adapter.")
 @click.option("--dry-run", is_flag=True, help="Print the server command instead of starting it.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 @user_errors
-def serve(model_name: str, lock_path: Path, alpha: float | None, dry_run: bool, vllm_args: tuple[str, ...]) -> None:
-    """Start vLLM's OpenAI server for MODEL with the lock applied; arguments after `--` go to vLLM."""
+def serve(
+    model_name: str,
+    lock_path: Path,
+    alpha: float | None,
+    allow_request_alpha: bool,
+    min_alpha: float | None,
+    max_alpha: float | None,
+    adapter_alpha: tuple[str, ...],
+    dry_run: bool,
+    vllm_args: tuple[str, ...],
+) -> None:
+    """Start vLLM's OpenAI server for MODEL with the lock applied; arguments after `--` go to vLLM.
+
+    With SAFETYLOCK_ADMIN_TOKEN set, the server also takes hot swaps on POST /safetylock/swap.
+    """
     import os
     import shlex
 
     from transformers import AutoConfig
 
+    from safetylock.endpoint import plugin_allowlist, server_command
     from safetylock.geometry import head_geometry
-    from safetylock.serving import ServeConfig, prepare
+    from safetylock.serving import CONFIG_KEY, prepare, serve_config
 
     model_dir = models.resolve(model_name)
-    config = ServeConfig(lock_path.resolve(), alpha)
+    section = {
+        "lock": str(lock_path.resolve()),
+        "alpha": alpha,
+        "allow_request_alpha": allow_request_alpha,
+        "min_alpha": min_alpha,
+        "max_alpha": max_alpha,
+        "adapter_alpha": _adapter_alphas(adapter_alpha),
+    }
+    config = serve_config({CONFIG_KEY: section})
     prepared = prepare(config, head_geometry(AutoConfig.from_pretrained(model_dir)))  # fail before starting
-    from safetylock.endpoint import server_command
-
     extra, rest = _split_additional_config(vllm_args)
-    if "safetylock" in extra:
+    if CONFIG_KEY in extra:
         raise click.BadParameter("give the lock with --lock/--alpha, not inside --additional-config")
     command = server_command(model_dir, config.to_dict(), rest, additional=extra)
-    click.echo(f"safetylock: serving {model_dir} with lock {prepared.lock.fingerprint} at alpha {prepared.alpha}", err=True)
+    mode = "dynamic" if config.dynamic else "static"
+    click.echo(
+        f"safetylock: serving {model_dir} with lock {prepared.lock.fingerprint} at alpha {prepared.alpha} ({mode})", err=True
+    )
+    allowlist = plugin_allowlist(os.environ)
     if dry_run:
-        click.echo(shlex.join(command))
+        click.echo(shlex.join(command) if allowlist is None else f"VLLM_PLUGINS={allowlist} {shlex.join(command)}")
         return
+    if allowlist is not None:
+        os.environ["VLLM_PLUGINS"] = allowlist
     os.execv(command[0], command)
 
 

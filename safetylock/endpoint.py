@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,6 +27,18 @@ def server_command(
     return command + list(vllm_args)
 
 
+def plugin_allowlist(environ: Mapping[str, str]) -> str | None:
+    """``VLLM_PLUGINS`` for a locked server: the admin endpoint plugin is opt-in (named only with an admin token),
+    and an allowlist the user already set must still name the safetylock plugin. None: leave it unset."""
+    from safetylock.serving import admin_token
+
+    names = [n for n in environ.get("VLLM_PLUGINS", "").split(",") if n]
+    if "VLLM_PLUGINS" not in environ and admin_token(environ) is None:
+        return None
+    wanted = ["safetylock"] + (["safetylock_admin"] if admin_token(environ) else [])
+    return ",".join(names + [n for n in wanted if n not in names])
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -38,10 +51,16 @@ def start_server(
     lock_config: dict | None,
     vllm_args: Sequence[str] = (),
     log: IO | int | None = subprocess.DEVNULL,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen:
-    """Start a server on 127.0.0.1:port (text output to ``log``: a file, PIPE or DEVNULL)."""
+    """Start a server on 127.0.0.1:port (text output to ``log``: a file, PIPE or DEVNULL; ``env``: extra variables)."""
     args = ["--host", "127.0.0.1", "--port", str(port), *vllm_args]
-    return subprocess.Popen(server_command(model_dir, lock_config, args), stdout=log, stderr=subprocess.STDOUT, text=True)
+    environ = {**os.environ, **(env or {})}
+    allowlist = plugin_allowlist(environ)
+    if allowlist is not None:
+        environ["VLLM_PLUGINS"] = allowlist
+    command = server_command(model_dir, lock_config, args)
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=environ)
 
 
 def wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 600) -> None:

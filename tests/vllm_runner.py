@@ -1,7 +1,9 @@
 """Run the real vLLM engine once in a fresh process: ``python vllm_runner.py SPEC.json OUT.json``.
 
-SPEC: model, prompts (token-id lists), max_tokens, enforce_eager, additional_config, loras (adapter dirs).
-OUT: "base" and "lora0", "lora1", ...: per prompt, the greedy token ids and their logprobs.
+SPEC: model, prompts (token-id lists), max_tokens, enforce_eager, additional_config, loras (adapter dirs), engine_args, and
+optionally mixed: [[prompt index, safetylock_alpha or null], ...] run as one batch, then each item alone.
+OUT: "base" and "lora0", "lora1", ...: per prompt, the greedy token ids and their logprobs; with mixed, also
+"mixed" and "solo" (one entry per item) and "refused" (the error of a request whose alpha the policy refuses).
 """
 
 from __future__ import annotations
@@ -30,20 +32,36 @@ def main(spec_path: str, out_path: str) -> None:
         kv_cache_memory_bytes=1 << 27,
         skip_tokenizer_init=True,
         **kwargs,
+        **spec.get("engine_args", {}),
     )
-    params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, logprobs=0, ignore_eos=True)
-    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
-    results = {}
-    settings = [("base", None)] + [(f"lora{i}", LoRARequest(f"adapter{i}", i + 1, p)) for i, p in enumerate(loras)]
-    for name, lora in settings:
-        outputs = llm.generate(prompts, params, lora_request=lora)
-        results[name] = [
+    def sampling(alpha=None):
+        extra = None if alpha is None else {"safetylock_alpha": alpha}
+        return SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, logprobs=0, ignore_eos=True, extra_args=extra)
+
+    def greedy(outputs):
+        return [
             {
                 "tokens": list(o.outputs[0].token_ids),
                 "logprobs": [step[token].logprob for step, token in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)],
             }
             for o in outputs
         ]
+
+    params = sampling()
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
+    results = {}
+    if spec.get("mixed"):
+        items = spec["mixed"]
+        results["mixed"] = greedy(llm.generate([prompts[i] for i, _ in items], [sampling(a) for _, a in items]))
+        results["solo"] = [greedy(llm.generate([prompts[i]], sampling(a)))[0] for i, a in items]
+        try:
+            llm.generate([prompts[0]], sampling(1e4))
+            results["refused"] = None
+        except Exception as exc:  # vLLM's validation error: the HTTP 400 of the OpenAI server
+            results["refused"] = f"{type(exc).__name__}: {exc}"
+    settings = [("base", None)] + [(f"lora{i}", LoRARequest(f"adapter{i}", i + 1, p)) for i, p in enumerate(loras)]
+    for name, lora in settings:
+        results[name] = greedy(llm.generate(prompts, params, lora_request=lora))
     Path(out_path).write_text(json.dumps(results))
 
 

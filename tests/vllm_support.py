@@ -53,14 +53,16 @@ def hf_greedy(model, prompts=PROMPTS, max_tokens=MAX_TOKENS) -> list[dict]:
     return results
 
 
-def hf_reference(model_dir: Path, lock: SafetyLock | None, alpha: float | None = None, lora: Path | None = None):
+def hf_reference(
+    model_dir: Path, lock: SafetyLock | None, alpha: float | None = None, lora: Path | None = None, prompts=PROMPTS
+):
     model, _ = load_model(model_dir)
     if lora is not None:
         merge_lora(model, lora)
     if lock is None:
-        return hf_greedy(model)
+        return hf_greedy(model, prompts)
     with apply(model, lock, alpha):
-        return hf_greedy(model)
+        return hf_greedy(model, prompts)
 
 
 def assert_same_generation(got: list[dict], want: list[dict], atol: float = 2e-3) -> None:

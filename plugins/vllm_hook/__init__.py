@@ -1,21 +1,25 @@
-"""vLLM general plugin: serve a model with a SafetyLock folded into its ``o_proj`` biases.
+"""vLLM general plugin: serve a model with a SafetyLock.
 
-Registered under the ``vllm.general_plugins`` entry point. It only adapts vLLM: the configuration, validation
-and the fold ``b_l = W_o · δ_l`` live in ``safetylock.serving``. Without a safetylock configuration (no
-``additional_config.safetylock``, no ``SAFETYLOCK_LOCK``) the wrapped loader calls straight through.
+Registered under the ``vllm.general_plugins`` entry point; vLLM calls ``register`` in every process. It only
+adapts vLLM: configuration, request policy, validation and ``b_l = W_o · δ_l`` live in ``safetylock.serving``.
+Without a safetylock configuration (no ``additional_config.safetylock``, no ``SAFETYLOCK_LOCK``) every wrapped
+method calls straight through.
+
+* ``engine``: after the weights are loaded (before compilation), fold the lock or install the per-token scale.
+* ``frontend``: per-request α policy (HTTP 400 on a refused value), prefix-cache salt, Prometheus metrics.
+* ``admin``: the ``safetylock_admin`` endpoint plugin (hot swap), opt-in through ``VLLM_PLUGINS``.
 """
 
 from __future__ import annotations
 
 import functools
-import time
-
-import torch
 
 
 def register() -> None:
-    """Called by vLLM in every process; wraps every model loader's ``load_model`` once."""
+    """Wrap every model loader's ``load_model``, the V1 runner's input preparation and the input processor."""
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    from safetylock_vllm import frontend
 
     pending = [BaseModelLoader]
     while pending:
@@ -23,10 +27,17 @@ def register() -> None:
         pending.extend(cls.__subclasses__())
         original = cls.__dict__.get("load_model")
         if original is not None and not getattr(original, "_safetylock_wrapped", False):
-            cls.load_model = _wrap(original)
+            cls.load_model = _wrap_load_model(original)
+    frontend.install()
 
 
-def _wrap(load_model):
+def _swap(worker, lock: str, alpha: float | None = None) -> dict[str, object]:
+    from safetylock_vllm.engine import swap_rpc
+
+    return swap_rpc(worker, lock, alpha)
+
+
+def _wrap_load_model(load_model):
     @functools.wraps(load_model)
     def locked_load_model(self, vllm_config, model_config, *args, **kwargs):
         if model_config is not vllm_config.model_config:  # a draft model (speculative decoding)
@@ -35,10 +46,16 @@ def _wrap(load_model):
         if prepared is None:
             return load_model(self, vllm_config, model_config, *args, **kwargs)
         # Before the model is built: vLLM keys its compiled graphs by this config, so a locked model never
-        # loads a plain model's graph (nor the reverse).
+        # loads a plain model's graph (nor the reverse), nor a static-mode graph a dynamic one.
         vllm_config.additional_config["safetylock"] = prepared.cache_key
         model = load_model(self, vllm_config, model_config, *args, **kwargs)
-        _fold(model, prepared)
+        from safetylock_vllm.engine import fold, install_dynamic
+
+        if prepared.config.dynamic:
+            _wrap_worker()
+            install_dynamic(model, prepared, vllm_config)
+        else:
+            fold(model, prepared)
         return model
 
     locked_load_model._safetylock_wrapped = True
@@ -57,80 +74,24 @@ def _prepare(vllm_config):
     return prepare(config, head_geometry(vllm_config.model_config.hf_config))
 
 
-def output_projections(model: torch.nn.Module, num_layers: int) -> list[torch.nn.Module]:
-    """vLLM's row-parallel ``o_proj`` of every decoder layer, in layer order."""
-    from safetylock.geometry import output_projection_layer
-    from safetylock.lockfile import LockError
+def _wrap_worker() -> None:
+    """Dynamic mode, in the worker: fill the per-token α before each forward of the V1 runner (GPU and CPU),
+    and add the ``safetylock_swap`` method that ``collective_rpc`` reaches."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.worker_base import WorkerBase
 
-    found = {}
-    for name, module in model.named_modules():
-        layer = output_projection_layer(name)
-        if layer is not None and hasattr(module, "quant_method"):
-            found.setdefault(layer, module)
-    if sorted(found) != list(range(num_layers)):
-        raise LockError(
-            f"served model exposes o_proj for layers {sorted(found)}, expected 0..{num_layers - 1}; "
-            f"this architecture ({type(model).__name__}) is not supported by the safetylock plugin"
-        )
-    return [found[i] for i in range(num_layers)]
+    WorkerBase.safetylock_swap = _swap
 
+    original = GPUModelRunner._prepare_inputs
+    if getattr(original, "_safetylock_wrapped", False):
+        return
 
-def _fold(model: torch.nn.Module, prepared) -> None:
-    from vllm.distributed import (
-        get_tensor_model_parallel_rank,
-        get_tensor_model_parallel_world_size,
-        tensor_model_parallel_all_reduce,
-    )
+    @functools.wraps(original)
+    def prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        from safetylock_vllm.engine import fill_scale
 
-    from safetylock.lockfile import LockError
-    from safetylock.serving import sharded_biases
+        fill_scale(self, num_scheduled_tokens)
+        return original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
 
-    started = time.perf_counter()
-    geometry = prepared.lock.geometry
-    projections = output_projections(model, geometry.num_layers)
-    tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-
-    def local_matmul(layer: int, delta: torch.Tensor) -> torch.Tensor:
-        proj = projections[layer]
-        if getattr(proj, "input_size_per_partition", delta.numel()) != delta.numel():
-            raise LockError(
-                f"layer {layer} o_proj holds {proj.input_size_per_partition} inputs on this rank, "
-                f"the lock's slice has {delta.numel()}"
-            )
-        device = next(proj.parameters()).device
-        x = delta.to(device=device, dtype=proj.params_dtype)[None]
-        try:
-            out = proj.quant_method.apply(proj, x, None)
-        except Exception as exc:  # a kernel that cannot take this input: refuse, never serve unlocked
-            raise LockError(f"cannot fold the lock through {type(proj.quant_method).__name__} on layer {layer}: {exc}") from exc
-        return out.reshape(-1).float()
-
-    reduce = tensor_model_parallel_all_reduce if tp_size > 1 else (lambda t: t)
-    biases = sharded_biases(prepared.lock, prepared.alpha, tp_rank, tp_size, local_matmul, reduce)
-    with torch.no_grad():
-        for layer, bias in biases.items():
-            proj = projections[layer]
-            if bias.numel() != proj.output_size or not torch.isfinite(bias).all():
-                raise LockError(
-                    f"layer {layer}: folded bias has {bias.numel()} values (o_proj outputs {proj.output_size}) or is not finite"
-                )
-            if getattr(proj, "skip_bias_add", False):
-                raise LockError(f"layer {layer}: o_proj returns its bias to the caller (skip_bias_add); unsupported")
-            value = bias.to(device=bias.device, dtype=proj.params_dtype)
-            if proj.bias is None:
-                proj.bias = torch.nn.Parameter(value, requires_grad=False)
-            else:
-                proj.bias.add_(value.to(proj.bias.dtype))
-    from vllm.logger import init_logger
-
-    init_logger("vllm.safetylock").info(
-        "safetylock: locked %d heads in %d layers, alpha=%g, lock %s (%s), tp %d/%d, applied in %.1f ms",
-        prepared.lock.num_heads_locked,
-        len(biases),
-        prepared.alpha,
-        prepared.lock.fingerprint,
-        prepared.config.lock,
-        tp_rank,
-        tp_size,
-        1000 * (time.perf_counter() - started),
-    )
+    prepare_inputs._safetylock_wrapped = True
+    GPUModelRunner._prepare_inputs = prepare_inputs

@@ -1,0 +1,113 @@
+"""The ``safetylock_admin`` endpoint plugin: hot swap of the lock or default α of a running server.
+
+vLLM loads endpoint plugins only when they are named in ``VLLM_PLUGINS`` (``safetylock serve`` does that when
+``SAFETYLOCK_ADMIN_TOKEN`` is set). Every route needs ``Authorization: Bearer <SAFETYLOCK_ADMIN_TOKEN>``; with no
+token configured the routes answer 403. A swap is checked here first, then applied by every worker between
+engine steps (``collective_rpc``); a refused swap leaves the old lock serving. The prefix cache is reset after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from safetylock.lockfile import LockError, check_alpha
+from safetylock.serving import prepare, token_matches
+from safetylock_vllm import frontend
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "code": status}}, status_code=status)
+
+
+def _status(state: frontend.FrontendLock) -> dict[str, Any]:
+    prepared = state.prepared
+    return {
+        "lock": str(prepared.config.lock),
+        "fingerprint": prepared.lock.fingerprint,
+        "alpha": prepared.alpha,
+        "heads": prepared.lock.num_heads_locked,
+        "mode": "dynamic" if prepared.config.dynamic else "static",
+        "hot_swap": prepared.config.hot_swap,
+        "policy": prepared.config.policy.to_dict(),
+    }
+
+
+class AdminPlugin:
+    """Routes ``GET /safetylock/status`` and ``POST /safetylock/swap`` (body: ``{"lock": PATH, "alpha": A}``)."""
+
+    name = "safetylock_admin"
+    required_tasks = ("generate",)
+
+    def __init__(self) -> None:
+        self.engine_client = None
+        self.swapping = asyncio.Lock()
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.add_api_route("/safetylock/status", self.status, methods=["GET"])
+        app.add_api_route("/safetylock/swap", self.swap, methods=["POST"])
+
+    async def init_state(self, engine_client, state, args) -> None:
+        self.engine_client = engine_client
+
+    @staticmethod
+    def _refusal(request: Request) -> JSONResponse | None:
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else None
+        if not token_matches(token):
+            return _error(403, "safetylock admin: missing or wrong admin token (or SAFETYLOCK_ADMIN_TOKEN is not set)")
+        if frontend.CURRENT is None:
+            return _error(409, "safetylock admin: this server serves no lock")
+        return None
+
+    async def status(self, request: Request) -> JSONResponse:
+        return self._refusal(request) or JSONResponse(_status(frontend.CURRENT))
+
+    async def swap(self, request: Request) -> JSONResponse:
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
+        state = frontend.CURRENT
+        if not state.prepared.config.hot_swap:
+            return _error(
+                409, "safetylock admin: this server was started without hot swap (set SAFETYLOCK_ADMIN_TOKEN at start)"
+            )
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "safetylock swap: the body must be a JSON object")
+        if not isinstance(body, dict) or not body or set(body) - {"lock", "alpha"}:
+            return _error(400, "safetylock swap: the body must be a JSON object with 'lock' and/or 'alpha'")
+        async with self.swapping:
+            current = state.prepared.config
+            try:
+                lock = body.get("lock", str(current.lock))
+                if not isinstance(lock, str) or not lock:
+                    raise LockError("'lock' must be the path of a lock file")
+                alpha = current.alpha if body.get("alpha") is None else check_alpha(body["alpha"])
+                config = dataclasses.replace(current, lock=Path(lock).resolve(), alpha=alpha)
+                from safetylock.geometry import head_geometry
+
+                prepared = prepare(config, head_geometry(self.engine_client.model_config.hf_config))
+            except LockError as exc:
+                return _error(400, f"safetylock swap refused, the old lock stays: {exc}")
+            try:
+                results = await self.engine_client.collective_rpc(
+                    "safetylock_swap", kwargs={"lock": str(config.lock), "alpha": alpha}
+                )
+            except Exception as exc:
+                return _error(400, f"safetylock swap refused by the engine, the old lock stays: {exc}")
+            state.replace(prepared)
+            cache_reset = await self.engine_client.reset_prefix_cache()
+        return JSONResponse(
+            {
+                **_status(state),
+                "apply_ms": max(float(r["apply_ms"]) for r in results),
+                "prefix_cache_reset": bool(cache_reset),
+            }
+        )

@@ -1,0 +1,230 @@
+"""Worker side: fold the lock into the served model after loading, or install the per-token scale.
+
+Static mode (one α for everything): ``b_l = W_o·δ_l`` becomes each locked layer's ``o_proj`` bias — no extra
+kernel. Dynamic mode (per-request α, per-adapter α or hot swap): every attention block adds
+``scale[t] · table[l]`` to its output, where ``table`` holds ``W_o·δ_l`` at α = 1 for every layer and ``scale``
+holds each scheduled token's α, filled by the model runner before every forward on the forward's own stream.
+Both buffers are static (CUDA-graph and torch.compile safe); a hot swap copies a new table in place.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from safetylock.lockfile import LockError
+from safetylock.serving import REQUEST_ALPHA_KEY, PreparedLock, ServeConfig, prepare, sharded_biases, unit_bias_table
+
+
+def _log(message: str, *args: object) -> None:
+    from vllm.logger import init_logger
+
+    init_logger("vllm.safetylock").info(message, *args)
+
+
+def output_projections(model: torch.nn.Module, num_layers: int) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of vLLM's row-parallel ``o_proj`` of every decoder layer, in layer order."""
+    from safetylock.geometry import output_projection_layer
+
+    found = {}
+    for name, module in model.named_modules():
+        layer = output_projection_layer(name)
+        if layer is not None and hasattr(module, "quant_method"):
+            found.setdefault(layer, (name, module))
+    if sorted(found) != list(range(num_layers)):
+        raise LockError(
+            f"served model exposes o_proj for layers {sorted(found)}, expected 0..{num_layers - 1}; "
+            f"this architecture ({type(model).__name__}) is not supported by the safetylock plugin"
+        )
+    return [found[i] for i in range(num_layers)]
+
+
+def _tensor_parallel() -> tuple[int, int, object]:
+    from vllm.distributed import (
+        get_tensor_model_parallel_rank,
+        get_tensor_model_parallel_world_size,
+        tensor_model_parallel_all_reduce,
+    )
+
+    size = get_tensor_model_parallel_world_size()
+    return get_tensor_model_parallel_rank(), size, (tensor_model_parallel_all_reduce if size > 1 else (lambda t: t))
+
+
+def _local_matmul(projections: list[torch.nn.Module]):
+    """``W_o[:, this rank's columns] · δ_slice`` through the layer's own (possibly repacked) kernel."""
+
+    def matmul(layer: int, delta: torch.Tensor) -> torch.Tensor:
+        proj = projections[layer]
+        if getattr(proj, "input_size_per_partition", delta.numel()) != delta.numel():
+            raise LockError(
+                f"layer {layer} o_proj holds {proj.input_size_per_partition} inputs on this rank, "
+                f"the lock's slice has {delta.numel()}"
+            )
+        device = next(proj.parameters()).device
+        x = delta.to(device=device, dtype=proj.params_dtype)[None]
+        try:
+            out = proj.quant_method.apply(proj, x, None)
+        except Exception as exc:  # a kernel that cannot take this input: refuse, never serve unlocked
+            raise LockError(f"cannot fold the lock through {type(proj.quant_method).__name__} on layer {layer}: {exc}") from exc
+        return out.reshape(-1).float()
+
+    return matmul
+
+
+def fold(model: torch.nn.Module, prepared: PreparedLock) -> None:
+    """Static mode: add ``b_l`` to each locked layer's ``o_proj`` bias (added once, after the TP reduction)."""
+    started = time.perf_counter()
+    projections = [module for _, module in output_projections(model, prepared.lock.geometry.num_layers)]
+    tp_rank, tp_size, reduce = _tensor_parallel()
+    biases = sharded_biases(prepared.lock, prepared.alpha, tp_rank, tp_size, _local_matmul(projections), reduce)
+    with torch.no_grad():
+        for layer, bias in biases.items():
+            proj = projections[layer]
+            if bias.numel() != proj.output_size or not torch.isfinite(bias).all():
+                raise LockError(
+                    f"layer {layer}: folded bias has {bias.numel()} values (o_proj outputs {proj.output_size}) or is not finite"
+                )
+            if getattr(proj, "skip_bias_add", False):
+                raise LockError(f"layer {layer}: o_proj returns its bias to the caller (skip_bias_add); unsupported")
+            value = bias.to(dtype=proj.params_dtype)
+            if proj.bias is None:
+                proj.bias = torch.nn.Parameter(value, requires_grad=False)
+            else:
+                proj.bias.add_(value.to(proj.bias.dtype))
+    _log(
+        "safetylock: locked %d heads in %d layers, alpha=%g, lock %s (%s), tp %d/%d, applied in %.1f ms",
+        prepared.lock.num_heads_locked,
+        len(biases),
+        prepared.alpha,
+        prepared.lock.fingerprint,
+        prepared.config.lock,
+        tp_rank,
+        tp_size,
+        1000 * (time.perf_counter() - started),
+    )
+
+
+@dataclass
+class DynamicLock:
+    """This worker's dynamic-mode state: the served lock, its default α and the two static buffers."""
+
+    prepared: PreparedLock
+    projections: list[torch.nn.Module]
+    table: torch.Tensor  # [num_layers, hidden], W_o·δ_l at α = 1, model dtype, on the model's device
+    scale: torch.Tensor  # [max tokens], each scheduled token's α
+    staging: torch.Tensor  # host copy of ``scale`` (pinned on CUDA)
+
+    @property
+    def default_alpha(self) -> float:
+        return self.prepared.alpha
+
+    def fill(self, request_alphas: list[float], num_scheduled_tokens: np.ndarray) -> None:
+        """Write each scheduled token's α (requests in batch order) into ``scale``, on the current stream."""
+        count = int(num_scheduled_tokens.sum())
+        if count > self.scale.numel():
+            raise RuntimeError(f"safetylock: {count} scheduled tokens exceed the scale buffer ({self.scale.numel()})")
+        host = self.staging[:count]
+        host.copy_(torch.from_numpy(np.repeat(np.asarray(request_alphas, dtype=np.float32), num_scheduled_tokens)))
+        self.scale[:count].copy_(host, non_blocking=True)
+
+    def build_table(self, prepared: PreparedLock) -> torch.Tensor:
+        """The α = 1 bias table of ``prepared`` on this rank (all ranks must call it together under TP)."""
+        tp_rank, tp_size, reduce = _tensor_parallel()
+        matmul = _local_matmul(self.projections)
+        table = unit_bias_table(prepared.lock, tp_rank, tp_size, matmul, reduce, self.table.shape[1])
+        return table.to(device=self.table.device, dtype=self.table.dtype)
+
+    def swap(self, config: ServeConfig, geometry) -> dict[str, object]:
+        """Replace the lock and/or default α between engine steps: all checks first, then one in-place copy."""
+        started = time.perf_counter()
+        prepared = prepare(config, geometry)
+        table = self.build_table(prepared)
+        self.table.copy_(table)
+        self.prepared = prepared
+        elapsed = 1000 * (time.perf_counter() - started)
+        _log(
+            "safetylock: swapped to lock %s (%s), alpha=%g in %.2f ms",
+            prepared.lock.fingerprint,
+            config.lock,
+            prepared.alpha,
+            elapsed,
+        )
+        return {"fingerprint": prepared.lock.fingerprint, "alpha": prepared.alpha, "apply_ms": elapsed}
+
+
+_DYNAMIC: DynamicLock | None = None  # one served model per worker process
+
+
+def _add_locked_shift(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    tokens = output.shape[0]
+    return output + module.safetylock_scale[:tokens, None] * module.safetylock_table_row
+
+
+def install_dynamic(model: torch.nn.Module, prepared: PreparedLock, vllm_config) -> None:
+    """Dynamic mode: register the buffers and the forward hook on every attention block."""
+    global _DYNAMIC
+    if getattr(vllm_config, "use_v2_model_runner", False):
+        raise LockError(
+            "per-request alpha, adapter alpha and hot swap need vLLM's V1 model runner; "
+            "start with VLLM_USE_V2_MODEL_RUNNER=0 or drop those safetylock options"
+        )
+    started = time.perf_counter()
+    named = output_projections(model, prepared.lock.geometry.num_layers)
+    projections = [module for _, module in named]
+    width = projections[0].output_size
+    device, dtype = next(projections[0].parameters()).device, projections[0].params_dtype
+    compilation = vllm_config.compilation_config
+    capacity = max(
+        vllm_config.scheduler_config.max_num_batched_tokens, getattr(compilation, "max_cudagraph_capture_size", 0) or 0
+    )
+    scale = torch.zeros(capacity, dtype=dtype, device=device)
+    staging = torch.zeros(capacity, dtype=dtype, pin_memory=device.type == "cuda")
+    state = DynamicLock(prepared, projections, torch.zeros(len(named), width, dtype=dtype, device=device), scale, staging)
+    state.table.copy_(state.build_table(prepared))
+    modules = dict(model.named_modules())
+    for layer, (name, _) in enumerate(named):
+        block = modules[name.rpartition(".")[0]]
+        block.register_buffer("safetylock_scale", scale, persistent=False)
+        block.register_buffer("safetylock_table_row", state.table[layer], persistent=False)
+        block.register_forward_hook(_add_locked_shift)
+    _DYNAMIC = state
+    _log(
+        "safetylock: locked %d heads in %d layers, default alpha=%g, lock %s (%s), dynamic (policy %s), applied in %.1f ms",
+        prepared.lock.num_heads_locked,
+        int((state.table.abs().sum(dim=1) > 0).sum()),
+        prepared.alpha,
+        prepared.lock.fingerprint,
+        prepared.config.lock,
+        prepared.config.policy.to_dict(),
+        1000 * (time.perf_counter() - started),
+    )
+
+
+def fill_scale(runner, num_scheduled_tokens: np.ndarray) -> None:
+    """Called by the V1 model runner before each forward: per-token α for the batch it is about to run."""
+    state = _DYNAMIC
+    if state is None:
+        return
+    req_ids = runner.input_batch.req_ids[: len(num_scheduled_tokens)]
+    alphas = []
+    for req_id in req_ids:
+        params = getattr(runner.requests[req_id], "sampling_params", None)
+        extra = (params.extra_args if params is not None else None) or {}
+        alphas.append(float(extra.get(REQUEST_ALPHA_KEY, state.default_alpha)))
+    state.fill(alphas, num_scheduled_tokens)
+
+
+def swap_rpc(worker, lock: str, alpha: float | None) -> dict[str, object]:
+    """The ``safetylock_swap`` worker method reached by ``collective_rpc``."""
+    from pathlib import Path
+
+    from safetylock.geometry import head_geometry
+
+    state = _DYNAMIC
+    if state is None:
+        raise LockError("this server was started without hot swap (set SAFETYLOCK_ADMIN_TOKEN before starting it)")
+    config = ServeConfig(Path(lock), alpha, state.prepared.config.policy, hot_swap=True)
+    return state.swap(config, head_geometry(worker.vllm_config.model_config.hf_config))

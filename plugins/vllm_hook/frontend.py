@@ -1,0 +1,116 @@
+"""API-server side: each request's α under the operator's policy, the prefix-cache salt, Prometheus metrics.
+
+Wraps vLLM's ``InputProcessor`` (used by the OpenAI server and by ``vllm.LLM`` alike). A request's
+``vllm_xargs.safetylock_alpha`` is checked against the policy; a refused value raises vLLM's own validation
+error, which the server answers with HTTP 400 while it keeps serving. In dynamic mode the resolved α is written
+into the request (the worker reads only that) and into its ``cache_salt``, so KV blocks computed under one α
+never serve another.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+from safetylock.serving import REQUEST_ALPHA_KEY, PreparedLock, RequestAlphaError, prepare, serve_config
+
+
+class Metrics:
+    """The plugin's Prometheus series, created once per process in vLLM's registry."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.info = Gauge("safetylock_lock_info", "The served SafetyLock (value 1)", ["fingerprint", "lock", "mode"])
+        self.default_alpha = Gauge("safetylock_default_alpha", "The alpha of requests that do not set their own")
+        self.requests = Counter("safetylock_requests", "Requests admitted, by the alpha they are served with", ["alpha"])
+        self.refused = Counter("safetylock_refused_alpha_requests", "Requests refused for their safetylock_alpha")
+        self._labels: tuple[str, str, str] | None = None
+
+    def show(self, prepared: PreparedLock) -> None:
+        labels = (prepared.lock.fingerprint, str(prepared.config.lock), "dynamic" if prepared.config.dynamic else "static")
+        if self._labels is not None and self._labels != labels:
+            self.info.remove(*self._labels)
+        self.info.labels(*labels).set(1)
+        self._labels = labels
+        self.default_alpha.set(prepared.alpha)
+
+
+_METRICS: Metrics | None = None
+
+
+def metrics() -> Metrics:
+    global _METRICS
+    if _METRICS is None:
+        _METRICS = Metrics()
+    return _METRICS
+
+
+@dataclass
+class FrontendLock:
+    """What this process knows of the served lock: enough to resolve each request's α."""
+
+    prepared: PreparedLock
+
+    def resolve(self, params, lora_request) -> float:
+        requested = (params.extra_args or {}).get(REQUEST_ALPHA_KEY)
+        adapter = getattr(lora_request, "lora_name", None)
+        return self.prepared.config.policy.resolve(self.prepared.alpha, requested, adapter)
+
+    def replace(self, prepared: PreparedLock) -> None:
+        self.prepared = prepared
+        metrics().show(prepared)
+
+
+CURRENT: FrontendLock | None = None  # the admin routes replace its lock on a hot swap
+
+
+def install() -> None:
+    """Wrap ``InputProcessor.__init__`` (load and check the lock) and ``process_inputs`` (policy, salt, count)."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    if getattr(InputProcessor.process_inputs, "_safetylock_wrapped", False):
+        return
+    init, process = InputProcessor.__init__, InputProcessor.process_inputs
+    signature = inspect.signature(process)
+
+    @functools.wraps(init)
+    def locked_init(self, vllm_config, *args, **kwargs):
+        global CURRENT
+        init(self, vllm_config, *args, **kwargs)
+        config = serve_config(vllm_config.additional_config)
+        if config is None:
+            return
+        from safetylock.geometry import head_geometry
+
+        CURRENT = FrontendLock(prepare(config, head_geometry(vllm_config.model_config.hf_config)))
+        metrics().show(CURRENT.prepared)
+
+    @functools.wraps(process)
+    def locked_process_inputs(self, *args, **kwargs):
+        from vllm.exceptions import VLLMValidationError
+        from vllm.sampling_params import SamplingParams
+
+        state = CURRENT
+        bound = signature.bind(self, *args, **kwargs).arguments
+        params = bound["params"]
+        if state is None or not isinstance(params, SamplingParams):
+            return process(self, *args, **kwargs)
+        try:
+            alpha = state.resolve(params, bound.get("lora_request"))
+        except RequestAlphaError as exc:
+            metrics().refused.inc()
+            raise VLLMValidationError(str(exc), parameter=f"vllm_xargs.{REQUEST_ALPHA_KEY}") from None
+        request = process(self, *args, **kwargs)
+        if state.prepared.config.dynamic:
+            sampling = request.sampling_params
+            sampling.extra_args = {**(sampling.extra_args or {}), REQUEST_ALPHA_KEY: alpha}
+            salt = f"safetylock:{state.prepared.lock.fingerprint}:{alpha!r}"
+            request.cache_salt = salt if not request.cache_salt else f"{salt}|{request.cache_salt}"
+        metrics().requests.labels(f"{alpha:g}").inc()
+        return request
+
+    locked_process_inputs._safetylock_wrapped = True
+    InputProcessor.__init__ = locked_init
+    InputProcessor.process_inputs = locked_process_inputs

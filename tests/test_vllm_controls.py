@@ -1,0 +1,146 @@
+"""Serving controls in the real vLLM engine: per-request α (exact in mixed batches), policy errors, hot swap, metrics."""
+
+import json
+import subprocess
+import urllib.error
+import urllib.request
+
+import pytest
+
+from safetylock.endpoint import chat, free_port, start_server, wait_healthy
+from safetylock.lockfile import load
+from safetylock.pipeline import load_model
+
+from conftest import model_dir
+from helpers import tiny_lock
+from test_vllm_server import QUESTION, SERVER_ARGS, expected_chat
+from vllm_support import PROMPTS, assert_same_generation, hf_reference, run_vllm
+
+POLICY = {"allow_request_alpha": True, "min_alpha": 0.0, "max_alpha": 8.0}
+TOKEN = "test-admin-token"
+
+
+@pytest.fixture(scope="module")
+def locks(llama_dir, tmp_path_factory):
+    model, tok = load_model(llama_dir)
+    where = tmp_path_factory.mktemp("controls")
+    first = tiny_lock(model, tok, seed=0).save(where / "first.lock.safetensors")
+    second = tiny_lock(model, tok, seed=1, top_k=6).save(where / "second.lock.safetensors")
+    return first, second
+
+
+LONG_PROMPT = [1] + [(7 * i) % 300 + 3 for i in range(80)]  # spans full KV blocks of 32: prefix caching applies
+
+
+def test_mixed_alpha_batch_equals_solo_runs_compiled(llama_dir, locks, tmp_path):
+    lock = load(locks[0])
+    prompts = [*PROMPTS, LONG_PROMPT]
+    # None: the server's α (2). Solo runs go in this order, so the long prompt is cached under α 0 before α 8 asks.
+    mixed = [[0, 0.0], [1, None], [2, 8.0], [3, 0.0], [0, 8.0], [1, 3.0], [3, 8.0]]
+    out = run_vllm(
+        tmp_path,
+        model=str(llama_dir),
+        prompts=prompts,
+        enforce_eager=False,
+        engine_args={"block_size": 32, "enable_prefix_caching": True},
+        additional_config={"safetylock": {"lock": str(locks[0]), "alpha": 2.0, **POLICY}},
+        mixed=mixed,
+    )
+    for together, alone in zip(out["mixed"], out["solo"]):
+        assert together["tokens"] == alone["tokens"]
+    # each request got exactly its α: the HF reference with the lock folded at that α, or without the lock at 0
+    refs = {a: hf_reference(llama_dir, None if a == 0 else lock, a, prompts=prompts) for a in (0.0, 2.0, 3.0, 8.0)}
+    for (prompt, alpha), got in zip(mixed, out["mixed"]):
+        assert_same_generation([got], [refs[2.0 if alpha is None else alpha][prompt]])
+    assert out["mixed"][3]["tokens"] != out["mixed"][6]["tokens"]  # same prompt, α 0 vs 8: the lock acts
+    assert "outside the allowed range [0, 8]" in out["refused"]
+
+
+def _request(port: int, path: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict | str]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method="GET" if data is None else "POST")
+    req.add_header("Content-Type", "application/json")
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as response:
+            raw = response.read().decode()
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        raw, status = exc.read().decode(), exc.code
+    try:
+        return status, json.loads(raw)
+    except json.JSONDecodeError:
+        return status, raw
+
+
+def _chat_status(port: int, model: str, xargs: dict) -> tuple[int, dict | str]:
+    body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8, "temperature": 0}
+    return _request(port, "/v1/chat/completions", {**body, "ignore_eos": True, "vllm_xargs": xargs})
+
+
+def test_server_policy_metrics_and_hot_swap(llama_dir, locks, tiny_root, tokenizer):
+    first, second = locks
+    mistral = model_dir("mistral", tiny_root, tokenizer)
+    wrong_geometry = tiny_lock(*load_model(mistral)).save(first.parent / "mistral.lock.safetensors")
+    port, url, name = free_port(), None, str(llama_dir)
+    config = {"lock": str(first), "alpha": 2.0, **POLICY}
+    proc = start_server(llama_dir, port, config, SERVER_ARGS, log=subprocess.PIPE, env={"SAFETYLOCK_ADMIN_TOKEN": TOKEN})
+    try:
+        wait_healthy(proc, port, timeout=300)
+        url = f"http://127.0.0.1:{port}/v1"
+        default = chat(url, name, QUESTION, 8, ignore_eos=True)
+        strong = chat(url, name, QUESTION, 8, ignore_eos=True, vllm_xargs={"safetylock_alpha": 8.0})
+        unlocked = chat(url, name, QUESTION, 8, ignore_eos=True, vllm_xargs={"safetylock_alpha": 0})
+        refusals = [_chat_status(port, name, {"safetylock_alpha": bad}) for bad in (9.0, -1, "abc")]
+        after_refusals = chat(url, name, QUESTION, 8, ignore_eos=True)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60).read().decode()
+
+        forbidden = _request(port, "/safetylock/swap", {"alpha": 4.0}, token="wrong")
+        bad_swap = _request(port, "/safetylock/swap", {"lock": str(wrong_geometry)}, token=TOKEN)
+        still_first = chat(url, name, QUESTION, 8, ignore_eos=True)
+        swapped = _request(port, "/safetylock/swap", {"lock": str(second), "alpha": 4.0}, token=TOKEN)
+        after_swap = chat(url, name, QUESTION, 8, ignore_eos=True)
+        status = _request(port, "/safetylock/status", token=TOKEN)
+    finally:
+        proc.terminate()
+        log = proc.communicate(timeout=60)[0]
+    assert url is not None, log[-3000:]
+    assert default == expected_chat(llama_dir, first, 2.0)
+    assert strong == expected_chat(llama_dir, first, 8.0)
+    assert unlocked == expected_chat(llama_dir, first, None)
+    assert [code for code, _ in refusals] == [400, 400, 400]
+    messages = [body["error"]["message"] for _, body in refusals]
+    assert "outside the allowed range [0, 8]" in messages[0] and "outside the allowed range" in messages[1]
+    assert "must be a finite number" in messages[2]
+    assert after_refusals == default
+    fingerprint = load(first).fingerprint
+    assert f'safetylock_lock_info{{fingerprint="{fingerprint}"' in metrics
+    assert 'safetylock_requests_total{alpha="8"} 1.0' in metrics
+    assert "safetylock_refused_alpha_requests_total 3.0" in metrics
+
+    assert forbidden[0] == 403
+    assert bad_swap[0] == 400 and "the old lock stays" in bad_swap[1]["error"]["message"]
+    assert still_first == default
+    assert swapped[0] == 200, swapped
+    assert swapped[1]["fingerprint"] == load(second).fingerprint and swapped[1]["alpha"] == 4.0
+    assert after_swap == expected_chat(llama_dir, second, 4.0) != default
+    assert status[1]["fingerprint"] == load(second).fingerprint
+    assert "safetylock: swapped to lock" in log
+
+
+def test_default_policy_refuses_request_alpha(llama_dir, locks):
+    """A static server (no policy): any safetylock_alpha is a 400, and the server keeps serving."""
+    port = free_port()
+    proc = start_server(llama_dir, port, {"lock": str(locks[0]), "alpha": 2.0}, SERVER_ARGS, log=subprocess.PIPE)
+    try:
+        wait_healthy(proc, port, timeout=300)
+        weaker = _chat_status(port, str(llama_dir), {"safetylock_alpha": 0})
+        reply = chat(f"http://127.0.0.1:{port}/v1", str(llama_dir), QUESTION, 8, ignore_eos=True)
+        swap = _request(port, "/safetylock/swap", {"alpha": 0.0}, token=TOKEN)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    assert weaker[0] == 400 and "not allowed on this server" in weaker[1]["error"]["message"]
+    assert reply == expected_chat(llama_dir, locks[0], 2.0)
+    assert swap[0] == 404  # no admin token at start: the admin routes are not even mounted
