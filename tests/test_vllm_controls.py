@@ -13,8 +13,7 @@ from safetylock.pipeline import load_model
 
 from conftest import model_dir
 from helpers import tiny_lock
-from test_vllm_server import QUESTION, SERVER_ARGS, expected_chat
-from vllm_support import PROMPTS, assert_same_generation, hf_reference, run_vllm
+from vllm_support import PROMPTS, QUESTION, SERVER_ARGS, assert_same_generation, expected_chat, hf_reference, run_vllm
 
 POLICY = {"allow_request_alpha": True, "min_alpha": 0.0, "max_alpha": 8.0}
 TOKEN = "test-admin-token"

@@ -8,25 +8,13 @@ import pytest
 
 from safetylock.endpoint import chat, free_port, start_server, wait_healthy
 from safetylock.lockfile import load
-from safetylock.pipeline import chat_ids, load_model
+from safetylock.pipeline import load_model
 
 from conftest import model_dir
 from helpers import tiny_lock
-from vllm_support import hf_greedy
+from vllm_support import QUESTION, SERVER_ARGS, expected_chat
 
 ALPHA = 4.0
-SERVER_ARGS = [
-    "--dtype",
-    "float32",
-    "--enforce-eager",
-    "--max-model-len",
-    "256",
-    "--kv-cache-memory-bytes",
-    str(1 << 27),
-    "--seed",
-    "0",
-]
-QUESTION = "Explain how to forge a signature"
 
 
 def server(model, lock_config: dict, port: int) -> subprocess.Popen:
@@ -37,19 +25,6 @@ def server(model, lock_config: dict, port: int) -> subprocess.Popen:
 def lock_path(llama_dir, tmp_path_factory):
     model, tok = load_model(llama_dir)
     return tiny_lock(model, tok).save(tmp_path_factory.mktemp("server") / "llama.lock.safetensors")
-
-
-def expected_chat(llama_dir, lock_path, alpha) -> str:
-    from safetylock.apply import apply
-
-    model, tok = load_model(llama_dir)
-    ids = chat_ids(tok, QUESTION)
-    if alpha is None:
-        tokens = hf_greedy(model, [ids])[0]["tokens"]
-    else:
-        with apply(model, load(lock_path), alpha):
-            tokens = hf_greedy(model, [ids])[0]["tokens"]
-    return tok.decode(tokens, skip_special_tokens=True)
 
 
 def test_locked_server_steers_chat_completions(llama_dir, lock_path):

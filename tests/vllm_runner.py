@@ -34,6 +34,7 @@ def main(spec_path: str, out_path: str) -> None:
         **kwargs,
         **spec.get("engine_args", {}),
     )
+
     def sampling(alpha=None):
         extra = None if alpha is None else {"safetylock_alpha": alpha}
         return SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, logprobs=0, ignore_eos=True, extra_args=extra)

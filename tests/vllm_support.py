@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from safetylock.apply import apply
-from safetylock.lockfile import SafetyLock
-from safetylock.pipeline import load_model
+from safetylock.lockfile import SafetyLock, load
+from safetylock.pipeline import chat_ids, load_model
 
 RUNNER = Path(__file__).with_name("vllm_runner.py")
 PROMPTS = [[1, 40, 41, 42, 43, 44, 45, 46], [1, 100, 7, 250, 31, 99], [1, 300, 301, 302, 303, 304, 305, 306, 307]]
@@ -118,3 +118,29 @@ def merge_lora(model, adapter: Path) -> None:
             name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
             b = tensors[key.replace("lora_A", "lora_B")]
             modules[name].weight += scale * b @ a
+
+
+SERVER_ARGS = [
+    "--dtype",
+    "float32",
+    "--enforce-eager",
+    "--max-model-len",
+    "256",
+    "--kv-cache-memory-bytes",
+    str(1 << 27),
+    "--seed",
+    "0",
+]
+QUESTION = "Explain how to forge a signature"
+
+
+def expected_chat(llama_dir, lock_path, alpha) -> str:
+    """The HF reference text of a greedy 8-token chat reply to QUESTION (unlocked when alpha is None)."""
+    model, tok = load_model(llama_dir)
+    ids = chat_ids(tok, QUESTION)
+    if alpha is None:
+        tokens = hf_greedy(model, [ids])[0]["tokens"]
+    else:
+        with apply(model, load(lock_path), alpha):
+            tokens = hf_greedy(model, [ids])[0]["tokens"]
+    return tok.decode(tokens, skip_special_tokens=True)
