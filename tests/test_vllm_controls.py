@@ -7,13 +7,13 @@ import urllib.request
 
 import pytest
 
-from safetylock.endpoint import chat, free_port, start_server, wait_healthy
+from safetylock.endpoint import free_port, start_server, wait_healthy
 from safetylock.lockfile import load
 from safetylock.pipeline import load_model
 
 from conftest import model_dir
 from helpers import tiny_lock
-from vllm_support import PROMPTS, QUESTION, SERVER_ARGS, assert_same_generation, expected_chat, hf_reference, run_vllm
+from vllm_support import PROMPTS, QUESTION, SERVER_ARGS, assert_same_generation, expected_tokens, hf_reference, run_vllm
 
 POLICY = {"allow_request_alpha": True, "min_alpha": 0.0, "max_alpha": 8.0}
 TOKEN = "test-admin-token"
@@ -73,41 +73,49 @@ def _request(port: int, path: str, body: dict | None = None, token: str | None =
         return status, raw
 
 
-def _chat_status(port: int, model: str, xargs: dict) -> tuple[int, dict | str]:
+def _chat_status(port: int, model: str, xargs: dict | None = None) -> tuple[int, dict | str]:
     body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8, "temperature": 0}
-    return _request(port, "/v1/chat/completions", {**body, "ignore_eos": True, "vllm_xargs": xargs})
+    extra = {"ignore_eos": True, "return_token_ids": True, **({"vllm_xargs": xargs} if xargs is not None else {})}
+    return _request(port, "/v1/chat/completions", {**body, **extra})
+
+
+def _chat_tokens(port: int, model: str, xargs: dict | None = None) -> list[int]:
+    """The generated token ids of a greedy 8-token chat reply to QUESTION."""
+    status, body = _chat_status(port, model, xargs)
+    assert status == 200, body
+    return body["choices"][0]["token_ids"]
 
 
 def test_server_policy_metrics_and_hot_swap(llama_dir, locks, tiny_root, tokenizer):
     first, second = locks
     mistral = model_dir("mistral", tiny_root, tokenizer)
     wrong_geometry = tiny_lock(*load_model(mistral)).save(first.parent / "mistral.lock.safetensors")
-    port, url, name = free_port(), None, str(llama_dir)
+    port, name, started = free_port(), str(llama_dir), False
     config = {"lock": str(first), "alpha": 2.0, **POLICY}
     proc = start_server(llama_dir, port, config, SERVER_ARGS, log=subprocess.PIPE, env={"SAFETYLOCK_ADMIN_TOKEN": TOKEN})
     try:
         wait_healthy(proc, port, timeout=300)
-        url = f"http://127.0.0.1:{port}/v1"
-        default = chat(url, name, QUESTION, 8, ignore_eos=True)
-        strong = chat(url, name, QUESTION, 8, ignore_eos=True, vllm_xargs={"safetylock_alpha": 8.0})
-        unlocked = chat(url, name, QUESTION, 8, ignore_eos=True, vllm_xargs={"safetylock_alpha": 0})
+        started = True
+        default = _chat_tokens(port, name)
+        strong = _chat_tokens(port, name, {"safetylock_alpha": 8.0})
+        unlocked = _chat_tokens(port, name, {"safetylock_alpha": 0})
         refusals = [_chat_status(port, name, {"safetylock_alpha": bad}) for bad in (9.0, -1, "abc")]
-        after_refusals = chat(url, name, QUESTION, 8, ignore_eos=True)
+        after_refusals = _chat_tokens(port, name)
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60).read().decode()
 
         forbidden = _request(port, "/safetylock/swap", {"alpha": 4.0}, token="wrong")
         bad_swap = _request(port, "/safetylock/swap", {"lock": str(wrong_geometry)}, token=TOKEN)
-        still_first = chat(url, name, QUESTION, 8, ignore_eos=True)
+        still_first = _chat_tokens(port, name)
         swapped = _request(port, "/safetylock/swap", {"lock": str(second), "alpha": 4.0}, token=TOKEN)
-        after_swap = chat(url, name, QUESTION, 8, ignore_eos=True)
+        after_swap = _chat_tokens(port, name)
         status = _request(port, "/safetylock/status", token=TOKEN)
     finally:
         proc.terminate()
         log = proc.communicate(timeout=60)[0]
-    assert url is not None, log[-3000:]
-    assert default == expected_chat(llama_dir, first, 2.0)
-    assert strong == expected_chat(llama_dir, first, 8.0)
-    assert unlocked == expected_chat(llama_dir, first, None)
+    assert started, log[-3000:]
+    assert default == expected_tokens(llama_dir, first, 2.0)
+    assert strong == expected_tokens(llama_dir, first, 8.0) != default
+    assert unlocked == expected_tokens(llama_dir, first, None)
     assert [code for code, _ in refusals] == [400, 400, 400]
     messages = [body["error"]["message"] for _, body in refusals]
     assert "outside the allowed range [0, 8]" in messages[0] and "outside the allowed range" in messages[1]
@@ -123,7 +131,7 @@ def test_server_policy_metrics_and_hot_swap(llama_dir, locks, tiny_root, tokeniz
     assert still_first == default
     assert swapped[0] == 200, swapped
     assert swapped[1]["fingerprint"] == load(second).fingerprint and swapped[1]["alpha"] == 4.0
-    assert after_swap == expected_chat(llama_dir, second, 4.0) != default
+    assert after_swap == expected_tokens(llama_dir, second, 4.0) != default
     assert status[1]["fingerprint"] == load(second).fingerprint
     assert "safetylock: swapped to lock" in log
 
@@ -135,11 +143,11 @@ def test_default_policy_refuses_request_alpha(llama_dir, locks):
     try:
         wait_healthy(proc, port, timeout=300)
         weaker = _chat_status(port, str(llama_dir), {"safetylock_alpha": 0})
-        reply = chat(f"http://127.0.0.1:{port}/v1", str(llama_dir), QUESTION, 8, ignore_eos=True)
+        reply = _chat_tokens(port, str(llama_dir))
         swap = _request(port, "/safetylock/swap", {"alpha": 0.0}, token=TOKEN)
     finally:
         proc.terminate()
         proc.communicate(timeout=60)
     assert weaker[0] == 400 and "not allowed on this server" in weaker[1]["error"]["message"]
-    assert reply == expected_chat(llama_dir, locks[0], 2.0)
+    assert reply == expected_tokens(llama_dir, locks[0], 2.0)
     assert swap[0] == 404  # no admin token at start: the admin routes are not even mounted

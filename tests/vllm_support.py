@@ -134,13 +134,17 @@ SERVER_ARGS = [
 QUESTION = "Explain how to forge a signature"
 
 
-def expected_chat(llama_dir, lock_path, alpha) -> str:
-    """The HF reference text of a greedy 8-token chat reply to QUESTION (unlocked when alpha is None)."""
+def expected_tokens(llama_dir, lock_path, alpha) -> list[int]:
+    """The HF reference of a greedy 8-token chat reply to QUESTION (unlocked when alpha is None)."""
     model, tok = load_model(llama_dir)
     ids = chat_ids(tok, QUESTION)
     if alpha is None:
-        tokens = hf_greedy(model, [ids])[0]["tokens"]
-    else:
-        with apply(model, load(lock_path), alpha):
-            tokens = hf_greedy(model, [ids])[0]["tokens"]
-    return tok.decode(tokens, skip_special_tokens=True)
+        return hf_greedy(model, [ids])[0]["tokens"]
+    with apply(model, load(lock_path), alpha):
+        return hf_greedy(model, [ids])[0]["tokens"]
+
+
+def expected_chat(llama_dir, lock_path, alpha) -> str:
+    """``expected_tokens`` as text."""
+    _, tok = load_model(llama_dir)
+    return tok.decode(expected_tokens(llama_dir, lock_path, alpha), skip_special_tokens=True)
