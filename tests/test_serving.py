@@ -4,8 +4,18 @@ import pytest
 import torch
 
 from safetylock.apply import fold_bias, layer_shifts
+from safetylock.endpoint import plugin_allowlist
 from safetylock.lockfile import LockError
-from safetylock.serving import prepare, rank_slice, serve_config, sharded_biases
+from safetylock.serving import (
+    AlphaPolicy,
+    RequestAlphaError,
+    prepare,
+    rank_slice,
+    serve_config,
+    sharded_biases,
+    token_matches,
+    unit_bias_table,
+)
 
 from test_lockfile import small_lock
 
@@ -56,6 +66,10 @@ def test_config_from_additional_config_and_environment(tmp_path):
         ({"safetylock": {"lock": "x", "alpha": 1e9}}, {}, "outside the allowed range"),
         ({}, {"SAFETYLOCK_ALPHA": "2"}, "SAFETYLOCK_LOCK is not"),
         ({}, {"SAFETYLOCK_LOCK": "x", "SAFETYLOCK_ALPHA": "two"}, "is not a number"),
+        ({"safetylock": {"lock": "x", "allow_request_alpha": "yes"}}, {}, "must be true or false"),
+        ({"safetylock": {"lock": "x", "min_alpha": 5, "max_alpha": 2}}, {}, "min_alpha 5.0 is above max_alpha 2.0"),
+        ({"safetylock": {"lock": "x", "adapter_alpha": ["a"]}}, {}, "must map LoRA adapter names"),
+        ({"safetylock": {"lock": "x", "adapter_alpha": {"a": float("nan")}}}, {}, "finite number"),
     ],
 )
 def test_malformed_config_is_refused(additional, environ, message):
@@ -72,3 +86,62 @@ def test_prepare_resolves_alpha_and_checks_geometry(tmp_path):
     other = type(lock.geometry)(**{**lock.geometry.to_dict(), "num_layers": 4})
     with pytest.raises(LockError, match="num_layers is 4 in the model but 3 in the lock"):
         prepare(serve_config({"safetylock": {"lock": str(path), "alpha": 1}}, {}), other)
+
+
+def test_default_policy_lets_no_request_change_alpha():
+    policy = AlphaPolicy()
+    assert policy.resolve(2.0) == 2.0
+    for requested in (0.0, 2.0, 8.0):
+        with pytest.raises(RequestAlphaError, match="not allowed on this server"):
+            policy.resolve(2.0, requested)
+
+
+def test_allowed_request_alpha_defaults_to_strengthening_only():
+    policy = AlphaPolicy(allow_request_alpha=True)
+    assert policy.resolve(2.0, 3) == 3.0
+    with pytest.raises(RequestAlphaError, match=r"outside the allowed range \[2, 64\]"):
+        policy.resolve(2.0, 1.0)
+    for malformed in ("3", True, float("inf"), [3]):
+        with pytest.raises(RequestAlphaError, match="must be a finite number"):
+            policy.resolve(2.0, malformed)
+    bounded = AlphaPolicy(allow_request_alpha=True, min_alpha=0.0, max_alpha=4.0)
+    assert bounded.resolve(2.0, 0) == 0.0
+    with pytest.raises(RequestAlphaError, match=r"\[0, 4\]"):
+        bounded.resolve(2.0, 4.5)
+
+
+def test_adapter_alpha_and_dynamic_mode(tmp_path):
+    config = serve_config({"safetylock": {"lock": "x", "adapter_alpha": {"support": 6}}}, {})
+    assert config.dynamic and config.policy.resolve(2.0, None, "support") == 6.0
+    assert config.policy.resolve(2.0, None, "other") == 2.0 and config.policy.resolve(2.0) == 2.0
+    assert not serve_config({"safetylock": {"lock": "x"}}, {}).dynamic
+    hot = serve_config({"safetylock": {"lock": "x"}}, {"SAFETYLOCK_ADMIN_TOKEN": "t"})
+    assert hot.dynamic and hot.hot_swap
+    lock = small_lock()
+    path = lock.save(tmp_path / "l.safetensors")
+    key = prepare(serve_config({"safetylock": {"lock": str(path), "allow_request_alpha": True}}, {}), lock.geometry).cache_key
+    assert key["dynamic"] is True and key["allow_request_alpha"] is True
+    assert serve_config({"safetylock": key}, {}).policy.allow_request_alpha  # the rewritten section parses again
+
+
+def test_admin_token_and_plugin_allowlist():
+    assert token_matches("t0k", {"SAFETYLOCK_ADMIN_TOKEN": "t0k"})
+    assert not token_matches("t0k", {"SAFETYLOCK_ADMIN_TOKEN": "other"})
+    assert not token_matches("", {}) and not token_matches(None, {"SAFETYLOCK_ADMIN_TOKEN": "t"})
+    assert plugin_allowlist({}) is None
+    assert plugin_allowlist({"SAFETYLOCK_ADMIN_TOKEN": "t"}) == "safetylock,safetylock_admin"
+    assert plugin_allowlist({"VLLM_PLUGINS": "mine"}) == "mine,safetylock"
+
+
+def test_unit_bias_table_scales_to_the_fold():
+    lock = small_lock()
+    weights = {
+        layer: torch.randn(10, lock.geometry.o_proj_in_features, generator=torch.Generator().manual_seed(layer))
+        for layer in range(lock.geometry.num_layers)
+    }
+    table = unit_bias_table(lock, 0, 1, lambda layer, delta: weights[layer] @ delta, lambda t: t, 10)
+    assert table.shape == (lock.geometry.num_layers, 10)
+    for layer, delta in layer_shifts(lock, 3.0).items():
+        torch.testing.assert_close(3.0 * table[layer], fold_bias(weights[layer], delta), rtol=1e-5, atol=1e-5)
+    unlocked = set(range(lock.geometry.num_layers)) - set(layer_shifts(lock, 1.0))
+    assert all(table[layer].abs().sum() == 0 for layer in unlocked)

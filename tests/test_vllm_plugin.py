@@ -62,6 +62,23 @@ def test_plugin_equals_hf_apply_with_and_without_lora(llama_dir, lock_path, plai
     assert "safetylock: locked 3 heads in" in got["log"] and load(lock_path).fingerprint in got["log"]
 
 
+def test_per_adapter_alpha_with_several_loras(llama_dir, lock_path, locked_reference, tmp_path):
+    """Dynamic mode with ``adapter_alpha``: adapter0 served at α 8, adapter1 and the base at the server's α."""
+    adapters = [write_lora(llama_dir, tmp_path / f"adapter{seed}", seed=seed) for seed in (1, 2)]
+    got = run_vllm(
+        tmp_path / "run",
+        model=str(llama_dir),
+        loras=[str(a) for a in adapters],
+        additional_config={"safetylock": {"lock": str(lock_path), "alpha": ALPHA, "adapter_alpha": {"adapter0": 8.0}}},
+    )
+    assert_same_generation(got["base"], locked_reference)
+    assert_same_generation(got["lora0"], hf_reference(llama_dir, load(lock_path), 8.0, lora=adapters[0]))
+    assert_same_generation(got["lora1"], hf_reference(llama_dir, load(lock_path), ALPHA, lora=adapters[1]))
+    at_default = hf_reference(llama_dir, load(lock_path), ALPHA, lora=adapters[0])
+    assert [r["tokens"] for r in got["lora0"]] != [r["tokens"] for r in at_default]
+    assert "dynamic" in got["log"]
+
+
 def test_installed_plugin_without_config_changes_nothing(llama_dir, plain_reference, tmp_path):
     with_plugin = run_vllm(tmp_path / "with", model=str(llama_dir))
     without_plugin = run_vllm(tmp_path / "without", model=str(llama_dir), env={"VLLM_PLUGINS": ""})
