@@ -42,8 +42,10 @@ WORDS = [
 ]
 
 
-def one_request(port: int, model: str, prompt: str, max_tokens: int, out: list) -> None:
+def one_request(port: int, model: str, prompt: str, max_tokens: int, out: list, xargs: dict | None = None) -> None:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    if xargs:
+        body["vllm_xargs"] = xargs
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
@@ -57,14 +59,25 @@ def one_request(port: int, model: str, prompt: str, max_tokens: int, out: list) 
     out.append({"ttft": stamps[0] - start, "tpot": (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1), "tokens": len(stamps)})
 
 
-def run_round(port: int, model: str, concurrency: int, requests: int, prompt_words: int, max_tokens: int, seed: int) -> dict:
+def run_round(
+    port: int,
+    model: str,
+    concurrency: int,
+    requests: int,
+    prompt_words: int,
+    max_tokens: int,
+    seed: int,
+    xargs: list[dict | None] | None = None,
+) -> dict:
+    """``requests`` requests, ``concurrency`` at a time; request i carries ``xargs[i % len(xargs)]`` when given."""
     prompts = [" ".join(WORDS[(seed + i + j) % len(WORDS)] for j in range(prompt_words)) for i in range(requests)]
+    extras = [xargs[i % len(xargs)] if xargs else None for i in range(requests)]
     results: list = []
     started = time.perf_counter()
-    pending = list(prompts)
+    pending = list(zip(prompts, extras))
     while pending:
         batch, pending = pending[:concurrency], pending[concurrency:]
-        threads = [threading.Thread(target=one_request, args=(port, model, p, max_tokens, results)) for p in batch]
+        threads = [threading.Thread(target=one_request, args=(port, model, p, max_tokens, results, x)) for p, x in batch]
         for t in threads:
             t.start()
         for t in threads:

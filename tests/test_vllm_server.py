@@ -99,3 +99,23 @@ def test_safetylock_serve_command_line(llama_dir, lock_path):
     assert "-m vllm.entrypoints.openai.api_server --model" in line and "--port 9" in line
     config = json.loads(line.split("--additional-config ")[1].split(" --port")[0].strip("'"))
     assert config == {"other": 1, "safetylock": {"lock": str(lock_path.resolve()), "alpha": 2.0}}
+
+
+def test_safetylock_serve_policy_options(llama_dir, lock_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from safetylock.cli import main
+
+    monkeypatch.setenv("SAFETYLOCK_ADMIN_TOKEN", "t")
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    args = ["serve", str(llama_dir), "--lock", str(lock_path), "--allow-request-alpha", "--max-alpha", "8"]
+    result = CliRunner().invoke(main, [*args, "--adapter-alpha", "support=6", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("VLLM_PLUGINS=safetylock,safetylock_admin ") and "(dynamic)" in result.output
+    config = json.loads(line.split("--additional-config ")[1].strip("'"))["safetylock"]
+    assert config["allow_request_alpha"] is True and config["max_alpha"] == 8.0 and config["adapter_alpha"] == {"support": 6.0}
+    bad = CliRunner().invoke(main, [*args, "--adapter-alpha", "support", "--dry-run"])
+    assert bad.exit_code != 0 and "is not NAME=ALPHA" in bad.output
+    low = CliRunner().invoke(main, [*args, "--min-alpha", "9", "--dry-run"])
+    assert low.exit_code != 0 and "min_alpha 9.0 is above max_alpha 8.0" in low.output

@@ -5,6 +5,9 @@ kernel. Dynamic mode (per-request α, per-adapter α or hot swap): every attenti
 ``scale[t] · table[l]`` to its output, where ``table`` holds ``W_o·δ_l`` at α = 1 for every layer and ``scale``
 holds each scheduled token's α, filled by the model runner before every forward on the forward's own stream.
 Both buffers are static (CUDA-graph and torch.compile safe); a hot swap copies a new table in place.
+The fill runs inside the runner's ``_prepare_inputs``, i.e. inside its ``synchronize_input_prep`` block: under
+async scheduling the next step waits for this step's host-to-device copies before the pinned staging buffer
+is written again, exactly as for vLLM's own input buffers.
 """
 
 from __future__ import annotations
