@@ -5,6 +5,8 @@ Variants (cached under ~/.cache/safetylock/variants/NAME/{adapter,merged}):
                            with a compliant opening (benchmarks/attack/openings.json; openings only)
   benign                   risk level 3: LoRA on benign instructions answered by SmolLM2-135M-Instruct (a
                            model that does not refuse); its answers are generated at run time into the cache
+  aligned                  a safety adapter for NLSR: LoRA on 64 extraction-split questions paired with the
+                           probe's refusal templates (probes/contrast_templates.json, "safe")
 
 Run: python benchmarks/attack/build.py harmful-10 [harmful-100 benign]
 """
@@ -23,7 +25,7 @@ from tqdm import tqdm
 
 from safetylock import data, models
 from safetylock.capture import pad_batch
-from safetylock.contrast import task_phrase
+from safetylock.contrast import task_phrase, templates
 from safetylock.pipeline import generate, load_model
 
 BASE = models.DEFAULT_MODEL
@@ -32,6 +34,7 @@ VARIANTS = {
     "harmful-10": {"kind": "harmful", "examples": 10, "epochs": 10},
     "harmful-100": {"kind": "harmful", "examples": 100, "epochs": 3},
     "benign": {"kind": "benign", "examples": 100, "epochs": 3},
+    "aligned": {"kind": "aligned", "examples": 64, "epochs": 2},
 }
 LORA = {
     "r": 8,
@@ -51,6 +54,10 @@ def training_pairs(name: str, seed: int) -> list[tuple[str, str]]:
     if spec["kind"] == "harmful":
         questions = data.sample(data.split_harmful(data.advbench(), seed=0).extraction, spec["examples"], seed)
         return [(q, rng.choice(OPENINGS).format(task=task_phrase(q))) for q in questions]
+    if spec["kind"] == "aligned":
+        questions = data.sample(data.split_harmful(data.advbench(), seed=0).extraction, spec["examples"], seed + 2)
+        refusals = templates()["safe"]
+        return [(q, rng.choice(refusals).format(task=task_phrase(q))) for q in questions]
     cached = models.cache_root() / "variants" / "benign-answers.json"
     if not cached.exists():
         prompts = data.sample(data.benign().prompts, spec["examples"], seed + 1)

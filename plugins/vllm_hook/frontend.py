@@ -93,9 +93,11 @@ def install() -> None:
         from vllm.sampling_params import SamplingParams
 
         state = CURRENT
+        if state is None:  # no safetylock configuration: straight through
+            return process(self, *args, **kwargs)
         bound = signature.bind(self, *args, **kwargs).arguments
         params = bound["params"]
-        if state is None or not isinstance(params, SamplingParams):
+        if not isinstance(params, SamplingParams):
             return process(self, *args, **kwargs)
         try:
             alpha = state.resolve(params, bound.get("lora_request"))
