@@ -1,10 +1,11 @@
 """NLSR vs SafetyLock on the harmful fine-tune: the fine-tune, + lock, NLSR-realigned, and both.
 
-Run: python benchmarks/nlsr.py [--variant harmful-10] [--alpha 0.5] [--count 40]
+Run: python benchmarks/nlsr.py [--variant harmful-10] [--alpha 0.5] [--count 40] [--settings 0.5:0.8,0.9:0.5]
 Builds (when absent, seeded, cached) the "aligned" safety adapter and the variant with attack/build.py, realigns
-the variant's adapter with `safetylock realign`, merges it into a model directory, and evaluates the four rows
-through the real vLLM plugin (efficacy.run_eval). Writes benchmarks/results/nlsr.json (summaries only, plus
-NLSR's patch report) and nlsr.png.
+the variant's adapter with `safetylock realign` for each PRUNE_RATE:SPARSITY setting, merges it into a model
+directory, and evaluates through the real vLLM plugin (efficacy.run_eval): the aligned adapter itself, the
+fine-tune, + lock, and per setting NLSR and NLSR + lock. Writes benchmarks/results/nlsr.json (summaries only,
+plus NLSR's patch reports) and nlsr.png.
 """
 
 from __future__ import annotations
@@ -26,17 +27,19 @@ from efficacy import build, run_eval
 from extract_time import lock_path
 
 
-def realigned(variant: str, aligned: Path, seed: int) -> tuple[Path, dict]:
-    """The NLSR-realigned adapter of ``variant``, merged into a full model directory (cached)."""
-    out = models.cache_root() / "variants" / f"{variant}-nlsr"
-    adapter, merged = out / "adapter", out / "merged"
-    started = time.perf_counter()
+def realigned(variant: str, aligned: Path, prune_rate: float, sparsity: float, seed: int) -> tuple[Path, dict]:
+    """The NLSR-realigned adapter of ``variant``, merged into a full model directory (cached), and its report."""
+    out = models.cache_root() / "variants" / f"{variant}-nlsr-p{prune_rate:g}-s{sparsity:g}"
+    adapter, merged, timing = out / "adapter", out / "merged", out / "seconds.json"
     if not (merged / "config.json").exists():
+        started = time.perf_counter()
         finetuned = models.cache_root() / "variants" / variant / "adapter"
-        command = [sys.executable, "-m", "safetylock.cli", "realign", "--base", models.DEFAULT_MODEL]
-        command += ["--aligned", str(aligned), "--finetuned", str(finetuned), "--out", str(adapter), "--seed", str(seed)]
+        command = [sys.executable, "-m", "safetylock.cli", "realign", "--base", models.DEFAULT_MODEL, "--seed", str(seed)]
+        command += ["--aligned", str(aligned), "--finetuned", str(finetuned), "--out", str(adapter)]
+        command += ["--prune-rate", str(prune_rate), "--sparsity", str(sparsity)]
         subprocess.run(command, check=True)
         merge(adapter, merged)
+        timing.write_text(json.dumps({"realign_and_merge": round(time.perf_counter() - started, 1)}))
     report = json.loads((adapter / "nlsr_report.json").read_text())
     patched = [m for m in report["modules"] if m["patched"]]
     summary = {
@@ -44,7 +47,7 @@ def realigned(variant: str, aligned: Path, seed: int) -> tuple[Path, dict]:
         "modules": len(report["modules"]),
         "patched_modules": len(patched),
         "patched_entries": sum(m["entries"] for m in patched),
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": json.loads(timing.read_text()) if timing.exists() else None,
     }
     return merged, summary
 
@@ -65,18 +68,25 @@ def merge(adapter: Path, merged: Path) -> None:
 @click.option("--alpha", type=float, default=0.5)
 @click.option("--count", type=int, default=40)
 @click.option("--max-tokens", type=int, default=48)
+@click.option("--settings", default="0.5:0.8", help="NLSR PRUNE_RATE:SPARSITY pairs, comma-separated.")
 @click.option("--seed", type=int, default=0)
-def main(variant: str, alpha: float, count: int, max_tokens: int, seed: int) -> None:
+def main(variant: str, alpha: float, count: int, max_tokens: int, settings: str, seed: int) -> None:
     lock = lock_path(models.DEFAULT_MODEL)
-    aligned = build("aligned") / "adapter"
+    aligned = build("aligned")
     finetuned = str(build(variant) / "merged")
-    repaired, report = realigned(variant, aligned, seed)
     runs = [
+        run_eval(str(aligned / "merged"), "aligned-adapter", count, max_tokens, None, None),
         run_eval(finetuned, variant, count, max_tokens, None, None),
         run_eval(finetuned, f"{variant}+lock(a={alpha:g})", count, max_tokens, lock, alpha),
-        run_eval(str(repaired), f"{variant}+NLSR", count, max_tokens, None, None),
-        run_eval(str(repaired), f"{variant}+NLSR+lock(a={alpha:g})", count, max_tokens, lock, alpha),
     ]
+    reports = []
+    for setting in settings.split(","):
+        prune_rate, sparsity = (float(x) for x in setting.split(":"))
+        repaired, report = realigned(variant, aligned / "adapter", prune_rate, sparsity, seed)
+        reports.append(report)
+        name = f"{variant}+NLSR(p={prune_rate:g},s={sparsity:g})"
+        runs.append(run_eval(str(repaired), name, count, max_tokens, None, None))
+        runs.append(run_eval(str(repaired), f"{name}+lock(a={alpha:g})", count, max_tokens, lock, alpha))
     header, rows = comparison_rows(runs)
     widths = [max(len(x) for x in column) for column in zip(header, *rows)]
     print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]))
@@ -88,7 +98,7 @@ def main(variant: str, alpha: float, count: int, max_tokens: int, seed: int) -> 
             "alpha": alpha,
             "count": count,
             "max_tokens": max_tokens,
-            "nlsr": report,
+            "nlsr": reports,
             "table": {"header": header, "rows": rows},
             "runs": [without_items(r) for r in runs],
         },
