@@ -462,6 +462,21 @@ def compare(runs: tuple[Path, ...], plot: Path) -> None:
     click.echo(f"plot: {plot}")
 
 
+def _torch_device(name: str):
+    """``auto`` -> the first GPU if there is one, else the CPU; a named device must exist here."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise click.BadParameter(f"{name!r} is not a torch device", param_hint="--device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter(f"{name!r}: no CUDA device on this machine", param_hint="--device")
+    return device
+
+
 @main.command()
 @click.option("--base", "base_model", required=True, help="Base model (packaged name or HF directory).")
 @click.option("--aligned", type=click.Path(path_type=Path), required=True, help="Safety-aligned LoRA adapter.")
@@ -480,8 +495,11 @@ def compare(runs: tuple[Path, ...], plot: Path) -> None:
     help="Harmful extraction questions answered with refusals: the safety data.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--device", default="auto", show_default=True, help="Where the base model runs: auto (a GPU if any), cpu, cuda, cuda:1 ..."
+)
 @user_errors
-def realign(base_model, aligned, finetuned, weak, out, sparsity, prune_rate, beta, method, questions, seed) -> None:
+def realign(base_model, aligned, finetuned, weak, out, sparsity, prune_rate, beta, method, questions, seed, device) -> None:
     """NLSR: patch the safety-critical entries of a fine-tuned LoRA adapter from the amplified aligned one."""
     from safetylock import data, nlsr
     from safetylock.contrast import contrast_pairs
@@ -495,7 +513,7 @@ def realign(base_model, aligned, finetuned, weak, out, sparsity, prune_rate, bet
     split = data.split_harmful(data.advbench(), seed=0)
     examples = [ex for ex in contrast_pairs(data.sample(split.extraction, questions, seed), seed) if ex.safe]
     model, tokenizer = load_model(models.resolve(base_model))
-    stats = nlsr.safety_statistics(model, tokenizer, amplified, examples)
+    stats = nlsr.safety_statistics(model.to(_torch_device(device)), tokenizer, amplified, examples)
     repaired, reports = nlsr.realign(aligned_adapter, finetuned_adapter, stats, config, weak_adapter)
     repaired.save(out)
     patched = [r for r in reports if r.patched]

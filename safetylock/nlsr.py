@@ -174,7 +174,9 @@ def safety_statistics(
     """Run the base model on safety examples; accumulate each adapted module's statistics over real tokens.
 
     ``adapter`` is the *amplified* aligned adapter (see ``amplify``): its A defines the Gram of ``Z = X Aᵀ``.
+    Runs on the model's device (a GPU for larger models); the statistics come back on the CPU.
     """
+    device = next(model.parameters()).device
     modules = dict(model.named_modules())
     stats = SafetyStats()
     mask_holder: dict[str, torch.Tensor] = {}
@@ -183,9 +185,9 @@ def safety_statistics(
         target = modules.get(_model_module_name(name))
         if target is None:
             raise AdapterError(f"the base model has no module {_model_module_name(name)} (adapter module {name})")
-        a = adapter.a[name].double()
-        stats.gram[name] = torch.zeros(a.shape[0], a.shape[0], dtype=torch.float64)
-        stats.input_sq[name] = torch.zeros(a.shape[1], dtype=torch.float64)
+        a = adapter.a[name].to(device, torch.float64)
+        stats.gram[name] = torch.zeros(a.shape[0], a.shape[0], dtype=torch.float64, device=device)
+        stats.input_sq[name] = torch.zeros(a.shape[1], dtype=torch.float64, device=device)
 
         def hook(_module, args, name=name, a=a):
             x = args[0].double()[mask_holder["mask"]]  # real tokens only: [tokens, in]
@@ -199,9 +201,11 @@ def safety_statistics(
         for start in tqdm(range(0, len(examples), batch_size), desc="safety statistics", disable=not progress):
             chunk = [render(tokenizer, ex.question, ex.response)[0] for ex in examples[start : start + batch_size]]
             input_ids, mask = pad_batch(chunk, pad_id, "right")
-            mask_holder["mask"] = mask.bool()
-            model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            mask_holder["mask"] = mask.bool().to(device)
+            model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
+    stats.gram = {name: value.cpu() for name, value in stats.gram.items()}
+    stats.input_sq = {name: value.cpu() for name, value in stats.input_sq.items()}
     return stats

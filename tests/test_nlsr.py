@@ -198,3 +198,10 @@ def test_realign_cli(llama_dir, tmp_path):
     assert load_adapter(tmp_path / "out").modules == load_adapter(finetuned).modules
     bad = CliRunner().invoke(main, [*args[:4], str(tmp_path / "nowhere"), *args[5:]])
     assert bad.exit_code == 1 and "no adapter_config.json" in bad.output
+    on_cpu = CliRunner().invoke(main, [*args[:8], str(tmp_path / "cpu"), *args[9:], "--device", "cpu"])
+    assert on_cpu.exit_code == 0, on_cpu.output
+    assert (tmp_path / "cpu" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "out" / "adapter_model.safetensors"
+    ).read_bytes()
+    wrong = CliRunner().invoke(main, [*args, "--device", "warp:0"])
+    assert wrong.exit_code != 0 and "is not a torch device" in wrong.output
