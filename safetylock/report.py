@@ -79,7 +79,7 @@ def comparison_plot(runs: list[dict], path: Path) -> Path:
 
     header, rows = comparison_rows(runs)
     metrics = header[1:]
-    fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(metrics)), 3.6))
+    fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(metrics)) + 3, 3.6))
     width = 0.8 / len(rows)
     for i, row in enumerate(rows):
         values = [float(cell.rstrip("%")) if cell != "-" else np.nan for cell in row[1:]]
@@ -88,7 +88,7 @@ def comparison_plot(runs: list[dict], path: Path) -> Path:
     ax.set_xticks(np.arange(len(metrics)) + width * (len(rows) - 1) / 2, labels, fontsize=8)
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
