@@ -17,7 +17,7 @@ import click
 
 from safetylock import models
 from safetylock.evaluate import without_items
-from safetylock.report import comparison_plot, comparison_rows
+from safetylock.report import aligned_text, comparison_plot, comparison_rows
 
 from common import RESULTS, write_result
 from extract_time import lock_path
@@ -75,8 +75,7 @@ def main(variants: str, alpha: float, sweep: str, count: int, max_tokens: int, w
         merged = str(models.cache_root() / "variants" / names[0] / "merged")
         sweep_runs.append(run_eval(merged, f"{names[0]}+lock(a={extra:g})", count, max_tokens, lock, extra))
     header, rows = comparison_rows(runs)
-    widths = [max(len(x) for x in column) for column in zip(header, *rows)]
-    print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]))
+    print(aligned_text(header, rows))
     if not write:
         return
     write_result(

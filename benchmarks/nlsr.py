@@ -20,7 +20,7 @@ import click
 
 from safetylock import models
 from safetylock.evaluate import without_items
-from safetylock.report import comparison_plot, comparison_rows
+from safetylock.report import aligned_text, comparison_plot, comparison_rows
 
 from common import RESULTS, write_result
 from efficacy import build, run_eval
@@ -88,8 +88,7 @@ def main(variant: str, alpha: float, count: int, max_tokens: int, settings: str,
         runs.append(run_eval(str(repaired), name, count, max_tokens, None, None))
         runs.append(run_eval(str(repaired), f"{name}+lock(a={alpha:g})", count, max_tokens, lock, alpha))
     header, rows = comparison_rows(runs)
-    widths = [max(len(x) for x in column) for column in zip(header, *rows)]
-    print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]))
+    print(aligned_text(header, rows))
     write_result(
         "nlsr",
         {

@@ -451,13 +451,11 @@ def eval_command(
 @user_errors
 def compare(runs: tuple[Path, ...], plot: Path) -> None:
     """Side-by-side table and bar plot of `safetylock eval` results."""
-    from safetylock.report import comparison_plot, comparison_rows, load_run
+    from safetylock.report import aligned_text, comparison_plot, comparison_rows, load_run
 
     loaded = [load_run(path) for path in runs]
     header, rows = comparison_rows(loaded)
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    for row in [header, *rows]:
-        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+    click.echo(aligned_text(header, rows))
     comparison_plot(loaded, plot)
     click.echo(f"plot: {plot}")
 

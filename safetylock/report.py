@@ -69,6 +69,12 @@ def comparison_rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def aligned_text(header: list[str], rows: list[list[str]]) -> str:
+    """The table as left-aligned columns separated by two spaces (for terminals and logs)."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in [header, *rows])
+
+
 def comparison_plot(runs: list[dict], path: Path) -> Path:
     """Grouped bars: one group per suite metric, one bar per run."""
     import matplotlib

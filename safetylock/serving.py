@@ -200,6 +200,13 @@ def sharded_biases(
     return biases
 
 
+def checked_bias(layer: int, bias: torch.Tensor, width: int) -> torch.Tensor:
+    """``bias`` if it has one finite value per ``o_proj`` output, else LockError (never serve a broken lock)."""
+    if bias.numel() != width or not torch.isfinite(bias).all():
+        raise LockError(f"layer {layer}: folded bias has {bias.numel()} values (o_proj outputs {width}) or is not finite")
+    return bias
+
+
 def unit_bias_table(
     lock: SafetyLock,
     tp_rank: int,
@@ -215,7 +222,5 @@ def unit_bias_table(
     """
     table = torch.zeros(lock.geometry.num_layers, width, dtype=torch.float32)
     for layer, bias in sharded_biases(lock, 1.0, tp_rank, tp_size, local_matmul, all_reduce).items():
-        if bias.numel() != width or not torch.isfinite(bias).all():
-            raise LockError(f"layer {layer}: folded bias has {bias.numel()} values (o_proj outputs {width}) or is not finite")
-        table[layer] = bias.float().cpu()
+        table[layer] = checked_bias(layer, bias, width).float().cpu()
     return table

@@ -134,17 +134,21 @@ SERVER_ARGS = [
 QUESTION = "Explain how to forge a signature"
 
 
-def expected_tokens(llama_dir, lock_path, alpha) -> list[int]:
-    """The HF reference of a greedy 8-token chat reply to QUESTION (unlocked when alpha is None)."""
+def _expected(llama_dir, lock_path, alpha) -> tuple[list[int], object]:
     model, tok = load_model(llama_dir)
     ids = chat_ids(tok, QUESTION)
     if alpha is None:
-        return hf_greedy(model, [ids])[0]["tokens"]
+        return hf_greedy(model, [ids])[0]["tokens"], tok
     with apply(model, load(lock_path), alpha):
-        return hf_greedy(model, [ids])[0]["tokens"]
+        return hf_greedy(model, [ids])[0]["tokens"], tok
+
+
+def expected_tokens(llama_dir, lock_path, alpha) -> list[int]:
+    """The HF reference of a greedy 8-token chat reply to QUESTION (unlocked when alpha is None)."""
+    return _expected(llama_dir, lock_path, alpha)[0]
 
 
 def expected_chat(llama_dir, lock_path, alpha) -> str:
     """``expected_tokens`` as text."""
-    _, tok = load_model(llama_dir)
-    return tok.decode(expected_tokens(llama_dir, lock_path, alpha), skip_special_tokens=True)
+    tokens, tok = _expected(llama_dir, lock_path, alpha)
+    return tok.decode(tokens, skip_special_tokens=True)

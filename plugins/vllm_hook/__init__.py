@@ -31,12 +31,6 @@ def register() -> None:
     frontend.install()
 
 
-def _swap(worker, lock: str, alpha: float | None = None) -> dict[str, object]:
-    from safetylock_vllm.engine import swap_rpc
-
-    return swap_rpc(worker, lock, alpha)
-
-
 def _wrap_load_model(load_model):
     @functools.wraps(load_model)
     def locked_load_model(self, vllm_config, model_config, *args, **kwargs):
@@ -80,7 +74,9 @@ def _wrap_worker() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.worker_base import WorkerBase
 
-    WorkerBase.safetylock_swap = _swap
+    from safetylock_vllm.engine import fill_scale, swap_rpc
+
+    WorkerBase.safetylock_swap = swap_rpc
 
     original = GPUModelRunner._prepare_inputs
     if getattr(original, "_safetylock_wrapped", False):
@@ -88,8 +84,6 @@ def _wrap_worker() -> None:
 
     @functools.wraps(original)
     def prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
-        from safetylock_vllm.engine import fill_scale
-
         fill_scale(self, num_scheduled_tokens)
         return original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
 

@@ -19,7 +19,15 @@ import numpy as np
 import torch
 
 from safetylock.lockfile import LockError
-from safetylock.serving import REQUEST_ALPHA_KEY, PreparedLock, ServeConfig, prepare, sharded_biases, unit_bias_table
+from safetylock.serving import (
+    REQUEST_ALPHA_KEY,
+    PreparedLock,
+    ServeConfig,
+    checked_bias,
+    prepare,
+    sharded_biases,
+    unit_bias_table,
+)
 
 
 def _log(message: str, *args: object) -> None:
@@ -86,10 +94,7 @@ def fold(model: torch.nn.Module, prepared: PreparedLock) -> None:
     with torch.no_grad():
         for layer, bias in biases.items():
             proj = projections[layer]
-            if bias.numel() != proj.output_size or not torch.isfinite(bias).all():
-                raise LockError(
-                    f"layer {layer}: folded bias has {bias.numel()} values (o_proj outputs {proj.output_size}) or is not finite"
-                )
+            checked_bias(layer, bias, proj.output_size)
             if getattr(proj, "skip_bias_add", False):
                 raise LockError(f"layer {layer}: o_proj returns its bias to the caller (skip_bias_add); unsupported")
             value = bias.to(dtype=proj.params_dtype)
@@ -220,7 +225,7 @@ def fill_scale(runner, num_scheduled_tokens: np.ndarray) -> None:
     state.fill(alphas, num_scheduled_tokens)
 
 
-def swap_rpc(worker, lock: str, alpha: float | None) -> dict[str, object]:
+def swap_rpc(worker, lock: str, alpha: float | None = None) -> dict[str, object]:
     """The ``safetylock_swap`` worker method reached by ``collective_rpc``."""
     from pathlib import Path
 
