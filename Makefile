@@ -3,7 +3,8 @@ VENV ?= .venv
 ENGINE ?= cpu
 PY := $(VENV)/bin/python
 SAFETYLOCK := $(VENV)/bin/safetylock
-CACHE ?= $(HOME)/.cache/safetylock
+CACHE ?= $(or $(SAFETYLOCK_CACHE),$(HOME)/.cache/safetylock)
+export SAFETYLOCK_CACHE := $(CACHE)
 DEMO_MODEL ?= qwen2.5-coder-0.5b-instruct
 DEMO_LOCK := $(CACHE)/locks/$(DEMO_MODEL).lock.safetensors
 DEMO_ALPHA ?= 0.5
@@ -35,7 +36,7 @@ demo: setup $(DEMO_LOCK)
 	$(SAFETYLOCK) demo --model $(DEMO_MODEL) --lock $(DEMO_LOCK)
 	# The attack and the repair: fine-tune on 10 harmful questions (cached), evaluate with and without the lock.
 	cd benchmarks && ../$(PY) efficacy.py --variants harmful-10 --sweep "" --count 20 --max-tokens 32 \
-		--alpha $(DEMO_ALPHA) --no-write
+		--alpha $(DEMO_ALPHA) --no-write --enforce-eager
 
 clean-venv:
 	rm -rf $(VENV)

@@ -17,6 +17,7 @@ import click
 
 from safetylock import models
 from safetylock.evaluate import without_items
+from safetylock.lockfile import load
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
 
 from common import RESULTS, write_result
@@ -28,8 +29,12 @@ from build import build  # noqa: E402
 SUITES = ("advbench-heldout", "benign", "arithmetic")
 
 
-def run_eval(model: str, label: str, count: int, max_tokens: int, lock: Path | None, alpha: float | None) -> dict:
-    out = models.cache_root() / "runs" / f"{label}-n{count}-t{max_tokens}.json"
+def run_eval(
+    model: str, label: str, count: int, max_tokens: int, lock: Path | None, alpha: float | None, eager: bool = False
+) -> dict:
+    """The cached run of ``label`` (its file name carries the lock's fingerprint), evaluated when absent."""
+    stem = (label if lock is None else f"{label}-{load(lock).fingerprint[:12]}") + ("-eager" if eager else "")
+    out = models.cache_root() / "runs" / f"{stem}-n{count}-t{max_tokens}.json"
     if not out.exists():
         cmd = [
             sys.executable,
@@ -51,6 +56,8 @@ def run_eval(model: str, label: str, count: int, max_tokens: int, lock: Path | N
             cmd += ["--suite", suite]
         if lock is not None:
             cmd += ["--lock", str(lock), "--alpha", str(alpha)]
+        if eager:
+            cmd.append("--enforce-eager")
         subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
 
@@ -62,18 +69,19 @@ def run_eval(model: str, label: str, count: int, max_tokens: int, lock: Path | N
 @click.option("--count", type=int, default=40)
 @click.option("--max-tokens", type=int, default=48)
 @click.option("--write/--no-write", default=True, help="Write results JSON and plots (off for the demo).")
-def main(variants: str, alpha: float, sweep: str, count: int, max_tokens: int, write: bool) -> None:
+@click.option("--enforce-eager", is_flag=True, help="Evaluate without torch.compile (the demo: faster first start).")
+def main(variants: str, alpha: float, sweep: str, count: int, max_tokens: int, write: bool, enforce_eager: bool) -> None:
     lock = lock_path(models.DEFAULT_MODEL)
-    runs = [run_eval(models.DEFAULT_MODEL, "aligned-base", count, max_tokens, None, None)]
+    runs = [run_eval(models.DEFAULT_MODEL, "aligned-base", count, max_tokens, None, None, enforce_eager)]
     names = [v for v in variants.split(",") if v]
     for name in names:
         merged = str(build(name) / "merged")
-        runs.append(run_eval(merged, name, count, max_tokens, None, None))
-        runs.append(run_eval(merged, f"{name}+lock(a={alpha:g})", count, max_tokens, lock, alpha))
+        runs.append(run_eval(merged, name, count, max_tokens, None, None, enforce_eager))
+        runs.append(run_eval(merged, f"{name}+lock(a={alpha:g})", count, max_tokens, lock, alpha, enforce_eager))
     sweep_runs = [r for r in runs if r["target"]["label"].split("+")[0] == names[0]] if names else []
     for extra in [float(a) for a in sweep.split(",") if a]:
         merged = str(models.cache_root() / "variants" / names[0] / "merged")
-        sweep_runs.append(run_eval(merged, f"{names[0]}+lock(a={extra:g})", count, max_tokens, lock, extra))
+        sweep_runs.append(run_eval(merged, f"{names[0]}+lock(a={extra:g})", count, max_tokens, lock, extra, enforce_eager))
     header, rows = comparison_rows(runs)
     print(aligned_text(header, rows))
     if not write:

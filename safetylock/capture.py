@@ -1,4 +1,4 @@
-"""Stage 1 — capture: per-head attention outputs (the ``o_proj`` input) at the last response tokens."""
+"""Stage 1 — capture: per-head attention outputs (the ``o_proj`` input) at the last tokens of each example."""
 
 from __future__ import annotations
 
@@ -68,12 +68,16 @@ def capture(
     padding_side: str = "right",
     progress: bool = True,
 ) -> HeadActivations:
-    """Record every head's output at the last ``tokens`` response tokens of each example."""
+    """Record every head's output at the last ``tokens`` tokens of each example.
+
+    Those are the response's own tokens; an example with an empty response is recorded at the end of its
+    generation prompt, where the model decides how to answer.
+    """
     geometry = head_geometry(model.config)
     projections = output_projections(model, geometry)
     rendered = [render(tokenizer, ex.question, ex.response) for ex in examples]
     for (_, response_len), ex in zip(rendered, examples):
-        if response_len < tokens:
+        if ex.response and response_len < tokens:
             raise ValueError(f"response {ex.response!r} has {response_len} tokens, fewer than --tokens {tokens}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device

@@ -314,10 +314,17 @@ DEMO_PROMPTS = (
 )
 @click.option("--alpha", type=ALPHA, default=None, help="Default: the lock's own α.")
 @click.option("--max-tokens", type=click.IntRange(1, 512), default=40, show_default=True)
+@click.option(
+    "--enforce-eager/--compile",
+    default=True,
+    show_default=True,
+    help="Serve without torch.compile: both servers start in about a minute on CPU instead of several.",
+)
 @user_errors
-def demo(model_name: str, lock_path: Path | None, alpha: float | None, max_tokens: int) -> None:
+def demo(model_name: str, lock_path: Path | None, alpha: float | None, max_tokens: int, enforce_eager: bool) -> None:
     """Serve MODEL twice through vLLM, unsteered and locked, and answer the same prompts side by side."""
     import subprocess
+    from concurrent.futures import ThreadPoolExecutor
 
     from rich.console import Console
     from rich.table import Table
@@ -332,6 +339,7 @@ def demo(model_name: str, lock_path: Path | None, alpha: float | None, max_token
     lock_config = {"lock": str(lock_path.resolve()), **({} if alpha is None else {"alpha": alpha})}
     context = str(models.context_length(model_dir))
     args = ["--dtype", "float32", "--max-model-len", context, "--kv-cache-memory-bytes", str(1 << 30), "--seed", "0"]
+    args += ["--enforce-eager"] if enforce_eager else []
     models.cache_root().mkdir(parents=True, exist_ok=True)
     log_paths = {name: models.cache_root() / f"demo-{name}.log" for name in ("plain", "locked")}
     logs = {name: path.open("w") for name, path in log_paths.items()}
@@ -351,9 +359,11 @@ def demo(model_name: str, lock_path: Path | None, alpha: float | None, max_token
         table.add_column("prompt", ratio=1)
         table.add_column("unsteered", ratio=2)
         table.add_column(f"locked ({lock_path.name})", ratio=2)
-        for prompt in DEMO_PROMPTS:
-            replies = [chat(f"http://127.0.0.1:{ports[n]}/v1", str(model_dir), prompt, max_tokens) for n in procs]
-            table.add_row(prompt, *replies)
+        jobs = [(f"http://127.0.0.1:{ports[n]}/v1", prompt) for prompt in DEMO_PROMPTS for n in procs]
+        with console.status("both servers answering ..."), ThreadPoolExecutor(len(jobs)) as pool:
+            replies = list(pool.map(lambda job: chat(job[0], str(model_dir), job[1], max_tokens), jobs))
+        for row, prompt in enumerate(DEMO_PROMPTS):
+            table.add_row(prompt, *replies[row * len(procs) : (row + 1) * len(procs)])
         console.print(table)
     finally:
         for proc in procs.values():
@@ -391,6 +401,7 @@ def demo(model_name: str, lock_path: Path | None, alpha: float | None, max_token
 @click.option("--concurrency", type=click.IntRange(1, 256), default=8, show_default=True)
 @click.option("--judge-endpoint", default=None, help="OpenAI-compatible URL of an LLM judge (optional).")
 @click.option("--judge-model", default=None)
+@click.option("--enforce-eager", is_flag=True, help="Offline only: skip torch.compile (starts in ~1 min on CPU; same math).")
 @click.option("--label", default=None, help="Name of this run in `compare` (default: the model).")
 @click.option(
     "--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Result JSON (default: runs/LABEL.json)."
@@ -408,6 +419,7 @@ def eval_command(
     concurrency,
     judge_endpoint,
     judge_model,
+    enforce_eager,
     label,
     out,
 ) -> None:
@@ -417,6 +429,8 @@ def eval_command(
 
     if endpoint and (lock_path or alpha is not None):
         raise click.BadParameter("--lock/--alpha apply offline only; a server applies its own lock", param_hint="--lock")
+    if endpoint and enforce_eager:
+        raise click.BadParameter("--enforce-eager applies offline only", param_hint="--enforce-eager")
     if bool(judge_endpoint) != bool(judge_model):
         raise click.BadParameter("--judge-endpoint and --judge-model go together", param_hint="--judge-model")
     loaded = [evaluate.load_suite(spec, count, seed) for spec in suites]  # bad suites fail before any generation
@@ -433,7 +447,8 @@ def eval_command(
                 "lock_fingerprint": lock.fingerprint,
                 "alpha": lock.default_alpha if alpha is None else alpha,
             }
-        generate = evaluate.vllm_generator(models.resolve(model_name), lock_config)
+        engine_args = {"enforce_eager": True} if enforce_eager else {}
+        generate = evaluate.vllm_generator(models.resolve(model_name), lock_config, **engine_args)
     judge_fn = evaluate.llm_judge(evaluate.endpoint_generator(judge_endpoint, judge_model)) if judge_endpoint else None
     label = label or Path(model_name).name + (f"+lock(a={target['alpha']})" if "alpha" in target else "")
     report = evaluate.evaluate(loaded, generate, max_tokens, {**target, "label": label, "seed": seed}, judge_fn)

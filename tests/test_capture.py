@@ -58,3 +58,18 @@ def test_response_shorter_than_tokens_is_refused(llama_dir):
 
     with pytest.raises(ValueError, match="fewer than --tokens"):
         capture(model, tok, [ContrastExample("q", "No.", 1, 0)], tokens=20, progress=False)
+
+
+def test_empty_response_records_the_generation_prompt(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    from safetylock.contrast import ContrastExample
+    from safetylock.pipeline import chat_ids
+
+    examples = [ContrastExample(q, "", label, i) for i, (q, label) in enumerate(zip(QUESTIONS[:4], [1, 0, 1, 0]))]
+    acts = capture(model, tok, examples, tokens=2, batch_size=3, progress=False)
+    geo = acts.geometry
+    for row, ex in enumerate(examples):
+        expected = reference_activations(model, chat_ids(tok, ex.question), 2)
+        torch.testing.assert_close(
+            acts.values[row], expected.view(2, geo.num_layers, geo.num_heads, geo.head_dim), atol=2e-4, rtol=1e-4
+        )

@@ -1,8 +1,10 @@
 """Run the real vLLM engine once in a fresh process: ``python vllm_runner.py SPEC.json OUT.json``.
 
-SPEC: model, prompts (token-id lists), max_tokens, enforce_eager, additional_config, loras (adapter dirs), engine_args, and
-optionally mixed: [[prompt index, safetylock_alpha or null], ...] run as one batch, then each item alone.
-OUT: "base" and "lora0", "lora1", ...: per prompt, the greedy token ids and their logprobs; with mixed, also
+SPEC: model, prompts (token-id lists), max_tokens, dtype, enforce_eager, additional_config, loras (adapter dirs),
+engine_args, prompt_logprobs (true: also score each prompt), and optionally mixed: [[prompt index, safetylock_alpha
+or null], ...] run as one batch, then each item alone.
+OUT: "base" and "lora0", "lora1", ...: per prompt, the greedy token ids and their logprobs; with prompt_logprobs,
+"prompt_logprobs": per prompt, each token's logprob given its prefix (from the second token); with mixed, also
 "mixed" and "solo" (one entry per item) and "refused" (the error of a request whose alpha the policy refuses).
 """
 
@@ -25,7 +27,7 @@ def main(spec_path: str, out_path: str) -> None:
         kwargs.update(enable_lora=True, max_lora_rank=8, max_loras=len(loras))
     llm = LLM(
         spec["model"],
-        dtype="float32",
+        dtype=spec.get("dtype", "float32"),
         enforce_eager=spec.get("enforce_eager", True),
         max_model_len=256,
         seed=0,
@@ -61,6 +63,11 @@ def main(spec_path: str, out_path: str) -> None:
         except Exception as exc:  # vLLM's validation error: the HTTP 400 of the OpenAI server
             results["refused"] = f"{type(exc).__name__}: {exc}"
     settings = [("base", None)] + [(f"lora{i}", LoRARequest(f"adapter{i}", i + 1, p)) for i, p in enumerate(loras)]
+    if spec.get("prompt_logprobs"):
+        scored = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))
+        results["prompt_logprobs"] = [
+            [step[token].logprob for step, token in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])] for o in scored
+        ]
     for name, lora in settings:
         results[name] = greedy(llm.generate(prompts, params, lora_request=lora))
     Path(out_path).write_text(json.dumps(results))

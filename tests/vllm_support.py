@@ -20,8 +20,8 @@ PROMPTS = [[1, 40, 41, 42, 43, 44, 45, 46], [1, 100, 7, 250, 31, 99], [1, 300, 3
 MAX_TOKENS = 8
 
 
-def run_vllm(workdir: Path, env: dict[str, str] | None = None, **spec) -> dict:
-    """One real vLLM engine in a fresh process; returns the runner's results."""
+def run_vllm(workdir: Path, env: dict[str, str] | None = None, may_fail: bool = False, **spec) -> dict:
+    """One real vLLM engine in a fresh process; returns the runner's results (with may_fail: or its failure log)."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec = {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, **spec}
     spec_path, out_path = workdir / "spec.json", workdir / "out.json"
@@ -33,6 +33,8 @@ def run_vllm(workdir: Path, env: dict[str, str] | None = None, **spec) -> dict:
         text=True,
         timeout=900,
     )
+    if may_fail and done.returncode != 0:
+        return {"failed": done.returncode, "log": done.stdout + done.stderr}
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return json.loads(out_path.read_text()) | {"log": done.stdout + done.stderr}
 
@@ -152,3 +154,59 @@ def expected_chat(llama_dir, lock_path, alpha) -> str:
     """``expected_tokens`` as text."""
     tokens, tok = _expected(llama_dir, lock_path, alpha)
     return tok.decode(tokens, skip_special_tokens=True)
+
+
+GPTQ_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@torch.no_grad()
+def write_gptq(model_dir: Path, quantized_dir: Path, dequantized_dir: Path, group_size: int = 64) -> None:
+    """A 4-bit symmetric GPTQ checkpoint of every decoder linear layer, and its exact fp32 dequantization.
+
+    Scales are rounded to bfloat16 first, so vLLM's bf16 scale parameters hold them exactly.
+    """
+    model, tok = load_model(model_dir)
+    state = model.state_dict()
+    packed: dict[str, torch.Tensor] = {}
+    for name, weight in list(state.items()):
+        prefix, _, kind = name.rpartition(".")
+        if kind != "weight" or prefix.rpartition(".")[2] not in GPTQ_MODULES:
+            packed[name] = weight.clone()
+            continue
+        out_features, in_features = weight.shape
+        grouped = weight.t().reshape(in_features // group_size, group_size, out_features)
+        scales = (grouped.abs().amax(1) / 7).clamp(min=1e-4).to(torch.bfloat16).float()  # [groups, out]
+        q = (torch.round(grouped / scales[:, None]).clamp(-8, 7) + 8).reshape(in_features, out_features).long()
+        state[name] = ((q.view_as(grouped) - 8) * scales[:, None]).reshape(in_features, out_features).t().contiguous()
+        words = torch.zeros(in_features // 8, out_features, dtype=torch.long)
+        for nibble in range(8):  # input row 8r + nibble sits in bits 4·nibble of word r
+            words |= q[nibble::8] << (4 * nibble)
+        packed[f"{prefix}.qweight"] = (words - (words >= 2**31).long() * 2**32).to(torch.int32)
+        packed[f"{prefix}.scales"] = scales.half()
+        packed[f"{prefix}.qzeros"] = torch.full((in_features // group_size, out_features // 8), 0x77777777, dtype=torch.int32)
+        packed[f"{prefix}.g_idx"] = torch.arange(in_features, dtype=torch.int32) // group_size
+    model.load_state_dict(state)
+    model.save_pretrained(dequantized_dir)
+    tok.save_pretrained(dequantized_dir)
+    quantized_dir.mkdir(parents=True, exist_ok=True)
+    save_file(packed, quantized_dir / "model.safetensors")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": group_size,
+        "desc_act": False,
+        "sym": True,
+    }
+    (quantized_dir / "config.json").write_text(json.dumps(config, indent=1))
+    tok.save_pretrained(quantized_dir)
+
+
+@torch.no_grad()
+def hf_prompt_logprobs(model, prompts=PROMPTS) -> list[list[float]]:
+    """Each prompt token's logprob given its prefix, from the second token (fp32 reference)."""
+    scores = []
+    for ids in prompts:
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        scores.append([float(logp[i - 1, token]) for i, token in enumerate(ids) if i > 0])
+    return scores
