@@ -31,6 +31,8 @@ test: setup lint
 $(DEMO_LOCK): | setup
 	$(SAFETYLOCK) extract --model $(DEMO_MODEL) --alpha $(DEMO_ALPHA) --out $@
 
+# vLLM on CPU keeps one core for its API process by default; the demo's engines get every core.
+demo: export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 demo: setup $(DEMO_LOCK)
 	$(SAFETYLOCK) inspect $(DEMO_LOCK)
 	$(SAFETYLOCK) demo --model $(DEMO_MODEL) --lock $(DEMO_LOCK)

@@ -2,8 +2,10 @@
 
 import json
 import subprocess
+import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -73,8 +75,8 @@ def _request(port: int, path: str, body: dict | None = None, token: str | None =
         return status, raw
 
 
-def _chat_status(port: int, model: str, xargs: dict | None = None) -> tuple[int, dict | str]:
-    body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8, "temperature": 0}
+def _chat_status(port: int, model: str, xargs: dict | None = None, max_tokens: int = 8) -> tuple[int, dict | str]:
+    body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": max_tokens, "temperature": 0}
     extra = {"ignore_eos": True, "return_token_ids": True, **({"vllm_xargs": xargs} if xargs is not None else {})}
     return _request(port, "/v1/chat/completions", {**body, **extra})
 
@@ -84,6 +86,11 @@ def _chat_tokens(port: int, model: str, xargs: dict | None = None) -> list[int]:
     status, body = _chat_status(port, model, xargs)
     assert status == 200, body
     return body["choices"][0]["token_ids"]
+
+
+def _timed(call, *args) -> tuple[object, float, float]:
+    started = time.monotonic()
+    return call(*args), started, time.monotonic()
 
 
 def test_server_policy_metrics_and_hot_swap(llama_dir, locks, tiny_root, tokenizer):
@@ -106,7 +113,13 @@ def test_server_policy_metrics_and_hot_swap(llama_dir, locks, tiny_root, tokeniz
         forbidden = _request(port, "/safetylock/swap", {"alpha": 4.0}, token="wrong")
         bad_swap = _request(port, "/safetylock/swap", {"lock": str(wrong_geometry)}, token=TOKEN)
         still_first = _chat_tokens(port, name)
-        swapped = _request(port, "/safetylock/swap", {"lock": str(second), "alpha": 4.0}, token=TOKEN)
+        with ThreadPoolExecutor(4) as pool:  # the swap lands while four long requests are being generated
+            in_flight = [pool.submit(_timed, _chat_status, port, name, None, 200) for _ in range(4)]
+            time.sleep(1.0)
+            swap_started = time.monotonic()
+            swapped = _request(port, "/safetylock/swap", {"lock": str(second), "alpha": 4.0}, token=TOKEN)
+            swap_done = time.monotonic()
+            under_load = [future.result() for future in in_flight]
         after_swap = _chat_tokens(port, name)
         status = _request(port, "/safetylock/status", token=TOKEN)
     finally:
@@ -130,6 +143,8 @@ def test_server_policy_metrics_and_hot_swap(llama_dir, locks, tiny_root, tokeniz
     assert bad_swap[0] == 400 and "the old lock stays" in bad_swap[1]["error"]["message"]
     assert still_first == default
     assert swapped[0] == 200, swapped
+    assert all(code == 200 and len(body["choices"][0]["token_ids"]) == 200 for (code, body), _, _ in under_load)
+    assert any(start < swap_started and end > swap_done for _, start, end in under_load)  # really in flight
     assert swapped[1]["fingerprint"] == load(second).fingerprint and swapped[1]["alpha"] == 4.0
     assert after_swap == expected_tokens(llama_dir, second, 4.0) != default
     assert status[1]["fingerprint"] == load(second).fingerprint

@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -119,3 +121,19 @@ def test_safetylock_serve_policy_options(llama_dir, lock_path, monkeypatch):
     assert bad.exit_code != 0 and "is not NAME=ALPHA" in bad.output
     low = CliRunner().invoke(main, [*args, "--min-alpha", "9", "--dry-run"])
     assert low.exit_code != 0 and "min_alpha 9.0 is above max_alpha 8.0" in low.output
+
+
+def test_demo_serves_unsteered_and_locked_side_by_side(llama_dir, lock_path, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "safetylock.cli", "demo", "--model", str(llama_dir), "--lock", str(lock_path)]
+        + ["--alpha", str(ALPHA), "--max-tokens", "4"],
+        env={**os.environ, "SAFETYLOCK_CACHE": str(tmp_path), "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "unsteered vs locked" in done.stdout and "What is the capital of France?" in done.stdout
+    locked, plain = (tmp_path / "demo-locked.log").read_text(), (tmp_path / "demo-plain.log").read_text()
+    assert "safetylock: locked 3 heads" in locked and f"lock {load(lock_path).fingerprint}" in locked
+    assert "safetylock: locked" not in plain
