@@ -448,6 +448,7 @@ def eval_command(
                 "alpha": lock.default_alpha if alpha is None else alpha,
             }
         engine_args = {"enforce_eager": True} if enforce_eager else {}
+        target |= engine_args
         generate = evaluate.vllm_generator(models.resolve(model_name), lock_config, **engine_args)
     judge_fn = evaluate.llm_judge(evaluate.endpoint_generator(judge_endpoint, judge_model)) if judge_endpoint else None
     label = label or Path(model_name).name + (f"+lock(a={target['alpha']})" if "alpha" in target else "")

@@ -67,6 +67,7 @@ def test_generate_shows_both(extracted, llama_dir):
         (["extract", "--out", "x", "--top-k", "0"], "Invalid value for '--top-k'"),
         (["generate", "--lock", "x", "--alpha", "nan", "p"], "Invalid value for '--alpha'"),
         (["models", "fetch", "gpt-17"], "'gpt-17' is not one of"),
+        (["eval", "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--enforce-eager"], "applies offline only"),
     ],
 )
 def test_bad_input_is_one_clear_error(args, message, tmp_path, monkeypatch):
