@@ -34,7 +34,7 @@ from safetylock.geometry import head_geometry, output_projections, projection_fi
 from safetylock.judge import is_refusal  # noqa: E402
 from safetylock.lockfile import SafetyLock, from_probes  # noqa: E402
 from safetylock.pipeline import generate, load_model  # noqa: E402
-from safetylock.probe import fit_probes  # noqa: E402
+from safetylock.probe import score_heads, select_heads  # noqa: E402
 
 from common import RESULTS, write_result  # noqa: E402
 
@@ -63,11 +63,11 @@ def build_locks(model, tokenizer, recipe: str, top_ks: list[int], questions, ben
     acts = capture(model, tokenizer, examples, tokens=5, batch_size=16, progress=False)
     geometry = head_geometry(model.config)
     fingerprint = projection_fingerprint(output_projections(model, geometry))
+    scores = score_heads(acts, progress=False)  # one scoring serves every K
     locks = {}
     for k in top_ks:
-        result = fit_probes(acts, top_k=k, progress=False)
         locks[k] = from_probes(
-            result,
+            select_heads(acts, scores, k),
             geometry,
             default_alpha=1.0,
             architecture={},

@@ -30,6 +30,15 @@ def grouped_split(groups: np.ndarray, validation_fraction: float, seed: int) -> 
     return GroupedSplit(np.sort(train), np.sort(validation))
 
 
+@dataclass(frozen=True)
+class HeadScores:
+    """Validation accuracy and log-loss of every head's probe (``[layers, heads]``) and the split they used."""
+
+    accuracy: np.ndarray
+    loss: np.ndarray
+    split: GroupedSplit
+
+
 @dataclass
 class ProbeResult:
     """Per-head probe scores (``[layers, heads]``) and the chosen heads with direction and σ."""
@@ -53,23 +62,26 @@ def safe_direction(train_x: np.ndarray, train_y: np.ndarray) -> tuple[np.ndarray
     return direction, float((train_x @ direction).std())
 
 
-def fit_probes(
-    acts: HeadActivations,
-    top_k: int = 24,
-    validation_fraction: float = 0.2,
-    seed: int = 0,
-    progress: bool = True,
-) -> ProbeResult:
-    """Fit and rank all probes; keep the ``top_k`` heads by validation accuracy (ties: lower log-loss)."""
+def _check_top_k(acts: HeadActivations, top_k: int) -> None:
+    heads = acts.geometry.num_layers * acts.geometry.num_heads
+    if not 0 < top_k <= heads:
+        raise ValueError(f"top_k must be in 1..{heads}, got {top_k}")
+
+
+def _labels_per_token(acts: HeadActivations, examples: np.ndarray) -> np.ndarray:
+    return np.repeat(acts.labels.numpy()[examples], acts.tokens)
+
+
+def _head_samples(values: np.ndarray, examples: np.ndarray, layer: int, head: int) -> np.ndarray:
+    """``[examples × tokens, head_dim]`` activations of one head."""
+    return values[examples, :, layer, head].reshape(-1, values.shape[-1])
+
+
+def score_heads(acts: HeadActivations, validation_fraction: float = 0.2, seed: int = 0, progress: bool = True) -> HeadScores:
+    """Fit one logistic probe per (layer, head) on the train part; score it on the held-out questions."""
     geo = acts.geometry
-    if not 0 < top_k <= geo.num_layers * geo.num_heads:
-        raise ValueError(f"top_k must be in 1..{geo.num_layers * geo.num_heads}, got {top_k}")
-    labels = acts.labels.numpy()
-    groups = acts.groups.numpy()
-    split = grouped_split(groups, validation_fraction, seed)
-    tokens = acts.tokens
-    y_train = np.repeat(labels[split.train], tokens)
-    y_val = np.repeat(labels[split.validation], tokens)
+    split = grouped_split(acts.groups.numpy(), validation_fraction, seed)
+    y_train, y_val = _labels_per_token(acts, split.train), _labels_per_token(acts, split.validation)
     if len(set(y_train)) < 2 or len(set(y_val)) < 2:
         raise ValueError("both safe and unsafe examples are needed on each side of the probe split")
     values = acts.values.to(torch.float64).numpy()
@@ -79,25 +91,44 @@ def fit_probes(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         for layer, head in tqdm(heads, desc="probes", unit="head", disable=not progress):
-            x_train = values[split.train, :, layer, head].reshape(-1, geo.head_dim)
-            x_val = values[split.validation, :, layer, head].reshape(-1, geo.head_dim)
-            probe = LogisticRegression(max_iter=500, random_state=seed).fit(x_train, y_train)
+            x_val = _head_samples(values, split.validation, layer, head)
+            probe = LogisticRegression(max_iter=500, random_state=seed)
+            probe.fit(_head_samples(values, split.train, layer, head), y_train)
             accuracy[layer, head] = probe.score(x_val, y_val)
             loss[layer, head] = log_loss(y_val, probe.predict_proba(x_val), labels=[0, 1])
-    order = sorted(heads, key=lambda lh: (-accuracy[lh], loss[lh], lh))[:top_k]
-    order.sort()
+    return HeadScores(accuracy, loss, split)
+
+
+def select_heads(acts: HeadActivations, scores: HeadScores, top_k: int) -> ProbeResult:
+    """Keep the ``top_k`` heads by validation accuracy (ties: lower log-loss); direction and σ from the train part."""
+    _check_top_k(acts, top_k)
+    heads = list(np.ndindex(scores.accuracy.shape))
+    chosen = sorted(sorted(heads, key=lambda lh: (-scores.accuracy[lh], scores.loss[lh], lh))[:top_k])
+    values = acts.values.to(torch.float64).numpy()
+    y_train = _labels_per_token(acts, scores.split.train)
     directions, sigmas = [], []
-    for layer, head in order:
-        x_train = values[split.train, :, layer, head].reshape(-1, geo.head_dim)
-        direction, sigma = safe_direction(x_train, y_train)
+    for layer, head in chosen:
+        direction, sigma = safe_direction(_head_samples(values, scores.split.train, layer, head), y_train)
         directions.append(direction)
         sigmas.append(sigma)
     return ProbeResult(
-        accuracy=accuracy,
-        loss=loss,
-        layers=np.array([lh[0] for lh in order], dtype=np.int64),
-        heads=np.array([lh[1] for lh in order], dtype=np.int64),
+        accuracy=scores.accuracy,
+        loss=scores.loss,
+        layers=np.array([lh[0] for lh in chosen], dtype=np.int64),
+        heads=np.array([lh[1] for lh in chosen], dtype=np.int64),
         directions=np.stack(directions).astype(np.float32),
         sigmas=np.array(sigmas, dtype=np.float32),
-        split=split,
+        split=scores.split,
     )
+
+
+def fit_probes(
+    acts: HeadActivations,
+    top_k: int = 24,
+    validation_fraction: float = 0.2,
+    seed: int = 0,
+    progress: bool = True,
+) -> ProbeResult:
+    """Score every head's probe, then keep the ``top_k`` best (see :func:`score_heads`, :func:`select_heads`)."""
+    _check_top_k(acts, top_k)  # before the minutes of fitting, not after
+    return select_heads(acts, score_heads(acts, validation_fraction, seed, progress), top_k)

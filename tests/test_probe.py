@@ -1,9 +1,10 @@
 import numpy as np
+import pytest
 import torch
 
 from safetylock.capture import HeadActivations
 from safetylock.geometry import HeadGeometry
-from safetylock.probe import fit_probes, grouped_split
+from safetylock.probe import fit_probes, grouped_split, score_heads, select_heads
 
 
 def planted(seed: int = 0, questions: int = 40, tokens: int = 3):
@@ -43,3 +44,23 @@ def test_probe_split_is_seeded():
     groups = np.repeat(np.arange(50), 2)
     assert np.array_equal(grouped_split(groups, 0.2, 3).validation, grouped_split(groups, 0.2, 3).validation)
     assert not np.array_equal(grouped_split(groups, 0.2, 3).validation, grouped_split(groups, 0.2, 4).validation)
+
+
+def test_one_scoring_serves_every_k():
+    acts, _ = planted(seed=1)
+    scores = score_heads(acts, seed=0, progress=False)
+    previous: set[tuple[int, int]] = set()
+    for k in (1, 3, 12):
+        alone, shared = fit_probes(acts, top_k=k, seed=0, progress=False), select_heads(acts, scores, k)
+        assert np.array_equal(alone.layers, shared.layers) and np.array_equal(alone.heads, shared.heads)
+        assert np.array_equal(alone.directions, shared.directions) and np.array_equal(alone.sigmas, shared.sigmas)
+        chosen = set(zip(shared.layers.tolist(), shared.heads.tolist()))
+        assert len(chosen) == k and previous <= chosen  # a larger K keeps the smaller K's heads
+        previous = chosen
+
+
+def test_top_k_out_of_range_is_refused_before_fitting():
+    acts, _ = planted()
+    for bad in (0, 13):
+        with pytest.raises(ValueError, match="top_k must be in 1..12"):
+            fit_probes(acts, top_k=bad, progress=False)

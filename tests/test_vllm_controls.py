@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +20,7 @@ from vllm_support import PROMPTS, QUESTION, SERVER_ARGS, assert_same_generation,
 
 POLICY = {"allow_request_alpha": True, "min_alpha": 0.0, "max_alpha": 8.0}
 TOKEN = "test-admin-token"
+LONG_REPLY = 400  # tokens: generation of four of them outlasts a swap by far
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +77,8 @@ def _request(port: int, path: str, body: dict | None = None, token: str | None =
         return status, raw
 
 
-def _chat_status(port: int, model: str, xargs: dict | None = None, max_tokens: int = 8) -> tuple[int, dict | str]:
-    body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": max_tokens, "temperature": 0}
+def _chat_status(port: int, model: str, xargs: dict | None = None) -> tuple[int, dict | str]:
+    body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8, "temperature": 0}
     extra = {"ignore_eos": True, "return_token_ids": True, **({"vllm_xargs": xargs} if xargs is not None else {})}
     return _request(port, "/v1/chat/completions", {**body, **extra})
 
@@ -88,9 +90,29 @@ def _chat_tokens(port: int, model: str, xargs: dict | None = None) -> list[int]:
     return body["choices"][0]["token_ids"]
 
 
-def _timed(call, *args) -> tuple[object, float, float]:
-    started = time.monotonic()
-    return call(*args), started, time.monotonic()
+def _stream(port: int, model: str, max_tokens: int, first_token: threading.Event) -> tuple[int, float | None, float]:
+    """Stream a long greedy reply; set ``first_token`` once generation is under way.
+
+    Returns (completion tokens, time of the first content chunk, time of the last chunk), read as they arrive.
+    """
+    body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": max_tokens}
+    body |= {"temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode())
+    req.add_header("Content-Type", "application/json")
+    first: float | None = None
+    last, completion_tokens = float("nan"), 0
+    with urllib.request.urlopen(req, timeout=300) as response:
+        for line in response:
+            if not line.startswith(b"data: {"):
+                continue
+            last = time.monotonic()
+            chunk = json.loads(line[len(b"data: ") :])
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content") and first is None:
+                first = last
+                first_token.set()
+            if chunk.get("usage"):
+                completion_tokens = chunk["usage"]["completion_tokens"]
+    return completion_tokens, first, last
 
 
 def test_server_policy_metrics_and_hot_swap(llama_dir, locks, tiny_root, tokenizer):
@@ -99,7 +121,8 @@ def test_server_policy_metrics_and_hot_swap(llama_dir, locks, tiny_root, tokeniz
     wrong_geometry = tiny_lock(*load_model(mistral)).save(first.parent / "mistral.lock.safetensors")
     port, name, started = free_port(), str(llama_dir), False
     config = {"lock": str(first), "alpha": 2.0, **POLICY}
-    proc = start_server(llama_dir, port, config, SERVER_ARGS, log=subprocess.PIPE, env={"SAFETYLOCK_ADMIN_TOKEN": TOKEN})
+    args = [*SERVER_ARGS, "--max-model-len", "512"]  # room for the long replies the swap lands among
+    proc = start_server(llama_dir, port, config, args, log=subprocess.PIPE, env={"SAFETYLOCK_ADMIN_TOKEN": TOKEN})
     try:
         wait_healthy(proc, port, timeout=300)
         started = True
@@ -114,8 +137,9 @@ def test_server_policy_metrics_and_hot_swap(llama_dir, locks, tiny_root, tokeniz
         bad_swap = _request(port, "/safetylock/swap", {"lock": str(wrong_geometry)}, token=TOKEN)
         still_first = _chat_tokens(port, name)
         with ThreadPoolExecutor(4) as pool:  # the swap lands while four long requests are being generated
-            in_flight = [pool.submit(_timed, _chat_status, port, name, None, 200) for _ in range(4)]
-            time.sleep(1.0)
+            generating = [threading.Event() for _ in range(4)]
+            in_flight = [pool.submit(_stream, port, name, LONG_REPLY, event) for event in generating]
+            assert all(event.wait(120) for event in generating)
             swap_started = time.monotonic()
             swapped = _request(port, "/safetylock/swap", {"lock": str(second), "alpha": 4.0}, token=TOKEN)
             swap_done = time.monotonic()
@@ -143,8 +167,9 @@ def test_server_policy_metrics_and_hot_swap(llama_dir, locks, tiny_root, tokeniz
     assert bad_swap[0] == 400 and "the old lock stays" in bad_swap[1]["error"]["message"]
     assert still_first == default
     assert swapped[0] == 200, swapped
-    assert all(code == 200 and len(body["choices"][0]["token_ids"]) == 200 for (code, body), _, _ in under_load)
-    assert any(start < swap_started and end > swap_done for _, start, end in under_load)  # really in flight
+    assert [tokens for tokens, _, _ in under_load] == [LONG_REPLY] * 4
+    # really in flight: every stream had its first token before the swap began and its last after it ended
+    assert all(first < swap_started and last > swap_done for _, first, last in under_load), (swap_done, under_load)
     assert swapped[1]["fingerprint"] == load(second).fingerprint and swapped[1]["alpha"] == 4.0
     assert after_swap == expected_tokens(llama_dir, second, 4.0) != default
     assert status[1]["fingerprint"] == load(second).fingerprint
