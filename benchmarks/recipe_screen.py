@@ -9,7 +9,8 @@ the harmful-10 variant (and at α 2 on the base itself) with the HF path, greedy
              its benign instructions exclude the evaluation's benign prompts
 
 Run: python benchmarks/recipe_screen.py [--recipes responses,own,prompts] [--top-k 24,64] [--alphas 1,2,4,8]
-Writes benchmarks/results/recipe_screen.{json,png} (rates only, no generated text).
+Writes benchmarks/results/recipe_screen.{json,png} (rates only, no generated text). ``--extract-on harmful-10``
+is the control: the locks come from the attacked model itself (results: recipe_screen_harmful-10.{json,png}).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def rates(model, tokenizer, suites, max_tokens: int) -> dict[str, float]:
     return {key: report["suites"][suite]["summary"][key] for suite, key in METRICS}
 
 
-def plot(rows: list[dict], reference: dict[str, dict], path: Path) -> None:
+def plot(rows: list[dict], reference: dict[str, dict], path: Path, extract_on: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharex=True)
     for ax, (_, key) in zip(axes, METRICS):
         for recipe, k in sorted({(r["recipe"], r["top_k"]) for r in rows if r["model"] == "harmful-10"}):
@@ -101,7 +102,7 @@ def plot(rows: list[dict], reference: dict[str, dict], path: Path) -> None:
         ax.set_title(key.replace("_", " "))
         ax.set_ylim(-0.02, 1.02)
     axes[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
-    fig.suptitle("harmful-10 + lock, by extraction recipe (HF greedy, held-out prompts)")
+    fig.suptitle(f"harmful-10 + lock extracted on {extract_on}, by recipe (HF greedy, held-out prompts)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -113,7 +114,13 @@ def plot(rows: list[dict], reference: dict[str, dict], path: Path) -> None:
 @click.option("--questions", type=int, default=128, help="Extraction questions per recipe.")
 @click.option("--count", type=int, default=40, help="Held-out harmful and benign prompts (arithmetic: half).")
 @click.option("--max-tokens", type=int, default=8)
-def main(recipes: str, top_ks: str, alphas: str, questions: int, count: int, max_tokens: int) -> None:
+@click.option(
+    "--extract-on",
+    type=click.Choice(["aligned-base", "harmful-10"]),
+    default="aligned-base",
+    help="Model the locks are extracted from; harmful-10 is the control (the attacked model's own directions).",
+)
+def main(recipes: str, top_ks: str, alphas: str, questions: int, count: int, max_tokens: int, extract_on: str) -> None:
     torch.manual_seed(0)
     names = [r for r in recipes.split(",") if r]
     if unknown := set(names) - set(RECIPES):
@@ -127,15 +134,18 @@ def main(recipes: str, top_ks: str, alphas: str, questions: int, count: int, max
 
     started = time.perf_counter()
     base, tokenizer = load_model(models.resolve(models.DEFAULT_MODEL))
-    locks = {r: build_locks(base, tokenizer, r, ks, extraction, benign_pool) for r in tqdm(names, desc="locks")}
     reference = {"aligned-base": rates(base, tokenizer, suites, max_tokens)}
     rows = []
+    locks = {}
+    if extract_on == "aligned-base":
+        locks = {r: build_locks(base, tokenizer, r, ks, extraction, benign_pool) for r in tqdm(names, desc="locks")}
     for recipe, by_k in locks.items():
         for k, lock in by_k.items():
             with apply(base, lock, 2.0):
                 rows.append(
                     {
                         "model": "aligned-base",
+                        "extracted_on": extract_on,
                         "recipe": recipe,
                         "top_k": k,
                         "alpha": 2.0,
@@ -148,12 +158,15 @@ def main(recipes: str, top_ks: str, alphas: str, questions: int, count: int, max
         raise click.ClickException("harmful-10 is not built: run python benchmarks/attack/build.py harmful-10")
     variant, _ = load_model(build_dir)
     reference["harmful-10"] = rates(variant, tokenizer, suites, max_tokens)
+    if extract_on == "harmful-10":  # the control: directions of the attacked model itself
+        locks = {r: build_locks(variant, tokenizer, r, ks, extraction, benign_pool) for r in tqdm(names, desc="locks")}
     grid = [(r, k, a) for r in locks for k in ks for a in alpha_grid]
     for recipe, k, alpha in tqdm(grid, desc="harmful-10 + lock"):
         with apply(variant, locks[recipe][k], alpha):
             rows.append(
                 {
                     "model": "harmful-10",
+                    "extracted_on": extract_on,
                     "recipe": recipe,
                     "top_k": k,
                     "alpha": alpha,
@@ -165,9 +178,11 @@ def main(recipes: str, top_ks: str, alphas: str, questions: int, count: int, max
             f"{row['model']:13s} {row['recipe']:9s} K={row['top_k']:<3d} α={row['alpha']:<4g} "
             + "  ".join(f"{key} {row[key]:.3f}" for _, key in METRICS)
         )
+    name = "recipe_screen" if extract_on == "aligned-base" else f"recipe_screen_{extract_on}"
     write_result(
-        "recipe_screen",
+        name,
         {
+            "extracted_on": extract_on,
             "count": count,
             "max_tokens": max_tokens,
             "questions": questions,
@@ -176,7 +191,7 @@ def main(recipes: str, top_ks: str, alphas: str, questions: int, count: int, max
             "rows": rows,
         },
     )
-    plot(rows, reference, RESULTS / "recipe_screen.png")
+    plot(rows, reference, RESULTS / f"{name}.png", extract_on)
 
 
 if __name__ == "__main__":

@@ -200,13 +200,15 @@ def install_dynamic(model: torch.nn.Module, prepared: PreparedLock, vllm_config)
         block.register_forward_hook(_add_locked_shift)
     _DYNAMIC = state
     _log(
-        "safetylock: locked %d heads in %d layers, default alpha=%g, lock %s (%s), dynamic (policy %s), applied in %.1f ms",
+        "safetylock: locked %d heads in %d layers, default alpha=%g, lock %s (%s), dynamic (policy %s), tp %d/%d, "
+        "applied in %.1f ms",
         prepared.lock.num_heads_locked,
         int((state.table.abs().sum(dim=1) > 0).sum()),
         prepared.alpha,
         prepared.lock.fingerprint,
         prepared.config.lock,
         prepared.config.policy.to_dict(),
+        *_tensor_parallel()[:2],
         1000 * (time.perf_counter() - started),
     )
 

