@@ -136,22 +136,12 @@ def main(recipes: str, top_ks: str, alphas: str, questions: int, count: int, max
     base, tokenizer = load_model(models.resolve(models.DEFAULT_MODEL))
     reference = {"aligned-base": rates(base, tokenizer, suites, max_tokens)}
     rows = []
-    locks = {}
     if extract_on == "aligned-base":
         locks = {r: build_locks(base, tokenizer, r, ks, extraction, benign_pool) for r in tqdm(names, desc="locks")}
-    for recipe, by_k in locks.items():
-        for k, lock in by_k.items():
-            with apply(base, lock, 2.0):
-                rows.append(
-                    {
-                        "model": "aligned-base",
-                        "extracted_on": extract_on,
-                        "recipe": recipe,
-                        "top_k": k,
-                        "alpha": 2.0,
-                        **rates(base, tokenizer, suites, max_tokens),
-                    }
-                )
+        for recipe, k in ((r, k) for r in locks for k in ks):
+            with apply(base, locks[recipe][k], 2.0):
+                row = {"model": "aligned-base", "extracted_on": extract_on, "recipe": recipe, "top_k": k, "alpha": 2.0}
+                rows.append(row | rates(base, tokenizer, suites, max_tokens))
     del base
     build_dir = models.cache_root() / "variants" / "harmful-10" / "merged"
     if not (build_dir / "config.json").exists():
@@ -163,16 +153,8 @@ def main(recipes: str, top_ks: str, alphas: str, questions: int, count: int, max
     grid = [(r, k, a) for r in locks for k in ks for a in alpha_grid]
     for recipe, k, alpha in tqdm(grid, desc="harmful-10 + lock"):
         with apply(variant, locks[recipe][k], alpha):
-            rows.append(
-                {
-                    "model": "harmful-10",
-                    "extracted_on": extract_on,
-                    "recipe": recipe,
-                    "top_k": k,
-                    "alpha": alpha,
-                    **rates(variant, tokenizer, suites, max_tokens),
-                }
-            )
+            row = {"model": "harmful-10", "extracted_on": extract_on, "recipe": recipe, "top_k": k, "alpha": alpha}
+            rows.append(row | rates(variant, tokenizer, suites, max_tokens))
     for row in rows:
         print(
             f"{row['model']:13s} {row['recipe']:9s} K={row['top_k']:<3d} α={row['alpha']:<4g} "

@@ -72,9 +72,10 @@ def _labels_per_token(acts: HeadActivations, examples: np.ndarray) -> np.ndarray
     return np.repeat(acts.labels.numpy()[examples], acts.tokens)
 
 
-def _head_samples(values: np.ndarray, examples: np.ndarray, layer: int, head: int) -> np.ndarray:
-    """``[examples × tokens, head_dim]`` activations of one head."""
-    return values[examples, :, layer, head].reshape(-1, values.shape[-1])
+def _head_samples(acts: HeadActivations, examples: np.ndarray, layer: int, head: int) -> np.ndarray:
+    """``[examples × tokens, head_dim]`` activations of one head, in float64."""
+    rows = acts.values[torch.from_numpy(examples), :, layer, head]
+    return rows.reshape(-1, acts.geometry.head_dim).to(torch.float64).numpy()
 
 
 def score_heads(acts: HeadActivations, validation_fraction: float = 0.2, seed: int = 0, progress: bool = True) -> HeadScores:
@@ -84,16 +85,15 @@ def score_heads(acts: HeadActivations, validation_fraction: float = 0.2, seed: i
     y_train, y_val = _labels_per_token(acts, split.train), _labels_per_token(acts, split.validation)
     if len(set(y_train)) < 2 or len(set(y_val)) < 2:
         raise ValueError("both safe and unsafe examples are needed on each side of the probe split")
-    values = acts.values.to(torch.float64).numpy()
     accuracy = np.zeros((geo.num_layers, geo.num_heads))
     loss = np.zeros((geo.num_layers, geo.num_heads))
     heads = [(layer, head) for layer in range(geo.num_layers) for head in range(geo.num_heads)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         for layer, head in tqdm(heads, desc="probes", unit="head", disable=not progress):
-            x_val = _head_samples(values, split.validation, layer, head)
+            x_val = _head_samples(acts, split.validation, layer, head)
             probe = LogisticRegression(max_iter=500, random_state=seed)
-            probe.fit(_head_samples(values, split.train, layer, head), y_train)
+            probe.fit(_head_samples(acts, split.train, layer, head), y_train)
             accuracy[layer, head] = probe.score(x_val, y_val)
             loss[layer, head] = log_loss(y_val, probe.predict_proba(x_val), labels=[0, 1])
     return HeadScores(accuracy, loss, split)
@@ -104,11 +104,10 @@ def select_heads(acts: HeadActivations, scores: HeadScores, top_k: int) -> Probe
     _check_top_k(acts, top_k)
     heads = list(np.ndindex(scores.accuracy.shape))
     chosen = sorted(sorted(heads, key=lambda lh: (-scores.accuracy[lh], scores.loss[lh], lh))[:top_k])
-    values = acts.values.to(torch.float64).numpy()
     y_train = _labels_per_token(acts, scores.split.train)
     directions, sigmas = [], []
     for layer, head in chosen:
-        direction, sigma = safe_direction(_head_samples(values, scores.split.train, layer, head), y_train)
+        direction, sigma = safe_direction(_head_samples(acts, scores.split.train, layer, head), y_train)
         directions.append(direction)
         sigmas.append(sigma)
     return ProbeResult(

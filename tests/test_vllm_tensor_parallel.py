@@ -28,7 +28,7 @@ def mistral(tiny_root, tokenizer, tmp_path_factory):
     """Tiny Mistral (4 heads of 64 over hidden 192, 2 KV heads) and a lock with heads on both ranks' halves."""
     directory = model_dir("mistral", tiny_root, tokenizer)
     lock = tiny_lock(*load_model(directory), top_k=8)
-    heads_per_rank = 2
+    heads_per_rank = lock.geometry.num_heads // 2
     ranks = {head // heads_per_rank for head in lock.heads.tolist()}
     assert ranks == {0, 1}, f"the test lock must touch both ranks' heads, got heads {lock.heads.tolist()}"
     return directory, lock.save(tmp_path_factory.mktemp("tp") / "mistral.lock.safetensors")
