@@ -43,13 +43,13 @@ def _wrap_load_model(load_model):
         # loads a plain model's graph (nor the reverse), nor a static-mode graph a dynamic one.
         vllm_config.additional_config["safetylock"] = prepared.cache_key
         model = load_model(self, vllm_config, model_config, *args, **kwargs)
-        from safetylock_vllm.engine import fold, install_dynamic
+        from safetylock_vllm.engine import activation_dtype, fold, install_dynamic
 
         if prepared.config.dynamic:
             _wrap_worker()
             install_dynamic(model, prepared, vllm_config)
         else:
-            fold(model, prepared)
+            fold(model, prepared, activation_dtype(vllm_config))
         return model
 
     locked_load_model._safetylock_wrapped = True

@@ -1,7 +1,11 @@
 """Worker side: fold the lock into the served model after loading, or install the per-token scale.
 
 Static mode (one α for everything): ``b_l = W_o·δ_l`` becomes each locked layer's ``o_proj`` bias — no extra
-kernel. Dynamic mode (per-request α, per-adapter α or hot swap): every attention block adds
+kernel — in the dtype that layer's kernel takes, checked by one probe forward through that kernel at start-up.
+A kernel that refuses a bias, or ignores the one it is given (some CPU kernels keep a private copy made at
+load time), gets ``b_l`` added to the attention block's output instead: one element-wise add, the same place
+dynamic mode adds it. Either way the start-up line says which; nothing is served without the bias.
+Dynamic mode (per-request α, per-adapter α or hot swap): every attention block adds
 ``scale[t] · table[l]`` to its output, where ``table`` holds ``W_o·δ_l`` at α = 1 for every layer and ``scale``
 holds each scheduled token's α, filled by the model runner before every forward on the forward's own stream.
 Both buffers are static (CUDA-graph and torch.compile safe); a hot swap copies a new table in place.
@@ -64,7 +68,12 @@ def _tensor_parallel() -> tuple[int, int, object]:
     return get_tensor_model_parallel_rank(), size, (tensor_model_parallel_all_reduce if size > 1 else (lambda t: t))
 
 
-def _local_matmul(projections: list[torch.nn.Module]):
+def activation_dtype(vllm_config) -> torch.dtype:
+    """The dtype of the served model's activations (what every linear kernel receives)."""
+    return vllm_config.model_config.dtype
+
+
+def _local_matmul(projections: list[torch.nn.Module], dtype: torch.dtype):
     """``W_o[:, this rank's columns] · δ_slice`` through the layer's own (possibly repacked) kernel."""
 
     def matmul(layer: int, delta: torch.Tensor) -> torch.Tensor:
@@ -75,35 +84,88 @@ def _local_matmul(projections: list[torch.nn.Module]):
                 f"the lock's slice has {delta.numel()}"
             )
         device = next(proj.parameters()).device
-        x = delta.to(device=device, dtype=proj.params_dtype)[None]
+        x = delta.to(device=device, dtype=dtype)[None]
         try:
             out = proj.quant_method.apply(proj, x, None)
         except Exception as exc:  # a kernel that cannot take this input: refuse, never serve unlocked
-            raise LockError(f"cannot fold the lock through {type(proj.quant_method).__name__} on layer {layer}: {exc}") from exc
+            raise LockError(f"cannot fold the lock through {_kernel(proj)} on layer {layer}: {exc}") from exc
         return out.reshape(-1).float()
 
     return matmul
 
 
-def fold(model: torch.nn.Module, prepared: PreparedLock) -> None:
-    """Static mode: add ``b_l`` to each locked layer's ``o_proj`` bias (added once, after the TP reduction)."""
-    started = time.perf_counter()
-    projections = [module for _, module in output_projections(model, prepared.lock.geometry.num_layers)]
-    tp_rank, tp_size, reduce = _tensor_parallel()
-    biases = sharded_biases(prepared.lock, prepared.alpha, tp_rank, tp_size, _local_matmul(projections), reduce)
+def _kernel(proj: torch.nn.Module) -> str:
+    """The name of the linear method (and its kernel, where it has one) that computes ``proj``."""
+    method = proj.quant_method
+    kernel = getattr(getattr(proj, "scheme", None) or method, "kernel", None)
+    return type(method).__name__ + (f"/{type(kernel).__name__}" if kernel is not None else "")
+
+
+def _kernel_adds(proj: torch.nn.Module, bias: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """Install ``bias`` as ``proj``'s bias if its kernel adds it; None if so, else why not (``proj`` unchanged).
+
+    One probe forward through the layer's own kernel, with and without the bias: the difference must be the
+    bias, within the activation dtype's rounding. Tried in the dtype of a bias the layer already holds (kernels
+    convert theirs at load), the activation dtype, then float32 (some CPU kernels take only float32 biases).
+    """
+    device = next(proj.parameters()).device
+    probe = torch.randn(2, proj.input_size_per_partition, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    old = proj.bias
+    candidates = dict.fromkeys([*([old.dtype] if old is not None else []), dtype, torch.float32])
+    reasons = []
     with torch.no_grad():
+        plain = proj.quant_method.apply(proj, probe, old).float()
+        for candidate in candidates:
+            value = bias.to(device=device, dtype=candidate) + (0 if old is None else old.to(candidate))
+            proj.bias = torch.nn.Parameter(value, requires_grad=False)
+            try:
+                added = proj.quant_method.apply(proj, probe, proj.bias).float() - plain
+            except Exception as exc:
+                reasons.append(f"{candidate}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                continue
+            tolerance = 4 * torch.finfo(dtype).eps * (plain.abs() + bias.abs().to(device)) + 1e-6
+            if ((added - bias.to(device)).abs() <= tolerance).all():
+                return None
+            reasons.append(f"{candidate}: the kernel ignores the bias it is given")
+        proj.bias = old
+    return "; ".join(reasons)
+
+
+def _add_after_block(block: torch.nn.Module, bias: torch.Tensor) -> None:
+    """Add ``bias`` to every token of the attention block's output (after ``o_proj`` and its TP reduction)."""
+    block.register_buffer("safetylock_bias", bias, persistent=False)
+    block.register_forward_hook(lambda module, _args, output: output + module.safetylock_bias)
+
+
+def fold(model: torch.nn.Module, prepared: PreparedLock, dtype: torch.dtype) -> None:
+    """Static mode: add ``b_l`` to each locked layer's ``o_proj`` bias (added once, after the TP reduction),
+    or, where that layer's kernel does not add a bias, to its attention block's output."""
+    started = time.perf_counter()
+    named = output_projections(model, prepared.lock.geometry.num_layers)
+    projections = [module for _, module in named]
+    tp_rank, tp_size, reduce = _tensor_parallel()
+    biases = sharded_biases(prepared.lock, prepared.alpha, tp_rank, tp_size, _local_matmul(projections, dtype), reduce)
+    for layer, bias in biases.items():
+        proj = projections[layer]
+        checked_bias(layer, bias, proj.output_size)
+        if getattr(proj, "skip_bias_add", False):
+            raise LockError(f"layer {layer}: o_proj returns its bias to the caller (skip_bias_add); unsupported")
+    device = next(projections[0].parameters()).device
+    originals = {layer: projections[layer].bias for layer in biases}
+    refused = {layer: _kernel_adds(projections[layer], bias, dtype) for layer, bias in biases.items()}
+    # Every rank must take the same path (only rank 0 passes the bias to its kernel).
+    in_kernel = torch.tensor([float(all(reason is None for reason in refused.values()))], device=device)
+    if float(reduce(in_kernel)) != tp_size:
+        modules = dict(model.named_modules())
         for layer, bias in biases.items():
-            proj = projections[layer]
-            checked_bias(layer, bias, proj.output_size)
-            if getattr(proj, "skip_bias_add", False):
-                raise LockError(f"layer {layer}: o_proj returns its bias to the caller (skip_bias_add); unsupported")
-            value = bias.to(dtype=proj.params_dtype)
-            if proj.bias is None:
-                proj.bias = torch.nn.Parameter(value, requires_grad=False)
-            else:
-                proj.bias.add_(value.to(proj.bias.dtype))
+            projections[layer].bias = originals[layer]
+            _add_after_block(modules[named[layer][0].rpartition(".")[0]], bias.to(device=device, dtype=dtype))
+        reason = next((r for r in refused.values() if r is not None), "another rank's kernel refuses it")
+        path = f"bias added after each attention block ({_kernel(projections[0])} does not add a bias: {reason})"
+    else:
+        path = f"bias folded into o_proj ({_kernel(projections[0])}, {projections[next(iter(biases))].bias.dtype})"
     _log(
-        "safetylock: locked %d heads in %d layers, alpha=%g, lock %s (%s), tp %d/%d, applied in %.1f ms",
+        "safetylock: locked %d heads in %d layers, alpha=%g, lock %s (%s), tp %d/%d, %s, applied in %.1f ms",
         prepared.lock.num_heads_locked,
         len(biases),
         prepared.alpha,
@@ -111,6 +173,7 @@ def fold(model: torch.nn.Module, prepared: PreparedLock) -> None:
         prepared.config.lock,
         tp_rank,
         tp_size,
+        path,
         1000 * (time.perf_counter() - started),
     )
 
@@ -141,7 +204,7 @@ class DynamicLock:
     def build_table(self, prepared: PreparedLock) -> torch.Tensor:
         """The α = 1 bias table of ``prepared`` on this rank (all ranks must call it together under TP)."""
         tp_rank, tp_size, reduce = _tensor_parallel()
-        matmul = _local_matmul(self.projections)
+        matmul = _local_matmul(self.projections, self.table.dtype)
         table = unit_bias_table(prepared.lock, tp_rank, tp_size, matmul, reduce, self.table.shape[1])
         return table.to(device=self.table.device, dtype=self.table.dtype)
 
@@ -183,7 +246,7 @@ def install_dynamic(model: torch.nn.Module, prepared: PreparedLock, vllm_config)
     named = output_projections(model, prepared.lock.geometry.num_layers)
     projections = [module for _, module in named]
     width = projections[0].output_size
-    device, dtype = next(projections[0].parameters()).device, projections[0].params_dtype
+    device, dtype = next(projections[0].parameters()).device, activation_dtype(vllm_config)
     compilation = vllm_config.compilation_config
     capacity = max(
         vllm_config.scheduler_config.max_num_batched_tokens, getattr(compilation, "max_cudagraph_capture_size", 0) or 0
