@@ -8,6 +8,7 @@ import torch
 
 from safetylock.geometry import HeadGeometry, head_geometry, output_projections
 from safetylock.lockfile import SafetyLock, check_alpha
+from safetylock.provenance import Verdict, check, hf_multiply
 
 
 def layer_shifts(lock: SafetyLock, alpha: float) -> dict[int, torch.Tensor]:
@@ -33,6 +34,7 @@ class LockHandle:
     alpha: float
     projections: dict[int, torch.nn.Linear]
     original_bias: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    provenance: Verdict | None = None
     active: bool = True
 
     def remove(self) -> None:
@@ -61,16 +63,18 @@ def check_model(lock: SafetyLock, model: torch.nn.Module) -> HeadGeometry:
     return geometry
 
 
-def apply(model: torch.nn.Module, lock: SafetyLock, alpha: float | None = None) -> LockHandle:
+def apply(model: torch.nn.Module, lock: SafetyLock, alpha: float | None = None, allow_foreign_base: bool = False) -> LockHandle:
     """Lock an HF transformers model in place; use as ``with apply(model, lock, 6): ...``.
 
     The bias is computed from *this* model's ``o_proj`` weights, so one Meta-SafetyLock serves every
-    fine-tuned variant of its base.
+    fine-tuned variant of its base; a model that does not descend from that base (by the lock's weight
+    sketch, see ``safetylock.provenance``) raises LockError unless ``allow_foreign_base``.
     """
     alpha = check_alpha(lock.default_alpha if alpha is None else alpha)
     geometry = check_model(lock, model)
     projections = output_projections(model, geometry)
-    handle = LockHandle(lock, alpha, {})
+    verdict = check(lock, hf_multiply(projections), allow_foreign_base)
+    handle = LockHandle(lock, alpha, {}, provenance=verdict)
     with torch.no_grad():
         for layer, delta in layer_shifts(lock, alpha).items():
             proj = projections[layer]

@@ -238,6 +238,11 @@ def _adapter_alphas(values: tuple[str, ...]) -> dict[str, float]:
 @click.option("--min-alpha", type=ALPHA, default=None, help="Lowest request α (default: the server's α).")
 @click.option("--max-alpha", type=ALPHA, default=None, help="Highest request α (default: the largest a lock accepts).")
 @click.option("--adapter-alpha", multiple=True, metavar="NAME=ALPHA", help="α for requests to one LoRA adapter.")
+@click.option(
+    "--allow-foreign-base",
+    is_flag=True,
+    help="Serve the lock even if MODEL's weights do not descend from the lock's base (logged at start-up).",
+)
 @click.option("--dry-run", is_flag=True, help="Print the server command instead of starting it.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 @user_errors
@@ -249,6 +254,7 @@ def serve(
     min_alpha: float | None,
     max_alpha: float | None,
     adapter_alpha: tuple[str, ...],
+    allow_foreign_base: bool,
     dry_run: bool,
     vllm_args: tuple[str, ...],
 ) -> None:
@@ -273,6 +279,7 @@ def serve(
         "min_alpha": min_alpha,
         "max_alpha": max_alpha,
         "adapter_alpha": _adapter_alphas(adapter_alpha),
+        "allow_foreign_base": allow_foreign_base,
     }
     config = serve_config({CONFIG_KEY: section})
     prepared = prepare(config, head_geometry(AutoConfig.from_pretrained(model_dir)))  # fail before starting

@@ -16,14 +16,16 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from safetylock.geometry import GeometryError, HeadGeometry
+from safetylock.geometry import HeadGeometry
 
 FORMAT = "safetylock.meta-lock"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional base weight sketch (provenance); version 1 files still load
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "safetylock"
 MAX_ABS_ALPHA = 64.0
 DEFAULT_ALPHA = 0.5  # calibrated on the packaged aligned model: see benchmarks/results/alpha_sweep.json
 TENSOR_NAMES = ("layers", "heads", "directions", "sigmas", "head_accuracy")
+SKETCH_TENSOR = "base_sketch"
 
 
 class LockError(ValueError):
@@ -45,6 +47,8 @@ class SafetyLock:
     base_fingerprint: str = ""
     token_policy: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    base_sketch: torch.Tensor | None = None  # [layers, probes] float32 (safetylock.provenance); None: unchecked
+    sketch_seed: int = 0
 
     def __post_init__(self) -> None:
         validate(self)
@@ -63,11 +67,14 @@ class SafetyLock:
             "default_alpha": self.default_alpha,
             "token_policy": self.token_policy,
             "provenance": self.provenance,
+            **({} if self.base_sketch is None else {"sketch": {"module": "o_proj", "seed": self.sketch_seed}}),
         }
 
     def to_bytes(self) -> bytes:
         """Canonical serialization: the same lock always gives the same bytes."""
         tensors = {name: getattr(self, name).contiguous() for name in TENSOR_NAMES}
+        if self.base_sketch is not None:
+            tensors[SKETCH_TENSOR] = self.base_sketch.contiguous()
         return save_tensors(tensors, metadata={METADATA_KEY: json.dumps(self.metadata(), sort_keys=True)})
 
     @property
@@ -119,6 +126,15 @@ def validate(lock: SafetyLock) -> None:
             )
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise LockError(f"tensor {name!r} holds non-finite values (NaN or inf)")
+    sketch = lock.base_sketch
+    if sketch is not None:
+        if sketch.dtype != torch.float32 or sketch.dim() != 2 or sketch.shape[0] != geo.num_layers or sketch.shape[1] < 2:
+            raise LockError(
+                f"tensor {SKETCH_TENSOR!r} is {sketch.dtype} {tuple(sketch.shape)}, "
+                f"expected float32 ({geo.num_layers}, probes >= 2)"
+            )
+        if not torch.isfinite(sketch).all():
+            raise LockError(f"tensor {SKETCH_TENSOR!r} holds non-finite values (NaN or inf)")
     if lock.layers.min() < 0 or lock.layers.max() >= geo.num_layers:
         raise LockError(f"layer index out of range 0..{geo.num_layers - 1}: {lock.layers.tolist()}")
     if lock.heads.min() < 0 or lock.heads.max() >= geo.num_heads:
@@ -156,10 +172,10 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> SafetyLock:
         raise LockError(f"{source}: no safetylock metadata in the safetensors header") from None
     if meta.get("format") != FORMAT:
         raise LockError(f"{source}: not a SafetyLock file (format {meta.get('format')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise LockError(
             f"{source}: unsupported lock format version {meta.get('format_version')!r} "
-            f"(this safetylock reads version {FORMAT_VERSION})"
+            f"(this safetylock reads versions {', '.join(map(str, READABLE_VERSIONS))})"
         )
     missing = [name for name in TENSOR_NAMES if name not in tensors]
     if missing:
@@ -174,8 +190,10 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> SafetyLock:
             base_fingerprint=meta.get("base_fingerprint", ""),
             token_policy=meta.get("token_policy", {}),
             provenance=meta.get("provenance", {}),
+            base_sketch=tensors.get(SKETCH_TENSOR),
+            sketch_seed=int((meta.get("sketch") or {}).get("seed", 0)),
         )
-    except (LockError, GeometryError) as exc:
+    except (ValueError, TypeError) as exc:  # LockError and GeometryError are ValueErrors
         raise LockError(f"{source}: {exc}") from None
 
 

@@ -16,6 +16,7 @@ from safetylock.contrast import contrast_pairs
 from safetylock.geometry import head_geometry, output_projections, projection_fingerprint
 from safetylock.lockfile import DEFAULT_ALPHA, SafetyLock, from_probes
 from safetylock.probe import fit_probes
+from safetylock.provenance import SKETCH_SEED, hf_weight_sketch
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
@@ -56,6 +57,7 @@ def extract_lock(
         acts, top_k=config.top_k, validation_fraction=config.validation_fraction, seed=config.seed, progress=progress
     )
     geometry = head_geometry(model.config)
+    projections = output_projections(model, geometry)
     try:
         version = importlib.metadata.version("safetylock")
     except importlib.metadata.PackageNotFoundError:
@@ -68,7 +70,9 @@ def extract_lock(
             "model_type": getattr(model.config, "model_type", ""),
             "architectures": list(getattr(model.config, "architectures", None) or []),
         },
-        base_fingerprint=projection_fingerprint(output_projections(model, geometry)),
+        base_fingerprint=projection_fingerprint(projections),
+        base_sketch=hf_weight_sketch(projections, geometry, SKETCH_SEED),
+        sketch_seed=SKETCH_SEED,
         token_policy={"record": "last_response_tokens", "tokens": config.tokens, "apply": "every_position"},
         provenance={
             "harmful": harmful.provenance(),

@@ -12,9 +12,11 @@ from typing import Any
 
 import torch
 
+from safetylock import provenance
 from safetylock.apply import layer_shifts
 from safetylock.geometry import HeadGeometry
 from safetylock.lockfile import MAX_ABS_ALPHA, LockError, SafetyLock, check_alpha, load
+from safetylock.provenance import Verdict
 
 CONFIG_KEY = "safetylock"
 ENV_LOCK = "SAFETYLOCK_LOCK"
@@ -22,6 +24,7 @@ ENV_ALPHA = "SAFETYLOCK_ALPHA"
 ENV_ADMIN_TOKEN = "SAFETYLOCK_ADMIN_TOKEN"
 REQUEST_ALPHA_KEY = "safetylock_alpha"  # the key of a request's ``vllm_xargs``
 POLICY_KEYS = ("allow_request_alpha", "min_alpha", "max_alpha", "adapter_alpha")
+OPERATOR_KEYS = ("allow_foreign_base",)  # serve a lock on a model whose weights do not descend from its base
 DERIVED_KEYS = ("fingerprint", "dynamic")  # written by the plugin into the compile-cache key; ignored on input
 
 
@@ -74,6 +77,7 @@ class ServeConfig:
     alpha: float | None = None
     policy: AlphaPolicy = field(default_factory=AlphaPolicy)
     hot_swap: bool = False  # an admin token is set: the lock and α may be replaced while serving
+    allow_foreign_base: bool = False  # the operator overrides the provenance check (logged at start-up)
 
     @property
     def dynamic(self) -> bool:
@@ -84,6 +88,8 @@ class ServeConfig:
         out: dict[str, Any] = {"lock": str(self.lock), **({} if self.alpha is None else {"alpha": self.alpha})}
         if self.policy != AlphaPolicy():
             out.update(self.policy.to_dict())
+        if self.allow_foreign_base:
+            out["allow_foreign_base"] = True
         return out
 
 
@@ -130,17 +136,22 @@ def serve_config(additional_config: Mapping[str, Any] | None, environ: Mapping[s
                 raise LockError(f"{ENV_ALPHA}={environ[ENV_ALPHA]!r} is not a number") from None
     if not isinstance(section, Mapping):
         raise LockError(f"additional_config.{CONFIG_KEY} must be an object with 'lock' (and optional 'alpha')")
-    unknown = set(section) - {"lock", "alpha", *POLICY_KEYS, *DERIVED_KEYS}
+    unknown = set(section) - {"lock", "alpha", *POLICY_KEYS, *OPERATOR_KEYS, *DERIVED_KEYS}
     if unknown:
-        raise LockError(f"unknown safetylock config keys: {sorted(unknown)} (allowed: lock, alpha, {', '.join(POLICY_KEYS)})")
+        allowed = ", ".join(("lock", "alpha", *POLICY_KEYS, *OPERATOR_KEYS))
+        raise LockError(f"unknown safetylock config keys: {sorted(unknown)} (allowed: {allowed})")
     if not isinstance(section.get("lock"), str) or not section["lock"]:
         raise LockError(f"additional_config.{CONFIG_KEY}.lock must be the path of a lock file")
     alpha = section.get("alpha")
+    foreign = section.get("allow_foreign_base", False)
+    if not isinstance(foreign, bool):
+        raise LockError(f"{CONFIG_KEY}.allow_foreign_base must be true or false, got {foreign!r}")
     return ServeConfig(
         Path(section["lock"]),
         None if alpha is None else check_alpha(alpha),
         _policy(section),
         hot_swap=admin_token(environ) is not None,
+        allow_foreign_base=foreign,
     )
 
 
@@ -198,6 +209,25 @@ def sharded_biases(
         partial = local_matmul(layer, delta[columns])
         biases[layer] = all_reduce(partial)
     return biases
+
+
+def sharded_multiply(
+    width: int,
+    tp_rank: int,
+    tp_size: int,
+    local_matmul: Callable[[int, torch.Tensor], torch.Tensor],
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """``multiply(layer, v) = v W_o^T`` for rows ``v`` of full ``o_proj`` input width, from this rank's columns:
+    what the provenance sketch reads from a served (possibly sharded, possibly quantized) model."""
+    columns = rank_slice(width, tp_rank, tp_size)
+    return lambda layer, v: all_reduce(local_matmul(layer, v[:, columns]))
+
+
+def check_provenance(prepared: PreparedLock, multiply: Callable[[int, torch.Tensor], torch.Tensor]) -> Verdict:
+    """The served weights against the lock's base sketch; LockError unless they descend from it or the operator
+    set ``allow_foreign_base``."""
+    return provenance.check(prepared.lock, multiply, prepared.config.allow_foreign_base)
 
 
 def checked_bias(layer: int, bias: torch.Tensor, width: int) -> torch.Tensor:

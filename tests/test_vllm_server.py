@@ -121,6 +121,9 @@ def test_safetylock_serve_policy_options(llama_dir, lock_path, monkeypatch):
     assert bad.exit_code != 0 and "is not NAME=ALPHA" in bad.output
     low = CliRunner().invoke(main, [*args, "--min-alpha", "9", "--dry-run"])
     assert low.exit_code != 0 and "min_alpha 9.0 is above max_alpha 8.0" in low.output
+    foreign = CliRunner().invoke(main, [*args, "--allow-foreign-base", "--dry-run"])
+    line = foreign.output.strip().splitlines()[-1]
+    assert json.loads(line.split("--additional-config ")[1].strip("'"))["safetylock"]["allow_foreign_base"] is True
 
 
 def test_demo_serves_unsteered_and_locked_side_by_side(llama_dir, lock_path, tmp_path):

@@ -44,6 +44,8 @@ def test_static_fold_under_tp2_equals_hf_apply(mistral, tmp_path):
         additional_config={"safetylock": {"lock": str(lock_path), "alpha": ALPHA}},
     )
     assert "tp 0/2" in got["log"] and "tp 1/2" in got["log"]  # both ranks folded their slice
+    # each rank sketches its columns of W_o; the all-reduced sketch is the unsharded base's
+    assert got["log"].count("weight sketch correlation 1.000 >= 0.5") == 2
     assert_same_generation(got["base"], hf_reference(directory, load(lock_path), ALPHA))
     assert [r["tokens"] for r in got["base"]] != [r["tokens"] for r in hf_reference(directory, None)]  # steered
 

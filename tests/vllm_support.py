@@ -57,14 +57,19 @@ def hf_greedy(model, prompts=PROMPTS, max_tokens=MAX_TOKENS) -> list[dict]:
 
 
 def hf_reference(
-    model_dir: Path, lock: SafetyLock | None, alpha: float | None = None, lora: Path | None = None, prompts=PROMPTS
+    model_dir: Path,
+    lock: SafetyLock | None,
+    alpha: float | None = None,
+    lora: Path | None = None,
+    prompts=PROMPTS,
+    allow_foreign_base: bool = False,
 ):
     model, _ = load_model(model_dir)
     if lora is not None:
         merge_lora(model, lora)
     if lock is None:
         return hf_greedy(model, prompts)
-    with apply(model, lock, alpha):
+    with apply(model, lock, alpha, allow_foreign_base=allow_foreign_base):
         return hf_greedy(model, prompts)
 
 

@@ -23,13 +23,16 @@ import numpy as np
 import torch
 
 from safetylock.lockfile import LockError
+from safetylock.provenance import Verdict
 from safetylock.serving import (
     REQUEST_ALPHA_KEY,
     PreparedLock,
     ServeConfig,
+    check_provenance,
     checked_bias,
     prepare,
     sharded_biases,
+    sharded_multiply,
     unit_bias_table,
 )
 
@@ -77,21 +80,29 @@ def _local_matmul(projections: list[torch.nn.Module], dtype: torch.dtype):
     """``W_o[:, this rank's columns] · δ_slice`` through the layer's own (possibly repacked) kernel."""
 
     def matmul(layer: int, delta: torch.Tensor) -> torch.Tensor:
+        """``W_o δ`` for a vector δ, or ``δ W_o^T`` for rows δ (this rank's columns)."""
         proj = projections[layer]
-        if getattr(proj, "input_size_per_partition", delta.numel()) != delta.numel():
+        width = delta.shape[-1]
+        if getattr(proj, "input_size_per_partition", width) != width:
             raise LockError(
-                f"layer {layer} o_proj holds {proj.input_size_per_partition} inputs on this rank, "
-                f"the lock's slice has {delta.numel()}"
+                f"layer {layer} o_proj holds {proj.input_size_per_partition} inputs on this rank, the lock's slice has {width}"
             )
         device = next(proj.parameters()).device
-        x = delta.to(device=device, dtype=dtype)[None]
+        x = delta.to(device=device, dtype=dtype).reshape(-1, width)
         try:
             out = proj.quant_method.apply(proj, x, None)
         except Exception as exc:  # a kernel that cannot take this input: refuse, never serve unlocked
             raise LockError(f"cannot fold the lock through {_kernel(proj)} on layer {layer}: {exc}") from exc
-        return out.reshape(-1).float()
+        return out.float().reshape(*delta.shape[:-1], -1)
 
     return matmul
+
+
+def _provenance(projections: list[torch.nn.Module], prepared: PreparedLock, dtype: torch.dtype) -> Verdict:
+    """Check the served ``o_proj`` weights (through their own kernels, over every TP rank) against the lock's base."""
+    tp_rank, tp_size, reduce = _tensor_parallel()
+    width = prepared.lock.geometry.o_proj_in_features
+    return check_provenance(prepared, sharded_multiply(width, tp_rank, tp_size, _local_matmul(projections, dtype), reduce))
 
 
 def _kernel(proj: torch.nn.Module) -> str:
@@ -143,6 +154,7 @@ def fold(model: torch.nn.Module, prepared: PreparedLock, dtype: torch.dtype) -> 
     started = time.perf_counter()
     named = output_projections(model, prepared.lock.geometry.num_layers)
     projections = [module for _, module in named]
+    verdict = _provenance(projections, prepared, dtype)
     tp_rank, tp_size, reduce = _tensor_parallel()
     biases = sharded_biases(prepared.lock, prepared.alpha, tp_rank, tp_size, _local_matmul(projections, dtype), reduce)
     for layer, bias in biases.items():
@@ -165,7 +177,7 @@ def fold(model: torch.nn.Module, prepared: PreparedLock, dtype: torch.dtype) -> 
     else:
         path = f"bias folded into o_proj ({_kernel(projections[0])}, {projections[next(iter(biases))].bias.dtype})"
     _log(
-        "safetylock: locked %d heads in %d layers, alpha=%g, lock %s (%s), tp %d/%d, %s, applied in %.1f ms",
+        "safetylock: locked %d heads in %d layers, alpha=%g, lock %s (%s), tp %d/%d, %s, %s, applied in %.1f ms",
         prepared.lock.num_heads_locked,
         len(biases),
         prepared.alpha,
@@ -174,6 +186,7 @@ def fold(model: torch.nn.Module, prepared: PreparedLock, dtype: torch.dtype) -> 
         tp_rank,
         tp_size,
         path,
+        verdict.describe(),
         1000 * (time.perf_counter() - started),
     )
 
@@ -212,15 +225,17 @@ class DynamicLock:
         """Replace the lock and/or default α between engine steps: all checks first, then one in-place copy."""
         started = time.perf_counter()
         prepared = prepare(config, geometry)
+        verdict = _provenance(self.projections, prepared, self.table.dtype)
         table = self.build_table(prepared)
         self.table.copy_(table)
         self.prepared = prepared
         elapsed = 1000 * (time.perf_counter() - started)
         _log(
-            "safetylock: swapped to lock %s (%s), alpha=%g in %.2f ms",
+            "safetylock: swapped to lock %s (%s), alpha=%g, %s, in %.2f ms",
             prepared.lock.fingerprint,
             config.lock,
             prepared.alpha,
+            verdict.describe(),
             elapsed,
         )
         return {"fingerprint": prepared.lock.fingerprint, "alpha": prepared.alpha, "apply_ms": elapsed}
@@ -253,6 +268,7 @@ def install_dynamic(model: torch.nn.Module, prepared: PreparedLock, vllm_config)
     )
     scale = torch.zeros(capacity, dtype=dtype, device=device)
     staging = torch.zeros(capacity, dtype=dtype, pin_memory=device.type == "cuda")
+    verdict = _provenance(projections, prepared, dtype)
     state = DynamicLock(prepared, projections, torch.zeros(len(named), width, dtype=dtype, device=device), scale, staging)
     state.table.copy_(state.build_table(prepared))
     modules = dict(model.named_modules())
@@ -264,7 +280,7 @@ def install_dynamic(model: torch.nn.Module, prepared: PreparedLock, vllm_config)
     _DYNAMIC = state
     _log(
         "safetylock: locked %d heads in %d layers, default alpha=%g, lock %s (%s), dynamic (policy %s), tp %d/%d, "
-        "applied in %.1f ms",
+        "%s, applied in %.1f ms",
         prepared.lock.num_heads_locked,
         int((state.table.abs().sum(dim=1) > 0).sum()),
         prepared.alpha,
@@ -272,6 +288,7 @@ def install_dynamic(model: torch.nn.Module, prepared: PreparedLock, vllm_config)
         prepared.config.lock,
         prepared.config.policy.to_dict(),
         *_tensor_parallel()[:2],
+        verdict.describe(),
         1000 * (time.perf_counter() - started),
     )
 
@@ -299,5 +316,6 @@ def swap_rpc(worker, lock: str, alpha: float | None = None) -> dict[str, object]
     state = _DYNAMIC
     if state is None:
         raise LockError("this server was started without hot swap (set SAFETYLOCK_ADMIN_TOKEN before starting it)")
-    config = ServeConfig(Path(lock), alpha, state.prepared.config.policy, hot_swap=True)
+    current = state.prepared.config
+    config = ServeConfig(Path(lock), alpha, current.policy, hot_swap=True, allow_foreign_base=current.allow_foreign_base)
     return state.swap(config, head_geometry(worker.vllm_config.model_config.hf_config))

@@ -29,7 +29,7 @@ class Metrics:
         self._labels: tuple[str, str, str] | None = None
 
     def show(self, prepared: PreparedLock) -> None:
-        labels = (prepared.lock.fingerprint, str(prepared.config.lock), "dynamic" if prepared.config.dynamic else "static")
+        labels = (prepared.lock.fingerprint, prepared.config.lock.name, "dynamic" if prepared.config.dynamic else "static")
         if self._labels is not None and self._labels != labels:
             self.info.remove(*self._labels)
         self.info.labels(*labels).set(1)
