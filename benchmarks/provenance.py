@@ -10,6 +10,8 @@ initialised models of the same shape (three seeds). Writes benchmarks/results/pr
 
 from __future__ import annotations
 
+import json
+
 import click
 import torch
 
@@ -59,7 +61,8 @@ def rows_for(name: str, variants: list[str]) -> list[dict]:
         )
     for variant in variants:
         adapter = models.cache_root() / "variants" / variant / "adapter"
-        if (adapter / "adapter_config.json").exists():
+        config = adapter / "adapter_config.json"
+        if config.exists() and json.loads(config.read_text()).get("base_model_name_or_path") == str(directory):
             from peft import PeftModel
 
             tuned = PeftModel.from_pretrained(load_model(directory)[0], adapter).merge_and_unload()
