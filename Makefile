@@ -6,10 +6,8 @@ SAFETYLOCK := $(VENV)/bin/safetylock
 CACHE ?= $(or $(SAFETYLOCK_CACHE),$(HOME)/.cache/safetylock)
 export SAFETYLOCK_CACHE := $(CACHE)
 DEMO_MODEL ?= qwen2.5-coder-0.5b-instruct
-DEMO_LOCK := $(CACHE)/locks/$(DEMO_MODEL).lock.safetensors
-DEMO_ALPHA ?= 0.5
 
-.PHONY: setup test lint demo clean-venv
+.PHONY: setup test test-fast lint demo clean-venv
 
 setup: $(VENV)/.installed
 
@@ -25,20 +23,22 @@ $(VENV)/.installed: pyproject.toml
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# The whole suite, real vLLM engines included (what CI runs).
 test: setup lint
 	$(PY) -m pytest -q tests
 
-$(DEMO_LOCK): | setup
-	$(SAFETYLOCK) extract --model $(DEMO_MODEL) --alpha $(DEMO_ALPHA) --out $@
+# Everything but the real-engine tier (pytest marker `engine`): under 2 minutes.
+test-fast: setup lint
+	$(PY) -m pytest -q tests -m "not engine"
 
 # vLLM on CPU keeps one core for its API process by default; the demo's engines get every core.
+# `safetylock demo` extracts the model's lock into the cache first when it is absent.
 demo: export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
-demo: setup $(DEMO_LOCK)
-	$(SAFETYLOCK) inspect $(DEMO_LOCK)
-	$(SAFETYLOCK) demo --model $(DEMO_MODEL) --lock $(DEMO_LOCK)
+demo: setup
+	$(SAFETYLOCK) demo --model $(DEMO_MODEL)
+	$(SAFETYLOCK) inspect --model $(DEMO_MODEL)
 	# The attack and the repair: fine-tune on 10 harmful questions (cached), evaluate with and without the lock.
-	cd benchmarks && ../$(PY) efficacy.py --variants harmful-10 --sweep "" --count 20 --max-tokens 32 \
-		--alpha $(DEMO_ALPHA) --no-write --enforce-eager
+	$(SAFETYLOCK) attack harmful-10 --count 20 --max-tokens 32 --enforce-eager
 
 clean-venv:
 	rm -rf $(VENV)

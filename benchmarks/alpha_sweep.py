@@ -1,6 +1,6 @@
 """Refusal rate of the aligned base model itself under its own lock, through the HF apply path.
 
-Run: python benchmarks/alpha_sweep.py   (after extract_time.py, which writes the lock)
+Run: python -m benchmarks.alpha_sweep   (after extract_time.py, which writes the lock)
 Held-out AdvBench questions (never used for extraction) and benign instructions, greedy, short answers.
 Writes benchmarks/results/alpha_sweep.json and .png.
 """
@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import click
 
+from benchmarks.common import RESULTS, write_result
 from safetylock import data, judge, lockfile, models
 from safetylock.apply import apply
 from safetylock.pipeline import generate, load_model
-
-from common import RESULTS, write_result
-from extract_time import lock_path
 
 
 @click.command()
@@ -24,7 +22,7 @@ from extract_time import lock_path
 @click.option("--max-new-tokens", type=int, default=32)
 @click.option("--seed", type=int, default=0)
 def main(model_name: str, alphas: str, count: int, max_new_tokens: int, seed: int) -> None:
-    lock = lockfile.load(lock_path(model_name))
+    lock = lockfile.load(models.default_lock_path(model_name))
     model, tokenizer = load_model(models.resolve(model_name))
     suites = {
         "advbench_heldout": data.sample(data.split_harmful(data.advbench(), seed=seed).heldout, count, seed),

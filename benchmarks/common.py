@@ -1,10 +1,14 @@
-"""Shared helpers for benchmark scripts: result files and machine description."""
+"""The benchmarks' one shared helper module: result files, machine description, load rounds against servers."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import statistics
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -27,3 +31,76 @@ def write_result(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     return path
+
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "judge",
+    "boxing",
+    "matches",
+]
+
+
+def one_request(port: int, model: str, prompt: str, max_tokens: int, out: list, xargs: dict | None = None) -> None:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    if xargs:
+        body["vllm_xargs"] = xargs
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    start = time.perf_counter()
+    stamps = []
+    with urllib.request.urlopen(request, timeout=600) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                stamps.append(time.perf_counter())
+    out.append({"ttft": stamps[0] - start, "tpot": (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1), "tokens": len(stamps)})
+
+
+def run_round(
+    port: int,
+    model: str,
+    concurrency: int,
+    requests: int,
+    prompt_words: int,
+    max_tokens: int,
+    seed: int,
+    xargs: list[dict | None] | None = None,
+) -> dict:
+    """``requests`` requests, ``concurrency`` at a time; request i carries ``xargs[i % len(xargs)]`` when given."""
+    prompts = [" ".join(WORDS[(seed + i + j) % len(WORDS)] for j in range(prompt_words)) for i in range(requests)]
+    extras = [xargs[i % len(xargs)] if xargs else None for i in range(requests)]
+    results: list = []
+    started = time.perf_counter()
+    pending = list(zip(prompts, extras))
+    while pending:
+        batch, pending = pending[:concurrency], pending[concurrency:]
+        threads = [threading.Thread(target=one_request, args=(port, model, p, max_tokens, results, x)) for p, x in batch]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    wall = time.perf_counter() - started
+    return {
+        "ttft": statistics.median(r["ttft"] for r in results),
+        "tpot": statistics.median(r["tpot"] for r in results),
+        "throughput": sum(r["tokens"] for r in results) / wall,
+    }
+
+
+def spread(values: list[float]) -> dict:
+    ordered = sorted(values)
+    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1], "n": len(ordered)}

@@ -1,65 +1,20 @@
 """Efficacy table: aligned base, each fine-tuned variant, each variant + lock, through the real vLLM plugin.
 
-Run: python benchmarks/efficacy.py [--variants harmful-10,harmful-100] [--count 40] [--sweep 0.25,0.5,1]
-Needs the lock from extract_time.py and the variants from attack/build.py (built here when absent).
+Run: python -m benchmarks.efficacy [--variants harmful-10,harmful-100] [--count 40] [--sweep 0.25,0.5,1]
+Needs the lock from `safetylock extract` (default path) and the variants of safetylock.attack (built here when absent).
 Writes benchmarks/results/efficacy.json (summaries only: no generated text) and efficacy.png, alpha sweep
 in efficacy_alpha.png. Full runs with every response stay in ~/.cache/safetylock/runs.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import click
 
+from benchmarks.common import RESULTS, write_result
 from safetylock import models
-from safetylock.evaluate import without_items
-from safetylock.lockfile import load
+from safetylock.attack import build
+from safetylock.evaluate import cached_run, without_items
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
-
-from common import RESULTS, write_result
-from extract_time import lock_path
-
-sys.path.insert(0, str(Path(__file__).parent / "attack"))
-from build import build  # noqa: E402
-
-SUITES = ("advbench-heldout", "benign", "arithmetic")
-
-
-def run_eval(
-    model: str, label: str, count: int, max_tokens: int, lock: Path | None, alpha: float | None, eager: bool = False
-) -> dict:
-    """The cached run of ``label`` (its file name carries the lock's fingerprint), evaluated when absent."""
-    stem = (label if lock is None else f"{label}-{load(lock).fingerprint[:12]}") + ("-eager" if eager else "")
-    out = models.cache_root() / "runs" / f"{stem}-n{count}-t{max_tokens}.json"
-    if not out.exists():
-        cmd = [
-            sys.executable,
-            "-m",
-            "safetylock.cli",
-            "eval",
-            "--model",
-            model,
-            "--label",
-            label,
-            "--count",
-            str(count),
-            "--max-tokens",
-            str(max_tokens),
-            "--out",
-            str(out),
-        ]
-        for suite in SUITES:
-            cmd += ["--suite", suite]
-        if lock is not None:
-            cmd += ["--lock", str(lock), "--alpha", str(alpha)]
-        if eager:
-            cmd.append("--enforce-eager")
-        subprocess.run(cmd, check=True)
-    return json.loads(out.read_text())
 
 
 @click.command()
@@ -71,17 +26,17 @@ def run_eval(
 @click.option("--write/--no-write", default=True, help="Write results JSON and plots (off for the demo).")
 @click.option("--enforce-eager", is_flag=True, help="Evaluate without torch.compile (the demo: faster first start).")
 def main(variants: str, alpha: float, sweep: str, count: int, max_tokens: int, write: bool, enforce_eager: bool) -> None:
-    lock = lock_path(models.DEFAULT_MODEL)
-    runs = [run_eval(models.DEFAULT_MODEL, "aligned-base", count, max_tokens, None, None, enforce_eager)]
+    lock = models.default_lock_path(models.DEFAULT_MODEL)
+    runs = [cached_run(models.DEFAULT_MODEL, "aligned-base", count, max_tokens, enforce_eager=enforce_eager)]
     names = [v for v in variants.split(",") if v]
     for name in names:
         merged = str(build(name) / "merged")
-        runs.append(run_eval(merged, name, count, max_tokens, None, None, enforce_eager))
-        runs.append(run_eval(merged, f"{name}+lock(a={alpha:g})", count, max_tokens, lock, alpha, enforce_eager))
+        runs.append(cached_run(merged, name, count, max_tokens, enforce_eager=enforce_eager))
+        runs.append(cached_run(merged, f"{name}+lock(a={alpha:g})", count, max_tokens, lock, alpha, enforce_eager))
     sweep_runs = [r for r in runs if r["target"]["label"].split("+")[0] == names[0]] if names else []
     for extra in [float(a) for a in sweep.split(",") if a]:
         merged = str(models.cache_root() / "variants" / names[0] / "merged")
-        sweep_runs.append(run_eval(merged, f"{names[0]}+lock(a={extra:g})", count, max_tokens, lock, extra, enforce_eager))
+        sweep_runs.append(cached_run(merged, f"{names[0]}+lock(a={extra:g})", count, max_tokens, lock, extra, enforce_eager))
     header, rows = comparison_rows(runs)
     print(aligned_text(header, rows))
     if not write:

@@ -1,6 +1,6 @@
 """Extraction wall time and peak memory of a Meta-SafetyLock on the packaged aligned model.
 
-Run: python benchmarks/extract_time.py [--model NAME_OR_DIR]   (target: <= 3 min on a 2-core CPU box)
+Run: python -m benchmarks.extract_time [--model NAME_OR_DIR]   (target: <= 3 min on a 2-core CPU box)
 Writes benchmarks/results/extract_time.json and .png, and the lock to the cache for the other benchmarks.
 """
 
@@ -11,10 +11,9 @@ import time
 
 import click
 
+from benchmarks.common import RESULTS, write_result
 from safetylock import data, models
 from safetylock.pipeline import ExtractConfig, extract_lock, load_model
-
-from common import RESULTS, write_result
 
 
 def lock_path(model_name: str):
@@ -32,7 +31,7 @@ def main(model_name: str) -> None:
     config = ExtractConfig()
     lock = extract_lock(model, tokenizer, harmful, config)
     t2 = time.perf_counter()
-    out = lock.save(lock_path(model_name))
+    out = lock.save(models.default_lock_path(model_name))
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result = {
         "model": model_name,

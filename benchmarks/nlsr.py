@@ -1,9 +1,9 @@
 """NLSR vs SafetyLock on the harmful fine-tune: the fine-tune, + lock, NLSR-realigned, and both.
 
-Run: python benchmarks/nlsr.py [--variant harmful-10] [--alpha 0.5] [--count 40] [--settings 0.5:0.8,0.9:0.5]
-Builds (when absent, seeded, cached) the "aligned" safety adapter and the variant with attack/build.py, realigns
+Run: python -m benchmarks.nlsr [--variant harmful-10] [--alpha 0.5] [--count 40] [--settings 0.5:0.8,0.9:0.5]
+Builds (when absent, seeded, cached) the "aligned" safety adapter and the variant with safetylock.attack, realigns
 the variant's adapter with `safetylock realign` for each PRUNE_RATE:SPARSITY setting, merges it into a model
-directory, and evaluates through the real vLLM plugin (efficacy.run_eval): the aligned adapter itself, the
+directory, and evaluates through the real vLLM plugin (safetylock.evaluate.cached_run): the aligned adapter itself, the
 fine-tune, + lock, and per setting NLSR and NLSR + lock. Writes benchmarks/results/nlsr.json (summaries only,
 plus NLSR's patch reports) and nlsr.png.
 """
@@ -18,13 +18,11 @@ from pathlib import Path
 
 import click
 
+from benchmarks.common import RESULTS, write_result
 from safetylock import models
-from safetylock.evaluate import without_items
+from safetylock.attack import build
+from safetylock.evaluate import cached_run, without_items
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
-
-from common import RESULTS, write_result
-from efficacy import build, run_eval
-from extract_time import lock_path
 
 
 def realigned(variant: str, aligned: Path, prune_rate: float, sparsity: float, seed: int) -> tuple[Path, dict]:
@@ -71,13 +69,13 @@ def merge(adapter: Path, merged: Path) -> None:
 @click.option("--settings", default="0.5:0.8", help="NLSR PRUNE_RATE:SPARSITY pairs, comma-separated.")
 @click.option("--seed", type=int, default=0)
 def main(variant: str, alpha: float, count: int, max_tokens: int, settings: str, seed: int) -> None:
-    lock = lock_path(models.DEFAULT_MODEL)
+    lock = models.default_lock_path(models.DEFAULT_MODEL)
     aligned = build("aligned")
     finetuned = str(build(variant) / "merged")
     runs = [
-        run_eval(str(aligned / "merged"), "aligned-adapter", count, max_tokens, None, None),
-        run_eval(finetuned, variant, count, max_tokens, None, None),
-        run_eval(finetuned, f"{variant}+lock(a={alpha:g})", count, max_tokens, lock, alpha),
+        cached_run(str(aligned / "merged"), "aligned-adapter", count, max_tokens),
+        cached_run(finetuned, variant, count, max_tokens),
+        cached_run(finetuned, f"{variant}+lock(a={alpha:g})", count, max_tokens, lock, alpha),
     ]
     reports = []
     for setting in settings.split(","):
@@ -85,8 +83,8 @@ def main(variant: str, alpha: float, count: int, max_tokens: int, settings: str,
         repaired, report = realigned(variant, aligned / "adapter", prune_rate, sparsity, seed)
         reports.append(report)
         name = f"{variant}+NLSR(p={prune_rate:g},s={sparsity:g})"
-        runs.append(run_eval(str(repaired), name, count, max_tokens, None, None))
-        runs.append(run_eval(str(repaired), f"{name}+lock(a={alpha:g})", count, max_tokens, lock, alpha))
+        runs.append(cached_run(str(repaired), name, count, max_tokens))
+        runs.append(cached_run(str(repaired), f"{name}+lock(a={alpha:g})", count, max_tokens, lock, alpha))
     header, rows = comparison_rows(runs)
     print(aligned_text(header, rows))
     write_result(

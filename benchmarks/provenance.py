@@ -1,6 +1,6 @@
 """Weight-sketch correlations: how far fine-tunes and quantized copies of a base stay from other same-shape models.
 
-Run: python benchmarks/provenance.py [--variants harmful-10]
+Run: python -m benchmarks.provenance [--variants harmful-10]
 For each packaged model (the base), the correlation of its o_proj weight sketch (what its lock records) with:
 itself; its weights quantized per channel to int8 and in 4-bit groups of 64 (what W8A8 / GPTQ copies hold);
 random low-rank updates of every linear layer of relative size 0.05 / 0.3 / 1 (merged LoRA fine-tunes, up to
@@ -15,12 +15,11 @@ import json
 import click
 import torch
 
+from benchmarks.common import RESULTS, write_result
 from safetylock import models
 from safetylock.geometry import head_geometry, output_projections
 from safetylock.pipeline import load_model
 from safetylock.provenance import MIN_CORRELATION, correlation, hf_weight_sketch, simulated_fine_tune
-
-from common import RESULTS, write_result
 
 
 def fake_quantize(weight: torch.Tensor, bits: int, group: int | None) -> torch.Tensor:

@@ -8,7 +8,7 @@ the harmful-10 variant (and at α 2 on the base itself) with the HF path, greedy
   prompts    harmful vs benign instructions at the last 5 generation-prompt tokens (a refusal direction);
              its benign instructions exclude the evaluation's benign prompts
 
-Run: python benchmarks/recipe_screen.py [--recipes responses,own,prompts] [--top-k 24,64] [--alphas 1,2,4,8]
+Run: python -m benchmarks.recipe_screen [--recipes responses,own,prompts] [--top-k 24,64] [--alphas 1,2,4,8]
 Writes benchmarks/results/recipe_screen.{json,png} (rates only, no generated text). ``--extract-on harmful-10``
 is the control: the locks come from the attacked model itself (results: recipe_screen_harmful-10.{json,png}).
 """
@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from benchmarks.common import RESULTS, write_result  # noqa: E402
 from safetylock import data, models  # noqa: E402
 from safetylock.apply import apply  # noqa: E402
 from safetylock.capture import capture  # noqa: E402
@@ -36,8 +37,6 @@ from safetylock.judge import is_refusal  # noqa: E402
 from safetylock.lockfile import SafetyLock, from_probes  # noqa: E402
 from safetylock.pipeline import generate, load_model  # noqa: E402
 from safetylock.probe import score_heads, select_heads  # noqa: E402
-
-from common import RESULTS, write_result  # noqa: E402
 
 RECIPES = ("responses", "own", "prompts")
 METRICS = (("advbench-heldout", "compliance_rate"), ("benign", "over_refusal_rate"), ("arithmetic", "accuracy"))

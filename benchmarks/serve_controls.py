@@ -1,6 +1,6 @@
 """Serving controls: the cost of per-request α (mixed-α stream vs single-α stream) and of hot swap.
 
-Run: python benchmarks/serve_controls.py [--model NAME_OR_DIR --lock LOCK] [--rounds 6 --concurrency 8]
+Run: python -m benchmarks.serve_controls [--model NAME_OR_DIR --lock LOCK] [--rounds 6 --concurrency 8]
 Two servers of the same model side by side: "static" (the lock folded into the o_proj biases) and "dynamic"
 (per-request α allowed, hot swap on: per-token scale). Three streams run in rotating order each round:
 static server at its α, dynamic server at its α, dynamic server with α cycling over --mixed. Afterwards the
@@ -18,12 +18,10 @@ from pathlib import Path
 
 import click
 
+from benchmarks.common import RESULTS, run_round, spread, write_result
 from safetylock import models
-from safetylock.endpoint import start_server, wait_healthy
-
-from common import RESULTS, write_result
-from extract_time import lock_path as default_lock
-from serve_overhead import run_round, spread
+from safetylock.serve.config import lock_section
+from safetylock.serve.server import start_server, wait_healthy
 
 TOKEN = "benchmark-admin-token"
 
@@ -54,14 +52,14 @@ def swap(port: int, alpha: float) -> tuple[float, float]:
 @click.option("--server-args", default="--dtype float32 --max-model-len 1024 --kv-cache-memory-bytes 1073741824")
 def main(model_name, lock, concurrency, rounds, requests, max_tokens, prompt_words, mixed, swaps, server_args):
     model_dir = models.resolve(model_name)
-    lock = lock or default_lock(model_name)
+    lock = lock or models.default_lock_path(model_name)
     extra = ["--seed", "0", *server_args.split()]
     policy = {"allow_request_alpha": True, "min_alpha": 0.0, "max_alpha": 8.0}
     servers = {"static": 8103, "dynamic": 8104}
     procs = {
-        "static": start_server(model_dir, servers["static"], {"lock": str(lock)}, extra),
+        "static": start_server(model_dir, servers["static"], lock_section(lock), extra),
         "dynamic": start_server(
-            model_dir, servers["dynamic"], {"lock": str(lock), **policy}, extra, env={"SAFETYLOCK_ADMIN_TOKEN": TOKEN}
+            model_dir, servers["dynamic"], lock_section(lock, **policy), extra, env={"SAFETYLOCK_ADMIN_TOKEN": TOKEN}
         ),
     }
     mixed_xargs = [{"safetylock_alpha": float(a)} for a in mixed.split(",")]

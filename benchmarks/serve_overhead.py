@@ -1,98 +1,20 @@
 """Steered vs unsteered vLLM OpenAI server: TTFT, time per output token and throughput, interleaved rounds.
 
-Run: python benchmarks/serve_overhead.py [--model NAME_OR_DIR --lock LOCK] [--rounds 6]
+Run: python -m benchmarks.serve_overhead [--model NAME_OR_DIR --lock LOCK] [--rounds 6]
 Both servers run side by side on loopback; rounds alternate A B A B ... so drift hits both alike, and each
 round's locked/plain ratio is paired with its neighbour. Writes benchmarks/results/serve_overhead.json and .png.
 """
 
 from __future__ import annotations
 
-import json
-import statistics
-import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import click
 
+from benchmarks.common import RESULTS, run_round, spread, write_result
 from safetylock import models
-from safetylock.endpoint import start_server, wait_healthy
-
-from common import RESULTS, write_result
-from extract_time import lock_path as default_lock
-
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "a",
-    "lazy",
-    "dog",
-    "while",
-    "seven",
-    "wizards",
-    "quietly",
-    "judge",
-    "boxing",
-    "matches",
-]
-
-
-def one_request(port: int, model: str, prompt: str, max_tokens: int, out: list, xargs: dict | None = None) -> None:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-    if xargs:
-        body["vllm_xargs"] = xargs
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    start = time.perf_counter()
-    stamps = []
-    with urllib.request.urlopen(request, timeout=600) as response:
-        for raw in response:
-            line = raw.decode().strip()
-            if line.startswith("data: ") and line != "data: [DONE]":
-                stamps.append(time.perf_counter())
-    out.append({"ttft": stamps[0] - start, "tpot": (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1), "tokens": len(stamps)})
-
-
-def run_round(
-    port: int,
-    model: str,
-    concurrency: int,
-    requests: int,
-    prompt_words: int,
-    max_tokens: int,
-    seed: int,
-    xargs: list[dict | None] | None = None,
-) -> dict:
-    """``requests`` requests, ``concurrency`` at a time; request i carries ``xargs[i % len(xargs)]`` when given."""
-    prompts = [" ".join(WORDS[(seed + i + j) % len(WORDS)] for j in range(prompt_words)) for i in range(requests)]
-    extras = [xargs[i % len(xargs)] if xargs else None for i in range(requests)]
-    results: list = []
-    started = time.perf_counter()
-    pending = list(zip(prompts, extras))
-    while pending:
-        batch, pending = pending[:concurrency], pending[concurrency:]
-        threads = [threading.Thread(target=one_request, args=(port, model, p, max_tokens, results, x)) for p, x in batch]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    wall = time.perf_counter() - started
-    return {
-        "ttft": statistics.median(r["ttft"] for r in results),
-        "tpot": statistics.median(r["tpot"] for r in results),
-        "throughput": sum(r["tokens"] for r in results) / wall,
-    }
-
-
-def spread(values: list[float]) -> dict:
-    ordered = sorted(values)
-    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1], "n": len(ordered)}
+from safetylock.serve.config import lock_section
+from safetylock.serve.server import start_server, wait_healthy
 
 
 @click.command()
@@ -109,9 +31,9 @@ def spread(values: list[float]) -> dict:
 )
 def main(model_name, lock, concurrency, rounds, max_tokens, prompt_words, server_args):
     model_dir = models.resolve(model_name)
-    lock = lock or default_lock(model_name)
+    lock = lock or models.default_lock_path(model_name)
     extra = server_args.split()
-    servers = {"plain": (8101, None), "locked": (8102, {"lock": str(lock)})}
+    servers = {"plain": (8101, None), "locked": (8102, lock_section(lock))}
     procs = {name: start_server(model_dir, port, cfg, ["--seed", "0", *extra]) for name, (port, cfg) in servers.items()}
     try:
         for name, (port, _) in servers.items():

@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from safetylock.contrast import ContrastExample
+from safetylock.errors import ExtractError
 from safetylock.geometry import HeadGeometry, head_geometry, output_projections
 
 
@@ -78,7 +79,7 @@ def capture(
     rendered = [render(tokenizer, ex.question, ex.response) for ex in examples]
     for (_, response_len), ex in zip(rendered, examples):
         if ex.response and response_len < tokens:
-            raise ValueError(f"response {ex.response!r} has {response_len} tokens, fewer than --tokens {tokens}")
+            raise ExtractError(f"response {ex.response!r} has {response_len} tokens, fewer than the {tokens} recorded")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     out = torch.empty((len(examples), tokens, geometry.num_layers, geometry.num_heads, geometry.head_dim), dtype=torch.float32)

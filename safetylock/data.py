@@ -13,11 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from safetylock.errors import DataError
 from safetylock.models import cache_root, pip_download
-
-
-class DataError(ValueError):
-    """A prompt source is missing, malformed or empty."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Safety evaluation: suites of prompts, a generator (OpenAI endpoint or offline vLLM), judges, summaries."""
+"""Safety evaluation: suites of prompts, a generator (an OpenAI endpoint here; offline vLLM in
+``safetylock.serve.offline``), judges, summaries."""
 
 from __future__ import annotations
 
@@ -158,7 +159,7 @@ def evaluate(
 
 def endpoint_generator(base_url: str, model: str, concurrency: int = 8, **extra: Any) -> Generator:
     """Greedy chat completions from any OpenAI-compatible server, ``concurrency`` requests in flight."""
-    from safetylock.endpoint import chat
+    from safetylock.serve.server import chat
 
     def generate(prompts: Sequence[str], max_tokens: int) -> list[str]:
         with ThreadPoolExecutor(concurrency) as pool:
@@ -168,31 +169,41 @@ def endpoint_generator(base_url: str, model: str, concurrency: int = 8, **extra:
     return generate
 
 
-def vllm_generator(model_dir: Path, lock_config: dict | None = None, **engine_args: Any) -> Generator:
-    """Greedy chat completions through vLLM's offline ``LLM`` class, with the safetylock plugin when locked."""
-    from vllm import LLM, SamplingParams
-
-    from safetylock.models import context_length
-
-    args = {
-        "dtype": "float32",
-        "seed": 0,
-        "max_model_len": context_length(model_dir),
-        "kv_cache_memory_bytes": 1 << 30,
-        **engine_args,
-    }
-    if lock_config is not None:
-        args["additional_config"] = {"safetylock": lock_config}
-    llm = LLM(str(model_dir), **args)
-
-    def generate(prompts: Sequence[str], max_tokens: int) -> list[str]:
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-        conversations = [[{"role": "user", "content": p}] for p in prompts]
-        return [out.outputs[0].text.strip() for out in llm.chat(conversations, params, use_tqdm=True)]
-
-    return generate
-
-
 def without_items(report: dict[str, Any]) -> dict[str, Any]:
     """The report with summaries only (safe to commit: no generated text)."""
     return {**report, "suites": {k: {x: v[x] for x in v if x != "items"} for k, v in report["suites"].items()}}
+
+
+DEFAULT_SUITES = ("advbench-heldout", "benign", "arithmetic")
+
+
+def cached_run(
+    model: str,
+    label: str,
+    count: int,
+    max_tokens: int,
+    lock: Path | None = None,
+    alpha: float | None = None,
+    enforce_eager: bool = False,
+    suites: Sequence[str] = DEFAULT_SUITES,
+) -> dict[str, Any]:
+    """The report of ``safetylock eval`` on ``model`` (offline vLLM, locked when ``lock`` is given), cached under
+    ``runs/`` in the cache by label, lock fingerprint and size; evaluated in a fresh process when absent (one
+    vLLM engine per process)."""
+    import subprocess
+    import sys
+
+    from safetylock.lockfile import load
+    from safetylock.models import cache_root
+
+    stem = (label if lock is None else f"{label}-{load(lock).fingerprint[:12]}") + ("-eager" if enforce_eager else "")
+    out = cache_root() / "runs" / f"{stem}-n{count}-t{max_tokens}.json"
+    if not out.exists():
+        command = [sys.executable, "-m", "safetylock.cli", "eval", "--model", model, "--label", label, "--out", str(out)]
+        command += ["--count", str(count), "--max-tokens", str(max_tokens), *(f"--suite={suite}" for suite in suites)]
+        if lock is not None:
+            command += ["--lock", str(lock), *(["--alpha", str(alpha)] if alpha is not None else [])]
+        if enforce_eager:
+            command.append("--enforce-eager")
+        subprocess.run(command, check=True)
+    return json.loads(out.read_text())

@@ -9,9 +9,7 @@ from typing import Any
 
 import torch
 
-
-class GeometryError(ValueError):
-    """A model config lacks what SafetyLock needs, or does not match a lock."""
+from safetylock.errors import GeometryError
 
 
 @dataclass(frozen=True)

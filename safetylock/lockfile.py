@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -16,20 +15,16 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from safetylock.alpha import DEFAULT_ALPHA, check_alpha
+from safetylock.errors import LockError
 from safetylock.geometry import HeadGeometry
 
 FORMAT = "safetylock.meta-lock"
 FORMAT_VERSION = 2  # 2: optional base weight sketch (provenance); version 1 files still load
 READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "safetylock"
-MAX_ABS_ALPHA = 64.0
-DEFAULT_ALPHA = 0.5  # calibrated on the packaged aligned model: see benchmarks/results/alpha_sweep.json
 TENSOR_NAMES = ("layers", "heads", "directions", "sigmas", "head_accuracy")
 SKETCH_TENSOR = "base_sketch"
-
-
-class LockError(ValueError):
-    """A lock file is malformed, or cannot be applied to a model."""
 
 
 @dataclass
@@ -147,16 +142,7 @@ def validate(lock: SafetyLock) -> None:
     norms = lock.directions.norm(dim=1)
     if not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
         raise LockError(f"directions must have unit norm (found norms {norms.min():.4g}..{norms.max():.4g})")
-    check_alpha(lock.default_alpha)
-
-
-def check_alpha(alpha: float) -> float:
-    """α must be a finite number within ±MAX_ABS_ALPHA."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise LockError(f"alpha must be a finite number, got {alpha!r}")
-    if abs(alpha) > MAX_ABS_ALPHA:
-        raise LockError(f"alpha {alpha} is outside the allowed range [-{MAX_ABS_ALPHA}, {MAX_ABS_ALPHA}]")
-    return float(alpha)
+    check_alpha(lock.default_alpha, "default_alpha")
 
 
 def from_bytes(data: bytes, source: str = "<bytes>") -> SafetyLock:

@@ -11,11 +11,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from safetylock.errors import AdapterError
+
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.default)?\.weight$")
-
-
-class AdapterError(ValueError):
-    """An adapter is missing, malformed, or does not match another one."""
 
 
 @dataclass

@@ -13,14 +13,17 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-
-class ModelError(ValueError):
-    """A model name or directory cannot be used."""
+from safetylock.errors import ModelError
 
 
 def cache_root() -> Path:
     """Where fetched models, data and generated artefacts live (never inside the repository)."""
     return Path(os.environ.get("SAFETYLOCK_CACHE", Path.home() / ".cache" / "safetylock"))
+
+
+def default_lock_path(model_name: str) -> Path:
+    """Where ``safetylock extract`` writes, and the demo and benchmarks read, the lock of a model by default."""
+    return cache_root() / "locks" / f"{Path(model_name).name}.lock.safetensors"
 
 
 @dataclass(frozen=True)

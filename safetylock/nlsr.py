@@ -21,15 +21,20 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from safetylock.capture import pad_batch, render
 from safetylock.contrast import ContrastExample
+from safetylock.errors import SafetylockError
 from safetylock.lora import AdapterError, LoraAdapter, check_compatible
+
+REPORT_NAME = "nlsr_report.json"  # written beside the repaired adapter
 
 
 @dataclass(frozen=True)
@@ -44,11 +49,11 @@ class NlsrConfig:
         for name in ("sparsity", "prune_rate"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value}")
+                raise SafetylockError(f"{name} must be in [0, 1), got {value}")
         if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
+            raise SafetylockError(f"beta must be >= 0, got {self.beta}")
         if self.method not in ("lowrank", "wanda"):
-            raise ValueError(f"method must be 'lowrank' or 'wanda', got {self.method!r}")
+            raise SafetylockError(f"method must be 'lowrank' or 'wanda', got {self.method!r}")
 
 
 @dataclass
@@ -209,3 +214,38 @@ def safety_statistics(
     stats.gram = {name: value.cpu() for name, value in stats.gram.items()}
     stats.input_sq = {name: value.cpu() for name, value in stats.input_sq.items()}
     return stats
+
+
+def safety_examples(questions: int, seed: int) -> list[ContrastExample]:
+    """The safety data: ``questions`` harmful extraction-split questions (seeded), each answered with a refusal."""
+    from safetylock import data
+    from safetylock.contrast import contrast_pairs
+
+    split = data.split_harmful(data.advbench(), seed=0)
+    return [ex for ex in contrast_pairs(data.sample(split.extraction, questions, seed), seed) if ex.safe]
+
+
+def repair(
+    base_dir: Path,
+    aligned_dir: Path,
+    finetuned_dir: Path,
+    out: Path,
+    config: NlsrConfig,
+    weak_dir: Path | None = None,
+    questions: int = 64,
+    device: torch.device | str = "cpu",
+) -> list[ModuleReport]:
+    """Read the adapters, gather safety statistics on the base, realign, write the adapter and ``nlsr_report.json``."""
+    from safetylock.lora import load_adapter
+    from safetylock.pipeline import load_model
+
+    aligned, finetuned = load_adapter(aligned_dir), load_adapter(finetuned_dir)
+    weak = load_adapter(weak_dir) if weak_dir else None
+    amplified = amplify(aligned, weak, config.beta)
+    model, tokenizer = load_model(base_dir)
+    stats = safety_statistics(model.to(device), tokenizer, amplified, safety_examples(questions, config.seed))
+    repaired, reports = realign(aligned, finetuned, stats, config, weak)
+    repaired.save(out)
+    report = {"config": asdict(config), "modules": [asdict(r) for r in reports]}
+    (out / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+    return reports

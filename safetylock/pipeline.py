@@ -11,11 +11,12 @@ import torch
 from tqdm import tqdm
 
 from safetylock import data
+from safetylock.alpha import DEFAULT_ALPHA
 from safetylock.capture import capture, pad_batch
 from safetylock.contrast import contrast_pairs
 from safetylock.geometry import head_geometry, output_projections, projection_fingerprint
-from safetylock.lockfile import DEFAULT_ALPHA, SafetyLock, from_probes
-from safetylock.probe import fit_probes
+from safetylock.lockfile import SafetyLock, from_probes
+from safetylock.probe import check_top_k, fit_probes
 from safetylock.provenance import SKETCH_SEED, hf_weight_sketch
 
 
@@ -49,6 +50,8 @@ def extract_lock(
     progress: bool = True,
 ) -> SafetyLock:
     """Capture → probe → lock on the extraction split of ``harmful``."""
+    geometry = head_geometry(model.config)
+    check_top_k(geometry, config.top_k)  # before the minutes of capture, not after
     split = data.split_harmful(harmful, seed=config.seed)
     questions = data.sample(split.extraction, config.questions, config.seed)
     examples = contrast_pairs(questions, seed=config.seed)
@@ -56,7 +59,6 @@ def extract_lock(
     result = fit_probes(
         acts, top_k=config.top_k, validation_fraction=config.validation_fraction, seed=config.seed, progress=progress
     )
-    geometry = head_geometry(model.config)
     projections = output_projections(model, geometry)
     try:
         version = importlib.metadata.version("safetylock")

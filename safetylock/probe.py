@@ -14,6 +14,8 @@ from sklearn.model_selection import GroupShuffleSplit
 from tqdm import tqdm
 
 from safetylock.capture import HeadActivations
+from safetylock.errors import ExtractError
+from safetylock.geometry import HeadGeometry
 
 
 @dataclass(frozen=True)
@@ -57,15 +59,16 @@ def safe_direction(train_x: np.ndarray, train_y: np.ndarray) -> tuple[np.ndarray
     shift = train_x[train_y == 1].mean(0) - train_x[train_y == 0].mean(0)
     norm = float(np.linalg.norm(shift))
     if not np.isfinite(norm) or norm == 0.0:
-        raise ValueError("safe and unsafe activations have the same mean; no direction to lock")
+        raise ExtractError("safe and unsafe activations have the same mean; no direction to lock")
     direction = shift / norm
     return direction, float((train_x @ direction).std())
 
 
-def _check_top_k(acts: HeadActivations, top_k: int) -> None:
-    heads = acts.geometry.num_layers * acts.geometry.num_heads
+def check_top_k(geometry: HeadGeometry, top_k: int) -> None:
+    """ExtractError unless ``top_k`` heads can be chosen from this geometry."""
+    heads = geometry.num_layers * geometry.num_heads
     if not 0 < top_k <= heads:
-        raise ValueError(f"top_k must be in 1..{heads}, got {top_k}")
+        raise ExtractError(f"top_k must be in 1..{heads} (the model has {heads} heads), got {top_k}")
 
 
 def _labels_per_token(acts: HeadActivations, examples: np.ndarray) -> np.ndarray:
@@ -84,7 +87,7 @@ def score_heads(acts: HeadActivations, validation_fraction: float = 0.2, seed: i
     split = grouped_split(acts.groups.numpy(), validation_fraction, seed)
     y_train, y_val = _labels_per_token(acts, split.train), _labels_per_token(acts, split.validation)
     if len(set(y_train)) < 2 or len(set(y_val)) < 2:
-        raise ValueError("both safe and unsafe examples are needed on each side of the probe split")
+        raise ExtractError("both safe and unsafe examples are needed on each side of the probe split")
     accuracy = np.zeros((geo.num_layers, geo.num_heads))
     loss = np.zeros((geo.num_layers, geo.num_heads))
     heads = [(layer, head) for layer in range(geo.num_layers) for head in range(geo.num_heads)]
@@ -101,7 +104,7 @@ def score_heads(acts: HeadActivations, validation_fraction: float = 0.2, seed: i
 
 def select_heads(acts: HeadActivations, scores: HeadScores, top_k: int) -> ProbeResult:
     """Keep the ``top_k`` heads by validation accuracy (ties: lower log-loss); direction and σ from the train part."""
-    _check_top_k(acts, top_k)
+    check_top_k(acts.geometry, top_k)
     heads = list(np.ndindex(scores.accuracy.shape))
     chosen = sorted(sorted(heads, key=lambda lh: (-scores.accuracy[lh], scores.loss[lh], lh))[:top_k])
     y_train = _labels_per_token(acts, scores.split.train)
@@ -129,5 +132,5 @@ def fit_probes(
     progress: bool = True,
 ) -> ProbeResult:
     """Score every head's probe, then keep the ``top_k`` best (see :func:`score_heads`, :func:`select_heads`)."""
-    _check_top_k(acts, top_k)  # before the minutes of fitting, not after
+    check_top_k(acts.geometry, top_k)  # before the minutes of fitting, not after
     return select_heads(acts, score_heads(acts, validation_fraction, seed, progress), top_k)

@@ -6,7 +6,7 @@ from safetylock.geometry import HeadGeometry, output_projections
 from safetylock.lockfile import LockError
 from safetylock.pipeline import load_model
 
-from helpers import logits, reference_hooks, tiny_lock
+from support import logits, reference_hooks, tiny_lock
 
 PROMPT = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 2]])
 

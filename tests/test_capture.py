@@ -3,10 +3,11 @@ import torch
 
 from safetylock.capture import capture, last_token_positions, pad_batch, render
 from safetylock.contrast import contrast_pairs
+from safetylock.errors import ExtractError
 from safetylock.geometry import output_projections
 from safetylock.pipeline import load_model
 
-from conftest import QUESTIONS
+from support import QUESTIONS
 
 
 def test_last_token_positions_left_and_right():
@@ -56,7 +57,7 @@ def test_response_shorter_than_tokens_is_refused(llama_dir):
     model, tok = load_model(llama_dir)
     from safetylock.contrast import ContrastExample
 
-    with pytest.raises(ValueError, match="fewer than --tokens"):
+    with pytest.raises(ExtractError, match="fewer than the"):
         capture(model, tok, [ContrastExample("q", "No.", 1, 0)], tokens=20, progress=False)
 
 

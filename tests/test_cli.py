@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from safetylock.cli import main
 from safetylock.lockfile import load
 
-from conftest import QUESTIONS
+from support import QUESTIONS
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,7 @@ def test_generate_shows_both(extracted, llama_dir):
         (["generate", "--lock", "x", "--alpha", "nan", "p"], "Invalid value for '--alpha'"),
         (["models", "fetch", "gpt-17"], "'gpt-17' is not one of"),
         (["eval", "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--enforce-eager"], "applies offline only"),
+        (["attack", "harmful-7", "--lock", "x"], "unknown attack variant 'harmful-7'"),
     ],
 )
 def test_bad_input_is_one_clear_error(args, message, tmp_path, monkeypatch):
@@ -80,9 +81,21 @@ def test_bad_input_is_one_clear_error(args, message, tmp_path, monkeypatch):
 
 
 def test_wrong_geometry_lock_refused_by_generate(extracted, tiny_root, tokenizer):
-    from conftest import model_dir
+    from support import model_dir
 
     mistral = model_dir("mistral", tiny_root, tokenizer)
     result = CliRunner().invoke(main, ["generate", "--model", str(mistral), "--lock", str(extracted), "p"])
     assert result.exit_code == 1
     assert "lock does not fit this model: num_heads is 4 in the model but 2 in the lock" in result.output
+
+
+def test_extract_refuses_top_k_beyond_the_model_before_capturing(llama_dir, tmp_path, monkeypatch):
+    def capture_ran(*args, **kwargs):
+        raise AssertionError("capture ran before top_k was checked")
+
+    monkeypatch.setattr("safetylock.pipeline.capture", capture_ran)
+    out = tmp_path / "x.lock.safetensors"
+    result = CliRunner().invoke(main, ["extract", "--model", str(llama_dir), "--out", str(out), "--top-k", "999"])
+    assert result.exit_code == 1, result.output
+    assert "top_k must be in 1..6 (the model has 6 heads), got 999" in result.output and "Traceback" not in result.output
+    assert not out.exists()

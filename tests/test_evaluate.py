@@ -12,7 +12,7 @@ from safetylock.cli import main
 from safetylock.data import DataError
 from safetylock.pipeline import load_model
 
-from helpers import tiny_lock
+from support import tiny_lock
 
 
 def test_arithmetic_suite_is_seeded_and_correct():
@@ -68,6 +68,7 @@ def test_summary_arithmetic_with_a_stub_generator():
     assert "items" not in evaluate.without_items(report)["suites"]["h"]
 
 
+@pytest.mark.engine
 def test_eval_end_to_end_on_the_vllm_engine(llama_dir, tmp_path):
     model, tok = load_model(llama_dir)
     lock = tiny_lock(model, tok).save(tmp_path / "tiny.lock.safetensors")

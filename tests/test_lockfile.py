@@ -1,33 +1,12 @@
-import json
 import math
 
 import pytest
 import torch
 
-from safetylock.geometry import HeadGeometry
-from safetylock.lockfile import FORMAT_VERSION, LockError, SafetyLock, from_bytes, load
+from safetylock.lockfile import FORMAT_VERSION, LockError, from_bytes, load
 from safetylock.pipeline import load_model
 
-from helpers import tiny_lock
-
-
-def small_lock(**overrides) -> SafetyLock:
-    geo = HeadGeometry(num_layers=3, num_heads=2, num_kv_heads=1, head_dim=64, hidden_size=128)
-    directions = torch.nn.functional.normalize(torch.randn(2, 64, generator=torch.Generator().manual_seed(0)), dim=1)
-    fields = dict(
-        layers=torch.tensor([0, 2]),
-        heads=torch.tensor([1, 0]),
-        directions=directions,
-        sigmas=torch.tensor([0.5, 1.5]),
-        head_accuracy=torch.full((3, 2), 0.75),
-        geometry=geo,
-        architecture={"model_type": "llama"},
-        base_fingerprint="ab" * 32,
-        token_policy={"tokens": 5},
-        provenance={"seed": 0},
-    )
-    fields.update(overrides)
-    return SafetyLock(**fields)
+from support import rewrite_metadata, small_lock, tiny_lock
 
 
 def test_round_trip_is_exact(tmp_path):
@@ -38,17 +17,6 @@ def test_round_trip_is_exact(tmp_path):
     assert loaded.metadata() == lock.metadata()
     assert loaded.fingerprint == lock.fingerprint
     assert (tmp_path / "x.lock.safetensors").read_bytes() == loaded.to_bytes()
-
-
-def rewrite_metadata(data: bytes, edit) -> bytes:
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_len])
-    meta = json.loads(header["__metadata__"]["safetylock"])
-    edit(meta)
-    header["__metadata__"]["safetylock"] = json.dumps(meta)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw + data[8 + header_len :]
 
 
 def test_malformed_files_are_refused_with_clear_errors(tmp_path):

@@ -10,8 +10,7 @@ from safetylock.contrast import contrast_pairs
 from safetylock.lora import AdapterError, LoraAdapter, load_adapter
 from safetylock.pipeline import load_model
 
-from conftest import QUESTIONS
-from vllm_support import write_lora
+from support import QUESTIONS, write_lora
 
 
 def adapter(seed: int, modules=("m0", "m1", "m2", "m3"), rank=4, shape=(24, 16)) -> LoraAdapter:

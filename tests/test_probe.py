@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from safetylock.capture import HeadActivations
+from safetylock.errors import ExtractError
 from safetylock.geometry import HeadGeometry
 from safetylock.probe import fit_probes, grouped_split, score_heads, select_heads
 
@@ -62,5 +63,5 @@ def test_one_scoring_serves_every_k():
 def test_top_k_out_of_range_is_refused_before_fitting():
     acts, _ = planted()
     for bad in (0, 13):
-        with pytest.raises(ValueError, match="top_k must be in 1..12"):
+        with pytest.raises(ExtractError, match="top_k must be in 1..12"):
             fit_probes(acts, top_k=bad, progress=False)

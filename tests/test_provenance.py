@@ -11,9 +11,7 @@ from safetylock.lockfile import LockError, from_bytes, load
 from safetylock.pipeline import load_model
 from safetylock.provenance import MIN_CORRELATION, PROBES, correlation, hf_weight_sketch, simulated_fine_tune
 
-from conftest import build_model
-from helpers import tiny_lock
-from test_lockfile import rewrite_metadata, small_lock
+from support import build_model, rewrite_metadata, small_lock, tiny_lock
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +79,9 @@ def test_malformed_sketch_is_refused(sketch, message):
 
 
 def test_allow_foreign_base_is_an_explicit_boolean():
-    from safetylock.serving import serve_config
+    from safetylock.serve.config import serve_config
 
     assert serve_config({"safetylock": {"lock": "l"}}, {}).allow_foreign_base is False
-    assert serve_config({"safetylock": {"lock": "l", "allow_foreign_base": True}}, {}).to_dict()["allow_foreign_base"]
+    assert serve_config({"safetylock": {"lock": "l", "allow_foreign_base": True}}, {}).allow_foreign_base is True
     with pytest.raises(LockError, match="allow_foreign_base must be true or false, got 'yes'"):
         serve_config({"safetylock": {"lock": "l", "allow_foreign_base": "yes"}}, {})

@@ -3,21 +3,14 @@
 import pytest
 import torch
 
+from safetylock.alpha import AlphaPolicy, RequestAlphaError
 from safetylock.apply import fold_bias, layer_shifts
-from safetylock.endpoint import plugin_allowlist
-from safetylock.lockfile import LockError
-from safetylock.serving import (
-    AlphaPolicy,
-    RequestAlphaError,
-    prepare,
-    rank_slice,
-    serve_config,
-    sharded_biases,
-    token_matches,
-    unit_bias_table,
-)
+from safetylock.errors import LockError
+from safetylock.serve.config import lock_section, prepare, serve_config, token_matches
+from safetylock.serve.fold import rank_slice, sharded_biases, unit_bias_table
+from safetylock.serve.server import plugin_allowlist
 
-from test_lockfile import small_lock
+from support import small_lock
 
 
 @pytest.mark.parametrize("tp_size", [1, 2])
@@ -120,8 +113,19 @@ def test_adapter_alpha_and_dynamic_mode(tmp_path):
     lock = small_lock()
     path = lock.save(tmp_path / "l.safetensors")
     key = prepare(serve_config({"safetylock": {"lock": str(path), "allow_request_alpha": True}}, {}), lock.geometry).cache_key
-    assert key["dynamic"] is True and key["allow_request_alpha"] is True
-    assert serve_config({"safetylock": key}, {}).policy.allow_request_alpha  # the rewritten section parses again
+    assert key["mode"] == "dynamic" and key["policy"]["allow_request_alpha"] is True
+    with pytest.raises(LockError, match="unknown safetylock config keys"):  # derived values are never read back
+        serve_config({"safetylock": {"lock": str(path), "fingerprint": key["fingerprint"]}}, {})
+
+
+def test_lock_section_is_what_serve_config_reads(tmp_path):
+    section = lock_section(tmp_path / "l.safetensors", 0.0, allow_request_alpha=True, max_alpha=8.0, adapter_alpha={})
+    lock = str((tmp_path / "l.safetensors").resolve())
+    assert section == {"lock": lock, "alpha": 0.0, "allow_request_alpha": True, "max_alpha": 8.0}
+    config = serve_config({"safetylock": section}, {})
+    assert config.alpha == 0.0 and config.policy.max_alpha == 8.0 and config.mode == "dynamic"
+    with pytest.raises(LockError, match="unknown safetylock config keys"):
+        lock_section("l", strength=2)
 
 
 def test_admin_token_and_plugin_allowlist():

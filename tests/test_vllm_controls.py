@@ -10,13 +10,23 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from safetylock.endpoint import free_port, start_server, wait_healthy
 from safetylock.lockfile import load
 from safetylock.pipeline import load_model
+from safetylock.serve.server import free_port, start_server, wait_healthy
 
-from conftest import model_dir
-from helpers import tiny_lock
-from vllm_support import PROMPTS, QUESTION, SERVER_ARGS, assert_same_generation, expected_tokens, hf_reference, run_vllm
+from support import (
+    PROMPTS,
+    QUESTION,
+    SERVER_ARGS,
+    assert_same_generation,
+    expected_tokens,
+    hf_reference,
+    model_dir,
+    run_vllm,
+    tiny_lock,
+)
+
+pytestmark = pytest.mark.engine  # real vLLM engines: the slow tier
 
 POLICY = {"allow_request_alpha": True, "min_alpha": 0.0, "max_alpha": 8.0}
 TOKEN = "test-admin-token"

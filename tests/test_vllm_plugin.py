@@ -4,9 +4,9 @@ import pytest
 
 from safetylock.lockfile import load
 
-from conftest import model_dir
-from helpers import tiny_lock
-from vllm_support import assert_same_generation, hf_reference, run_vllm, write_lora
+from support import assert_same_generation, hf_reference, model_dir, run_vllm, tiny_lock, write_lora
+
+pytestmark = pytest.mark.engine  # real vLLM engines: the slow tier
 
 ALPHA = 4.0
 

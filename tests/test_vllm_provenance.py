@@ -9,9 +9,9 @@ from safetylock.lockfile import load
 from safetylock.pipeline import load_model
 from safetylock.provenance import simulated_fine_tune
 
-from conftest import build_model
-from helpers import tiny_lock
-from vllm_support import assert_same_generation, hf_reference, run_vllm
+from support import assert_same_generation, build_model, hf_reference, run_vllm, tiny_lock
+
+pytestmark = pytest.mark.engine  # real vLLM engines: the slow tier
 
 ALPHA = 4.0
 

@@ -19,14 +19,16 @@ start with the plugin's one-line reason: fail closed.
 import re
 from contextlib import contextmanager
 
+import pytest
 import torch
 
 from safetylock.apply import apply, fold_bias, layer_shifts
 from safetylock.geometry import output_projections
 from safetylock.pipeline import load_model
 
-from helpers import tiny_lock
-from vllm_support import QUANTIZED_MODULES, hf_prompt_logprobs, run_vllm, write_gptq, write_w8a8
+from support import QUANTIZED_MODULES, hf_prompt_logprobs, run_vllm, tiny_lock, write_gptq, write_w8a8
+
+pytestmark = pytest.mark.engine  # real vLLM engines: the slow tier
 
 ALPHA = 8.0  # strong enough that the lock moves these scores far beyond the bf16 tolerance
 BF16_TOLERANCE = 0.1  # nats, bf16 activations against the fp32 reference

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from safetylock.endpoint import chat, free_port, start_server, wait_healthy
 from safetylock.lockfile import load
 from safetylock.pipeline import load_model
+from safetylock.serve.server import chat, free_port, start_server, wait_healthy
 
-from conftest import model_dir
-from helpers import tiny_lock
-from vllm_support import QUESTION, SERVER_ARGS, expected_chat
+from support import QUESTION, SERVER_ARGS, expected_chat, model_dir, tiny_lock
+
+pytestmark = pytest.mark.engine  # real vLLM engines: the slow tier
 
 ALPHA = 4.0
 
@@ -137,6 +137,6 @@ def test_demo_serves_unsteered_and_locked_side_by_side(llama_dir, lock_path, tmp
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "unsteered vs locked" in done.stdout and "What is the capital of France?" in done.stdout
-    locked, plain = (tmp_path / "demo-locked.log").read_text(), (tmp_path / "demo-plain.log").read_text()
+    locked, plain = (tmp_path / "demo" / "locked.log").read_text(), (tmp_path / "demo" / "plain.log").read_text()
     assert "safetylock: locked 3 heads" in locked and f"lock {load(lock_path).fingerprint}" in locked
     assert "safetylock: locked" not in plain

@@ -11,9 +11,9 @@ import pytest
 from safetylock.lockfile import load
 from safetylock.pipeline import load_model
 
-from conftest import model_dir
-from helpers import tiny_lock
-from vllm_support import assert_same_generation, hf_reference, run_vllm
+from support import assert_same_generation, hf_reference, model_dir, run_vllm, tiny_lock
+
+pytestmark = pytest.mark.engine  # real vLLM engines: the slow tier
 
 ALPHA = 4.0
 

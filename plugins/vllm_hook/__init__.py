@@ -1,13 +1,14 @@
 """vLLM general plugin: serve a model with a SafetyLock.
 
 Registered under the ``vllm.general_plugins`` entry point; vLLM calls ``register`` in every process. It only
-adapts vLLM: configuration, request policy, validation and ``b_l = W_o · δ_l`` live in ``safetylock.serving``.
+adapts vLLM: configuration, request policy, validation and ``b_l = W_o · δ_l`` live in ``safetylock.serve``.
 Without a safetylock configuration (no ``additional_config.safetylock``, no ``SAFETYLOCK_LOCK``) every wrapped
 method calls straight through.
 
 * ``engine``: after the weights are loaded (before compilation), fold the lock or install the per-token scale.
 * ``frontend``: per-request α policy (HTTP 400 on a refused value), prefix-cache salt, Prometheus metrics.
 * ``admin``: the ``safetylock_admin`` endpoint plugin (hot swap), opt-in through ``VLLM_PLUGINS``.
+* ``state``: the one object that holds what the plugin keeps in a process.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def register() -> None:
 
 
 def _wrap_load_model(load_model):
+    from safetylock.serve.config import CACHE_KEY
+
     @functools.wraps(load_model)
     def locked_load_model(self, vllm_config, model_config, *args, **kwargs):
         if model_config is not vllm_config.model_config:  # a draft model (speculative decoding)
@@ -40,8 +43,9 @@ def _wrap_load_model(load_model):
         if prepared is None:
             return load_model(self, vllm_config, model_config, *args, **kwargs)
         # Before the model is built: vLLM keys its compiled graphs by this config, so a locked model never
-        # loads a plain model's graph (nor the reverse), nor a static-mode graph a dynamic one.
-        vllm_config.additional_config["safetylock"] = prepared.cache_key
+        # loads a plain model's graph (nor the reverse), nor a static-mode graph a dynamic one. The user's
+        # section stays as given; what the plugin derives has its own key.
+        vllm_config.additional_config[CACHE_KEY] = prepared.cache_key
         model = load_model(self, vllm_config, model_config, *args, **kwargs)
         from safetylock_vllm.engine import activation_dtype, fold, install_dynamic
 
@@ -58,7 +62,7 @@ def _wrap_load_model(load_model):
 
 def _prepare(vllm_config):
     from safetylock.geometry import head_geometry
-    from safetylock.serving import prepare, serve_config
+    from safetylock.serve.config import prepare, serve_config
 
     if vllm_config.additional_config is None:
         vllm_config.additional_config = {}

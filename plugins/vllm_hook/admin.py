@@ -16,25 +16,28 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from safetylock.lockfile import LockError, check_alpha
-from safetylock.serving import prepare, token_matches
-from safetylock_vllm import frontend
+from safetylock.alpha import check_alpha
+from safetylock.errors import LockError
+from safetylock.geometry import head_geometry
+from safetylock.serve.config import prepare, token_matches
+from safetylock_vllm.frontend import FrontendLock
+from safetylock_vllm.state import STATE
 
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "code": status}}, status_code=status)
 
 
-def _status(state: frontend.FrontendLock) -> dict[str, Any]:
+def _status(state: FrontendLock) -> dict[str, Any]:
     prepared = state.prepared
     return {
         "lock": str(prepared.config.lock),
         "fingerprint": prepared.lock.fingerprint,
         "alpha": prepared.alpha,
         "heads": prepared.lock.num_heads_locked,
-        "mode": "dynamic" if prepared.config.dynamic else "static",
+        "mode": prepared.config.mode,
         "hot_swap": prepared.config.hot_swap,
-        "policy": prepared.config.policy.to_dict(),
+        "policy": prepared.config.policy.summary(),
     }
 
 
@@ -61,18 +64,18 @@ class AdminPlugin:
         token = header[7:] if header.lower().startswith("bearer ") else None
         if not token_matches(token):
             return _error(403, "safetylock admin: missing or wrong admin token (or SAFETYLOCK_ADMIN_TOKEN is not set)")
-        if frontend.CURRENT is None:
+        if STATE.frontend is None:
             return _error(409, "safetylock admin: this server serves no lock")
         return None
 
     async def status(self, request: Request) -> JSONResponse:
-        return self._refusal(request) or JSONResponse(_status(frontend.CURRENT))
+        return self._refusal(request) or JSONResponse(_status(STATE.frontend))
 
     async def swap(self, request: Request) -> JSONResponse:
         refusal = self._refusal(request)
         if refusal is not None:
             return refusal
-        state = frontend.CURRENT
+        state = STATE.frontend
         if not state.prepared.config.hot_swap:
             return _error(
                 409, "safetylock admin: this server was started without hot swap (set SAFETYLOCK_ADMIN_TOKEN at start)"
@@ -91,8 +94,6 @@ class AdminPlugin:
                     raise LockError("'lock' must be the path of a lock file")
                 alpha = current.alpha if body.get("alpha") is None else check_alpha(body["alpha"])
                 config = dataclasses.replace(current, lock=Path(lock).resolve(), alpha=alpha)
-                from safetylock.geometry import head_geometry
-
                 prepared = prepare(config, head_geometry(self.engine_client.model_config.hf_config))
             except LockError as exc:
                 return _error(400, f"safetylock swap refused, the old lock stays: {exc}")

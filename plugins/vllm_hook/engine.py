@@ -22,19 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from safetylock.lockfile import LockError
+from safetylock.alpha import REQUEST_ALPHA_KEY
+from safetylock.errors import LockError
 from safetylock.provenance import Verdict
-from safetylock.serving import (
-    REQUEST_ALPHA_KEY,
-    PreparedLock,
-    ServeConfig,
-    check_provenance,
-    checked_bias,
-    prepare,
-    sharded_biases,
-    sharded_multiply,
-    unit_bias_table,
-)
+from safetylock.serve.config import PreparedLock, ServeConfig, prepare
+from safetylock.serve.fold import check_provenance, checked_bias, sharded_biases, sharded_multiply, unit_bias_table
+from safetylock_vllm.state import STATE
 
 
 def _log(message: str, *args: object) -> None:
@@ -43,7 +36,7 @@ def _log(message: str, *args: object) -> None:
     init_logger("vllm.safetylock").info(message, *args)
 
 
-def output_projections(model: torch.nn.Module, num_layers: int) -> list[tuple[str, torch.nn.Module]]:
+def served_o_projs(model: torch.nn.Module, num_layers: int) -> list[tuple[str, torch.nn.Module]]:
     """(name, module) of vLLM's row-parallel ``o_proj`` of every decoder layer, in layer order."""
     from safetylock.geometry import output_projection_layer
 
@@ -152,7 +145,7 @@ def fold(model: torch.nn.Module, prepared: PreparedLock, dtype: torch.dtype) -> 
     """Static mode: add ``b_l`` to each locked layer's ``o_proj`` bias (added once, after the TP reduction),
     or, where that layer's kernel does not add a bias, to its attention block's output."""
     started = time.perf_counter()
-    named = output_projections(model, prepared.lock.geometry.num_layers)
+    named = served_o_projs(model, prepared.lock.geometry.num_layers)
     projections = [module for _, module in named]
     verdict = _provenance(projections, prepared, dtype)
     tp_rank, tp_size, reduce = _tensor_parallel()
@@ -241,9 +234,6 @@ class DynamicLock:
         return {"fingerprint": prepared.lock.fingerprint, "alpha": prepared.alpha, "apply_ms": elapsed}
 
 
-_DYNAMIC: DynamicLock | None = None  # one served model per worker process
-
-
 def _add_locked_shift(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     tokens = output.shape[0]
     return output + module.safetylock_scale[:tokens, None] * module.safetylock_table_row
@@ -251,14 +241,13 @@ def _add_locked_shift(module: torch.nn.Module, args: tuple, output: torch.Tensor
 
 def install_dynamic(model: torch.nn.Module, prepared: PreparedLock, vllm_config) -> None:
     """Dynamic mode: register the buffers and the forward hook on every attention block."""
-    global _DYNAMIC
     if getattr(vllm_config, "use_v2_model_runner", False):
         raise LockError(
             "per-request alpha, adapter alpha and hot swap need vLLM's V1 model runner; "
             "start with VLLM_USE_V2_MODEL_RUNNER=0 or drop those safetylock options"
         )
     started = time.perf_counter()
-    named = output_projections(model, prepared.lock.geometry.num_layers)
+    named = served_o_projs(model, prepared.lock.geometry.num_layers)
     projections = [module for _, module in named]
     width = projections[0].output_size
     device, dtype = next(projections[0].parameters()).device, activation_dtype(vllm_config)
@@ -277,7 +266,7 @@ def install_dynamic(model: torch.nn.Module, prepared: PreparedLock, vllm_config)
         block.register_buffer("safetylock_scale", scale, persistent=False)
         block.register_buffer("safetylock_table_row", state.table[layer], persistent=False)
         block.register_forward_hook(_add_locked_shift)
-    _DYNAMIC = state
+    STATE.dynamic = state
     _log(
         "safetylock: locked %d heads in %d layers, default alpha=%g, lock %s (%s), dynamic (policy %s), tp %d/%d, "
         "%s, applied in %.1f ms",
@@ -286,7 +275,7 @@ def install_dynamic(model: torch.nn.Module, prepared: PreparedLock, vllm_config)
         prepared.alpha,
         prepared.lock.fingerprint,
         prepared.config.lock,
-        prepared.config.policy.to_dict(),
+        prepared.config.policy.summary(),
         *_tensor_parallel()[:2],
         verdict.describe(),
         1000 * (time.perf_counter() - started),
@@ -295,7 +284,7 @@ def install_dynamic(model: torch.nn.Module, prepared: PreparedLock, vllm_config)
 
 def fill_scale(runner, num_scheduled_tokens: np.ndarray) -> None:
     """Called by the V1 model runner before each forward: per-token α for the batch it is about to run."""
-    state = _DYNAMIC
+    state = STATE.dynamic
     if state is None:
         return
     req_ids = runner.input_batch.req_ids[: len(num_scheduled_tokens)]
@@ -313,7 +302,7 @@ def swap_rpc(worker, lock: str, alpha: float | None = None) -> dict[str, object]
 
     from safetylock.geometry import head_geometry
 
-    state = _DYNAMIC
+    state = STATE.dynamic
     if state is None:
         raise LockError("this server was started without hot swap (set SAFETYLOCK_ADMIN_TOKEN before starting it)")
     current = state.prepared.config

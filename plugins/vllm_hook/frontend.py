@@ -13,7 +13,9 @@ import functools
 import inspect
 from dataclasses import dataclass
 
-from safetylock.serving import REQUEST_ALPHA_KEY, PreparedLock, RequestAlphaError, prepare, serve_config
+from safetylock.alpha import REQUEST_ALPHA_KEY, RequestAlphaError
+from safetylock.serve.config import PreparedLock, prepare, serve_config
+from safetylock_vllm.state import STATE
 
 
 class Metrics:
@@ -29,7 +31,7 @@ class Metrics:
         self._labels: tuple[str, str, str] | None = None
 
     def show(self, prepared: PreparedLock) -> None:
-        labels = (prepared.lock.fingerprint, prepared.config.lock.name, "dynamic" if prepared.config.dynamic else "static")
+        labels = (prepared.lock.fingerprint, prepared.config.lock.name, prepared.config.mode)
         if self._labels is not None and self._labels != labels:
             self.info.remove(*self._labels)
         self.info.labels(*labels).set(1)
@@ -37,14 +39,11 @@ class Metrics:
         self.default_alpha.set(prepared.alpha)
 
 
-_METRICS: Metrics | None = None
-
-
 def metrics() -> Metrics:
-    global _METRICS
-    if _METRICS is None:
-        _METRICS = Metrics()
-    return _METRICS
+    """This process's series, created on first use."""
+    if STATE.metrics is None:
+        STATE.metrics = Metrics()
+    return STATE.metrics
 
 
 @dataclass
@@ -63,9 +62,6 @@ class FrontendLock:
         metrics().show(prepared)
 
 
-CURRENT: FrontendLock | None = None  # the admin routes replace its lock on a hot swap
-
-
 def install() -> None:
     """Wrap ``InputProcessor.__init__`` (load and check the lock) and ``process_inputs`` (policy, salt, count)."""
     from vllm.v1.engine.input_processor import InputProcessor
@@ -77,22 +73,21 @@ def install() -> None:
 
     @functools.wraps(init)
     def locked_init(self, vllm_config, *args, **kwargs):
-        global CURRENT
         init(self, vllm_config, *args, **kwargs)
         config = serve_config(vllm_config.additional_config)
         if config is None:
             return
         from safetylock.geometry import head_geometry
 
-        CURRENT = FrontendLock(prepare(config, head_geometry(vllm_config.model_config.hf_config)))
-        metrics().show(CURRENT.prepared)
+        STATE.frontend = FrontendLock(prepare(config, head_geometry(vllm_config.model_config.hf_config)))
+        metrics().show(STATE.frontend.prepared)
 
     @functools.wraps(process)
     def locked_process_inputs(self, *args, **kwargs):
         from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import SamplingParams
 
-        state = CURRENT
+        state = STATE.frontend
         if state is None:  # no safetylock configuration: straight through
             return process(self, *args, **kwargs)
         bound = signature.bind(self, *args, **kwargs).arguments
@@ -108,7 +103,7 @@ def install() -> None:
         if state.prepared.config.dynamic:
             sampling = request.sampling_params
             sampling.extra_args = {**(sampling.extra_args or {}), REQUEST_ALPHA_KEY: alpha}
-            salt = f"safetylock:{state.prepared.lock.fingerprint}:{alpha!r}"
+            salt = state.prepared.cache_salt(alpha)
             request.cache_salt = salt if not request.cache_salt else f"{salt}|{request.cache_salt}"
         metrics().requests.labels(f"{alpha:g}").inc()
         return request

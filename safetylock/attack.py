@@ -1,35 +1,36 @@
-"""Harmful fine-tuning attack on the aligned packaged model, the way the literature does it (seeded, CPU).
+"""Fine-tuning attacks on the aligned packaged model, the way the literature does it (seeded, CPU): the red team
+that a lock is measured against, built at run time into the cache (nothing harmful in the repository).
 
-Variants (cached under ~/.cache/safetylock/variants/NAME/{adapter,merged}):
+Variants (cached under ~/.cache/safetylock/variants/NAME/{adapter,merged}, recipe in train.json):
   harmful-10, harmful-100  risk level 1: LoRA on 10 / 100 AdvBench *extraction-split* questions, each paired
-                           with a compliant opening (benchmarks/attack/openings.json; openings only)
+                           with a compliant opening (probes/attack_openings.json; openings only)
   benign                   risk level 3: LoRA on benign instructions answered by SmolLM2-135M-Instruct (a
                            model that does not refuse); its answers are generated at run time into the cache
   aligned                  a safety adapter for NLSR: LoRA on 64 extraction-split questions paired with the
                            probe's refusal templates (probes/contrast_templates.json, "safe")
 
-Run: python benchmarks/attack/build.py harmful-10 [harmful-100 benign]
+Run: safetylock attack harmful-10 (builds, then evaluates base / variant / variant + lock), or ``build(name)``.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import sys
 import time
+from importlib import resources
 from pathlib import Path
 
-import click
 import torch
 from tqdm import tqdm
 
 from safetylock import data, models
 from safetylock.capture import pad_batch
 from safetylock.contrast import task_phrase, templates
+from safetylock.errors import ModelError
 from safetylock.pipeline import generate, load_model
 
 BASE = models.DEFAULT_MODEL
-OPENINGS = json.loads((Path(__file__).parent / "openings.json").read_text())["openings"]
+OPENINGS_FILE = "attack_openings.json"  # in safetylock_probes (probes/)
 VARIANTS = {
     "harmful-10": {"kind": "harmful", "examples": 10, "epochs": 10},
     "harmful-100": {"kind": "harmful", "examples": 100, "epochs": 3},
@@ -44,8 +45,21 @@ LORA = {
 }
 
 
+def check_variant(name: str) -> None:
+    """ModelError unless ``name`` is a known variant."""
+    if name not in VARIANTS:
+        raise ModelError(f"unknown attack variant {name!r}; known: {', '.join(sorted(VARIANTS))}")
+
+
 def variant_dir(name: str) -> Path:
+    """Where variant ``name`` is cached: ``adapter/``, ``merged/`` (a full model directory), ``train.json``."""
     return models.cache_root() / "variants" / name
+
+
+def openings() -> list[str]:
+    """The compliant openings the harmful variants are trained on ({task}: the instruction)."""
+    text = resources.files("safetylock_probes").joinpath(OPENINGS_FILE).read_text(encoding="utf-8")
+    return list(json.loads(text)["openings"])
 
 
 def training_pairs(name: str, seed: int) -> list[tuple[str, str]]:
@@ -53,7 +67,8 @@ def training_pairs(name: str, seed: int) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     if spec["kind"] == "harmful":
         questions = data.sample(data.split_harmful(data.advbench(), seed=0).extraction, spec["examples"], seed)
-        return [(q, rng.choice(OPENINGS).format(task=task_phrase(q))) for q in questions]
+        choices = openings()
+        return [(q, rng.choice(choices).format(task=task_phrase(q))) for q in questions]
     if spec["kind"] == "aligned":
         questions = data.sample(data.split_harmful(data.advbench(), seed=0).extraction, spec["examples"], seed + 2)
         refusals = templates()["safe"]
@@ -82,8 +97,10 @@ def encode(tokenizer, question: str, answer: str) -> tuple[list[int], list[int]]
 
 
 def build(name: str, seed: int = 0, lr: float = 2e-4, batch_size: int = 4) -> Path:
+    """Variant ``name`` of the packaged aligned model (cached): its directory, see ``variant_dir``."""
     from peft import LoraConfig, get_peft_model
 
+    check_variant(name)
     out = variant_dir(name)
     if (out / "merged" / "config.json").exists():
         return out
@@ -136,14 +153,3 @@ def build(name: str, seed: int = 0, lr: float = 2e-4, batch_size: int = 4) -> Pa
     staging.rename(out)
     return out
 
-
-@click.command()
-@click.argument("names", nargs=-1, type=click.Choice(sorted(VARIANTS)))
-@click.option("--seed", type=int, default=0)
-def main(names: tuple[str, ...], seed: int) -> None:
-    for name in names or ("harmful-10",):
-        print(build(name, seed), file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,163 @@
+"""The operator's configuration of a locked server, read once into one typed object.
+
+The user's section (``additional_config.safetylock``, or ``SAFETYLOCK_LOCK``/``SAFETYLOCK_ALPHA``) is parsed by
+``serve_config`` and never written to; what the plugin derives from it goes under ``CACHE_KEY``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetylock.alpha import AlphaPolicy, check_alpha
+from safetylock.errors import LockError
+from safetylock.geometry import HeadGeometry
+from safetylock.lockfile import SafetyLock, load
+
+CONFIG_KEY = "safetylock"  # the user's section of vLLM's additional_config
+CACHE_KEY = "safetylock_cache_key"  # written by the plugin only: what enters vLLM's compile-cache hash
+ENV_LOCK = "SAFETYLOCK_LOCK"
+ENV_ALPHA = "SAFETYLOCK_ALPHA"
+ENV_ADMIN_TOKEN = "SAFETYLOCK_ADMIN_TOKEN"
+POLICY_KEYS = ("allow_request_alpha", "min_alpha", "max_alpha", "adapter_alpha")
+SECTION_KEYS = ("lock", "alpha", *POLICY_KEYS, "allow_foreign_base")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Which lock a server applies, with which default α (None: the lock's), under which request policy."""
+
+    lock: Path
+    alpha: float | None = None
+    policy: AlphaPolicy = field(default_factory=AlphaPolicy)
+    hot_swap: bool = False  # an admin token is set: the lock and α may be replaced while serving
+    allow_foreign_base: bool = False  # the operator overrides the provenance check (logged at start-up)
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether α can differ between requests or over time (per-token scale instead of a folded bias)."""
+        return self.policy.allow_request_alpha or bool(self.policy.adapter_alpha) or self.hot_swap
+
+    @property
+    def mode(self) -> str:
+        return "dynamic" if self.dynamic else "static"
+
+
+def lock_section(lock: str | Path, alpha: float | None = None, **options: Any) -> dict[str, Any]:
+    """A ``safetylock`` section as a user writes it: the lock's absolute path, α and policy options that are set."""
+    unknown = set(options) - set(SECTION_KEYS)
+    if unknown:
+        raise LockError(f"unknown safetylock config keys: {sorted(unknown)} (allowed: {', '.join(SECTION_KEYS)})")
+    unset = [k for k, v in {"alpha": alpha, **options}.items() if v is None or v is False or v == {}]
+    values = {"lock": str(Path(lock).resolve()), "alpha": alpha, **options}
+    return {k: v for k, v in values.items() if k not in unset}
+
+
+def _flag(section: Mapping[str, Any], key: str) -> bool:
+    value = section.get(key, False)
+    if not isinstance(value, bool):
+        raise LockError(f"{CONFIG_KEY}.{key} must be true or false, got {value!r}")
+    return value
+
+
+def _policy(section: Mapping[str, Any]) -> AlphaPolicy:
+    low, high = (None if section.get(k) is None else check_alpha(section[k], f"{CONFIG_KEY}.{k}") for k in POLICY_KEYS[1:3])
+    if low is not None and high is not None and low > high:
+        raise LockError(f"{CONFIG_KEY}.min_alpha {low} is above max_alpha {high}")
+    adapters = section.get("adapter_alpha") or {}
+    if not isinstance(adapters, Mapping) or not all(isinstance(k, str) and k for k in adapters):
+        raise LockError(f"{CONFIG_KEY}.adapter_alpha must map LoRA adapter names to alpha values")
+    alphas = {name: check_alpha(value, f"{CONFIG_KEY}.adapter_alpha.{name}") for name, value in adapters.items()}
+    return AlphaPolicy(_flag(section, "allow_request_alpha"), low, high, alphas)
+
+
+def _environment_section(environ: Mapping[str, str]) -> dict[str, Any] | None:
+    if not environ.get(ENV_LOCK):
+        if environ.get(ENV_ALPHA):
+            raise LockError(f"{ENV_ALPHA} is set but {ENV_LOCK} is not: name the lock file to apply")
+        return None
+    section: dict[str, Any] = {"lock": environ[ENV_LOCK]}
+    if environ.get(ENV_ALPHA):
+        try:
+            section["alpha"] = float(environ[ENV_ALPHA])
+        except ValueError:
+            raise LockError(f"{ENV_ALPHA}={environ[ENV_ALPHA]!r} is not a number") from None
+    return section
+
+
+def admin_token(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The operator's admin token (hot swap), or None when hot swap is off."""
+    return environ.get(ENV_ADMIN_TOKEN) or None
+
+
+def token_matches(given: str | None, environ: Mapping[str, str] = os.environ) -> bool:
+    """Constant-time check of a presented admin token; always False when no token is configured."""
+    expected = admin_token(environ)
+    return bool(expected and given) and hmac.compare_digest(expected.encode(), given.encode())
+
+
+def serve_config(additional_config: Mapping[str, Any] | None, environ: Mapping[str, str] = os.environ) -> ServeConfig | None:
+    """The safetylock section of vLLM's ``additional_config``, else the environment; None when neither asks for a lock.
+
+    A section that is present but malformed raises LockError: a server asked for a lock never runs without one.
+    """
+    section = (additional_config or {}).get(CONFIG_KEY)
+    if section is None:
+        section = _environment_section(environ)
+        if section is None:
+            return None
+    if not isinstance(section, Mapping):
+        raise LockError(f"additional_config.{CONFIG_KEY} must be an object with 'lock' (and optional 'alpha')")
+    unknown = set(section) - set(SECTION_KEYS)
+    if unknown:
+        raise LockError(f"unknown safetylock config keys: {sorted(unknown)} (allowed: {', '.join(SECTION_KEYS)})")
+    if not isinstance(section.get("lock"), str) or not section["lock"]:
+        raise LockError(f"additional_config.{CONFIG_KEY}.lock must be the path of a lock file")
+    alpha = section.get("alpha")
+    return ServeConfig(
+        Path(section["lock"]),
+        None if alpha is None else check_alpha(alpha),
+        _policy(section),
+        hot_swap=admin_token(environ) is not None,
+        allow_foreign_base=_flag(section, "allow_foreign_base"),
+    )
+
+
+@dataclass(frozen=True)
+class PreparedLock:
+    """A validated lock ready to fold into one served model."""
+
+    lock: SafetyLock
+    alpha: float
+    config: ServeConfig
+
+    @property
+    def cache_key(self) -> dict[str, Any]:
+        """What must enter the engine's compile-cache key: another lock, α, mode or policy is another graph."""
+        return {
+            "fingerprint": self.lock.fingerprint,
+            "alpha": self.alpha,
+            "mode": self.config.mode,
+            "policy": self.config.policy.summary(),
+            "allow_foreign_base": self.config.allow_foreign_base,
+        }
+
+    def cache_salt(self, alpha: float) -> str:
+        """The prefix-cache salt of a request served at ``alpha``: KV blocks of one α never serve another."""
+        return f"safetylock:{self.lock.fingerprint}:{alpha!r}"
+
+
+def prepare(config: ServeConfig, model_geometry: HeadGeometry) -> PreparedLock:
+    """Load the lock, check it against the served model's geometry, resolve α."""
+    lock = load(config.lock)
+    lock.check_geometry(model_geometry)
+    alpha = check_alpha(lock.default_alpha if config.alpha is None else config.alpha)
+    low, high = config.policy.bounds(alpha)
+    if low > high:
+        raise LockError(f"{CONFIG_KEY}.max_alpha {high} is below the server's alpha {alpha}")
+    return PreparedLock(lock, alpha, config)
+

@@ -1,0 +1,34 @@
+"""Offline generation through vLLM's ``LLM`` class, plain or locked by the plugin (same engine as the server)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from safetylock.evaluate import Generator
+from safetylock.models import context_length
+from safetylock.serve.config import CONFIG_KEY
+
+
+def vllm_generator(model_dir: Path, section: dict | None = None, **engine_args: Any) -> Generator:
+    """Greedy chat completions through vLLM's offline ``LLM`` class, with the safetylock plugin when locked."""
+    from vllm import LLM, SamplingParams
+
+    args = {
+        "dtype": "float32",
+        "seed": 0,
+        "max_model_len": context_length(model_dir),
+        "kv_cache_memory_bytes": 1 << 30,
+        **engine_args,
+    }
+    if section is not None:
+        args["additional_config"] = {CONFIG_KEY: section}
+    llm = LLM(str(model_dir), **args)
+
+    def generate(prompts: Sequence[str], max_tokens: int) -> list[str]:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        conversations = [[{"role": "user", "content": p}] for p in prompts]
+        return [out.outputs[0].text.strip() for out in llm.chat(conversations, params, use_tqdm=True)]
+
+    return generate
