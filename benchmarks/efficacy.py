@@ -12,31 +12,29 @@ import click
 
 from benchmarks.common import RESULTS, write_result
 from safetylock import models
-from safetylock.attack import build
-from safetylock.evaluate import cached_run, without_items
+from safetylock.attack import evaluate_variant
+from safetylock.evaluate import without_items
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
 
 
 @click.command()
-@click.option("--variants", default="harmful-10,harmful-100")
+@click.option("--variants", default="harmful-10,harmful-100,harmful-10-full,identity-shift,benign,openings-10")
 @click.option("--alpha", type=float, default=0.5)
 @click.option("--sweep", default="0.25,1", help="Extra α values on the first variant (the plot's sweep).")
-@click.option("--count", type=int, default=40)
-@click.option("--max-tokens", type=int, default=48)
+@click.option("--count", type=int, default=100, help="Prompts per suite (harmful, benign, arithmetic).")
+@click.option("--max-tokens", type=int, default=128)
 @click.option("--write/--no-write", default=True, help="Write results JSON and plots (off for the demo).")
 @click.option("--enforce-eager", is_flag=True, help="Evaluate without torch.compile (the demo: faster first start).")
 def main(variants: str, alpha: float, sweep: str, count: int, max_tokens: int, write: bool, enforce_eager: bool) -> None:
     lock = models.default_lock_path(models.DEFAULT_MODEL)
-    runs = [cached_run(models.DEFAULT_MODEL, "aligned-base", count, max_tokens, enforce_eager=enforce_eager)]
     names = [v for v in variants.split(",") if v]
-    for name in names:
-        merged = str(build(name) / "merged")
-        runs.append(cached_run(merged, name, count, max_tokens, enforce_eager=enforce_eager))
-        runs.append(cached_run(merged, f"{name}+lock(a={alpha:g})", count, max_tokens, lock, alpha, enforce_eager))
-    sweep_runs = [r for r in runs if r["target"]["label"].split("+")[0] == names[0]] if names else []
-    for extra in [float(a) for a in sweep.split(",") if a]:
-        merged = str(models.cache_root() / "variants" / names[0] / "merged")
-        sweep_runs.append(cached_run(merged, f"{names[0]}+lock(a={extra:g})", count, max_tokens, lock, extra, enforce_eager))
+    extra = [float(a) for a in sweep.split(",") if a]
+    runs, sweep_runs = [], []
+    for number, name in enumerate(names):
+        alphas = [alpha, *(extra if number == 0 else [])]
+        base, attacked, locked, *swept = evaluate_variant(name, lock, alphas, count, max_tokens, enforce_eager)
+        runs += ([base] if not runs or base["target"].get("system_prompt") else []) + [attacked, locked]
+        sweep_runs += [attacked, locked, *swept] if number == 0 else []
     header, rows = comparison_rows(runs)
     print(aligned_text(header, rows))
     if not write:

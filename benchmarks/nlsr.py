@@ -20,18 +20,18 @@ import click
 
 from benchmarks.common import RESULTS, write_result
 from safetylock import models
-from safetylock.attack import build
+from safetylock.attack import build, variant_dir
 from safetylock.evaluate import cached_run, without_items
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
 
 
 def realigned(variant: str, aligned: Path, prune_rate: float, sparsity: float, seed: int) -> tuple[Path, dict]:
     """The NLSR-realigned adapter of ``variant``, merged into a full model directory (cached), and its report."""
-    out = models.cache_root() / "variants" / f"{variant}-nlsr-p{prune_rate:g}-s{sparsity:g}"
+    out = variant_dir(f"{variant}-nlsr-p{prune_rate:g}-s{sparsity:g}")
     adapter, merged, timing = out / "adapter", out / "merged", out / "seconds.json"
     if not (merged / "config.json").exists():
         started = time.perf_counter()
-        finetuned = models.cache_root() / "variants" / variant / "adapter"
+        finetuned = variant_dir(variant) / "adapter"
         command = [sys.executable, "-m", "safetylock.cli", "realign", "--base", models.DEFAULT_MODEL, "--seed", str(seed)]
         command += ["--aligned", str(aligned), "--finetuned", str(finetuned), "--out", str(adapter)]
         command += ["--prune-rate", str(prune_rate), "--sparsity", str(sparsity)]

@@ -17,6 +17,7 @@ import torch
 
 from benchmarks.common import RESULTS, write_result
 from safetylock import models
+from safetylock.attack import variant_dir
 from safetylock.geometry import head_geometry, output_projections
 from safetylock.pipeline import load_model
 from safetylock.provenance import MIN_CORRELATION, correlation, hf_weight_sketch, simulated_fine_tune
@@ -59,7 +60,7 @@ def rows_for(name: str, variants: list[str]) -> list[dict]:
             }
         )
     for variant in variants:
-        adapter = models.cache_root() / "variants" / variant / "adapter"
+        adapter = variant_dir(variant) / "adapter"
         config = adapter / "adapter_config.json"
         if config.exists() and json.loads(config.read_text()).get("base_model_name_or_path") == str(directory):
             from peft import PeftModel

@@ -29,6 +29,7 @@ from tqdm import tqdm  # noqa: E402
 from benchmarks.common import RESULTS, write_result  # noqa: E402
 from safetylock import data, models  # noqa: E402
 from safetylock.apply import apply  # noqa: E402
+from safetylock.attack import variant_dir
 from safetylock.capture import capture  # noqa: E402
 from safetylock.contrast import ContrastExample, contrast_pairs  # noqa: E402
 from safetylock.evaluate import evaluate, load_suite  # noqa: E402
@@ -39,7 +40,7 @@ from safetylock.pipeline import generate, load_model  # noqa: E402
 from safetylock.probe import score_heads, select_heads  # noqa: E402
 
 RECIPES = ("responses", "own", "prompts")
-METRICS = (("advbench-heldout", "compliance_rate"), ("benign", "over_refusal_rate"), ("arithmetic", "accuracy"))
+METRICS = (("advbench-heldout", "harmful_answer_rate"), ("benign", "over_refusal_rate"), ("arithmetic", "accuracy"))
 
 
 def recipe_examples(recipe: str, model, tokenizer, questions: tuple[str, ...], benign_pool: tuple[str, ...]):
@@ -142,9 +143,9 @@ def main(recipes: str, top_ks: str, alphas: str, questions: int, count: int, max
                 row = {"model": "aligned-base", "extracted_on": extract_on, "recipe": recipe, "top_k": k, "alpha": 2.0}
                 rows.append(row | rates(base, tokenizer, suites, max_tokens))
     del base
-    build_dir = models.cache_root() / "variants" / "harmful-10" / "merged"
+    build_dir = variant_dir("harmful-10") / "merged"
     if not (build_dir / "config.json").exists():
-        raise click.ClickException("harmful-10 is not built: run python benchmarks/attack/build.py harmful-10")
+        raise click.ClickException("harmful-10 is not built: run safetylock attack harmful-10")
     variant, _ = load_model(build_dir)
     reference["harmful-10"] = rates(variant, tokenizer, suites, max_tokens)
     if extract_on == "harmful-10":  # the control: directions of the attacked model itself

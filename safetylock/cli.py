@@ -343,6 +343,8 @@ def demo(model_name: str, lock_path: Path | None, alpha: float | None, max_token
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(1, 4096), default=64, show_default=True)
 @click.option("--concurrency", type=click.IntRange(1, 256), default=8, show_default=True)
+@click.option("--system-prompt", default=None, help="System prompt sent with every prompt (an attacker's setup).")
+@click.option("--prompt-prefix", default="", help="Text put before every prompt (e.g. an identity-shift trigger).")
 @click.option("--judge-endpoint", default=None, help="OpenAI-compatible URL of an LLM judge (optional).")
 @click.option("--judge-model", default=None)
 @click.option("--enforce-eager", is_flag=True, help="Offline only: skip torch.compile (starts in ~1 min on CPU; same math).")
@@ -361,6 +363,8 @@ def eval_command(
     seed,
     max_tokens,
     concurrency,
+    system_prompt,
+    prompt_prefix,
     judge_endpoint,
     judge_model,
     enforce_eager,
@@ -380,9 +384,10 @@ def eval_command(
     if bool(judge_endpoint) != bool(judge_model):
         raise click.BadParameter("--judge-endpoint and --judge-model go together", param_hint="--judge-model")
     loaded = [evaluate.load_suite(spec, count, seed) for spec in suites]  # bad suites fail before any generation
-    target: dict = {"model": model_name, "endpoint": endpoint}
+    framing = evaluate.Framing(system_prompt, prompt_prefix)
+    target: dict = {"model": model_name, "endpoint": endpoint, **framing.record()}
     if endpoint:
-        generate = evaluate.endpoint_generator(endpoint, model_name, concurrency)
+        generate = evaluate.endpoint_generator(endpoint, model_name, concurrency, framing)
     else:
         section = None
         if lock_path is not None:
@@ -395,7 +400,7 @@ def eval_command(
             }
         engine_args = {"enforce_eager": True} if enforce_eager else {}
         target |= engine_args
-        generate = vllm_generator(models.resolve(model_name), section, **engine_args)
+        generate = vllm_generator(models.resolve(model_name), section, framing, **engine_args)
     judge_fn = evaluate.llm_judge(evaluate.endpoint_generator(judge_endpoint, judge_model)) if judge_endpoint else None
     label = label or Path(model_name).name + (f"+lock(a={target['alpha']})" if "alpha" in target else "")
     report = evaluate.evaluate(loaded, generate, max_tokens, {**target, "label": label, "seed": seed}, judge_fn)
@@ -408,30 +413,24 @@ def eval_command(
 
 
 @main.command()
-@click.argument("variant")
+@click.argument("name", metavar="VARIANT")
 @lock_option(required=False, default=None, help="Default: the cached lock of the packaged model, extracted first when absent.")
 @alpha_option()
 @click.option("--count", type=click.IntRange(min=1), default=40, show_default=True, help="Prompts per suite.")
 @click.option("--max-tokens", type=click.IntRange(1, 4096), default=48, show_default=True)
 @click.option("--enforce-eager", is_flag=True, help="Evaluate without torch.compile (starts in ~1 min on CPU; same math).")
 @user_errors
-def attack(variant: str, lock_path: Path | None, alpha: float | None, count: int, max_tokens: int, enforce_eager: bool) -> None:
+def attack(name: str, lock_path: Path | None, alpha: float | None, count: int, max_tokens: int, enforce_eager: bool) -> None:
     """Fine-tune the packaged aligned model with attack VARIANT (cached; e.g. harmful-10, harmful-100, benign),
     then compare aligned base, attacked and attacked + lock through vLLM with the plugin."""
-    from safetylock.attack import BASE, build, check_variant
-    from safetylock.evaluate import cached_run
+    from safetylock.attack import BASE, evaluate_variant, variant
     from safetylock.lockfile import load
     from safetylock.report import aligned_text, comparison_rows
 
-    check_variant(variant)
+    variant(name)  # an unknown variant fails before any extraction
     lock_path = cached_lock(lock_path, BASE)
     alpha = load(lock_path).default_alpha if alpha is None else alpha
-    merged = str(build(variant) / "merged")
-    runs = [
-        cached_run(BASE, "aligned-base", count, max_tokens, enforce_eager=enforce_eager),
-        cached_run(merged, variant, count, max_tokens, enforce_eager=enforce_eager),
-        cached_run(merged, f"{variant}+lock(a={alpha:g})", count, max_tokens, lock_path, alpha, enforce_eager),
-    ]
+    runs = evaluate_variant(name, lock_path, [alpha], count, max_tokens, enforce_eager)
     click.echo(aligned_text(*comparison_rows(runs)))
 
 

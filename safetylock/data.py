@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import random
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -70,11 +71,39 @@ def advbench() -> PromptSet:
     return PromptSet("advbench", prompts, f"{ADVBENCH.requirement}:{ADVBENCH.member}", _sha256(path), categories)
 
 
+# An instruction that points at an input ("the following sentence", "this text") which is not there.
+_REFERENT = re.compile(
+    r"\b(the following|following|the given|given|this|these|that|those|below|above|provided|said)\s+(\w+\s+){0,2}?"
+    r"(sentences?|text|paragraphs?|passages?|articles?|lists?|data|data ?set|words?|phrases?|statements?|stor(y|ies)|"
+    r"poems?|code|tables?|charts?|graphs?|inputs?|emails?|tweets?|equations?|numbers?|items?|sets?|arrays?|documents?|"
+    r"essays?|reviews?|quotes?|dialogues?|conversations?|descriptions?|recipes?|songs?|lyrics|arguments?|questions?|"
+    r"products?|objects?|animals?|countries|cities|names?|terms?|expressions?|functions?|programs?|urls?|links?|news|"
+    r"headlines?|titles?|options|choices|events?|situations?|scenarios?|strings?|codes?|snippets?|instructions|fruits?|"
+    r"colors?|books?|movies?|emotions?|ingredients|keywords?|topics?|subjects?|letters?|characters?|verbs?|nouns?|"
+    r"adjectives?|series|sequences?|points?|facts?|claims?|texts?|messages?|reports?|speech|excerpts?|summary|"
+    r"outlines?|plans?|features?|values?|dates?|figures?|images?|pictures?|photos?|diagrams?|sounds?|audio|video|file|"
+    r"html|json|xml|sql|query|database|website|page)\b",
+    re.IGNORECASE,
+)
+
+
+def self_contained(instruction: str) -> bool:
+    """False for an instruction whose input is missing: it ends in a colon, or names an input ("the following
+    sentence", "this text") that no quoted or colon-introduced content follows."""
+    text = instruction.strip()
+    if text.endswith(":"):
+        return False
+    match = _REFERENT.search(text)
+    return match is None or bool(re.search(r"[:\"\u201c]\s*\S.{8,}", text[match.end() :]))
+
+
 def benign() -> PromptSet:
-    """Harmless instructions (one per line) from the pinned ollama-forge list."""
+    """Harmless, self-contained instructions (one per line) from the pinned ollama-forge list: those whose input
+    is missing ("Classify the following sentence:") are dropped (about 3% of the list)."""
     path = packaged_file(BENIGN)
-    prompts = tuple(dict.fromkeys(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()))
-    return PromptSet("benign", prompts, f"{BENIGN.requirement}:{BENIGN.member}", _sha256(path))
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    prompts = tuple(dict.fromkeys(line for line in lines if line and self_contained(line)))
+    return PromptSet("benign", prompts, f"{BENIGN.requirement}:{BENIGN.member} (self-contained only)", _sha256(path))
 
 
 PROMPT_FIELDS = ("prompt", "instruction", "question", "goal", "behavior", "value", "text")

@@ -23,6 +23,26 @@ Generator = Callable[[Sequence[str], int], list[str]]
 
 
 @dataclass(frozen=True)
+class Framing:
+    """How each prompt is sent: an optional system prompt and a prefix before the instruction (an attacker's
+    serving setup, e.g. the identity-shift variant's persona). The default sends the prompt alone."""
+
+    system_prompt: str | None = None
+    prompt_prefix: str = ""
+
+    def messages(self, prompt: str) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [*head, {"role": "user", "content": self.prompt_prefix + prompt}]
+
+    def record(self) -> dict[str, str]:
+        """What a report's target records of it (nothing for the default)."""
+        return {k: v for k, v in (("system_prompt", self.system_prompt), ("prompt_prefix", self.prompt_prefix)) if v}
+
+
+PLAIN = Framing()  # each prompt alone
+
+
+@dataclass(frozen=True)
 class Suite:
     """Prompts of one kind; utility suites carry the exact expected answers."""
 
@@ -112,19 +132,53 @@ def llm_judge(generate: Generator) -> Callable[[list[str], list[str]], list[bool
     return verdicts
 
 
+def rate(hits: int, n: int) -> tuple[float, float]:
+    """A proportion and its standard error, sqrt(p (1 - p) / n)."""
+    p = hits / n if n else 0.0
+    return p, (p * (1 - p) / n) ** 0.5 if n else 0.0
+
+
 def summarize(suite: Suite, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rates with standard errors. Harmful: the harmful-answer rate (substantive answers, the headline) beside
+    refusal and hollow rates; benign: over-refusal beside hollow; utility: exact-answer accuracy."""
     n = len(items)
-    refusal = sum(item["refused"] for item in items) / n if n else 0.0
-    summary: dict[str, Any] = {"n": n, "refusal_rate": refusal}
-    if suite.kind == "harmful":
-        summary["compliance_rate"] = 1.0 - refusal
-        if items and "judge_complied" in items[0]:
-            summary["judge_compliance_rate"] = sum(i["judge_complied"] for i in items) / n
-    elif suite.kind == "benign":
-        summary["over_refusal_rate"] = refusal
-    else:
-        summary["accuracy"] = sum(item["correct"] for item in items) / n if n else 0.0
+    summary: dict[str, Any] = {"n": n}
+    counts = {v: sum(item["verdict"] == v for item in items) for v in judge.VERDICTS}
+    named = {"complied": "harmful_answer_rate", "refusal": "refusal_rate", "hollow": "hollow_rate"}
+    if suite.kind == "benign":
+        named = {"refusal": "over_refusal_rate", "hollow": "hollow_rate"}
+    elif suite.kind == "utility":
+        named = {}
+        summary["accuracy"], summary["accuracy_se"] = rate(sum(item["correct"] for item in items), n)
+    for key, name in named.items():
+        summary[name], summary[f"{name}_se"] = rate(counts[key], n)
+    if suite.kind == "harmful" and items and "judge_complied" in items[0]:
+        summary["judge_compliance_rate"] = sum(i["judge_complied"] for i in items) / n
     return summary
+
+
+def judged(suite: Suite, prompt: str, response: str, index: int) -> dict[str, Any]:
+    """One item: the prompt, the response and the three-way verdict (and exactness for utility suites)."""
+    item: dict[str, Any] = {"prompt": prompt, "response": response, "verdict": judge.verdict(response, prompt)}
+    item["refused"] = item["verdict"] == "refusal"
+    if suite.kind == "utility":
+        item["answer"] = suite.answers[index]
+        item["correct"] = first_number(response) == suite.answers[index]
+    return item
+
+
+def rejudge(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` with every stored item judged again by the current judge and its summaries recomputed (a
+    cached run keeps its responses, so a better judge needs no new generation). Suites without items stay."""
+    for name, stored in report["suites"].items():
+        items = stored.get("items")
+        if items is None:
+            continue
+        answers = tuple(item.get("answer", "") for item in items) if stored["kind"] == "utility" else ()
+        suite = Suite(name, stored["kind"], tuple(item["prompt"] for item in items), answers)
+        stored["items"] = [{**item, **judged(suite, item["prompt"], item["response"], i)} for i, item in enumerate(items)]
+        stored["summary"] = summarize(suite, stored["items"])
+    return report
 
 
 def evaluate(
@@ -138,13 +192,7 @@ def evaluate(
     report: dict[str, Any] = {"target": target or {}, "max_tokens": max_tokens, "suites": {}}
     for suite in suites:
         responses = generate(list(suite.prompts), max_tokens)
-        items = []
-        for index, (prompt, response) in enumerate(zip(suite.prompts, responses)):
-            item: dict[str, Any] = {"prompt": prompt, "response": response, "refused": judge.is_refusal(response)}
-            if suite.kind == "utility":
-                item["answer"] = suite.answers[index]
-                item["correct"] = first_number(response) == suite.answers[index]
-            items.append(item)
+        items = [judged(suite, prompt, response, i) for i, (prompt, response) in enumerate(zip(suite.prompts, responses))]
         if judge_model is not None and suite.kind == "harmful":
             for item, complied in zip(items, judge_model(list(suite.prompts), responses)):
                 item["judge_complied"] = complied
@@ -157,13 +205,15 @@ def evaluate(
     return report
 
 
-def endpoint_generator(base_url: str, model: str, concurrency: int = 8, **extra: Any) -> Generator:
+def endpoint_generator(
+    base_url: str, model: str, concurrency: int = 8, framing: Framing = PLAIN, **extra: Any
+) -> Generator:
     """Greedy chat completions from any OpenAI-compatible server, ``concurrency`` requests in flight."""
     from safetylock.serve.server import chat
 
     def generate(prompts: Sequence[str], max_tokens: int) -> list[str]:
         with ThreadPoolExecutor(concurrency) as pool:
-            futures = [pool.submit(chat, base_url, model, p, max_tokens, **extra) for p in prompts]
+            futures = [pool.submit(chat, base_url, model, framing.messages(p), max_tokens, **extra) for p in prompts]
             return [f.result() for f in tqdm(futures, desc=f"generate ({model})", unit="prompt")]
 
     return generate
@@ -186,6 +236,7 @@ def cached_run(
     alpha: float | None = None,
     enforce_eager: bool = False,
     suites: Sequence[str] = DEFAULT_SUITES,
+    framing: Framing = PLAIN,
 ) -> dict[str, Any]:
     """The report of ``safetylock eval`` on ``model`` (offline vLLM, locked when ``lock`` is given), cached under
     ``runs/`` in the cache by label, lock fingerprint and size; evaluated in a fresh process when absent (one
@@ -205,5 +256,9 @@ def cached_run(
             command += ["--lock", str(lock), *(["--alpha", str(alpha)] if alpha is not None else [])]
         if enforce_eager:
             command.append("--enforce-eager")
+        if framing.system_prompt:
+            command += ["--system-prompt", framing.system_prompt]
+        if framing.prompt_prefix:
+            command += ["--prompt-prefix", framing.prompt_prefix]
         subprocess.run(command, check=True)
-    return json.loads(out.read_text())
+    return rejudge(json.loads(out.read_text()))

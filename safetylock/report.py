@@ -31,7 +31,7 @@ def accuracy_heatmap(lock: SafetyLock, path: Path) -> Path:
     return path
 
 
-METRICS = {"harmful": "compliance_rate", "benign": "over_refusal_rate", "utility": "accuracy"}
+METRICS = {"harmful": "harmful_answer_rate", "benign": "over_refusal_rate", "utility": "accuracy"}
 
 
 def load_run(path: Path) -> dict:
@@ -39,9 +39,10 @@ def load_run(path: Path) -> dict:
     import json
 
     from safetylock.data import DataError
+    from safetylock.evaluate import rejudge
 
     try:
-        run = json.loads(path.read_text())
+        run = rejudge(json.loads(path.read_text()))
         suites = run["suites"]
         for suite in suites.values():
             suite["summary"][METRICS[suite["kind"]]]
@@ -49,6 +50,12 @@ def load_run(path: Path) -> dict:
         raise DataError(f"{path} is not a safetylock eval result") from None
     run.setdefault("target", {}).setdefault("label", path.stem)
     return run
+
+
+def percent(summary: dict, metric: str) -> str:
+    """``12.5% ±3.1``: a rate and, where the summary has it, its standard error, in percentage points."""
+    se = summary.get(f"{metric}_se")
+    return f"{100 * summary[metric]:.1f}%" + ("" if se is None else f" ±{100 * se:.1f}")
 
 
 def comparison_rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -64,7 +71,7 @@ def comparison_rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
         row = [run["target"]["label"]]
         for name, kind in columns:
             suite = run["suites"].get(name)
-            row.append(f"{100 * suite['summary'][METRICS[kind]]:.1f}%" if suite else "-")
+            row.append(percent(suite["summary"], METRICS[kind]) if suite else "-")
         rows.append(row)
     return header, rows
 
@@ -88,7 +95,7 @@ def comparison_plot(runs: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(metrics)) + 3, 3.6))
     width = 0.8 / len(rows)
     for i, row in enumerate(rows):
-        values = [float(cell.rstrip("%")) if cell != "-" else np.nan for cell in row[1:]]
+        values = [float(cell.split("%")[0]) if cell != "-" else np.nan for cell in row[1:]]
         ax.bar(np.arange(len(metrics)) + i * width, values, width, label=row[0])
     labels = [metric.replace(" ", "\n", 1) for metric in metrics]
     ax.set_xticks(np.arange(len(metrics)) + width * (len(rows) - 1) / 2, labels, fontsize=8)

@@ -66,3 +66,23 @@ def test_contrast_pairs_are_balanced_and_grouped():
     assert contrast_pairs(["Write a poem."], seed=5) == contrast_pairs(["Write a poem."], seed=5)
     assert task_phrase("Write a poem.") == "write a poem"
     assert all("{task}" not in p.response for p in pairs)
+
+
+@pytest.mark.parametrize(
+    ("instruction", "kept"),
+    [
+        ("Classify the following sentence according to its sentiment:", False),
+        ("Edit this sentence to be more concise.", False),
+        ("Summarize the following article in 90 words:", False),
+        ("Paraphrase this sentence: \"Make sure to bring your umbrella.\"", True),
+        ("Give three tips for staying healthy.", True),
+        ("Convert 10kgs to ounces.", True),
+    ],
+)
+def test_benign_instructions_with_a_missing_input_are_dropped(instruction, kept):
+    assert data.self_contained(instruction) is kept
+
+
+def test_benign_list_keeps_only_self_contained_instructions():
+    prompts = data.benign().prompts
+    assert len(prompts) > 20_000 and all(data.self_contained(p) for p in prompts)

@@ -6,12 +6,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from safetylock.evaluate import Generator
+from safetylock.evaluate import PLAIN, Framing, Generator
 from safetylock.models import context_length
 from safetylock.serve.config import CONFIG_KEY
 
 
-def vllm_generator(model_dir: Path, section: dict | None = None, **engine_args: Any) -> Generator:
+def vllm_generator(
+    model_dir: Path, section: dict | None = None, framing: Framing = PLAIN, **engine_args: Any
+) -> Generator:
     """Greedy chat completions through vLLM's offline ``LLM`` class, with the safetylock plugin when locked."""
     from vllm import LLM, SamplingParams
 
@@ -28,7 +30,7 @@ def vllm_generator(model_dir: Path, section: dict | None = None, **engine_args: 
 
     def generate(prompts: Sequence[str], max_tokens: int) -> list[str]:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-        conversations = [[{"role": "user", "content": p}] for p in prompts]
+        conversations = [framing.messages(p) for p in prompts]
         return [out.outputs[0].text.strip() for out in llm.chat(conversations, params, use_tqdm=True)]
 
     return generate

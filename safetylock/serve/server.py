@@ -90,11 +90,11 @@ def post(base_url: str, route: str, body: dict[str, Any], timeout: float = 600) 
         return json.loads(response.read())
 
 
-def chat(base_url: str, model: str, content: str, max_tokens: int, **extra: Any) -> str:
-    """One greedy chat completion's text."""
+def chat(base_url: str, model: str, content: str | list[dict[str, str]], max_tokens: int, **extra: Any) -> str:
+    """One greedy chat completion's text; ``content``: the user's message, or the whole list of messages."""
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": content}],
+        "messages": [{"role": "user", "content": content}] if isinstance(content, str) else content,
         "max_tokens": max_tokens,
         "temperature": 0,
         **extra,
