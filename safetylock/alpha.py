@@ -17,13 +17,19 @@ MAX_ABS_ALPHA = 64.0
 REQUEST_ALPHA_KEY = "safetylock_alpha"  # the key of a request's ``vllm_xargs``
 
 
+def finite_number(value: object, what: str = "alpha") -> float:
+    """``value`` as a float if it is a finite number (not a bool, not a string), else LockError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LockError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
 def check_alpha(alpha: object, what: str = "alpha") -> float:
     """``alpha`` as a float if it is a finite number within ±MAX_ABS_ALPHA, else LockError naming ``what``."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise LockError(f"{what} must be a finite number, got {alpha!r}")
+    alpha = finite_number(alpha, what)
     if abs(alpha) > MAX_ABS_ALPHA:
         raise LockError(f"{what} {alpha} is outside the allowed range [-{MAX_ABS_ALPHA}, {MAX_ABS_ALPHA}]")
-    return float(alpha)
+    return alpha
 
 
 class RequestAlphaError(ValueError):
@@ -52,10 +58,10 @@ class AlphaPolicy:
                 f"{REQUEST_ALPHA_KEY} is not allowed on this server (the operator has not enabled allow_request_alpha)"
             )
         try:
-            value = check_alpha(requested, REQUEST_ALPHA_KEY)
+            value = finite_number(requested, REQUEST_ALPHA_KEY)
         except LockError as exc:
             raise RequestAlphaError(str(exc)) from None
-        low, high = self.bounds(default_alpha)
+        low, high = self.bounds(default_alpha)  # within ±MAX_ABS_ALPHA: the policy's bounds are checked alphas
         if not low <= value <= high:
             raise RequestAlphaError(f"{REQUEST_ALPHA_KEY} {value:g} is outside the allowed range [{low:g}, {high:g}]")
         return value

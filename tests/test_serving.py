@@ -97,6 +97,8 @@ def test_allowed_request_alpha_defaults_to_strengthening_only():
     for malformed in ("3", True, float("inf"), [3]):
         with pytest.raises(RequestAlphaError, match="must be a finite number"):
             policy.resolve(2.0, malformed)
+    with pytest.raises(RequestAlphaError, match=r"10000 is outside the allowed range \[2, 64\]"):  # the policy's range
+        policy.resolve(2.0, 1e4)
     bounded = AlphaPolicy(allow_request_alpha=True, min_alpha=0.0, max_alpha=4.0)
     assert bounded.resolve(2.0, 0) == 0.0
     with pytest.raises(RequestAlphaError, match=r"\[0, 4\]"):
