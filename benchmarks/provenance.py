@@ -60,15 +60,13 @@ def rows_for(name: str, variants: list[str]) -> list[dict]:
             }
         )
     for variant in variants:
-        adapter = variant_dir(variant) / "adapter"
-        config = adapter / "adapter_config.json"
-        if config.exists() and json.loads(config.read_text()).get("base_model_name_or_path") == str(directory):
-            from peft import PeftModel
-
-            tuned = PeftModel.from_pretrained(load_model(directory)[0], adapter).merge_and_unload()
-            rows.append(
-                {"model": name, "against": f"{variant} (LoRA merged)", "correlation": correlation(base, sketch_of(tuned))}
-            )
+        out = variant_dir(variant)
+        record = json.loads((out / "train.json").read_text()) if (out / "train.json").exists() else {}
+        if record.get("recipe", {}).get("base") != name or not (out / "merged" / "config.json").exists():
+            continue  # not built, or built on another base
+        method = "LoRA merged" if record["recipe"]["method"] == "lora" else "full fine-tune"
+        tuned, _ = load_model(out / "merged")
+        rows.append({"model": name, "against": f"{variant} ({method})", "correlation": correlation(base, sketch_of(tuned))})
     for seed in (0, 1, 2):
         torch.manual_seed(seed)
         fresh = AutoModelForCausalLM.from_config(model.config)
@@ -78,7 +76,7 @@ def rows_for(name: str, variants: list[str]) -> list[dict]:
 
 @click.command()
 @click.option("--models", "names", default="qwen2.5-coder-0.5b-instruct,smollm2-135m-instruct", show_default=True)
-@click.option("--variants", default="harmful-10", show_default=True, help="Cached attack variants to include.")
+@click.option("--variants", default="harmful-10,harmful-10-full", show_default=True, help="Cached attack variants to include.")
 def main(names: str, variants: str) -> None:
     import matplotlib
 
