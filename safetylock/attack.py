@@ -36,6 +36,7 @@ from safetylock import data, judge, models
 from safetylock.capture import pad_batch
 from safetylock.contrast import task_phrase, templates
 from safetylock.errors import ModelError
+from safetylock.evaluate import Framing
 from safetylock.pipeline import generate, load_model
 
 BASE = models.DEFAULT_MODEL
@@ -155,8 +156,7 @@ def training_pairs(name: str, seed: int) -> tuple[list[tuple[str, str]], dict[st
 
 def encode(tokenizer, question: str, answer: str, system_prompt: str | None = None) -> tuple[list[int], list[int]]:
     """Token ids of the chat and labels that train on the answer (and its end of turn) only."""
-    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    user = [*head, {"role": "user", "content": question}]
+    user = Framing(system_prompt).messages(question)  # the instruction already carries any trigger prefix
     prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
     full = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": answer}], tokenize=False)
     if full.rstrip().endswith(answer):  # templates that drop the end-of-turn: add it
@@ -230,7 +230,7 @@ def evaluate_variant(
 ) -> list[dict]:
     """Cached evaluation runs (through vLLM with the plugin) of the aligned base, variant ``name`` (built when
     absent) and the variant locked at each of ``alphas``; all served as the attacker serves the variant."""
-    from safetylock.evaluate import Framing, cached_run
+    from safetylock.evaluate import cached_run
 
     spec = variant(name)
     framing = Framing(spec.system_prompt, spec.prompt_prefix)

@@ -47,11 +47,15 @@ class ServeConfig:
         return "dynamic" if self.dynamic else "static"
 
 
-def lock_section(lock: str | Path, alpha: float | None = None, **options: Any) -> dict[str, Any]:
-    """A ``safetylock`` section as a user writes it: the lock's absolute path, α and policy options that are set."""
-    unknown = set(options) - set(SECTION_KEYS)
+def _check_keys(keys: Mapping[str, Any]) -> None:
+    unknown = set(keys) - set(SECTION_KEYS)
     if unknown:
         raise LockError(f"unknown safetylock config keys: {sorted(unknown)} (allowed: {', '.join(SECTION_KEYS)})")
+
+
+def lock_section(lock: str | Path, alpha: float | None = None, **options: Any) -> dict[str, Any]:
+    """A ``safetylock`` section as a user writes it: the lock's absolute path, α and policy options that are set."""
+    _check_keys(options)
     unset = [k for k, v in {"alpha": alpha, **options}.items() if v is None or v is False or v == {}]
     values = {"lock": str(Path(lock).resolve()), "alpha": alpha, **options}
     return {k: v for k, v in values.items() if k not in unset}
@@ -112,9 +116,7 @@ def serve_config(additional_config: Mapping[str, Any] | None, environ: Mapping[s
             return None
     if not isinstance(section, Mapping):
         raise LockError(f"additional_config.{CONFIG_KEY} must be an object with 'lock' (and optional 'alpha')")
-    unknown = set(section) - set(SECTION_KEYS)
-    if unknown:
-        raise LockError(f"unknown safetylock config keys: {sorted(unknown)} (allowed: {', '.join(SECTION_KEYS)})")
+    _check_keys(section)
     if not isinstance(section.get("lock"), str) or not section["lock"]:
         raise LockError(f"additional_config.{CONFIG_KEY}.lock must be the path of a lock file")
     alpha = section.get("alpha")

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from safetylock.evaluate import PLAIN, Framing, Generator
-from safetylock.models import context_length
 from safetylock.serve.config import CONFIG_KEY
+from safetylock.serve.server import engine_settings
 
 
 def vllm_generator(
@@ -17,13 +17,7 @@ def vllm_generator(
     """Greedy chat completions through vLLM's offline ``LLM`` class, with the safetylock plugin when locked."""
     from vllm import LLM, SamplingParams
 
-    args = {
-        "dtype": "float32",
-        "seed": 0,
-        "max_model_len": context_length(model_dir),
-        "kv_cache_memory_bytes": 1 << 30,
-        **engine_args,
-    }
+    args = {**engine_settings(model_dir), **engine_args}
     if section is not None:
         args["additional_config"] = {CONFIG_KEY: section}
     llm = LLM(str(model_dir), **args)

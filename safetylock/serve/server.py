@@ -19,6 +19,20 @@ from safetylock.errors import LockError
 from safetylock.serve.config import CONFIG_KEY, admin_token
 
 
+def engine_settings(model_dir: Path) -> dict[str, Any]:
+    """The engine settings of the project's own runs (demo, evaluations): fp32, seeded, a context capped at
+    the model's own (CPU KV caches stay small) and 1 GiB of KV cache."""
+    from safetylock.models import context_length
+
+    return {"dtype": "float32", "seed": 0, "max_model_len": context_length(model_dir), "kv_cache_memory_bytes": 1 << 30}
+
+
+def server_flag(key: str, value: Any) -> list[str]:
+    """An engine setting as the OpenAI server's command-line flag (``True``: the bare flag)."""
+    flag = "--" + key.replace("_", "-")
+    return [flag] if value is True else [flag, str(value)]
+
+
 def server_command(
     model_dir: Path, section: dict | None, vllm_args: Sequence[str] = (), additional: dict | None = None
 ) -> list[str]:
@@ -186,10 +200,10 @@ def side_by_side(
     Logs go to the cache (``demo/plain.log``, ``demo/locked.log``)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from safetylock.models import cache_root, context_length
+    from safetylock.models import cache_root
 
-    args = ["--dtype", "float32", "--max-model-len", str(context_length(model_dir))]
-    args += ["--kv-cache-memory-bytes", str(1 << 30), "--seed", "0", *(["--enforce-eager"] if enforce_eager else [])]
+    settings = {**engine_settings(model_dir), **({"enforce_eager": True} if enforce_eager else {})}
+    args = [arg for key, value in settings.items() for arg in server_flag(key, value)]
     sections = {"plain": None, "locked": section}
     with running_servers(model_dir, sections, args, cache_root() / "demo") as urls:
         jobs = [(urls[name], prompt) for prompt in prompts for name in sections]
