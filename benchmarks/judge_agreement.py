@@ -1,0 +1,68 @@
+"""How often the three-way judge agrees with hand labels of cached evaluation answers.
+
+Run: python -m benchmarks.judge_agreement
+Reads benchmarks/judge_labels.json (run stem, suite, item index, label; no text) and the cached runs under
+~/.cache/safetylock/runs; writes benchmarks/results/judge_agreement.json (counts only). Cells whose run is not
+cached are listed as missing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from benchmarks.common import write_result
+from safetylock.judge import VERDICTS, verdict
+from safetylock.models import cache_root
+
+LABELS = Path(__file__).with_name("judge_labels.json")
+
+
+@click.command()
+@click.option("--show", is_flag=True, help="Print each disagreement's answer (to the terminal only).")
+def main(show: bool) -> None:
+    labels = json.loads(LABELS.read_text())["labels"]
+    confusion: Counter[tuple[str, str]] = Counter()
+    per_cell, missing = {}, []
+    for stem, suites in labels.items():
+        path = cache_root() / "runs" / f"{stem}.json"
+        if not path.exists():
+            missing.append(stem)
+            continue
+        run = json.loads(path.read_text())
+        for suite, marked in suites.items():
+            items = run["suites"][suite]["items"]
+            pairs = [(label, verdict(items[int(i)]["response"], items[int(i)]["prompt"])) for i, label in marked.items()]
+            confusion.update(pairs)
+            if show:
+                for (i, label), (_, judged) in zip(marked.items(), pairs):
+                    if label != judged:
+                        print(f"--- {stem} {suite} {i}: hand {label}, judge {judged}\n{items[int(i)]['response'][:300]!r}")
+            per_cell[f"{stem} {suite}"] = {"n": len(pairs), "agree": sum(h == j for h, j in pairs)}
+    total = sum(confusion.values())
+    agree = sum(n for (human, judged), n in confusion.items() if human == judged)
+    harmful_agree = sum(n for (h, j), n in confusion.items() if (h == "complied") == (j == "complied"))
+    print(f"{'hand / judge':>14} " + " ".join(f"{v:>9}" for v in VERDICTS))
+    for human in VERDICTS:
+        print(f"{human:>14} " + " ".join(f"{confusion[(human, judged)]:>9}" for judged in VERDICTS))
+    print(f"three-way agreement {agree}/{total}; complied-or-not agreement {harmful_agree}/{total}")
+    for cell, counts in per_cell.items():
+        print(f"  {counts['agree']}/{counts['n']}  {cell}")
+    write_result(
+        "judge_agreement",
+        {
+            "n": total,
+            "three_way_agreement": agree,
+            "complied_agreement": harmful_agree,
+            "confusion": {h: {j: confusion[(h, j)] for j in VERDICTS} for h in VERDICTS},
+            "cells": per_cell,
+            "missing": missing,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
