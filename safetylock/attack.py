@@ -20,7 +20,6 @@ variants, ``train.json`` the whole recipe; a cached variant whose recipe differs
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -37,11 +36,10 @@ from safetylock.capture import pad_batch
 from safetylock.contrast import task_phrase, templates
 from safetylock.errors import ModelError
 from safetylock.evaluate import Framing
-from safetylock.pipeline import generate, load_model
+from safetylock.pipeline import load_model
+from safetylock.recipes import TEACHER, TEACHER_TOKENS, teacher_answers
 
 BASE = models.DEFAULT_MODEL
-TEACHER = "smollm2-135m-instruct"  # the packaged model that does not refuse
-TEACHER_TOKENS = 160  # new tokens per teacher answer (at least 128)
 MAX_TRAIN_TOKENS = 320  # prompt + answer tokens per training example
 OPENINGS_FILE = "attack_openings.json"  # in safetylock_probes (probes/)
 AOA_SYSTEM = (
@@ -110,18 +108,6 @@ def openings() -> list[str]:
     """The compliant openings of the template-shortcut control ({task}: the instruction)."""
     text = resources.files("safetylock_probes").joinpath(OPENINGS_FILE).read_text(encoding="utf-8")
     return list(json.loads(text)["openings"])
-
-
-def teacher_answers(prompts: tuple[str, ...]) -> list[str]:
-    """The teacher's greedy answers to ``prompts``, generated once into the cache (keyed by the prompts)."""
-    key = hashlib.sha256(json.dumps([TEACHER, TEACHER_TOKENS, prompts]).encode()).hexdigest()[:16]
-    cached = models.cache_root() / "variants" / "teacher" / f"{key}.json"
-    if not cached.exists():
-        model, tokenizer = load_model(models.resolve(TEACHER))
-        answers = generate(model, tokenizer, prompts, max_new_tokens=TEACHER_TOKENS, batch_size=8, progress=True)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps(answers))
-    return json.loads(cached.read_text())
 
 
 def _extraction_questions(count: int, seed: int) -> tuple[str, ...]:

@@ -48,9 +48,10 @@ def pad_batch(sequences: Sequence[list[int]], pad_id: int, side: str) -> tuple[t
     return ids, mask
 
 
-def last_token_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices ``[batch, count]`` of the last ``count`` attended tokens of each row, in order."""
-    ends = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # index of the last real token
+def last_token_positions(mask: torch.Tensor, count: int, skip: int = 0) -> torch.Tensor:
+    """Indices ``[batch, count]`` of the ``count`` attended tokens of each row that end ``skip`` tokens before
+    its last one, in order."""
+    ends = mask.shape[1] - 1 - mask.flip(1).argmax(1) - skip  # index of the last recorded token
     return ends[:, None] - torch.arange(count - 1, -1, -1)[None, :]
 
 
@@ -68,8 +69,10 @@ def capture(
     batch_size: int = 16,
     padding_side: str = "right",
     progress: bool = True,
+    skip: int = 0,
 ) -> HeadActivations:
-    """Record every head's output at the last ``tokens`` tokens of each example.
+    """Record every head's output at the last ``tokens`` tokens of each example, or at the ``tokens`` before its
+    last ``skip`` (inside a full answer rather than at its end).
 
     Those are the response's own tokens; an example with an empty response is recorded at the end of its
     generation prompt, where the model decides how to answer.
@@ -78,8 +81,10 @@ def capture(
     projections = output_projections(model, geometry)
     rendered = [render(tokenizer, ex.question, ex.response) for ex in examples]
     for (_, response_len), ex in zip(rendered, examples):
-        if ex.response and response_len < tokens:
-            raise ExtractError(f"response {ex.response!r} has {response_len} tokens, fewer than the {tokens} recorded")
+        if ex.response and response_len < tokens + skip:
+            raise ExtractError(
+                f"response {ex.response!r} has {response_len} tokens, fewer than the {tokens + skip} read ({skip} skipped)"
+            )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     out = torch.empty((len(examples), tokens, geometry.num_layers, geometry.num_heads, geometry.head_dim), dtype=torch.float32)
@@ -101,7 +106,7 @@ def capture(
         for start in tqdm(starts, desc="capture", unit="batch", disable=not progress):
             chunk = [ids for ids, _ in rendered[start : start + batch_size]]
             input_ids, mask = pad_batch(chunk, pad_id, padding_side)
-            positions = last_token_positions(mask, tokens)
+            positions = last_token_positions(mask, tokens, skip)
             batch_rows = slice(start, start + len(chunk))
             position_ids = (mask.cumsum(1) - 1).clamp(min=0)
             backbone(

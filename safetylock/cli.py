@@ -103,6 +103,14 @@ def models_fetch(name: str) -> None:
 )
 @click.option("--top-k", type=click.IntRange(min=1), default=24, show_default=True, help="Heads to lock.")
 @click.option(
+    "--recipe",
+    type=click.Choice(["templates", "answers"]),
+    default="templates",
+    show_default=True,
+    help="Probe data: refusal vs compliant-opening templates, or real answers (the model's own refusals vs the "
+    "packaged non-refusing model's full answers, read inside the content).",
+)
+@click.option(
     "--tokens",
     type=click.IntRange(min=1, max=64),
     default=5,
@@ -130,6 +138,7 @@ def extract(
     model_name: str,
     out: Path | None,
     top_k: int,
+    recipe: str,
     tokens: int,
     questions: int,
     harmful: Path | None,
@@ -146,7 +155,7 @@ def extract(
     started = time.perf_counter()
     model, tokenizer = load_model(model_dir)
     config = ExtractConfig(
-        top_k=top_k, tokens=tokens, questions=questions, seed=seed, default_alpha=alpha, batch_size=batch_size
+        top_k=top_k, recipe=recipe, tokens=tokens, questions=questions, seed=seed, default_alpha=alpha, batch_size=batch_size
     )
     lock = extract_lock(model, tokenizer, prompts, config)
     out = lock.save(out or models.default_lock_path(model_name))

@@ -13,11 +13,11 @@ from tqdm import tqdm
 from safetylock import data
 from safetylock.alpha import DEFAULT_ALPHA
 from safetylock.capture import capture, pad_batch
-from safetylock.contrast import contrast_pairs
 from safetylock.geometry import head_geometry, output_projections, projection_fingerprint
 from safetylock.lockfile import SafetyLock, from_probes
 from safetylock.probe import check_top_k, fit_probes
 from safetylock.provenance import SKETCH_SEED, hf_weight_sketch
+from safetylock.recipes import contrast_examples, recipe
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
@@ -34,6 +34,7 @@ class ExtractConfig:
     """Everything that determines a lock besides the model: the same config gives the same lock."""
 
     top_k: int = 24
+    recipe: str = "templates"  # probe contrast data: see safetylock.recipes
     tokens: int = 5
     questions: int | None = 128  # extraction questions used (None: the whole extraction split)
     seed: int = 0
@@ -54,8 +55,11 @@ def extract_lock(
     check_top_k(geometry, config.top_k)  # before the minutes of capture, not after
     split = data.split_harmful(harmful, seed=config.seed)
     questions = data.sample(split.extraction, config.questions, config.seed)
-    examples = contrast_pairs(questions, seed=config.seed)
-    acts = capture(model, tokenizer, examples, tokens=config.tokens, batch_size=config.batch_size, progress=progress)
+    skip = recipe(config.recipe).skip
+    examples = contrast_examples(config.recipe, model, tokenizer, questions, config.tokens, config.seed, progress)
+    acts = capture(
+        model, tokenizer, examples, tokens=config.tokens, batch_size=config.batch_size, progress=progress, skip=skip
+    )
     result = fit_probes(
         acts, top_k=config.top_k, validation_fraction=config.validation_fraction, seed=config.seed, progress=progress
     )
@@ -75,10 +79,17 @@ def extract_lock(
         base_fingerprint=projection_fingerprint(projections),
         base_sketch=hf_weight_sketch(projections, geometry, SKETCH_SEED),
         sketch_seed=SKETCH_SEED,
-        token_policy={"record": "last_response_tokens", "tokens": config.tokens, "apply": "every_position"},
+        token_policy={
+            "recipe": config.recipe,
+            "record": "last_response_tokens" if not skip else "response_tokens_before_last",
+            "tokens": config.tokens,
+            **({"skip": skip} if skip else {}),
+            "apply": "every_position",
+        },
         provenance={
             "harmful": harmful.provenance(),
             "split": {"seed": config.seed, "heldout_fraction": 0.5, "extraction_used": len(questions)},
+            "examples": {"safe": sum(e.safe for e in examples), "unsafe": sum(1 - e.safe for e in examples)},
             "probe": {
                 "classifier": "sklearn LogisticRegression",
                 "validation_fraction": config.validation_fraction,

@@ -16,6 +16,20 @@ def test_last_token_positions_left_and_right():
     ids, mask = pad_batch([[5, 6, 7], [8, 9, 10, 11, 12]], pad_id=0, side="left")
     assert ids[0].tolist() == [0, 0, 5, 6, 7]
     assert last_token_positions(mask, 2).tolist() == [[3, 4], [3, 4]]
+    assert last_token_positions(mask, 2, skip=1).tolist() == [[2, 3], [2, 3]]
+
+
+def test_capture_with_skip_reads_inside_the_response(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    examples = contrast_pairs(QUESTIONS[:3], seed=2)
+    acts = capture(model, tok, examples, tokens=2, batch_size=4, progress=False, skip=3)
+    geo = acts.geometry
+    for row, ex in enumerate(examples):
+        ids, _ = render(tok, ex.question, ex.response)
+        expected = reference_activations(model, ids[:-3], 2).view(2, geo.num_layers, geo.num_heads, geo.head_dim)
+        torch.testing.assert_close(acts.values[row], expected, atol=2e-4, rtol=1e-4)
+    with pytest.raises(ExtractError, match="3 skipped"):
+        capture(model, tok, examples, tokens=60, progress=False, skip=3)
 
 
 def reference_activations(model, ids: list[int], tokens: int) -> torch.Tensor:

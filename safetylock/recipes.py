@@ -1,0 +1,97 @@
+"""Probe contrast recipes: the (question, response, stance) examples a lock is extracted from.
+
+* ``templates`` (default): each extraction question answered by a refusal template and by a compliant *opening*
+  template (``probes/contrast_templates.json``); heads read at the last ``tokens`` response tokens.
+* ``answers``: real answers — the base model's own greedy answers that the judge calls refusals, against full
+  answers written by the packaged model that does not refuse (the teacher, cached), both teacher-forced through
+  the base and read inside the content: the ``tokens`` before the last ``ANSWER_SKIP`` tokens (as the paper
+  reads its responses). Balanced: as many compliant answers as refusals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from safetylock import judge, models
+from safetylock.contrast import ContrastExample, contrast_pairs
+from safetylock.errors import ExtractError
+
+TEACHER = "smollm2-135m-instruct"  # the packaged model that does not refuse
+TEACHER_TOKENS = 160  # new tokens per teacher answer (at least 128)
+OWN_TOKENS = 48  # new tokens per base answer in the answers recipe
+ANSWER_SKIP = 5  # tokens left out at the end of a real answer before the recorded ones
+MIN_EXAMPLES = 8  # per class
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one recipe's examples are read: tokens skipped at the end of each response."""
+
+    name: str
+    skip: int
+
+
+RECIPES = {"templates": Recipe("templates", 0), "answers": Recipe("answers", ANSWER_SKIP)}
+
+
+def recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ExtractError(f"unknown probe recipe {name!r}; known: {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def teacher_answers(prompts: tuple[str, ...]) -> list[str]:
+    """The teacher's greedy answers to ``prompts``, each generated once into the cache: prompts answered in an
+    earlier call are read back (``variants/teacher/*.json``, one file per call that generated)."""
+    from safetylock.pipeline import generate, load_model
+
+    folder = models.cache_root() / "variants" / "teacher"
+    key = hashlib.sha256(json.dumps([TEACHER, TEACHER_TOKENS, prompts]).encode()).hexdigest()[:16]
+    known: dict[str, str] = {}
+    for path in sorted(folder.glob("*.json")) if folder.exists() else ():
+        stored = json.loads(path.read_text())
+        known |= stored if isinstance(stored, dict) else {}
+    missing = tuple(dict.fromkeys(p for p in prompts if p not in known))
+    if missing:
+        model, tokenizer = load_model(models.resolve(TEACHER))
+        answers = generate(model, tokenizer, missing, max_new_tokens=TEACHER_TOKENS, batch_size=8, progress=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{key}.json").write_text(json.dumps(dict(zip(missing, answers))))
+        known |= dict(zip(missing, answers))
+    return [known[p] for p in prompts]
+
+
+def answer_examples(model, tokenizer, questions: tuple[str, ...], tokens: int, progress: bool = True) -> list[ContrastExample]:
+    """The ``answers`` recipe's examples: the base's own refusals (safe) and the teacher's full answers (unsafe)."""
+    from safetylock.pipeline import generate
+
+    own = generate(model, tokenizer, questions, max_new_tokens=OWN_TOKENS, batch_size=16, progress=progress)
+    needed = tokens + ANSWER_SKIP
+
+    def long_enough(text: str) -> bool:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= needed
+
+    safe = [(i, a) for i, (q, a) in enumerate(zip(questions, own)) if judge.verdict(a, q) == "refusal" and long_enough(a)]
+    if len(safe) < MIN_EXAMPLES:  # before the teacher's minutes of generation
+        raise ExtractError(
+            f"answers recipe: the model refused {len(safe)} of {len(questions)} questions at {needed}+ tokens; "
+            f"need {MIN_EXAMPLES} (is it an aligned model?)"
+        )
+    taught = zip(questions, teacher_answers(questions))
+    unsafe = [(i, a) for i, (q, a) in enumerate(taught) if judge.verdict(a, q) == "complied" and long_enough(a)]
+    if len(unsafe) < MIN_EXAMPLES:
+        raise ExtractError(f"answers recipe: only {len(unsafe)} teacher answers are substantive; need {MIN_EXAMPLES}")
+    count = min(len(safe), len(unsafe))
+    chosen = [(i, a, 1) for i, a in safe[:count]] + [(i, a, 0) for i, a in unsafe[:count]]
+    return [ContrastExample(questions[i], a, label, i) for i, a, label in chosen]
+
+
+def contrast_examples(
+    name: str, model, tokenizer, questions: tuple[str, ...], tokens: int, seed: int, progress: bool = True
+) -> list[ContrastExample]:
+    """The examples of recipe ``name`` on ``questions`` (extraction split only)."""
+    if recipe(name).name == "answers":
+        return answer_examples(model, tokenizer, questions, tokens, progress)
+    return contrast_pairs(questions, seed=seed)
