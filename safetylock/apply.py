@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from safetylock.errors import LockError
+from safetylock.gate import Gate
 from safetylock.geometry import HeadGeometry, head_geometry, output_projections
 from safetylock.lockfile import SafetyLock, check_alpha
 from safetylock.provenance import Verdict, check, hf_multiply
@@ -86,4 +88,76 @@ def apply(model: torch.nn.Module, lock: SafetyLock, alpha: float | None = None, 
             else:
                 handle.original_bias[layer] = proj.bias.detach().clone()
                 proj.bias.add_(bias)
+    return handle
+
+
+@dataclass
+class GatedHandle:
+    """Undo record of a gated lock on an HF model: ``remove()`` (or leaving the ``with`` block) unhooks it.
+    ``fired`` holds the last prompt batch's gate decisions (one per row)."""
+
+    gate: Gate
+    alpha_on: float
+    alpha_off: float
+    hooks: list = field(default_factory=list)
+    fired: torch.Tensor | None = None
+    provenance: Verdict | None = None
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+
+    def __enter__(self) -> GatedHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+
+def apply_gated(
+    model: torch.nn.Module,
+    lock: SafetyLock,
+    alpha_on: float | None = None,
+    alpha_off: float = 0.0,
+    allow_foreign_base: bool = False,
+) -> GatedHandle:
+    """The gated lock on an HF model (semantics: ``safetylock.gate``): ``with apply_gated(model, lock, 4): ...``.
+
+    Made for ``model.generate`` on left-padded batches: a forward of more than one token is a new batch of
+    prompts, whose last position is every row's last prompt token; a one-token forward is a decode step.
+    """
+    from safetylock.gate import attention_blocks, block_input
+
+    if lock.gate is None:
+        raise LockError("this lock has no gate: extract it with `safetylock extract --gate`")
+    gate = lock.gate
+    alpha_on = check_alpha(lock.default_alpha if alpha_on is None else alpha_on)
+    alpha_off = check_alpha(alpha_off, "alpha_off")
+    geometry = check_model(lock, model)
+    projections = output_projections(model, geometry)
+    verdict = check(lock, hf_multiply(projections), allow_foreign_base)
+    blocks = attention_blocks(model, geometry.num_layers)
+    handle = GatedHandle(gate, alpha_on, alpha_off, provenance=verdict)
+
+    def decide(_module, args, kwargs):
+        hidden = block_input(args, kwargs)
+        if hidden.shape[1] > 1 or handle.fired is None:
+            handle.fired = gate.fires(hidden[:, -1])
+
+    def shifter(bias: torch.Tensor):
+        def hook(_module, _args, output):
+            hidden = output[0]
+            per_row = torch.where(handle.fired, alpha_on, alpha_off).to(hidden.dtype)  # [batch]
+            scale = per_row[:, None].expand(-1, hidden.shape[1]).clone()
+            scale[:, :-1] = alpha_off  # prompt tokens before the last one
+            return (hidden + scale[:, :, None] * bias.to(hidden.dtype), *output[1:])
+
+        return hook
+
+    handle.hooks.append(blocks[gate.layer].register_forward_pre_hook(decide, with_kwargs=True))
+    for layer, delta in layer_shifts(lock, 1.0).items():
+        if layer > gate.layer:
+            bias = fold_bias(projections[layer].weight, delta)
+            handle.hooks.append(blocks[layer].register_forward_hook(shifter(bias)))
     return handle

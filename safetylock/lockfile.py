@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -17,14 +18,16 @@ from safetensors.torch import save as save_tensors
 
 from safetylock.alpha import DEFAULT_ALPHA, check_alpha
 from safetylock.errors import LockError
+from safetylock.gate import Gate
 from safetylock.geometry import HeadGeometry
 
 FORMAT = "safetylock.meta-lock"
-FORMAT_VERSION = 2  # 2: optional base weight sketch (provenance); version 1 files still load
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2: optional base weight sketch (provenance); 3: optional gate; older files still load
+READABLE_VERSIONS = (1, 2, 3)
 METADATA_KEY = "safetylock"
 TENSOR_NAMES = ("layers", "heads", "directions", "sigmas", "head_accuracy")
 SKETCH_TENSOR = "base_sketch"
+GATE_TENSOR = "gate_weight"
 
 
 @dataclass
@@ -44,6 +47,7 @@ class SafetyLock:
     provenance: dict[str, Any] = field(default_factory=dict)
     base_sketch: torch.Tensor | None = None  # [layers, probes] float32 (safetylock.provenance); None: unchecked
     sketch_seed: int = 0
+    gate: Gate | None = None  # the gated lock's request gate (safetylock.gate); None: always-on only
 
     def __post_init__(self) -> None:
         validate(self)
@@ -63,6 +67,7 @@ class SafetyLock:
             "token_policy": self.token_policy,
             "provenance": self.provenance,
             **({} if self.base_sketch is None else {"sketch": {"module": "o_proj", "seed": self.sketch_seed}}),
+            **({} if self.gate is None else {"gate": self.gate.to_metadata()}),
         }
 
     def to_bytes(self) -> bytes:
@@ -70,6 +75,8 @@ class SafetyLock:
         tensors = {name: getattr(self, name).contiguous() for name in TENSOR_NAMES}
         if self.base_sketch is not None:
             tensors[SKETCH_TENSOR] = self.base_sketch.contiguous()
+        if self.gate is not None:
+            tensors[GATE_TENSOR] = self.gate.weight.contiguous()
         return save_tensors(tensors, metadata={METADATA_KEY: json.dumps(self.metadata(), sort_keys=True)})
 
     @property
@@ -130,6 +137,8 @@ def validate(lock: SafetyLock) -> None:
             )
         if not torch.isfinite(sketch).all():
             raise LockError(f"tensor {SKETCH_TENSOR!r} holds non-finite values (NaN or inf)")
+    if lock.gate is not None:
+        validate_gate(lock.gate, geo, lock.layers.tolist())
     if lock.layers.min() < 0 or lock.layers.max() >= geo.num_layers:
         raise LockError(f"layer index out of range 0..{geo.num_layers - 1}: {lock.layers.tolist()}")
     if lock.heads.min() < 0 or lock.heads.max() >= geo.num_heads:
@@ -143,6 +152,41 @@ def validate(lock: SafetyLock) -> None:
     if not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
         raise LockError(f"directions must have unit norm (found norms {norms.min():.4g}..{norms.max():.4g})")
     check_alpha(lock.default_alpha, "default_alpha")
+
+
+def validate_gate(gate: Gate, geo: HeadGeometry, lock_layers: list[int]) -> None:
+    weight = gate.weight
+    if weight.dtype != torch.float32 or tuple(weight.shape) != (geo.hidden_size,):
+        raise LockError(
+            f"tensor {GATE_TENSOR!r} is {weight.dtype} {tuple(weight.shape)}, expected float32 ({geo.hidden_size},)"
+        )
+    if not torch.isfinite(weight).all():
+        raise LockError(f"tensor {GATE_TENSOR!r} holds non-finite values (NaN or inf)")
+    if not 0 <= gate.layer < geo.num_layers:
+        raise LockError(f"gate layer {gate.layer} out of range 0..{geo.num_layers - 1}")
+    if not all(math.isfinite(v) for v in (gate.bias, gate.threshold)):
+        raise LockError("gate bias and threshold must be finite numbers")
+    if not any(layer > gate.layer for layer in lock_layers):
+        raise LockError(f"no locked head lies after the gate layer {gate.layer}: a gated lock would shift nothing")
+
+
+def _gate(meta: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> Gate | None:
+    """The gate stored in a lock file, if any (its metadata and its tensor come together)."""
+    info = meta.get("gate")
+    if info is None and GATE_TENSOR not in tensors:
+        return None
+    if info is None or GATE_TENSOR not in tensors:
+        raise LockError(f"{source}: gate metadata and tensor {GATE_TENSOR!r} must come together")
+    try:
+        return Gate(
+            int(info["layer"]),
+            tensors[GATE_TENSOR],
+            float(info["bias"]),
+            float(info["threshold"]),
+            dict(info.get("calibration") or {}),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise LockError(f"{source}: gate metadata needs integer 'layer' and numeric 'bias' and 'threshold'") from None
 
 
 def from_bytes(data: bytes, source: str = "<bytes>") -> SafetyLock:
@@ -178,6 +222,7 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> SafetyLock:
             provenance=meta.get("provenance", {}),
             base_sketch=tensors.get(SKETCH_TENSOR),
             sketch_seed=int((meta.get("sketch") or {}).get("seed", 0)),
+            gate=_gate(meta, tensors, source),
         )
     except (ValueError, TypeError) as exc:  # LockError and GeometryError are ValueErrors
         raise LockError(f"{source}: {exc}") from None

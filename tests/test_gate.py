@@ -1,0 +1,152 @@
+import dataclasses
+
+import pytest
+import torch
+
+from safetylock.apply import apply, apply_gated
+from safetylock.errors import LockError
+from safetylock.gate import Gate, attention_blocks, block_input, candidate_layers
+from safetylock.geometry import head_geometry
+from safetylock.lockfile import from_bytes, load
+from safetylock.pipeline import load_model
+
+from support import PROMPTS, rewrite_metadata, small_lock
+
+pytestmark = pytest.mark.filterwarnings("ignore:lock has no weight sketch")
+
+
+def a_gate(layer: int = 1, hidden: int = 128, threshold: float = -0.5) -> Gate:
+    weight = torch.randn(hidden, generator=torch.Generator().manual_seed(3))
+    return Gate(layer, weight, 0.25, threshold, {"auroc": 0.9, "fpr": 0.05})
+
+
+def test_lock_round_trip_keeps_the_gate(tmp_path):
+    lock = small_lock(gate=a_gate())
+    loaded = load(lock.save(tmp_path / "gated.lock.safetensors"))
+    assert loaded.gate is not None
+    assert (loaded.gate.layer, loaded.gate.bias, loaded.gate.threshold) == (1, 0.25, -0.5)
+    assert torch.equal(loaded.gate.weight, lock.gate.weight)
+    assert loaded.gate.calibration == {"auroc": 0.9, "fpr": 0.05}
+    assert loaded.fingerprint == lock.fingerprint != small_lock().fingerprint
+    assert load(small_lock().save(tmp_path / "plain.lock.safetensors")).gate is None
+
+
+@pytest.mark.parametrize(
+    ("gate", "message"),
+    [
+        (a_gate(hidden=64), "gate_weight"),
+        (a_gate(layer=2), "no locked head lies after the gate layer 2"),
+        (a_gate(layer=7), "gate layer 7 out of range"),
+        (a_gate(threshold=float("nan")), "finite"),
+    ],
+)
+def test_malformed_gate_is_refused(gate, message):
+    with pytest.raises(LockError, match=message):
+        small_lock(gate=gate)
+
+
+def test_gate_metadata_without_its_tensor_is_refused():
+    data = small_lock().to_bytes()
+    edited = rewrite_metadata(data, lambda meta: meta.update(gate={"layer": 1, "bias": 0.0, "threshold": 0.0}))
+    with pytest.raises(LockError, match="must come together"):
+        from_bytes(edited, "edited.lock")
+
+
+def test_candidate_layers_keep_most_heads_after_them():
+    assert candidate_layers([8, 10, 12, 12, 13, 19, 21, 21], 24) == list(range(1, 12))  # 11: 6 of 8 after it
+    with pytest.raises(Exception, match="no gate layer"):
+        candidate_layers([0, 0], 3)
+
+
+def model_lock(model, gate: Gate, layers=(0, 2), heads=(0, 1)):
+    """A two-head lock that fits ``model``, with ``gate``."""
+    geometry = head_geometry(model.config)
+    directions = torch.nn.functional.normalize(
+        torch.randn(2, geometry.head_dim, generator=torch.Generator().manual_seed(1)), dim=1
+    )
+    return small_lock(
+        layers=torch.tensor(layers),
+        heads=torch.tensor(heads),
+        directions=directions,
+        sigmas=torch.tensor([1.0, 2.0]),
+        head_accuracy=torch.full((geometry.num_layers, geometry.num_heads), 0.75),
+        geometry=geometry,
+        gate=gate,
+    )
+
+
+def constant_gate(model, fires: bool) -> Gate:
+    """A gate at layer 0 whose score is 1 for every request, with a threshold below or above it."""
+    return Gate(0, torch.zeros(model.config.hidden_size), 1.0, 0.0 if fires else 2.0)
+
+
+def after_gate(lock):
+    """The same lock without its gate and without the heads at or before the gate layer."""
+    keep = lock.layers > lock.gate.layer
+    return dataclasses.replace(
+        lock,
+        layers=lock.layers[keep],
+        heads=lock.heads[keep],
+        directions=lock.directions[keep],
+        sigmas=lock.sigmas[keep],
+        gate=None,
+    )
+
+
+@torch.no_grad()
+def test_fired_request_is_shifted_from_its_last_prompt_token_on(llama_dir):
+    """Reference: the plain model reads every prompt token but the last; the always-on lock (heads after the
+    gate layer) then reads the last prompt token and every generated one."""
+    model, _ = load_model(llama_dir)
+    lock = model_lock(model, constant_gate(model, fires=True))
+    ids = torch.tensor([PROMPTS[0]])
+    cache = model(ids[:, :-1], use_cache=True).past_key_values
+    with apply(model, after_gate(lock), 3.0):
+        want = [model(ids[:, -1:], past_key_values=cache, use_cache=True)]
+        want.append(model(torch.tensor([[7]]), past_key_values=want[0].past_key_values, use_cache=True))
+    with apply_gated(model, lock, 3.0) as handle:
+        got = [model(ids, use_cache=True)]
+        got.append(model(torch.tensor([[7]]), past_key_values=got[0].past_key_values, use_cache=True))
+    assert handle.fired.tolist() == [True]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.logits[:, -1], w.logits[:, -1], atol=1e-4, rtol=1e-4)
+    assert (got[0].logits[:, -1] - model(ids).logits[:, -1]).abs().max() > 1e-2  # the shift is visible
+    assert handle.hooks == []  # removed on leaving the block
+
+
+@torch.no_grad()
+def test_gate_that_does_not_fire_serves_the_plain_model(llama_dir):
+    model, _ = load_model(llama_dir)
+    ids = torch.tensor([PROMPTS[0]])
+    with apply_gated(model, model_lock(model, constant_gate(model, fires=False)), 3.0) as handle:
+        got = model(ids).logits
+    assert handle.fired.tolist() == [False]
+    torch.testing.assert_close(got, model(ids).logits, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_mixed_batch_decides_per_request(llama_dir):
+    """A gate built to fire on one prompt and not the other: each row of the batch equals its prompt alone."""
+    model, _ = load_model(llama_dir)
+    first, second = torch.tensor([PROMPTS[0]]), torch.tensor([[1, 50, 51, 52, 53, 54, 55, 56]])
+    seen = []
+    hook = attention_blocks(model, model.config.num_hidden_layers)[0].register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(block_input(args, kwargs)[0, -1].float()), with_kwargs=True
+    )
+    model(first), model(second)
+    hook.remove()
+    weight = seen[0] - seen[1]
+    gate = Gate(0, weight, float(-weight @ (seen[0] + seen[1]) / 2), 0.0)
+    lock = model_lock(model, gate)
+    with apply_gated(model, lock, 3.0) as handle:
+        batch = model(torch.cat([first, second])).logits[:, -1]
+        assert handle.fired.tolist() == [True, False]
+        alone = [model(ids).logits[:, -1] for ids in (first, second)]
+    torch.testing.assert_close(batch, torch.cat(alone), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(alone[1], model(second).logits[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_lock_without_gate_cannot_be_gated(llama_dir):
+    model, _ = load_model(llama_dir)
+    with pytest.raises(LockError, match="has no gate"):
+        apply_gated(model, dataclasses.replace(model_lock(model, constant_gate(model, True)), gate=None))
