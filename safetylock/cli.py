@@ -131,6 +131,7 @@ def models_fetch(name: str) -> None:
     help="Own harmful questions (.jsonl/.csv/.txt) instead of AdvBench.",
 )
 @click.option("--alpha", type=ALPHA, default=DEFAULT_ALPHA, show_default=True, help="Default α stored in the lock.")
+@click.option("--gate", is_flag=True, help="Also fit the request gate for gated serving (harmful vs benign requests).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @user_errors
@@ -143,6 +144,7 @@ def extract(
     questions: int,
     harmful: Path | None,
     alpha: float,
+    gate: bool,
     seed: int,
     batch_size: int,
 ) -> None:
@@ -155,7 +157,14 @@ def extract(
     started = time.perf_counter()
     model, tokenizer = load_model(model_dir)
     config = ExtractConfig(
-        top_k=top_k, recipe=recipe, tokens=tokens, questions=questions, seed=seed, default_alpha=alpha, batch_size=batch_size
+        top_k=top_k,
+        recipe=recipe,
+        tokens=tokens,
+        questions=questions,
+        seed=seed,
+        default_alpha=alpha,
+        batch_size=batch_size,
+        gate=gate,
     )
     lock = extract_lock(model, tokenizer, prompts, config)
     out = lock.save(out or models.default_lock_path(model_name))
@@ -177,7 +186,7 @@ def extract(
 def inspect(lock_path: Path | None, model_name: str, plot: Path | None) -> None:
     """Summarise a lock file and draw its per-head probe accuracy heatmap."""
     from safetylock.lockfile import load
-    from safetylock.report import accuracy_heatmap
+    from safetylock.report import accuracy_heatmap, gate_plot
 
     lock_path = lock_path or models.default_lock_path(model_name)
     lock = load(lock_path)
@@ -196,6 +205,12 @@ def inspect(lock_path: Path | None, model_name: str, plot: Path | None) -> None:
     plot = plot or lock_path.with_suffix(".png")
     accuracy_heatmap(lock, plot)
     click.echo(f"heatmap     {plot}")
+    if lock.gate is not None:
+        gate, calibration = lock.gate, lock.gate.calibration
+        figures = {k: calibration[k] for k in ("auroc", "fpr", "tpr") if k in calibration}
+        where = calibration.get("set_on", "")
+        click.echo(f"gate        layer {gate.layer}, threshold {gate.threshold:.4g}, {json.dumps(figures)} ({where})")
+        click.echo(f"gate ROC    {gate_plot(gate, plot.with_suffix('.gate.png'))}")
 
 
 @main.command()

@@ -112,6 +112,15 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float(roc_auc_score(labels, np.r_[positive, negative]))
 
 
+def roc_points(positive: np.ndarray, negative: np.ndarray, points: int = 25) -> list[list[float]]:
+    """[[fpr, tpr], ...] of the ROC curve, at most ``points`` of them (for the lock file and its plot)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(np.r_[np.ones(len(positive)), np.zeros(len(negative))], np.r_[positive, negative])
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(points, len(fpr))).round().astype(int))
+    return [[round(float(fpr[i]), 4), round(float(tpr[i]), 4)] for i in keep]
+
+
 def _fit_linear(harmful: np.ndarray, benign: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
     """Logistic regression on standardized features, folded back to raw features: (weight, bias)."""
     from sklearn.linear_model import LogisticRegression
@@ -190,6 +199,7 @@ def fit_gate(
         "sizes": {name: len(p) for name, p in prompts.items()},
         "data": splits.hashes(),
         "layer_auroc": {str(layer): round(value, 4) for layer, value in aurocs.items()},
+        "roc": roc_points(harmful_scores, benign_scores),
         "set_on": "calibration split through the base model",
     }
     gate = Gate(best, torch.from_numpy(weight.astype(np.float32)), bias, threshold, calibration)

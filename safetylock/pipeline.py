@@ -13,6 +13,7 @@ from tqdm import tqdm
 from safetylock import data
 from safetylock.alpha import DEFAULT_ALPHA
 from safetylock.capture import capture, pad_batch
+from safetylock.gate import candidate_layers, fit_gate, gate_data
 from safetylock.geometry import head_geometry, output_projections, projection_fingerprint
 from safetylock.lockfile import SafetyLock, from_probes
 from safetylock.probe import check_top_k, fit_probes
@@ -41,6 +42,7 @@ class ExtractConfig:
     validation_fraction: float = 0.2
     default_alpha: float = DEFAULT_ALPHA
     batch_size: int = 16
+    gate: bool = False  # also fit a request gate (safetylock.gate) for gated serving
 
 
 def extract_lock(
@@ -64,6 +66,10 @@ def extract_lock(
         acts, top_k=config.top_k, validation_fraction=config.validation_fraction, seed=config.seed, progress=progress
     )
     projections = output_projections(model, geometry)
+    gate = None
+    if config.gate:
+        layers = candidate_layers(result.layers, geometry.num_layers)
+        gate, _ = fit_gate(model, tokenizer, gate_data(harmful, seed=config.seed), layers, config.seed, progress)
     try:
         version = importlib.metadata.version("safetylock")
     except importlib.metadata.PackageNotFoundError:
@@ -100,6 +106,7 @@ def extract_lock(
             "seed": config.seed,
             "safetylock_version": version,
         },
+        gate=gate,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetylock.gate import Gate
 from safetylock.lockfile import SafetyLock
 
 
@@ -24,6 +25,37 @@ def accuracy_heatmap(lock: SafetyLock, path: Path) -> Path:
     ax.set_ylabel("layer")
     ax.set_title(f"probe validation accuracy ({lock.num_heads_locked} locked heads outlined)")
     fig.colorbar(image, ax=ax, label="accuracy")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def gate_plot(gate: Gate, path: Path) -> Path:
+    """The gate's ROC on its calibration split (threshold marked) and the calibration AUROC of every layer tried."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    calibration = gate.calibration
+    fig, (roc, layers) = plt.subplots(1, 2, figsize=(10, 4))
+    points = calibration.get("roc") or []
+    roc.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+    if "fpr" in calibration:
+        roc.plot([calibration["fpr"]], [calibration["tpr"]], "ro", label=f"threshold {gate.threshold:.3g}")
+        roc.legend(loc="lower right")
+    roc.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    roc.set_xlabel("benign requests firing (FPR)")
+    roc.set_ylabel("harmful requests firing (TPR)")
+    roc.set_title(f"gate at layer {gate.layer}: AUROC {calibration.get('auroc', float('nan')):.3f}")
+    by_layer = sorted((int(k), v) for k, v in (calibration.get("layer_auroc") or {}).items())
+    layers.plot([k for k, _ in by_layer], [v for _, v in by_layer], marker="o")
+    layers.axvline(gate.layer, color="red", linestyle="--")
+    layers.set_xlabel("layer")
+    layers.set_ylabel("calibration AUROC")
+    layers.set_title("candidate layers")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

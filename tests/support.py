@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from safetylock.apply import apply
+from safetylock.apply import apply, apply_gated
 from safetylock.contrast import templates
 from safetylock.data import PromptSet
-from safetylock.geometry import HeadGeometry, output_projections
+from safetylock.gate import Gate, attention_blocks, block_input
+from safetylock.geometry import HeadGeometry, head_geometry, output_projections
 from safetylock.lockfile import SafetyLock, load
 from safetylock.pipeline import ExtractConfig, chat_ids, extract_lock, load_model
 
@@ -104,6 +105,7 @@ def build_model(arch: str, vocab_size: int, out_dir: Path, seed: int = 0) -> Pat
     model.save_pretrained(out_dir)
     return out_dir
 
+
 def model_dir(arch: str, root: Path, tokenizer) -> Path:
     """The tiny ``arch`` model directory under ``root`` (built on first use), with the tokenizer beside it."""
     out = root / arch
@@ -130,6 +132,49 @@ def small_lock(**overrides) -> SafetyLock:
     )
     fields.update(overrides)
     return SafetyLock(**fields)
+
+
+def model_lock(model, gate: Gate, layers=(0, 2), heads=(0, 1)):
+    """A two-head lock that fits ``model``, with ``gate``."""
+    geometry = head_geometry(model.config)
+    directions = torch.nn.functional.normalize(
+        torch.randn(2, geometry.head_dim, generator=torch.Generator().manual_seed(1)), dim=1
+    )
+    return small_lock(
+        layers=torch.tensor(layers),
+        heads=torch.tensor(heads),
+        directions=directions,
+        sigmas=torch.tensor([1.0, 2.0]),
+        head_accuracy=torch.full((geometry.num_layers, geometry.num_heads), 0.75),
+        geometry=geometry,
+        gate=gate,
+    )
+
+
+def constant_gate(model, fires: bool) -> Gate:
+    """A gate at layer 0 whose score is 1 for every request, with a threshold below or above it."""
+    return Gate(0, torch.zeros(model.config.hidden_size), 1.0, 0.0 if fires else 2.0)
+
+
+def separating_gate(model, prompts, fire: list[bool], layer: int = 0) -> Gate:
+    """A gate at ``layer`` that fires exactly on the prompts marked in ``fire`` (by their HF features), with the
+    threshold in the middle of the widest margin."""
+    seen = []
+    block = attention_blocks(model, model.config.num_hidden_layers)[layer]
+    hook = block.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(block_input(args, kwargs)[0, -1].float()), with_kwargs=True
+    )
+    with torch.no_grad():
+        for ids in prompts:
+            model(input_ids=torch.tensor([ids]))
+    hook.remove()
+    features = torch.stack(seen)
+    marked = torch.tensor(fire)
+    weight = features[marked].mean(0) - features[~marked].mean(0)
+    scores = features @ weight
+    threshold = float((scores[marked].min() + scores[~marked].max()) / 2)
+    assert scores[marked].min() > scores[~marked].max(), "prompts not separable by the mean difference"
+    return Gate(layer, weight, 0.0, threshold)
 
 
 def rewrite_metadata(data: bytes, edit) -> bytes:
@@ -227,6 +272,25 @@ def hf_reference(
         return hf_greedy(model, prompts)
     with apply(model, lock, alpha, allow_foreign_base=allow_foreign_base):
         return hf_greedy(model, prompts)
+
+
+@torch.no_grad()
+def hf_gated_greedy(model, lock: SafetyLock, alpha_on: float, prompts=PROMPTS, max_tokens=MAX_TOKENS) -> list[dict]:
+    """Greedy continuation under the gated lock, one prompt at a time with the KV cache (the gate decides on the
+    prompt's forward; each later forward is one decode step)."""
+    results = []
+    with apply_gated(model, lock, alpha_on):
+        for ids in prompts:
+            out = model(input_ids=torch.tensor([ids]), use_cache=True)
+            tokens, logprobs = [], []
+            for _ in range(max_tokens):
+                logp = torch.log_softmax(out.logits[0, -1].double(), -1)
+                token = int(logp.argmax())
+                tokens.append(token)
+                logprobs.append(float(logp[token]))
+                out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            results.append({"tokens": tokens, "logprobs": logprobs})
+    return results
 
 
 def assert_same_generation(got: list[dict], want: list[dict], atol: float = 2e-3) -> None:

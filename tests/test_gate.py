@@ -5,12 +5,12 @@ import torch
 
 from safetylock.apply import apply, apply_gated
 from safetylock.errors import LockError
-from safetylock.gate import Gate, attention_blocks, block_input, candidate_layers
-from safetylock.geometry import head_geometry
+from safetylock.gate import Gate, candidate_layers
 from safetylock.lockfile import from_bytes, load
 from safetylock.pipeline import load_model
+from safetylock.serve.config import lock_section, prepare, serve_config
 
-from support import PROMPTS, rewrite_metadata, small_lock
+from support import PROMPTS, constant_gate, model_lock, rewrite_metadata, separating_gate, small_lock
 
 pytestmark = pytest.mark.filterwarnings("ignore:lock has no weight sketch")
 
@@ -56,28 +56,6 @@ def test_candidate_layers_keep_most_heads_after_them():
     assert candidate_layers([8, 10, 12, 12, 13, 19, 21, 21], 24) == list(range(1, 12))  # 11: 6 of 8 after it
     with pytest.raises(Exception, match="no gate layer"):
         candidate_layers([0, 0], 3)
-
-
-def model_lock(model, gate: Gate, layers=(0, 2), heads=(0, 1)):
-    """A two-head lock that fits ``model``, with ``gate``."""
-    geometry = head_geometry(model.config)
-    directions = torch.nn.functional.normalize(
-        torch.randn(2, geometry.head_dim, generator=torch.Generator().manual_seed(1)), dim=1
-    )
-    return small_lock(
-        layers=torch.tensor(layers),
-        heads=torch.tensor(heads),
-        directions=directions,
-        sigmas=torch.tensor([1.0, 2.0]),
-        head_accuracy=torch.full((geometry.num_layers, geometry.num_heads), 0.75),
-        geometry=geometry,
-        gate=gate,
-    )
-
-
-def constant_gate(model, fires: bool) -> Gate:
-    """A gate at layer 0 whose score is 1 for every request, with a threshold below or above it."""
-    return Gate(0, torch.zeros(model.config.hidden_size), 1.0, 0.0 if fires else 2.0)
 
 
 def after_gate(lock):
@@ -129,14 +107,7 @@ def test_mixed_batch_decides_per_request(llama_dir):
     """A gate built to fire on one prompt and not the other: each row of the batch equals its prompt alone."""
     model, _ = load_model(llama_dir)
     first, second = torch.tensor([PROMPTS[0]]), torch.tensor([[1, 50, 51, 52, 53, 54, 55, 56]])
-    seen = []
-    hook = attention_blocks(model, model.config.num_hidden_layers)[0].register_forward_pre_hook(
-        lambda _m, args, kwargs: seen.append(block_input(args, kwargs)[0, -1].float()), with_kwargs=True
-    )
-    model(first), model(second)
-    hook.remove()
-    weight = seen[0] - seen[1]
-    gate = Gate(0, weight, float(-weight @ (seen[0] + seen[1]) / 2), 0.0)
+    gate = separating_gate(model, [first[0].tolist(), second[0].tolist()], [True, False])
     lock = model_lock(model, gate)
     with apply_gated(model, lock, 3.0) as handle:
         batch = model(torch.cat([first, second])).logits[:, -1]
@@ -150,3 +121,14 @@ def test_lock_without_gate_cannot_be_gated(llama_dir):
     model, _ = load_model(llama_dir)
     with pytest.raises(LockError, match="has no gate"):
         apply_gated(model, dataclasses.replace(model_lock(model, constant_gate(model, True)), gate=None))
+
+
+def test_gated_config_with_a_lock_without_gate_refuses_to_start(tmp_path, llama_dir):
+    model, _ = load_model(llama_dir)
+    lock = model_lock(model, constant_gate(model, True))
+    path = dataclasses.replace(lock, gate=None).save(tmp_path / "plain.lock.safetensors")
+    config = serve_config({"safetylock": lock_section(path, 2.0, gated=True)}, environ={})
+    with pytest.raises(LockError, match="has no gate"):
+        prepare(config, lock.geometry)
+    with pytest.raises(LockError, match="alpha_off applies to gated serving only"):
+        serve_config({"safetylock": {"lock": str(path), "alpha_off": 1.0}}, environ={})

@@ -9,6 +9,13 @@ Dynamic mode (per-request α, per-adapter α or hot swap): every attention block
 ``scale[t] · table[l]`` to its output, where ``table`` holds ``W_o·δ_l`` at α = 1 for every layer and ``scale``
 holds each scheduled token's α, filled by the model runner before every forward on the forward's own stream.
 Both buffers are static (CUDA-graph and torch.compile safe); a hot swap copies a new table in place.
+Gated mode (semantics: ``safetylock.gate``) is dynamic mode plus the gate, decided inside the graph: the gate
+layer's attention block scores its input at every token and writes the score's verdict into the slot of each
+request whose *last prompt token* is in the batch (``token_write``: that request's slot, else a dummy slot);
+blocks after the gate layer add ``(alpha_off + after[t]·fired[slot[t]]·(α[t] − alpha_off)) · table[l]``,
+``after[t]`` marking tokens at or after their request's last prompt token. The host only writes per-token
+slots and positions (known before the step); it never reads a decision back. A request keeps its slot while
+the runner holds its state (preempted requests included), so a resumed request keeps its decision.
 The fill runs inside the runner's ``_prepare_inputs``, i.e. inside its ``synchronize_input_prep`` block: under
 async scheduling the next step waits for this step's host-to-device copies before the pinned staging buffer
 is written again, exactly as for vLLM's own input buffers.
@@ -16,6 +23,7 @@ is written again, exactly as for vLLM's own input buffers.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -24,6 +32,7 @@ import torch
 
 from safetylock.alpha import REQUEST_ALPHA_KEY
 from safetylock.errors import LockError
+from safetylock.gate import block_input
 from safetylock.provenance import Verdict
 from safetylock.serve.config import PreparedLock, ServeConfig, prepare
 from safetylock.serve.fold import check_provenance, checked_bias, sharded_biases, sharded_multiply, unit_bias_table
@@ -185,6 +194,55 @@ def fold(model: torch.nn.Module, prepared: PreparedLock, dtype: torch.dtype) -> 
 
 
 @dataclass
+class GateBuffers:
+    """Gated mode's static buffers (on the model's device) and the host's slot table."""
+
+    layer: int
+    weight: torch.Tensor  # [hidden] float32: the gate's weight
+    params: torch.Tensor  # [2] float32: bias, threshold
+    fired: torch.Tensor  # [slots + 1] model dtype: each request slot's decision; the last slot is a dummy
+    token_slot: torch.Tensor  # [capacity] int64: each scheduled token's request slot
+    token_write: torch.Tensor  # [capacity] int64: the slot a last prompt token writes, else the dummy slot
+    token_after: torch.Tensor  # [capacity] model dtype: 1 at or after the request's last prompt token
+    slots: dict[str, int]  # request id -> slot, while the runner holds the request
+
+    @property
+    def dummy(self) -> int:
+        return self.fired.numel() - 1
+
+    def load(self, gate) -> None:
+        """Copy ``gate``'s weight, bias and threshold in place (start-up and hot swap)."""
+        self.weight.copy_(gate.weight.to(self.weight.device))
+        self.params.copy_(torch.tensor([gate.bias, gate.threshold], dtype=torch.float32))
+
+    def slot(self, req_id: str, live: dict) -> int:
+        """The slot of ``req_id``; slots of requests the runner no longer holds are freed first when needed."""
+        if req_id not in self.slots:
+            if len(self.slots) >= self.dummy:
+                for gone in [r for r in self.slots if r not in live]:
+                    del self.slots[gone]
+            used = set(self.slots.values())
+            self.slots[req_id] = next(i for i in range(self.dummy) if i not in used)
+        return self.slots[req_id]
+
+    def fill(self, runner, req_ids: list[str], num_scheduled_tokens: np.ndarray) -> None:
+        """Per scheduled token: its slot, the slot it writes, and whether it is at or after the last prompt token."""
+        slots, writes, after = [], [], []
+        computed = runner.input_batch.num_computed_tokens_cpu
+        for index, req_id in enumerate(req_ids):
+            last = runner.requests[req_id].num_prompt_tokens - 1
+            positions = int(computed[index]) + np.arange(int(num_scheduled_tokens[index]))
+            slot = self.slot(req_id, runner.requests)
+            slots.append(np.full(len(positions), slot))
+            writes.append(np.where(positions == last, slot, self.dummy))
+            after.append(positions >= last)
+        count = int(num_scheduled_tokens.sum())
+        for buffer, values in ((self.token_slot, slots), (self.token_write, writes), (self.token_after, after)):
+            host = torch.from_numpy(np.concatenate(values)).to(buffer.dtype)
+            buffer[:count].copy_(host, non_blocking=True)
+
+
+@dataclass
 class DynamicLock:
     """This worker's dynamic-mode state: the served lock, its default α and the two static buffers."""
 
@@ -193,6 +251,7 @@ class DynamicLock:
     table: torch.Tensor  # [num_layers, hidden], W_o·δ_l at α = 1, model dtype, on the model's device
     scale: torch.Tensor  # [max tokens], each scheduled token's α
     staging: torch.Tensor  # host copy of ``scale`` (pinned on CUDA)
+    gate: GateBuffers | None = None  # gated mode only
 
     @property
     def default_alpha(self) -> float:
@@ -212,15 +271,24 @@ class DynamicLock:
         tp_rank, tp_size, reduce = _tensor_parallel()
         matmul = _local_matmul(self.projections, self.table.dtype)
         table = unit_bias_table(prepared.lock, tp_rank, tp_size, matmul, reduce, self.table.shape[1])
+        if prepared.config.gated:  # only heads after the gate layer are shifted
+            table[: prepared.lock.gate.layer + 1] = 0
         return table.to(device=self.table.device, dtype=self.table.dtype)
 
     def swap(self, config: ServeConfig, geometry) -> dict[str, object]:
         """Replace the lock and/or default α between engine steps: all checks first, then one in-place copy."""
         started = time.perf_counter()
         prepared = prepare(config, geometry)
+        if self.gate is not None and prepared.lock.gate.layer != self.gate.layer:
+            raise LockError(
+                f"the new lock's gate reads layer {prepared.lock.gate.layer}, the served graph layer {self.gate.layer}: "
+                "restart the server to change the gate layer"
+            )
         verdict = _provenance(self.projections, prepared, self.table.dtype)
         table = self.build_table(prepared)
         self.table.copy_(table)
+        if self.gate is not None:
+            self.gate.load(prepared.lock.gate)
         self.prepared = prepared
         elapsed = 1000 * (time.perf_counter() - started)
         _log(
@@ -237,6 +305,25 @@ class DynamicLock:
 def _add_locked_shift(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     tokens = output.shape[0]
     return output + module.safetylock_scale[:tokens, None] * module.safetylock_table_row
+
+
+def _decide_gate(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Gate layer: score every token; each last prompt token writes its verdict into its request's slot."""
+    hidden = block_input(args, kwargs)
+    tokens = hidden.shape[0]
+    params = module.safetylock_gate_params
+    fired = ((hidden.float() @ module.safetylock_gate_weight + params[0]) > params[1]).to(module.safetylock_fired.dtype)
+    module.safetylock_fired.index_copy_(0, module.safetylock_token_write[:tokens], fired)
+
+
+def _gated_shift(alpha_off: float):
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        tokens = output.shape[0]
+        on = module.safetylock_fired[module.safetylock_token_slot[:tokens]] * module.safetylock_token_after[:tokens]
+        scale = alpha_off + on * (module.safetylock_scale[:tokens] - alpha_off)
+        return output + scale[:, None] * module.safetylock_table_row
+
+    return hook
 
 
 def install_dynamic(model: torch.nn.Module, prepared: PreparedLock, vllm_config) -> None:
@@ -261,25 +348,70 @@ def install_dynamic(model: torch.nn.Module, prepared: PreparedLock, vllm_config)
     state = DynamicLock(prepared, projections, torch.zeros(len(named), width, dtype=dtype, device=device), scale, staging)
     state.table.copy_(state.build_table(prepared))
     modules = dict(model.named_modules())
-    for layer, (name, _) in enumerate(named):
-        block = modules[name.rpartition(".")[0]]
+    blocks = [modules[name.rpartition(".")[0]] for name, _ in named]
+    gate = prepared.lock.gate if prepared.config.gated else None
+    if gate is not None:
+        state.gate = _install_gate(blocks, gate, vllm_config, capacity, device, dtype)
+    for layer, block in enumerate(blocks):
+        if gate is not None and layer <= gate.layer:
+            continue
         block.register_buffer("safetylock_scale", scale, persistent=False)
         block.register_buffer("safetylock_table_row", state.table[layer], persistent=False)
-        block.register_forward_hook(_add_locked_shift)
+        if gate is None:
+            block.register_forward_hook(_add_locked_shift)
+        else:
+            for name in ("fired", "token_slot", "token_after"):
+                block.register_buffer(f"safetylock_{name}", getattr(state.gate, name), persistent=False)
+            block.register_forward_hook(_gated_shift(prepared.config.alpha_off))
     STATE.dynamic = state
     _log(
-        "safetylock: locked %d heads in %d layers, default alpha=%g, lock %s (%s), dynamic (policy %s), tp %d/%d, "
+        "safetylock: locked %d heads in %d layers, default alpha=%g, lock %s (%s), %s (policy %s), tp %d/%d, "
         "%s, applied in %.1f ms",
         prepared.lock.num_heads_locked,
         int((state.table.abs().sum(dim=1) > 0).sum()),
         prepared.alpha,
         prepared.lock.fingerprint,
         prepared.config.lock,
+        _mode_text(prepared),
         prepared.config.policy.summary(),
         *_tensor_parallel()[:2],
         verdict.describe(),
         1000 * (time.perf_counter() - started),
     )
+
+
+def _mode_text(prepared: PreparedLock) -> str:
+    gate = prepared.lock.gate
+    if not prepared.config.gated:
+        return "dynamic"
+    calibration = {k: gate.calibration[k] for k in ("auroc", "fpr", "tpr") if k in gate.calibration}
+    return (
+        f"gated (gate at layer {gate.layer}, threshold {gate.threshold:.4g}, {calibration}, "
+        f"alpha_off={prepared.config.alpha_off:g}, heads after layer {gate.layer} only)"
+    )
+
+
+def _install_gate(blocks: list[torch.nn.Module], gate, vllm_config, capacity: int, device, dtype) -> GateBuffers:
+    """Gated mode: the gate's buffers, and the deciding hook on the gate layer's attention block."""
+    slots = vllm_config.scheduler_config.max_num_seqs
+    buffers = GateBuffers(
+        layer=gate.layer,
+        weight=torch.zeros(gate.weight.numel(), dtype=torch.float32, device=device),
+        params=torch.zeros(2, dtype=torch.float32, device=device),
+        fired=torch.zeros(slots + 1, dtype=dtype, device=device),
+        token_slot=torch.zeros(capacity, dtype=torch.int64, device=device),
+        token_write=torch.full((capacity,), slots, dtype=torch.int64, device=device),
+        token_after=torch.zeros(capacity, dtype=dtype, device=device),
+        slots={},
+    )
+    buffers.load(gate)
+    block = blocks[gate.layer]
+    block.register_buffer("safetylock_gate_weight", buffers.weight, persistent=False)
+    block.register_buffer("safetylock_gate_params", buffers.params, persistent=False)
+    block.register_buffer("safetylock_fired", buffers.fired, persistent=False)
+    block.register_buffer("safetylock_token_write", buffers.token_write, persistent=False)
+    block.register_forward_pre_hook(_decide_gate, with_kwargs=True)
+    return buffers
 
 
 def fill_scale(runner, num_scheduled_tokens: np.ndarray) -> None:
@@ -294,6 +426,8 @@ def fill_scale(runner, num_scheduled_tokens: np.ndarray) -> None:
         extra = (params.extra_args if params is not None else None) or {}
         alphas.append(float(extra.get(REQUEST_ALPHA_KEY, state.default_alpha)))
     state.fill(alphas, num_scheduled_tokens)
+    if state.gate is not None:
+        state.gate.fill(runner, req_ids, num_scheduled_tokens)
 
 
 def swap_rpc(worker, lock: str, alpha: float | None = None) -> dict[str, object]:
@@ -306,5 +440,5 @@ def swap_rpc(worker, lock: str, alpha: float | None = None) -> dict[str, object]
     if state is None:
         raise LockError("this server was started without hot swap (set SAFETYLOCK_ADMIN_TOKEN before starting it)")
     current = state.prepared.config
-    config = ServeConfig(Path(lock), alpha, current.policy, hot_swap=True, allow_foreign_base=current.allow_foreign_base)
+    config = dataclasses.replace(current, lock=Path(lock), alpha=alpha, hot_swap=True)
     return state.swap(config, head_geometry(worker.vllm_config.model_config.hf_config))

@@ -24,7 +24,7 @@ ENV_LOCK = "SAFETYLOCK_LOCK"
 ENV_ALPHA = "SAFETYLOCK_ALPHA"
 ENV_ADMIN_TOKEN = "SAFETYLOCK_ADMIN_TOKEN"
 POLICY_KEYS = ("allow_request_alpha", "min_alpha", "max_alpha", "adapter_alpha")
-SECTION_KEYS = ("lock", "alpha", *POLICY_KEYS, "allow_foreign_base")
+SECTION_KEYS = ("lock", "alpha", *POLICY_KEYS, "allow_foreign_base", "gated", "alpha_off")
 
 
 @dataclass(frozen=True)
@@ -36,15 +36,17 @@ class ServeConfig:
     policy: AlphaPolicy = field(default_factory=AlphaPolicy)
     hot_swap: bool = False  # an admin token is set: the lock and α may be replaced while serving
     allow_foreign_base: bool = False  # the operator overrides the provenance check (logged at start-up)
+    gated: bool = False  # the lock's gate decides per request: α on a harmful request, alpha_off otherwise
+    alpha_off: float = 0.0  # gated mode: α of requests whose gate does not fire
 
     @property
     def dynamic(self) -> bool:
         """Whether α can differ between requests or over time (per-token scale instead of a folded bias)."""
-        return self.policy.allow_request_alpha or bool(self.policy.adapter_alpha) or self.hot_swap
+        return self.policy.allow_request_alpha or bool(self.policy.adapter_alpha) or self.hot_swap or self.gated
 
     @property
     def mode(self) -> str:
-        return "dynamic" if self.dynamic else "static"
+        return "gated" if self.gated else "dynamic" if self.dynamic else "static"
 
 
 def _check_keys(keys: Mapping[str, Any]) -> None:
@@ -120,12 +122,16 @@ def serve_config(additional_config: Mapping[str, Any] | None, environ: Mapping[s
     if not isinstance(section.get("lock"), str) or not section["lock"]:
         raise LockError(f"additional_config.{CONFIG_KEY}.lock must be the path of a lock file")
     alpha = section.get("alpha")
+    if "alpha_off" in section and not section.get("gated"):
+        raise LockError(f"{CONFIG_KEY}.alpha_off applies to gated serving only: set {CONFIG_KEY}.gated too")
     return ServeConfig(
         Path(section["lock"]),
         None if alpha is None else check_alpha(alpha),
         _policy(section),
         hot_swap=admin_token(environ) is not None,
         allow_foreign_base=_flag(section, "allow_foreign_base"),
+        gated=_flag(section, "gated"),
+        alpha_off=check_alpha(section.get("alpha_off", 0.0), f"{CONFIG_KEY}.alpha_off"),
     )
 
 
@@ -146,6 +152,7 @@ class PreparedLock:
             "mode": self.config.mode,
             "policy": self.config.policy.summary(),
             "allow_foreign_base": self.config.allow_foreign_base,
+            **({"alpha_off": self.config.alpha_off} if self.config.gated else {}),
         }
 
     def cache_salt(self, alpha: float) -> str:
@@ -157,6 +164,8 @@ def prepare(config: ServeConfig, model_geometry: HeadGeometry) -> PreparedLock:
     """Load the lock, check it against the served model's geometry, resolve α."""
     lock = load(config.lock)
     lock.check_geometry(model_geometry)
+    if config.gated and lock.gate is None:
+        raise LockError(f"{CONFIG_KEY}.gated is set but lock {config.lock} has no gate (extract it with --gate)")
     alpha = check_alpha(lock.default_alpha if config.alpha is None else config.alpha)
     low, high = config.policy.bounds(alpha)
     if low > high:

@@ -1,0 +1,109 @@
+"""The request gate on the testbed: does the base's notion of "harmful request" survive the fine-tune?
+
+Fits the gate on the aligned base (``safetylock.gate``: harmful extraction split vs benign instructions outside
+every evaluation sample) for the cached lock and writes the gated copy beside it in the cache. Then, for the base
+and each attack variant, on the evaluation prompts (held-out harmful, benign, arithmetic): the gate's AUROC and
+how often it fires at the base's threshold and at a threshold re-set on the variant's own weights (the same
+benign calibration prompts run through the served model).
+
+Run: python -m benchmarks.gate [--variants harmful-10,harmful-10-full] [--count 100]
+Writes benchmarks/results/gate.{json,png} (rates only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import click
+import numpy as np
+
+from benchmarks.common import RESULTS, write_result
+from safetylock import data, models
+from safetylock.attack import variant_dir
+from safetylock.evaluate import load_suite
+from safetylock.gate import auroc, candidate_layers, fit_gate, gate_data, prompt_features, recalibrate, roc_points
+from safetylock.geometry import head_geometry
+from safetylock.lockfile import load
+from safetylock.pipeline import load_model
+
+
+def gated_lock_path(model_name: str):
+    return models.default_lock_path(model_name).with_name(f"{model_name}.gated.lock.safetensors")
+
+
+def fit_gated_lock(model, tokenizer, model_name: str):
+    """The cached gated copy of the model's lock (fitted and written when absent)."""
+    path = gated_lock_path(model_name)
+    if path.exists():
+        return load(path)
+    lock = load(models.default_lock_path(model_name))
+    layers = candidate_layers(lock.layers.tolist(), head_geometry(model.config).num_layers)
+    gate, _ = fit_gate(model, tokenizer, gate_data(data.advbench()), layers)
+    gated = dataclasses.replace(lock, gate=gate)
+    gated.save(path)
+    return gated
+
+
+@click.command()
+@click.option("--variants", default="harmful-10,harmful-10-full")
+@click.option("--count", type=int, default=100, help="Evaluation prompts per suite.")
+def main(variants: str, count: int) -> None:
+    started = time.perf_counter()
+    base, tokenizer = load_model(models.resolve(models.DEFAULT_MODEL))
+    lock = fit_gated_lock(base, tokenizer, models.DEFAULT_MODEL)
+    gate = lock.gate
+    splits = gate_data(data.advbench())
+    suites = {name: load_suite(name, count, 0).prompts for name in ("advbench-heldout", "benign", "arithmetic")}
+    rows, curves = [], {}
+    for name in ["aligned-base", *[v for v in variants.split(",") if v]]:
+        model = base if name == "aligned-base" else load_model(variant_dir(name) / "merged")[0]
+        weight = gate.weight.numpy()
+        scores = {
+            s: prompt_features(model, tokenizer, p, [gate.layer])[gate.layer] @ weight + gate.bias for s, p in suites.items()
+        }
+        served = recalibrate(model, tokenizer, gate, splits.benign_calibration)
+        row = {"model": name, "auroc": round(auroc(scores["advbench-heldout"], scores["benign"]), 4)}
+        for label, threshold in (("base_threshold", gate.threshold), ("served_threshold", served.threshold)):
+            row[label] = {"threshold": round(threshold, 4)} | {
+                suite: round(float((values > threshold).mean()), 4) for suite, values in scores.items()
+            }
+        rows.append(row)
+        curves[name] = roc_points(scores["advbench-heldout"], scores["benign"], points=50)
+        print(row, flush=True)
+    write_result(
+        "gate",
+        {
+            "lock": str(gated_lock_path(models.DEFAULT_MODEL)),
+            "gate": {"layer": gate.layer, "threshold": gate.threshold, "calibration": gate.calibration},
+            "count": count,
+            "seconds": round(time.perf_counter() - started, 1),
+            "rows": rows,
+        },
+    )
+    plot(curves, rows, gate.layer)
+
+
+def plot(curves: dict, rows: list[dict], layer: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for row in rows:
+        points = np.asarray(curves[row["model"]])
+        ax.plot(points[:, 0], points[:, 1], label=f"{row['model']} (AUROC {row['auroc']:.3f})")
+        fired = row["served_threshold"]
+        ax.plot([fired["benign"]], [fired["advbench-heldout"]], "o", color=ax.lines[-1].get_color())
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set_xlabel("benign requests firing")
+    ax.set_ylabel("held-out harmful requests firing")
+    ax.set_title(f"gate at layer {layer} (dots: threshold set on the served model)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "gate.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
