@@ -263,6 +263,8 @@ def _adapter_alphas(values: tuple[str, ...]) -> dict[str, float]:
     is_flag=True,
     help="Serve the lock even if MODEL's weights do not descend from the lock's base (logged at start-up).",
 )
+@click.option("--gated", is_flag=True, help="Gated lock: α on requests the lock's gate calls harmful, --alpha-off on the rest.")
+@click.option("--alpha-off", type=ALPHA, default=None, help="Gated: α of requests whose gate does not fire (default 0).")
 @click.option("--dry-run", is_flag=True, help="Print the server command instead of starting it.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 @user_errors
@@ -275,6 +277,8 @@ def serve(
     max_alpha: float | None,
     adapter_alpha: tuple[str, ...],
     allow_foreign_base: bool,
+    gated: bool,
+    alpha_off: float | None,
     dry_run: bool,
     vllm_args: tuple[str, ...],
 ) -> None:
@@ -297,6 +301,8 @@ def serve(
         max_alpha=max_alpha,
         adapter_alpha=_adapter_alphas(adapter_alpha),
         allow_foreign_base=allow_foreign_base,
+        gated=gated,
+        alpha_off=alpha_off,
     )
     config = serve_config({CONFIG_KEY: section})
     prepared = prepare(config, head_geometry(AutoConfig.from_pretrained(model_dir)))  # fail before starting
@@ -355,6 +361,7 @@ def demo(model_name: str, lock_path: Path | None, alpha: float | None, max_token
 )
 @click.option("--lock", "lock_path", type=click.Path(path_type=Path), default=None, help="Offline only.")
 @alpha_option("Offline only; default: the lock's own α.")
+@click.option("--gated", is_flag=True, help="Offline only: serve the lock gated (α on requests its gate fires on).")
 @click.option(
     "--suite",
     "suites",
@@ -382,6 +389,7 @@ def eval_command(
     model_name,
     lock_path,
     alpha,
+    gated,
     suites,
     count,
     seed,
@@ -401,6 +409,8 @@ def eval_command(
     from safetylock.serve.config import lock_section
     from safetylock.serve.offline import vllm_generator
 
+    if gated and lock_path is None:
+        raise click.BadParameter("--gated needs --lock", param_hint="--gated")
     if endpoint and (lock_path or alpha is not None):
         raise click.BadParameter("--lock/--alpha apply offline only; a server applies its own lock", param_hint="--lock")
     if endpoint and enforce_eager:
@@ -416,17 +426,19 @@ def eval_command(
         section = None
         if lock_path is not None:
             lock = load(lock_path)
-            section = lock_section(lock_path, alpha)
+            section = lock_section(lock_path, alpha, gated=gated)
             target |= {
                 "lock": str(lock_path),
                 "lock_fingerprint": lock.fingerprint,
                 "alpha": lock.default_alpha if alpha is None else alpha,
+                **({"gated": True} if gated else {}),
             }
         engine_args = {"enforce_eager": True} if enforce_eager else {}
         target |= engine_args
         generate = vllm_generator(models.resolve(model_name), section, framing, **engine_args)
     judge_fn = evaluate.llm_judge(evaluate.endpoint_generator(judge_endpoint, judge_model)) if judge_endpoint else None
-    label = label or Path(model_name).name + (f"+lock(a={target['alpha']})" if "alpha" in target else "")
+    kind = "gated" if gated else "lock"
+    label = label or Path(model_name).name + (f"+{kind}(a={target['alpha']})" if "alpha" in target else "")
     report = evaluate.evaluate(loaded, generate, max_tokens, {**target, "label": label, "seed": seed}, judge_fn)
     out = out or Path("runs") / f"{re.sub(r'[^A-Za-z0-9_.=+-]', '_', label)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -237,6 +237,7 @@ def cached_run(
     enforce_eager: bool = False,
     suites: Sequence[str] = DEFAULT_SUITES,
     framing: Framing = PLAIN,
+    gated: bool = False,
 ) -> dict[str, Any]:
     """The report of ``safetylock eval`` on ``model`` (offline vLLM, locked when ``lock`` is given), cached under
     ``runs/`` in the cache by label, lock fingerprint and size; evaluated in a fresh process when absent (one
@@ -247,7 +248,8 @@ def cached_run(
     from safetylock.lockfile import load
     from safetylock.models import cache_root
 
-    stem = (label if lock is None else f"{label}-{load(lock).fingerprint[:12]}") + ("-eager" if enforce_eager else "")
+    stem = (label if lock is None else f"{label}-{load(lock).fingerprint[:12]}") + ("-gated" if gated else "")
+    stem += "-eager" if enforce_eager else ""
     out = cache_root() / "runs" / f"{stem}-n{count}-t{max_tokens}.json"
     if not out.exists():
         command = [sys.executable, "-m", "safetylock.cli", "eval", "--model", model, "--label", label, "--out", str(out)]
@@ -256,6 +258,8 @@ def cached_run(
             command += ["--lock", str(lock), *(["--alpha", str(alpha)] if alpha is not None else [])]
         if enforce_eager:
             command.append("--enforce-eager")
+        if gated:
+            command.append("--gated")
         if framing.system_prompt:
             command += ["--system-prompt", framing.system_prompt]
         if framing.prompt_prefix:

@@ -1,0 +1,65 @@
+"""Gated vs always-on lock on the testbed, through the real vLLM plugin (three-way judge, held-out prompts).
+
+For the aligned base and each attack variant: no lock, the always-on lock and the gated lock (the gated copy of
+the cached lock written by ``python -m benchmarks.gate``) at each α: harmful-answer rate, benign over-refusal,
+arithmetic accuracy.
+
+Run: python -m benchmarks.gated_efficacy [--variants harmful-10] [--alphas 2,4] [--count 100]
+Writes benchmarks/results/gated_efficacy.{json,png} (summaries only; every answer stays in the cache's runs/).
+"""
+
+from __future__ import annotations
+
+import click
+
+from benchmarks.common import RESULTS, write_result
+from benchmarks.gate import gated_lock_path
+from safetylock import models
+from safetylock.attack import BASE, build, variant
+from safetylock.evaluate import Framing, cached_run, without_items
+from safetylock.report import aligned_text, comparison_plot, comparison_rows
+
+
+@click.command()
+@click.option("--variants", default="harmful-10")
+@click.option("--alphas", default="2,4", help="α of the always-on lock and α_on of the gated lock.")
+@click.option("--count", type=int, default=100)
+@click.option("--max-tokens", type=int, default=128)
+def main(variants: str, alphas: str, count: int, max_tokens: int) -> None:
+    plain_lock, gated_lock = models.default_lock_path(BASE), gated_lock_path(BASE)
+    if not gated_lock.exists():
+        raise click.ClickException(f"{gated_lock} is absent: run python -m benchmarks.gate first")
+    grid = [float(a) for a in alphas.split(",") if a]
+    sizes = {"count": count, "max_tokens": max_tokens, "enforce_eager": True}
+    runs = []
+    for name in ["aligned-base", *[v for v in variants.split(",") if v]]:
+        spec = None if name == "aligned-base" else variant(name)
+        model = BASE if spec is None else str(build(name) / "merged")
+        framing = Framing() if spec is None else Framing(spec.system_prompt, spec.prompt_prefix)
+        runs.append(cached_run(model, name, framing=framing, **sizes))
+        for alpha in grid:
+            if spec is not None:  # the always-on lock's cost on the base is in the efficacy benchmark's sweep
+                runs.append(
+                    cached_run(model, f"{name}+lock(a={alpha:g})", lock=plain_lock, alpha=alpha, framing=framing, **sizes)
+                )
+            runs.append(
+                cached_run(
+                    model, f"{name}+gated(a={alpha:g})", lock=gated_lock, alpha=alpha, gated=True, framing=framing, **sizes
+                )
+            )
+    header, rows = comparison_rows(runs)
+    print(aligned_text(header, rows))
+    write_result(
+        "gated_efficacy",
+        {
+            "count": count,
+            "max_tokens": max_tokens,
+            "table": {"header": header, "rows": rows},
+            "runs": [without_items(r) for r in runs],
+        },
+    )
+    comparison_plot(runs, RESULTS / "gated_efficacy.png")
+
+
+if __name__ == "__main__":
+    main()
