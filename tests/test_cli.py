@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from safetylock.cli import main
@@ -69,6 +70,8 @@ def test_generate_shows_both(extracted, llama_dir):
         (["models", "fetch", "gpt-17"], "'gpt-17' is not one of"),
         (["eval", "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--enforce-eager"], "applies offline only"),
         (["attack", "harmful-7", "--lock", "x"], "unknown attack variant 'harmful-7'"),
+        (["eval", "--model", "m", "--gated"], "--gated needs --lock"),
+        (["extract", "--out", "x", "--recipe", "own"], "Invalid value for '--recipe'"),
     ],
 )
 def test_bad_input_is_one_clear_error(args, message, tmp_path, monkeypatch):
@@ -99,3 +102,36 @@ def test_extract_refuses_top_k_beyond_the_model_before_capturing(llama_dir, tmp_
     assert result.exit_code == 1, result.output
     assert "top_k must be in 1..6 (the model has 6 heads), got 999" in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+def gated_lock_file(llama_dir, path):
+    from safetylock.gate import Gate
+    from safetylock.pipeline import load_model
+
+    from support import model_lock
+
+    model, _ = load_model(llama_dir)
+    calibration = {"auroc": 0.95, "fpr": 0.05, "tpr": 0.8, "roc": [[0, 0], [0.05, 0.8], [1, 1]], "layer_auroc": {"1": 0.95}}
+    return model_lock(model, Gate(1, torch.ones(model.config.hidden_size), 0.0, 1.0, calibration)).save(path)
+
+
+def test_inspect_shows_the_gate_and_its_roc(llama_dir, tmp_path):
+    path = gated_lock_file(llama_dir, tmp_path / "gated.lock.safetensors")
+    result = CliRunner().invoke(main, ["inspect", str(path), "--plot", str(tmp_path / "heat.png")])
+    assert result.exit_code == 0, result.output
+    assert 'gate        layer 1, threshold 1, {"auroc": 0.95, "fpr": 0.05, "tpr": 0.8}' in result.output
+    assert (tmp_path / "heat.gate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_serve_gated_refuses_a_lock_without_gate_before_starting(extracted, llama_dir):
+    result = CliRunner().invoke(main, ["serve", str(llama_dir), "--lock", str(extracted), "--gated", "--dry-run"])
+    assert result.exit_code == 1
+    assert "has no gate (extract it with --gate)" in result.output and "Traceback" not in result.output
+
+
+def test_serve_gated_dry_run_names_the_mode(llama_dir, tmp_path):
+    path = gated_lock_file(llama_dir, tmp_path / "gated.lock.safetensors")
+    args = ["serve", str(llama_dir), "--lock", str(path), "--gated", "--alpha", "4", "--dry-run"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "at alpha 4.0 (gated)" in result.output and '"gated": true' in result.output
