@@ -23,6 +23,7 @@ from safetylock.geometry import HeadGeometry
 
 FORMAT = "safetylock.meta-lock"
 FORMAT_VERSION = 3  # 2: optional base weight sketch (provenance); 3: optional gate; older files still load
+# A lock without a gate is still written as version 2, so its bytes (and fingerprint) stay what they were.
 READABLE_VERSIONS = (1, 2, 3)
 METADATA_KEY = "safetylock"
 TENSOR_NAMES = ("layers", "heads", "directions", "sigmas", "head_accuracy")
@@ -59,7 +60,7 @@ class SafetyLock:
     def metadata(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if self.gate is not None else 2,  # a lock's bytes never change
             "geometry": self.geometry.to_dict(),
             "architecture": self.architecture,
             "base_fingerprint": self.base_fingerprint,

@@ -132,3 +132,11 @@ def test_gated_config_with_a_lock_without_gate_refuses_to_start(tmp_path, llama_
         prepare(config, lock.geometry)
     with pytest.raises(LockError, match="alpha_off applies to gated serving only"):
         serve_config({"safetylock": {"lock": str(path), "alpha_off": 1.0}}, environ={})
+
+
+def test_format_version_is_3_only_for_a_gated_lock(tmp_path):
+    """A lock without a gate keeps its version-2 bytes, so its fingerprint does not change with the format."""
+    plain = small_lock().save(tmp_path / "plain.lock.safetensors")
+    assert load(plain).to_bytes() == plain.read_bytes()
+    assert small_lock().metadata()["format_version"] == 2
+    assert small_lock(gate=a_gate()).metadata()["format_version"] == 3
