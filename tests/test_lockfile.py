@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from safetylock.lockfile import FORMAT_VERSION, LockError, from_bytes, load
+from safetylock.lockfile import LockError, from_bytes, load
 from safetylock.pipeline import load_model
 
 from support import rewrite_metadata, small_lock, tiny_lock
@@ -71,5 +71,5 @@ def test_same_inputs_give_identical_lock_bytes(llama_dir):
     first, second = tiny_lock(model, tok, seed=0), tiny_lock(model, tok, seed=0)
     assert first.to_bytes() == second.to_bytes()
     assert tiny_lock(model, tok, seed=1).to_bytes() != first.to_bytes()
-    assert first.metadata()["format_version"] == FORMAT_VERSION
+    assert first.metadata()["format_version"] == 2  # no gate: version 2 bytes (format 3 adds the gate)
     assert first.metadata()["provenance"]["seed"] == 0
