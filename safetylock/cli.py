@@ -213,6 +213,32 @@ def inspect(lock_path: Path | None, model_name: str, plot: Path | None) -> None:
         click.echo(f"gate ROC    {gate_plot(gate, plot.with_suffix('.gate.png'))}")
 
 
+@main.command("calibrate-gate")
+@model_option("The model that will be served (a fine-tune of the lock's base): packaged name or HF directory.")
+@lock_option()
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Lock file to write.")
+@click.option("--fpr", type=click.FloatRange(0.001, 0.5), default=0.05, show_default=True, help="Benign firing rate.")
+@user_errors
+def calibrate_gate(model_name: str, lock_path: Path, out: Path, fpr: float) -> None:
+    """Re-set a gated lock's threshold on MODEL's own weights: the gate's benign calibration prompts run through
+    the served fine-tune, threshold at --fpr of them firing (a fine-tune moves the gate's scores)."""
+    import dataclasses
+
+    from safetylock import data
+    from safetylock.gate import gate_data, recalibrate
+    from safetylock.lockfile import load
+    from safetylock.pipeline import load_model
+
+    lock = load(lock_path)
+    if lock.gate is None:
+        raise click.ClickException(f"{lock_path} has no gate: extract it with --gate")
+    model, tokenizer = load_model(models.resolve(model_name))
+    benign = gate_data(data.advbench()).benign_calibration
+    gate = recalibrate(model, tokenizer, lock.gate, benign, fpr, served=f"served model {model_name}")
+    written = dataclasses.replace(lock, gate=gate).save(out)
+    click.echo(f"wrote {written}: gate threshold {lock.gate.threshold:.4g} -> {gate.threshold:.4g} (set on {model_name})")
+
+
 @main.command()
 @model_option()
 @lock_option()

@@ -206,9 +206,11 @@ def fit_gate(
     return gate, aurocs
 
 
-def recalibrate(model, tokenizer, gate: Gate, benign: Sequence[str], fpr: float = TARGET_FPR) -> Gate:
+def recalibrate(
+    model, tokenizer, gate: Gate, benign: Sequence[str], fpr: float = TARGET_FPR, served: str = "served model"
+) -> Gate:
     """The same gate with its threshold set on ``benign`` requests run through ``model`` (the served weights)."""
     scores = prompt_features(model, tokenizer, benign, [gate.layer])[gate.layer] @ gate.weight.numpy() + gate.bias
     threshold = float(np.quantile(scores, 1 - fpr))
-    calibration = {**gate.calibration, "set_on": "served model", "served_benign": len(benign), "target_fpr": fpr}
+    calibration = {**gate.calibration, "set_on": served, "served_benign": len(benign), "target_fpr": fpr}
     return Gate(gate.layer, gate.weight, gate.bias, threshold, calibration)
