@@ -71,6 +71,7 @@ def test_generate_shows_both(extracted, llama_dir):
         (["eval", "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--enforce-eager"], "applies offline only"),
         (["attack", "harmful-7", "--lock", "x"], "unknown attack variant 'harmful-7'"),
         (["eval", "--model", "m", "--gated"], "--gated needs --lock"),
+        (["calibrate-gate", "--lock", "missing.safetensors", "--out", "x"], "lock file missing.safetensors does not exist"),
         (["extract", "--out", "x", "--recipe", "own"], "Invalid value for '--recipe'"),
     ],
 )
@@ -135,3 +136,9 @@ def test_serve_gated_dry_run_names_the_mode(llama_dir, tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "at alpha 4.0 (gated)" in result.output and '"gated": true' in result.output
+
+
+def test_calibrate_gate_refuses_a_lock_without_gate(extracted, tmp_path):
+    out = tmp_path / "x.lock.safetensors"
+    result = CliRunner().invoke(main, ["calibrate-gate", "--lock", str(extracted), "--out", str(out)])
+    assert result.exit_code == 1 and "has no gate" in result.output and not out.exists()
