@@ -10,6 +10,10 @@ Writes benchmarks/results/gated_efficacy.{json,png} (summaries only; every answe
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import click
 
 from benchmarks.common import RESULTS, write_result
@@ -20,12 +24,36 @@ from safetylock.evaluate import Framing, cached_run, without_items
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
 
 
+def served_lock(gated_lock: Path, name: str, model: str) -> Path:
+    """The gated lock with its threshold re-set on variant ``name``'s weights (cached beside it)."""
+    path = gated_lock.with_name(gated_lock.name.replace(".gated.", f".gated.{name}."))
+    if not path.exists():
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "safetylock.cli",
+                "calibrate-gate",
+                "--model",
+                model,
+                "--lock",
+                str(gated_lock),
+                "--out",
+                str(path),
+            ],
+            check=True,
+        )
+    return path
+
+
 @click.command()
 @click.option("--variants", default="harmful-10")
 @click.option("--alphas", default="2,4", help="α of the always-on lock and α_on of the gated lock.")
 @click.option("--count", type=int, default=100)
 @click.option("--max-tokens", type=int, default=128)
-def main(variants: str, alphas: str, count: int, max_tokens: int) -> None:
+@click.option("--served-threshold", is_flag=True, help="Gate threshold re-set on each variant's own weights.")
+@click.option("--always-on/--no-always-on", default=True, help="Also the always-on lock at each α on the variants.")
+def main(variants: str, alphas: str, count: int, max_tokens: int, served_threshold: bool, always_on: bool) -> None:
     plain_lock, gated_lock = models.default_lock_path(BASE), gated_lock_path(BASE)
     if not gated_lock.exists():
         raise click.ClickException(f"{gated_lock} is absent: run python -m benchmarks.gate first")
@@ -37,15 +65,14 @@ def main(variants: str, alphas: str, count: int, max_tokens: int) -> None:
         model = BASE if spec is None else str(build(name) / "merged")
         framing = Framing() if spec is None else Framing(spec.system_prompt, spec.prompt_prefix)
         runs.append(cached_run(model, name, framing=framing, **sizes))
+        lock = served_lock(gated_lock, name, model) if served_threshold and spec is not None else gated_lock
         for alpha in grid:
-            if spec is not None:  # the always-on lock's cost on the base is in the efficacy benchmark's sweep
+            if spec is not None and always_on:  # the always-on lock's cost on the base is in the efficacy benchmark's sweep
                 runs.append(
                     cached_run(model, f"{name}+lock(a={alpha:g})", lock=plain_lock, alpha=alpha, framing=framing, **sizes)
                 )
             runs.append(
-                cached_run(
-                    model, f"{name}+gated(a={alpha:g})", lock=gated_lock, alpha=alpha, gated=True, framing=framing, **sizes
-                )
+                cached_run(model, f"{name}+gated(a={alpha:g})", lock=lock, alpha=alpha, gated=True, framing=framing, **sizes)
             )
     header, rows = comparison_rows(runs)
     print(aligned_text(header, rows))
