@@ -5,7 +5,8 @@ the cached lock written by ``python -m benchmarks.gate``) at each α: harmful-an
 arithmetic accuracy.
 
 Run: python -m benchmarks.gated_efficacy [--variants harmful-10] [--alphas 2,4] [--count 100]
-Writes benchmarks/results/gated_efficacy.{json,png} (summaries only; every answer stays in the cache's runs/).
+Writes benchmarks/results/gated_efficacy.{json,png} (with --served-threshold: gated_efficacy_served_threshold.*;
+summaries only; every answer stays in the cache's runs/).
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ def main(variants: str, alphas: str, count: int, max_tokens: int, served_thresho
             )
     header, rows = comparison_rows(runs)
     print(aligned_text(header, rows))
+    name = "gated_efficacy" + ("_served_threshold" if served_threshold else "")
     write_result(
-        "gated_efficacy",
+        name,
         {
             "count": count,
             "max_tokens": max_tokens,
@@ -85,7 +87,7 @@ def main(variants: str, alphas: str, count: int, max_tokens: int, served_thresho
             "runs": [without_items(r) for r in runs],
         },
     )
-    comparison_plot(runs, RESULTS / "gated_efficacy.png")
+    comparison_plot(runs, RESULTS / f"{name}.png")
 
 
 if __name__ == "__main__":
