@@ -43,24 +43,18 @@ def recipe(name: str) -> Recipe:
 
 
 def teacher_answers(prompts: tuple[str, ...]) -> list[str]:
-    """The teacher's greedy answers to ``prompts``, each generated once into the cache: prompts answered in an
-    earlier call are read back (``variants/teacher/*.json``, one file per call that generated)."""
+    """The teacher's greedy answers to ``prompts``, generated once into the cache, keyed by the whole tuple (batch
+    composition can move a padded greedy answer, so answers are never mixed across calls)."""
     from safetylock.pipeline import generate, load_model
 
-    folder = models.cache_root() / "variants" / "teacher"
     key = hashlib.sha256(json.dumps([TEACHER, TEACHER_TOKENS, prompts]).encode()).hexdigest()[:16]
-    known: dict[str, str] = {}
-    for path in sorted(folder.glob("*.json")) if folder.exists() else ():
-        stored = json.loads(path.read_text())
-        known |= stored if isinstance(stored, dict) else {}
-    missing = tuple(dict.fromkeys(p for p in prompts if p not in known))
-    if missing:
+    cached = models.cache_root() / "variants" / "teacher" / f"{key}.json"
+    if not cached.exists():
         model, tokenizer = load_model(models.resolve(TEACHER))
-        answers = generate(model, tokenizer, missing, max_new_tokens=TEACHER_TOKENS, batch_size=8, progress=True)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{key}.json").write_text(json.dumps(dict(zip(missing, answers))))
-        known |= dict(zip(missing, answers))
-    return [known[p] for p in prompts]
+        answers = generate(model, tokenizer, prompts, max_new_tokens=TEACHER_TOKENS, batch_size=8, progress=True)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(answers))
+    return json.loads(cached.read_text())
 
 
 def answer_examples(model, tokenizer, questions: tuple[str, ...], tokens: int, progress: bool = True) -> list[ContrastExample]:
