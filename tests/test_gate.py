@@ -10,7 +10,7 @@ from safetylock.lockfile import from_bytes, load
 from safetylock.pipeline import load_model
 from safetylock.serve.config import lock_section, prepare, serve_config
 
-from support import PROMPTS, constant_gate, model_lock, rewrite_metadata, separating_gate, small_lock
+from support import PROMPTS, QUESTIONS, constant_gate, model_lock, rewrite_metadata, separating_gate, small_lock
 
 pytestmark = pytest.mark.filterwarnings("ignore:lock has no weight sketch")
 
@@ -140,3 +140,25 @@ def test_format_version_is_3_only_for_a_gated_lock(tmp_path):
     assert load(plain).to_bytes() == plain.read_bytes()
     assert small_lock().metadata()["format_version"] == 2
     assert small_lock(gate=a_gate()).metadata()["format_version"] == 3
+
+
+def test_fit_gate_separates_two_prompt_kinds_and_sets_its_threshold_on_calibration(llama_dir):
+    """On a random model: prompts that all start with one marker word vs prompts without it."""
+    from safetylock.gate import GateData, fit_gate, recalibrate
+
+    model, tok = load_model(llama_dir)
+    marked = tuple(f"zebra zebra {q}" for q in QUESTIONS)
+    plain = tuple(f"{q} please" for q in QUESTIONS)
+    splits = GateData(marked[:12], marked[12:], plain[:12], plain[12:])
+    gate, aurocs = fit_gate(model, tok, splits, layers=[1, 2], progress=False)
+    assert gate.layer in (1, 2) and set(aurocs) == {1, 2}
+    assert gate.calibration["fpr"] <= 0.05 + 1 / len(plain[12:])
+    assert gate.calibration["sizes"] == {
+        "harmful_train": 12,
+        "benign_train": 12,
+        "harmful_calibration": len(marked) - 12,
+        "benign_calibration": len(plain) - 12,
+    }
+    assert len(gate.calibration["data"]) == 4 and gate.calibration["roc"][0] == [0.0, 0.0]
+    again = recalibrate(model, tok, gate, plain[12:], fpr=0.25, served="the same model")
+    assert again.threshold < gate.threshold and again.calibration["set_on"] == "the same model"
