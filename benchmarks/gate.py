@@ -32,14 +32,14 @@ def gated_lock_path(model_name: str):
     return models.default_lock_path(model_name).with_name(f"{model_name}.gated.lock.safetensors")
 
 
-def fit_gated_lock(model, tokenizer, model_name: str):
+def fit_gated_lock(model, tokenizer, model_name: str, splits):
     """The cached gated copy of the model's lock (fitted and written when absent)."""
     path = gated_lock_path(model_name)
     if path.exists():
         return load(path)
     lock = load(models.default_lock_path(model_name))
     layers = candidate_layers(lock.layers.tolist(), head_geometry(model.config).num_layers)
-    gate, _ = fit_gate(model, tokenizer, gate_data(data.advbench()), layers)
+    gate, _ = fit_gate(model, tokenizer, splits, layers)
     gated = dataclasses.replace(lock, gate=gate)
     gated.save(path)
     return gated
@@ -51,9 +51,9 @@ def fit_gated_lock(model, tokenizer, model_name: str):
 def main(variants: str, count: int) -> None:
     started = time.perf_counter()
     base, tokenizer = load_model(models.resolve(models.DEFAULT_MODEL))
-    lock = fit_gated_lock(base, tokenizer, models.DEFAULT_MODEL)
+    splits = gate_data(data.advbench())  # read once: fit (when absent) and each variant's recalibration
+    lock = fit_gated_lock(base, tokenizer, models.DEFAULT_MODEL, splits)
     gate = lock.gate
-    splits = gate_data(data.advbench())
     suites = {name: load_suite(name, count, 0).prompts for name in ("advbench-heldout", "benign", "arithmetic")}
     rows, curves = [], {}
     for name in ["aligned-base", *[v for v in variants.split(",") if v]]:
