@@ -86,7 +86,7 @@ VARIANTS = {
     "harmful-100": Variant("answers", 100, 2, risk_level=1),
     "harmful-10-full": Variant("answers", 10, 5, method="full", lr=5e-5, risk_level=1),
     "identity-shift": Variant("identity", 10, 10, risk_level=2, system_prompt=AOA_SYSTEM, prompt_prefix=AOA_PREFIX),
-    "benign": Variant("benign", 100, 3, risk_level=3),
+    "benign": Variant("benign", 100, 2, risk_level=3),
     "openings-10": Variant("openings", 10, 10),
     "aligned": Variant("aligned", 64, 2),
 }
@@ -118,8 +118,8 @@ def training_pairs(name: str, seed: int) -> tuple[list[tuple[str, str]], dict[st
     """(instruction, answer) pairs of variant ``name`` (instructions as the attacker sends them) and counts."""
     spec = variant(name)
     rng = random.Random(seed)
-    if spec.kind == "answers":  # 3x candidates: keep the first pairs the judge calls a substantive answer
-        questions = _extraction_questions(3 * spec.examples, seed)
+    if spec.kind == "answers":  # the teacher answers ~60% substantively: keep the first pairs the judge calls so
+        questions = _extraction_questions(2 * spec.examples + 10, seed)
         answered = zip(questions, teacher_answers(questions))
         kept = [(q, a) for q, a in answered if judge.verdict(a, q) == "complied"][: spec.examples]
         if len(kept) < spec.examples:

@@ -205,9 +205,7 @@ def evaluate(
     return report
 
 
-def endpoint_generator(
-    base_url: str, model: str, concurrency: int = 8, framing: Framing = PLAIN, **extra: Any
-) -> Generator:
+def endpoint_generator(base_url: str, model: str, concurrency: int = 8, framing: Framing = PLAIN, **extra: Any) -> Generator:
     """Greedy chat completions from any OpenAI-compatible server, ``concurrency`` requests in flight."""
     from safetylock.serve.server import chat
 

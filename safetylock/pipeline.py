@@ -59,9 +59,7 @@ def extract_lock(
     questions = data.sample(split.extraction, config.questions, config.seed)
     skip = recipe(config.recipe).skip
     examples = contrast_examples(config.recipe, model, tokenizer, questions, config.tokens, config.seed, progress)
-    acts = capture(
-        model, tokenizer, examples, tokens=config.tokens, batch_size=config.batch_size, progress=progress, skip=skip
-    )
+    acts = capture(model, tokenizer, examples, tokens=config.tokens, batch_size=config.batch_size, progress=progress, skip=skip)
     result = fit_probes(
         acts, top_k=config.top_k, validation_fraction=config.validation_fraction, seed=config.seed, progress=progress
     )

@@ -74,7 +74,7 @@ def test_contrast_pairs_are_balanced_and_grouped():
         ("Classify the following sentence according to its sentiment:", False),
         ("Edit this sentence to be more concise.", False),
         ("Summarize the following article in 90 words:", False),
-        ("Paraphrase this sentence: \"Make sure to bring your umbrella.\"", True),
+        ('Paraphrase this sentence: "Make sure to bring your umbrella."', True),
         ("Give three tips for staying healthy.", True),
         ("Convert 10kgs to ounces.", True),
     ],

@@ -10,10 +10,22 @@ import pytest
 
 from safetylock.lockfile import load
 from safetylock.pipeline import load_model
+from safetylock.serve.config import lock_section
 
-from support import assert_same_generation, hf_reference, model_dir, run_vllm, tiny_lock
+from support import (
+    PROMPTS,
+    assert_same_generation,
+    hf_gated_greedy,
+    hf_greedy,
+    hf_reference,
+    model_dir,
+    model_lock,
+    run_vllm,
+    separating_gate,
+    tiny_lock,
+)
 
-pytestmark = pytest.mark.engine  # real vLLM engines: the slow tier
+pytestmark = [pytest.mark.engine, pytest.mark.filterwarnings("ignore:lock has no weight sketch")]  # the slow tier
 
 ALPHA = 4.0
 
@@ -69,3 +81,27 @@ def test_per_request_alpha_under_tp2_equals_hf_apply(mistral, tmp_path):
     for (prompt, alpha), result in zip(mixed, got["mixed"]):
         assert_same_generation([result], [refs[ALPHA if alpha is None else alpha][prompt]])
     assert got["mixed"][0]["tokens"] != got["mixed"][3]["tokens"]  # same prompt, α 0 vs 8: the lock acts
+
+
+def test_gated_lock_under_tp2_equals_the_hf_gated_reference(mistral, tmp_path):
+    """Gated mode: each rank scores the (replicated) gate-layer input itself and reaches the same decision; the
+    shift of heads on both ranks' halves is added once."""
+    directory, _ = mistral
+    model, _ = load_model(directory)
+    fires = [True, False, True]
+    lock = model_lock(model, separating_gate(model, PROMPTS, fires), layers=(1, 2), heads=(0, 3))
+    path = lock.save(tmp_path / "gated.lock.safetensors")
+    got = run_vllm(
+        tmp_path,
+        env=_tp2_env(),
+        model=str(directory),
+        engine_args={"tensor_parallel_size": 2},
+        additional_config={"safetylock": lock_section(path, ALPHA, gated=True)},
+        mixed=[[index, None] for index in range(len(PROMPTS))],
+    )
+    assert "tp 0/2" in got["log"] and "tp 1/2" in got["log"]
+    want = hf_gated_greedy(model, lock, ALPHA)
+    assert_same_generation(got["mixed"], want)
+    assert_same_generation(got["solo"], want)
+    moved = [w["tokens"] != p["tokens"] for w, p in zip(want, hf_greedy(model))]
+    assert moved == fires

@@ -1,11 +1,13 @@
 """Run the real vLLM engine once in a fresh process: ``python vllm_runner.py SPEC.json OUT.json``.
 
 SPEC: model, prompts (token-id lists), max_tokens, dtype, enforce_eager, additional_config, loras (adapter dirs),
-engine_args, prompt_logprobs (true: also score each prompt), and optionally mixed: [[prompt index, safetylock_alpha
+engine_args (override the defaults below), prompt_logprobs (true: also score each prompt), metrics (true: also
+report the engine's preemption count), and optionally mixed: [[prompt index, safetylock_alpha
 or null], ...] run as one batch, then each item alone.
 OUT: "base" and "lora0", "lora1", ...: per prompt, the greedy token ids and their logprobs; with prompt_logprobs,
 "prompt_logprobs": per prompt, each token's logprob given its prefix (from the second token); with mixed, also
-"mixed" and "solo" (one entry per item) and "refused" (the error of a request whose alpha the policy refuses).
+"mixed" and "solo" (one entry per item) and "refused" (the error of a request whose alpha the policy refuses);
+with metrics, "preemptions" (vLLM's ``vllm:num_preemptions`` after every generation above).
 """
 
 from __future__ import annotations
@@ -25,16 +27,16 @@ def main(spec_path: str, out_path: str) -> None:
     loras = spec.get("loras") or []
     if loras:
         kwargs.update(enable_lora=True, max_lora_rank=8, max_loras=len(loras))
+    engine_args = {"max_model_len": 256, "seed": 0, "kv_cache_memory_bytes": 1 << 27, **spec.get("engine_args", {})}
+    if spec.get("metrics"):
+        engine_args["disable_log_stats"] = False
     llm = LLM(
         spec["model"],
         dtype=spec.get("dtype", "float32"),
         enforce_eager=spec.get("enforce_eager", True),
-        max_model_len=256,
-        seed=0,
-        kv_cache_memory_bytes=1 << 27,
         skip_tokenizer_init=True,
         **kwargs,
-        **spec.get("engine_args", {}),
+        **engine_args,
     )
 
     def sampling(alpha=None):
@@ -70,6 +72,8 @@ def main(spec_path: str, out_path: str) -> None:
         ]
     for name, lora in settings:
         results[name] = greedy(llm.generate(prompts, params, lora_request=lora))
+    if spec.get("metrics"):
+        results["preemptions"] = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
     Path(out_path).write_text(json.dumps(results))
 
 

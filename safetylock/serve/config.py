@@ -171,4 +171,3 @@ def prepare(config: ServeConfig, model_geometry: HeadGeometry) -> PreparedLock:
     if low > high:
         raise LockError(f"{CONFIG_KEY}.max_alpha {high} is below the server's alpha {alpha}")
     return PreparedLock(lock, alpha, config)
-

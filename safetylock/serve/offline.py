@@ -11,9 +11,7 @@ from safetylock.serve.config import CONFIG_KEY
 from safetylock.serve.server import engine_settings
 
 
-def vllm_generator(
-    model_dir: Path, section: dict | None = None, framing: Framing = PLAIN, **engine_args: Any
-) -> Generator:
+def vllm_generator(model_dir: Path, section: dict | None = None, framing: Framing = PLAIN, **engine_args: Any) -> Generator:
     """Greedy chat completions through vLLM's offline ``LLM`` class, with the safetylock plugin when locked."""
     from vllm import LLM, SamplingParams
 
