@@ -1,12 +1,15 @@
-"""Steered vs unsteered vLLM OpenAI server: TTFT, time per output token and throughput, interleaved rounds.
+"""Plain vs locked vLLM OpenAI servers: TTFT, time per output token and throughput, interleaved rounds.
 
-Run: python -m benchmarks.serve_overhead [--model NAME_OR_DIR --lock LOCK] [--rounds 6]
-Both servers run side by side on loopback; rounds alternate A B A B ... so drift hits both alike, and each
-round's locked/plain ratio is paired with its neighbour. Writes benchmarks/results/serve_overhead.json and .png.
+Run: python -m benchmarks.serve_overhead [--model NAME_OR_DIR --lock LOCK] [--modes static,gated] [--rounds 6]
+One plain server and one per mode — ``static`` (the lock folded into ``o_proj``), ``gated`` (the gated copy of the
+lock from ``python -m benchmarks.gate``, α_on ``--gated-alpha``), ``dynamic`` (per-request α allowed) — run side by
+side on loopback; each round visits every server once, in an order rotated round by round, so drift hits all alike,
+and each round's mode/plain ratio is paired within the round. Writes benchmarks/results/serve_overhead.json and .png.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import click
@@ -16,57 +19,82 @@ from safetylock import models
 from safetylock.serve.config import lock_section
 from safetylock.serve.server import start_server, wait_healthy
 
+METRICS = ("ttft", "tpot", "throughput")
+
+
+def sections(lock: Path, gated_lock: Path, gated_alpha: float) -> dict[str, dict]:
+    """The ``safetylock`` section of each locked mode's server."""
+    return {
+        "static": lock_section(lock),
+        "gated": lock_section(gated_lock, gated_alpha, gated=True),
+        "dynamic": lock_section(lock, allow_request_alpha=True),
+    }
+
 
 @click.command()
 @click.option("--model", "model_name", default=models.DEFAULT_MODEL)
 @click.option("--lock", "lock", type=click.Path(exists=True, path_type=Path), default=None)
+@click.option("--modes", default="static,gated", help="Locked servers to compare with the plain one.")
+@click.option("--gated-alpha", type=float, default=4.0, help="α_on of the gated server.")
 @click.option("--concurrency", default="1,8,32")
-@click.option("--rounds", type=int, default=6, help="Rounds per server and concurrency (interleaved).")
+@click.option("--rounds", type=int, default=6, help="Rounds per concurrency; each visits every server once.")
 @click.option("--max-tokens", type=int, default=32)
 @click.option("--prompt-words", type=int, default=48)
 @click.option(
     "--server-args",
     default="--dtype float32 --max-model-len 1024 --kv-cache-memory-bytes 1073741824",
-    help="Extra vLLM arguments for both servers (add CUDA-graph settings on GPU).",
+    help="Extra vLLM arguments for every server (add CUDA-graph settings on GPU).",
 )
-def main(model_name, lock, concurrency, rounds, max_tokens, prompt_words, server_args):
+def main(model_name, lock, modes, gated_alpha, concurrency, rounds, max_tokens, prompt_words, server_args):
+    from benchmarks.gate import gated_lock_path
+
     model_dir = models.resolve(model_name)
     lock = lock or models.default_lock_path(model_name)
+    chosen = [m for m in modes.split(",") if m]
+    available = sections(lock, gated_lock_path(model_name), gated_alpha) if "gated" in chosen else sections(lock, lock, 0)
+    unknown = [m for m in chosen if m not in available]
+    if unknown:
+        raise click.BadParameter(f"unknown mode(s) {unknown}; known: {', '.join(available)}", param_hint="--modes")
+    servers = {"plain": (8101, None)} | {m: (8102 + i, available[m]) for i, m in enumerate(chosen)}
     extra = server_args.split()
-    servers = {"plain": (8101, None), "locked": (8102, lock_section(lock))}
-    procs = {name: start_server(model_dir, port, cfg, ["--seed", "0", *extra]) for name, (port, cfg) in servers.items()}
+    logs = Path(tempfile.mkdtemp(prefix="serve_overhead-"))
+    procs = {
+        name: start_server(model_dir, port, cfg, ["--seed", "0", *extra], log=(logs / f"{name}.log").open("w"))
+        for name, (port, cfg) in servers.items()
+    }
+    names = list(servers)
     try:
         for name, (port, _) in servers.items():
             wait_healthy(procs[name], port)
             run_round(port, str(model_dir), 4, 4, prompt_words, 4, 0)  # warm-up
+        startup = {m: _startup_line(logs / f"{m}.log") for m in chosen}  # how each server applies its lock
         rows = []
         for conc in [int(c) for c in concurrency.split(",")]:
-            samples = {"plain": [], "locked": []}
+            samples = {name: [] for name in names}
             for r in range(rounds):
-                order = ("plain", "locked") if r % 2 == 0 else ("locked", "plain")
-                for name in order:
+                for name in names[r % len(names) :] + names[: r % len(names)]:
                     samples[name].append(
                         run_round(servers[name][0], str(model_dir), conc, max(conc, 4), prompt_words, max_tokens, r)
                     )
                 print(conc, r, {k: v[-1] for k, v in samples.items()}, flush=True)
             row = {"concurrency": conc}
-            for metric in ("ttft", "tpot", "throughput"):
-                ratios = [lk[metric] / pl[metric] for pl, lk in zip(samples["plain"], samples["locked"])]
+            for metric in METRICS:
+                plain = [s[metric] for s in samples["plain"]]
+                cell = {name: spread([s[metric] for s in samples[name]]) for name in names}
+                for mode in chosen:
+                    cell[f"{mode}_over_plain"] = spread([m[metric] / p for p, m in zip(plain, samples[mode])])
                 # the same server against itself, neighbouring rounds: what noise alone produces
-                self_ratios = [b[metric] / a[metric] for a, b in zip(samples["plain"], samples["plain"][1:])]
-                row[metric] = {
-                    "plain": spread([s[metric] for s in samples["plain"]]),
-                    "locked": spread([s[metric] for s in samples["locked"]]),
-                    "locked_over_plain": spread(ratios),
-                    "plain_over_plain": spread(self_ratios),
-                }
+                cell["plain_over_plain"] = spread([b / a for a, b in zip(plain, plain[1:])])
+                row[metric] = cell
             rows.append(row)
     finally:
         for proc in procs.values():
             proc.terminate()
     result = {
         "model": model_name,
-        "lock": str(lock),
+        "locks": {mode: servers[mode][1]["lock"] for mode in chosen},
+        "startup": startup,
+        "gated_alpha": gated_alpha if "gated" in chosen else None,
         "rounds": rounds,
         "max_tokens": max_tokens,
         "prompt_words": prompt_words,
@@ -74,22 +102,33 @@ def main(model_name, lock, concurrency, rounds, max_tokens, prompt_words, server
         "rows": rows,
     }
     print(write_result("serve_overhead", result))
+    plot(rows, chosen)
 
+
+def _startup_line(log: Path) -> str:
+    lines = [line for line in log.read_text().splitlines() if "safetylock: locked" in line]
+    return lines[-1].split("safetylock: ", 1)[1] if lines else "(no start-up line)"
+
+
+def plot(rows: list[dict], modes: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    for ax, metric in zip(axes, ("ttft", "tpot", "throughput")):
-        xs = [str(r["concurrency"]) for r in rows]
-        med = [r[metric]["locked_over_plain"]["median"] for r in rows]
-        lo = [m - r[metric]["locked_over_plain"]["min"] for m, r in zip(med, rows)]
-        hi = [r[metric]["locked_over_plain"]["max"] - m for m, r in zip(med, rows)]
-        ax.errorbar(xs, med, yerr=[lo, hi], fmt="o", capsize=4, label="locked / plain")
+    for ax, metric in zip(axes, METRICS):
+        xs = range(len(rows))
+        for offset, mode in zip((-0.12, 0.0, 0.12), modes):
+            key = f"{mode}_over_plain"
+            med = [r[metric][key]["median"] for r in rows]
+            lo = [m - r[metric][key]["min"] for m, r in zip(med, rows)]
+            hi = [r[metric][key]["max"] - m for m, r in zip(med, rows)]
+            ax.errorbar([x + offset for x in xs], med, yerr=[lo, hi], fmt="o", capsize=4, label=f"{mode} / plain")
         noise = [r[metric]["plain_over_plain"]["median"] for r in rows]
-        ax.plot(xs, noise, "x", color="grey", label="plain / plain (noise)")
+        ax.plot(list(xs), noise, "x", color="grey", label="plain / plain (noise)")
         ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(list(xs), [str(r["concurrency"]) for r in rows])
         ax.set_title(metric)
         ax.set_xlabel("concurrency")
     axes[0].set_ylabel("ratio (median, min-max)")
