@@ -20,7 +20,7 @@ import click
 from benchmarks.common import RESULTS, write_result
 from benchmarks.gate import gated_lock_path
 from safetylock import models
-from safetylock.attack import BASE, build, variant
+from safetylock.attack import BASE, served
 from safetylock.evaluate import Framing, cached_run, without_items
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
 
@@ -62,13 +62,12 @@ def main(variants: str, alphas: str, count: int, max_tokens: int, served_thresho
     sizes = {"count": count, "max_tokens": max_tokens, "enforce_eager": True}
     runs = []
     for name in ["aligned-base", *[v for v in variants.split(",") if v]]:
-        spec = None if name == "aligned-base" else variant(name)
-        model = BASE if spec is None else str(build(name) / "merged")
-        framing = Framing() if spec is None else Framing(spec.system_prompt, spec.prompt_prefix)
+        base = name == "aligned-base"
+        model, framing = (BASE, Framing()) if base else served(name)
         runs.append(cached_run(model, name, framing=framing, **sizes))
-        lock = served_lock(gated_lock, name, model) if served_threshold and spec is not None else gated_lock
+        lock = served_lock(gated_lock, name, model) if served_threshold and not base else gated_lock
         for alpha in grid:
-            if spec is not None and always_on:  # the always-on lock's cost on the base is in the efficacy benchmark's sweep
+            if not base and always_on:  # the always-on lock's cost on the base is in the efficacy benchmark's sweep
                 runs.append(
                     cached_run(model, f"{name}+lock(a={alpha:g})", lock=plain_lock, alpha=alpha, framing=framing, **sizes)
                 )

@@ -211,6 +211,12 @@ def build(name: str, seed: int = 0, batch_size: int = 4) -> Path:
     return out
 
 
+def served(name: str) -> tuple[str, Framing]:
+    """The model directory of variant ``name`` (built when absent) and the framing the attacker serves it with."""
+    spec = variant(name)
+    return str(build(name) / "merged"), Framing(spec.system_prompt, spec.prompt_prefix)
+
+
 def evaluate_variant(
     name: str, lock: Path, alphas: list[float], count: int, max_tokens: int, enforce_eager: bool = False
 ) -> list[dict]:
@@ -218,9 +224,7 @@ def evaluate_variant(
     absent) and the variant locked at each of ``alphas``; all served as the attacker serves the variant."""
     from safetylock.evaluate import cached_run
 
-    spec = variant(name)
-    framing = Framing(spec.system_prompt, spec.prompt_prefix)
-    merged = str(build(name) / "merged")
+    merged, framing = served(name)
     sizes = {"count": count, "max_tokens": max_tokens, "enforce_eager": enforce_eager, "framing": framing}
     base_label = "aligned-base" + (f"+{name}-framing" if framing.record() else "")
     runs = [cached_run(BASE, base_label, **sizes), cached_run(merged, name, **sizes)]

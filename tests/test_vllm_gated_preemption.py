@@ -40,6 +40,7 @@ def preempted(llama_dir, tmp_path_factory):
 def test_preempted_requests_equal_the_hf_gated_reference(preempted):
     model, lock, out = preempted
     assert out["preemptions"] > 0, "the KV cache was large enough for the whole batch: nothing was preempted"
+    assert out["gate_counts"] == [len(PROMPTS), sum(FIRES)]  # a recomputed request is counted once
     want = hf_gated_greedy(model, lock, ALPHA_ON, PROMPTS, MAX_TOKENS)
     assert_same_generation(out["base"], want)
     plain = hf_greedy(model, PROMPTS, MAX_TOKENS)

@@ -1,5 +1,6 @@
 """Gated serving end to end through vLLM's OpenAI server (`vllm serve` with the plugin): concurrent requests,
-the gate firing on some and not others, each completion equal to the HF gated reference."""
+the gate firing on some and not others, each completion equal to the HF gated reference, and the gate's
+decisions counted in the server's Prometheus metrics."""
 
 import json
 import subprocess
@@ -48,6 +49,8 @@ def test_concurrent_requests_are_gated_per_request(llama_dir, tmp_path):
             thread.start()
         for thread in threads:
             thread.join()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as response:
+            exported = response.read().decode()
     finally:
         proc.terminate()
         log = proc.communicate(timeout=60)[0]
@@ -56,3 +59,5 @@ def test_concurrent_requests_are_gated_per_request(llama_dir, tmp_path):
     assert [replies[i] for i in range(len(PROMPTS))] == want
     assert [w != p for w, p in zip(want, plain)] == FIRES  # the gate decides which requests the lock moves
     assert f"gated (gate at layer {lock.gate.layer}" in log
+    assert f"safetylock_gate_decisions_total {float(len(PROMPTS))}" in exported
+    assert f"safetylock_gate_fired_total {float(sum(FIRES))}" in exported

@@ -7,7 +7,8 @@ or null], ...] run as one batch, then each item alone.
 OUT: "base" and "lora0", "lora1", ...: per prompt, the greedy token ids and their logprobs; with prompt_logprobs,
 "prompt_logprobs": per prompt, each token's logprob given its prefix (from the second token); with mixed, also
 "mixed" and "solo" (one entry per item) and "refused" (the error of a request whose alpha the policy refuses);
-with metrics, "preemptions" (vLLM's ``vllm:num_preemptions`` after every generation above).
+with metrics, "preemptions" (vLLM's ``vllm:num_preemptions`` after every generation above) and, gated,
+"gate_counts" ([requests decided, requests fired] as the plugin counted them).
 """
 
 from __future__ import annotations
@@ -73,7 +74,11 @@ def main(spec_path: str, out_path: str) -> None:
     for name, lora in settings:
         results[name] = greedy(llm.generate(prompts, params, lora_request=lora))
     if spec.get("metrics"):
+        from safetylock_vllm.gatecount import GateCounts
+
         results["preemptions"] = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+        counts = GateCounts.attach()
+        results["gate_counts"] = list(counts.read()) if counts is not None else None
     Path(out_path).write_text(json.dumps(results))
 
 

@@ -74,11 +74,11 @@ def _prepare(vllm_config):
 
 def _wrap_worker() -> None:
     """Dynamic mode, in the worker: fill the per-token α before each forward of the V1 runner (GPU and CPU),
-    and add the ``safetylock_swap`` method that ``collective_rpc`` reaches."""
+    count gate decisions after it, and add the ``safetylock_swap`` method that ``collective_rpc`` reaches."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.worker_base import WorkerBase
 
-    from safetylock_vllm.engine import fill_scale, swap_rpc
+    from safetylock_vllm.engine import count_gate, fill_scale, swap_rpc
 
     WorkerBase.safetylock_swap = swap_rpc
 
@@ -91,5 +91,14 @@ def _wrap_worker() -> None:
         fill_scale(self, num_scheduled_tokens)
         return original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
 
+    original_execute = GPUModelRunner.execute_model
+
+    @functools.wraps(original_execute)
+    def execute_model(self, *args, **kwargs):
+        output = original_execute(self, *args, **kwargs)
+        count_gate()
+        return output
+
     prepare_inputs._safetylock_wrapped = True
     GPUModelRunner._prepare_inputs = prepare_inputs
+    GPUModelRunner.execute_model = execute_model

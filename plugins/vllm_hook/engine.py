@@ -16,6 +16,8 @@ blocks after the gate layer add ``(alpha_off + after[t]·fired[slot[t]]·(α[t] 
 ``after[t]`` marking tokens at or after their request's last prompt token. The host only writes per-token
 slots and positions (known before the step); it never reads a decision back. A request keeps its slot while
 the runner holds its state (preempted requests included), so a resumed request keeps its decision.
+Each decision is also counted once per request (``gatecount``): after a forward, the verdicts of the requests it
+decided are copied out (non-blocking, read when that copy has landed), never waited for.
 The fill runs inside the runner's ``_prepare_inputs``, i.e. inside its ``synchronize_input_prep`` block: under
 async scheduling the next step waits for this step's host-to-device copies before the pinned staging buffer
 is written again, exactly as for vLLM's own input buffers.
@@ -36,6 +38,7 @@ from safetylock.gate import block_input
 from safetylock.provenance import Verdict
 from safetylock.serve.config import PreparedLock, ServeConfig, prepare
 from safetylock.serve.fold import check_provenance, checked_bias, sharded_biases, sharded_multiply, unit_bias_table
+from safetylock_vllm.gatecount import GateCounts
 from safetylock_vllm.state import STATE
 
 
@@ -205,6 +208,10 @@ class GateBuffers:
     token_write: torch.Tensor  # [capacity] int64: the slot a last prompt token writes, else the dummy slot
     token_after: torch.Tensor  # [capacity] model dtype: 1 at or after the request's last prompt token
     slots: dict[str, int]  # request id -> slot, while the runner holds the request
+    counts: GateCounts | None = None  # where decisions are counted (TP rank 0, under an API-side process)
+    deciding: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (request, slot) of this step
+    copies: list[tuple[list[str], torch.Tensor, object]] = dataclasses.field(default_factory=list)  # in flight
+    counted: set[str] = dataclasses.field(default_factory=set)  # requests already counted (recompute: once)
 
     @property
     def dummy(self) -> int:
@@ -221,6 +228,7 @@ class GateBuffers:
             if len(self.slots) >= self.dummy:
                 for gone in [r for r in self.slots if r not in live]:
                     del self.slots[gone]
+                    self.counted.discard(gone)
             used = set(self.slots.values())
             self.slots[req_id] = next(i for i in range(self.dummy) if i not in used)
         return self.slots[req_id]
@@ -236,10 +244,31 @@ class GateBuffers:
             slots.append(np.full(len(positions), slot))
             writes.append(np.where(positions == last, slot, self.dummy))
             after.append(positions >= last)
+            if self.counts is not None and last in positions:
+                self.deciding.append((req_id, slot))
         count = int(num_scheduled_tokens.sum())
         for buffer, values in ((self.token_slot, slots), (self.token_write, writes), (self.token_after, after)):
             host = torch.from_numpy(np.concatenate(values)).to(buffer.dtype)
             buffer[:count].copy_(host, non_blocking=True)
+
+    def count(self) -> None:
+        """After a forward: copy out the verdicts it wrote (non-blocking); count each copy that has landed."""
+        if self.counts is None:
+            return
+        if self.deciding:
+            index = torch.tensor([slot for _, slot in self.deciding], device=self.fired.device)
+            verdicts, event = self.fired.index_select(0, index), None
+            if verdicts.is_cuda:
+                host = torch.empty(verdicts.shape, dtype=verdicts.dtype, pin_memory=True)
+                verdicts, event = host.copy_(verdicts, non_blocking=True), torch.cuda.Event()
+                event.record()
+            self.copies.append(([req_id for req_id, _ in self.deciding], verdicts, event))
+            self.deciding = []
+        while self.copies and (self.copies[0][2] is None or self.copies[0][2].query()):
+            req_ids, verdicts, _ = self.copies.pop(0)
+            new = [(r, v) for r, v in zip(req_ids, verdicts.tolist()) if r not in self.counted]
+            self.counted.update(r for r, _ in new)
+            self.counts.add(len(new), sum(v > 0.5 for _, v in new))
 
 
 @dataclass
@@ -352,6 +381,7 @@ def install_dynamic(model: torch.nn.Module, prepared: PreparedLock, vllm_config)
     gate = prepared.lock.gate if prepared.config.gated else None
     if gate is not None:
         state.gate = _install_gate(blocks, gate, vllm_config, capacity, device, dtype)
+        state.gate.counts = GateCounts.attach() if _tensor_parallel()[0] == 0 else None
     for layer, block in enumerate(blocks):
         if gate is not None and layer <= gate.layer:
             continue
@@ -428,6 +458,13 @@ def fill_scale(runner, num_scheduled_tokens: np.ndarray) -> None:
     state.fill(alphas, num_scheduled_tokens)
     if state.gate is not None:
         state.gate.fill(runner, req_ids, num_scheduled_tokens)
+
+
+def count_gate() -> None:
+    """Called by the V1 model runner after each forward: count the gate decisions it made."""
+    state = STATE.dynamic
+    if state is not None and state.gate is not None:
+        state.gate.count()
 
 
 def swap_rpc(worker, lock: str, alpha: float | None = None) -> dict[str, object]:

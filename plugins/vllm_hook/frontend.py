@@ -1,4 +1,5 @@
-"""API-server side: each request's α under the operator's policy, the prefix-cache salt, Prometheus metrics.
+"""API-server side: each request's α under the operator's policy, the prefix-cache salt, Prometheus metrics
+(including the gate's decision counts, ``gatecount``).
 
 Wraps vLLM's ``InputProcessor`` (used by the OpenAI server and by ``vllm.LLM`` alike). A request's
 ``vllm_xargs.safetylock_alpha`` is checked against the policy; a refused value raises vLLM's own validation
@@ -11,10 +12,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from dataclasses import dataclass
 
 from safetylock.alpha import REQUEST_ALPHA_KEY, RequestAlphaError
 from safetylock.serve.config import PreparedLock, prepare, serve_config
+from safetylock_vllm import gatecount
+from safetylock_vllm.gatecount import GateCollector, GateCounts
 from safetylock_vllm.state import STATE
 
 
@@ -28,6 +32,7 @@ class Metrics:
         self.default_alpha = Gauge("safetylock_default_alpha", "The alpha of requests that do not set their own")
         self.requests = Counter("safetylock_requests", "Requests admitted, by the alpha they are served with", ["alpha"])
         self.refused = Counter("safetylock_refused_alpha_requests", "Requests refused for their safetylock_alpha")
+        self.gate: GateCollector | None = None
         self._labels: tuple[str, str, str] | None = None
 
     def show(self, prepared: PreparedLock) -> None:
@@ -37,6 +42,15 @@ class Metrics:
         self.info.labels(*labels).set(1)
         self._labels = labels
         self.default_alpha.set(prepared.alpha)
+
+    def watch_gate(self, counts: GateCounts) -> None:
+        """Export ``counts`` (the engine this process starts next) as the gate's decision counters."""
+        from prometheus_client import REGISTRY
+
+        if self.gate is None:
+            self.gate = GateCollector(counts)
+            REGISTRY.register(self.gate)
+        self.gate.counts = counts
 
 
 def metrics() -> Metrics:
@@ -81,6 +95,10 @@ def install() -> None:
 
         STATE.frontend = FrontendLock(prepare(config, head_geometry(vllm_config.model_config.hf_config)))
         metrics().show(STATE.frontend.prepared)
+        if config.gated:  # before the engine starts: its processes inherit where to count
+            counts = GateCounts.create()
+            os.environ[gatecount.ENV] = str(counts.path)
+            metrics().watch_gate(counts)
 
     @functools.wraps(process)
     def locked_process_inputs(self, *args, **kwargs):
