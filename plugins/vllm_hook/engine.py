@@ -250,6 +250,9 @@ class GateBuffers:
         for buffer, values in ((self.token_slot, slots), (self.token_write, writes), (self.token_after, after)):
             host = torch.from_numpy(np.concatenate(values)).to(buffer.dtype)
             buffer[:count].copy_(host, non_blocking=True)
+        # A CUDA graph runs the batch padded to its captured size: padding tokens must write the dummy slot, not
+        # a slot left there by an earlier, larger batch.
+        self.token_write[count:].fill_(self.dummy)
 
     def count(self) -> None:
         """After a forward: copy out the verdicts it wrote (non-blocking); count each copy that has landed."""
