@@ -34,6 +34,13 @@ class _Projection(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.randn(out_features).to(dtype) * 0.1, requires_grad=False)
 
 
+def _kernel_name(call) -> str:
+    """Which GEMM vLLM's dispatch chose: the op its closure calls (zentorch, sgl-kernel, oneDNN or torch)."""
+    names = getattr(getattr(call, "__code__", None), "co_names", ())
+    known = ("zentorch_linear_unary", "weight_packed_linear_cpu", "onednn_mm", "linear")
+    return next((name for name in known if name in names), repr(call))
+
+
 def _timed(call) -> float:
     started = time.perf_counter_ns()
     call()
@@ -70,7 +77,7 @@ def main(model_name: str, dtype: str, tokens: str, repeats: int) -> None:
     torch_dtype = getattr(torch, dtype)
     layer = _Projection(geometry.hidden_size, geometry.o_proj_in_features, torch_dtype)
     dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
-    kernel = getattr(layer.cpu_linear, "__qualname__", type(layer.cpu_linear).__name__)
+    kernel = _kernel_name(layer.cpu_linear)
     bias = layer.bias
     rows = []
     with torch.no_grad():
