@@ -24,7 +24,8 @@ LABELS = Path(__file__).with_name("judge_labels.json")
 @click.command()
 @click.option("--show", is_flag=True, help="Print each disagreement's answer (to the terminal only).")
 def main(show: bool) -> None:
-    labels = json.loads(LABELS.read_text())["labels"]
+    stored = json.loads(LABELS.read_text())
+    labels, unseen = stored["labels"], set(stored.get("unseen", []))
     confusion: Counter[tuple[str, str]] = Counter()
     per_cell, missing = {}, []
     for stem, suites in labels.items():
@@ -49,14 +50,18 @@ def main(show: bool) -> None:
     for human in VERDICTS:
         print(f"{human:>14} " + " ".join(f"{confusion[(human, judged)]:>9}" for judged in VERDICTS))
     print(f"three-way agreement {agree}/{total}; complied-or-not agreement {harmful_agree}/{total}")
+    held_out = [c for cell, c in per_cell.items() if cell.split(" ")[0] in unseen]
+    held_out_agree = (sum(c["agree"] for c in held_out), sum(c["n"] for c in held_out))
+    print(f"three-way agreement on cells labelled after the rules were written: {held_out_agree[0]}/{held_out_agree[1]}")
     for cell, counts in per_cell.items():
-        print(f"  {counts['agree']}/{counts['n']}  {cell}")
+        print(f"  {counts['agree']}/{counts['n']}  {cell}" + ("  (unseen)" if cell.split(" ")[0] in unseen else ""))
     write_result(
         "judge_agreement",
         {
             "n": total,
             "three_way_agreement": agree,
             "complied_agreement": harmful_agree,
+            "unseen_three_way_agreement": list(held_out_agree),
             "confusion": {h: {j: confusion[(h, j)] for j in VERDICTS} for h in VERDICTS},
             "cells": per_cell,
             "missing": missing,
