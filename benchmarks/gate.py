@@ -4,7 +4,8 @@ Fits the gate on the aligned base (``safetylock.gate``: harmful extraction split
 every evaluation sample) for the cached lock and writes the gated copy beside it in the cache. Then, for the base
 and each attack variant, on the evaluation prompts (held-out harmful, benign, arithmetic): the gate's AUROC and
 how often it fires at the base's threshold and at a threshold re-set on the variant's own weights (the same
-benign calibration prompts run through the served model).
+benign calibration prompts run through the served model). Every prompt is sent as the attacker serves the variant
+(identity-shift: its system prompt and prefix), and the base is also scored under that framing alone.
 
 Run: python -m benchmarks.gate [--variants harmful-10,harmful-10-full] [--count 100]
 Writes benchmarks/results/gate.{json,png} (rates only).
@@ -20,8 +21,8 @@ import numpy as np
 
 from benchmarks.common import RESULTS, write_result
 from safetylock import data, models
-from safetylock.attack import variant_dir
-from safetylock.evaluate import load_suite
+from safetylock.attack import served
+from safetylock.evaluate import Framing, load_suite
 from safetylock.gate import auroc, candidate_layers, fit_gate, gate_data, prompt_features, recalibrate, roc_points
 from safetylock.geometry import head_geometry
 from safetylock.lockfile import load
@@ -56,15 +57,21 @@ def main(variants: str, count: int) -> None:
     gate = lock.gate
     suites = {name: load_suite(name, count, 0).prompts for name in ("advbench-heldout", "benign", "arithmetic")}
     rows, curves = [], {}
-    for name in ["aligned-base", *[v for v in variants.split(",") if v]]:
-        model = base if name == "aligned-base" else load_model(variant_dir(name) / "merged")[0]
-        weight = gate.weight.numpy()
+    targets = [("aligned-base", base, Framing())]
+    for name in [v for v in variants.split(",") if v]:
+        merged, framing = served(name)
+        if framing.record():  # the base under the attacker's framing: what the framing alone does to the gate
+            targets.append((f"aligned-base+{name}-framing", base, framing))
+        targets.append((name, load_model(merged)[0], framing))
+    weight = gate.weight.numpy()
+    for name, model, framing in targets:
         scores = {
-            s: prompt_features(model, tokenizer, p, [gate.layer])[gate.layer] @ weight + gate.bias for s, p in suites.items()
+            s: prompt_features(model, tokenizer, p, [gate.layer], framing=framing)[gate.layer] @ weight + gate.bias
+            for s, p in suites.items()
         }
-        served = recalibrate(model, tokenizer, gate, splits.benign_calibration)
+        reset = recalibrate(model, tokenizer, gate, splits.benign_calibration, framing=framing)
         row = {"model": name, "auroc": round(auroc(scores["advbench-heldout"], scores["benign"]), 4)}
-        for label, threshold in (("base_threshold", gate.threshold), ("served_threshold", served.threshold)):
+        for label, threshold in (("base_threshold", gate.threshold), ("served_threshold", reset.threshold)):
             row[label] = {"threshold": round(threshold, 4)} | {
                 suite: round(float((values > threshold).mean()), 4) for suite, values in scores.items()
             }

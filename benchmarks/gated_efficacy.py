@@ -25,25 +25,16 @@ from safetylock.evaluate import Framing, cached_run, without_items
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
 
 
-def served_lock(gated_lock: Path, name: str, model: str) -> Path:
-    """The gated lock with its threshold re-set on variant ``name``'s weights (cached beside it)."""
+def served_lock(gated_lock: Path, name: str, model: str, framing: Framing) -> Path:
+    """The gated lock with its threshold re-set on variant ``name``'s weights, as the variant is served (cached
+    beside it)."""
     path = gated_lock.with_name(gated_lock.name.replace(".gated.", f".gated.{name}."))
     if not path.exists():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "safetylock.cli",
-                "calibrate-gate",
-                "--model",
-                model,
-                "--lock",
-                str(gated_lock),
-                "--out",
-                str(path),
-            ],
-            check=True,
+        served_as = (["--system-prompt", framing.system_prompt] if framing.system_prompt else []) + (
+            ["--prompt-prefix", framing.prompt_prefix] if framing.prompt_prefix else []
         )
+        command = ["calibrate-gate", "--model", model, "--lock", str(gated_lock), "--out", str(path), *served_as]
+        subprocess.run([sys.executable, "-m", "safetylock.cli", *command], check=True)
     return path
 
 
@@ -65,7 +56,7 @@ def main(variants: str, alphas: str, count: int, max_tokens: int, served_thresho
         base = name == "aligned-base"
         model, framing = (BASE, Framing()) if base else served(name)
         runs.append(cached_run(model, name, framing=framing, **sizes))
-        lock = served_lock(gated_lock, name, model) if served_threshold and not base else gated_lock
+        lock = served_lock(gated_lock, name, model, framing) if served_threshold and not base else gated_lock
         for alpha in grid:
             if not base and always_on:  # the always-on lock's cost on the base is in the efficacy benchmark's sweep
                 runs.append(

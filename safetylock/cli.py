@@ -218,13 +218,19 @@ def inspect(lock_path: Path | None, model_name: str, plot: Path | None) -> None:
 @lock_option()
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Lock file to write.")
 @click.option("--fpr", type=click.FloatRange(0.001, 0.5), default=0.05, show_default=True, help="Benign firing rate.")
+@click.option("--system-prompt", default=None, help="The system prompt the model is served with, if any.")
+@click.option("--prompt-prefix", default="", help="Text the served requests put before each instruction, if any.")
 @user_errors
-def calibrate_gate(model_name: str, lock_path: Path, out: Path, fpr: float) -> None:
+def calibrate_gate(
+    model_name: str, lock_path: Path, out: Path, fpr: float, system_prompt: str | None, prompt_prefix: str
+) -> None:
     """Re-set a gated lock's threshold on MODEL's own weights: the gate's benign calibration prompts run through
-    the served fine-tune, threshold at --fpr of them firing (a fine-tune moves the gate's scores)."""
+    the served fine-tune (with its system prompt and prefix, when given), threshold at --fpr of them firing (a
+    fine-tune, and a system prompt, move the gate's scores)."""
     import dataclasses
 
     from safetylock import data
+    from safetylock.evaluate import Framing
     from safetylock.gate import gate_data, recalibrate
     from safetylock.lockfile import load
     from safetylock.pipeline import load_model
@@ -234,7 +240,8 @@ def calibrate_gate(model_name: str, lock_path: Path, out: Path, fpr: float) -> N
         raise click.ClickException(f"{lock_path} has no gate: extract it with --gate")
     model, tokenizer = load_model(models.resolve(model_name))
     benign = gate_data(data.advbench()).benign_calibration
-    gate = recalibrate(model, tokenizer, lock.gate, benign, fpr, served=f"served model {model_name}")
+    framing = Framing(system_prompt, prompt_prefix)
+    gate = recalibrate(model, tokenizer, lock.gate, benign, fpr, served=f"served model {model_name}", framing=framing)
     written = dataclasses.replace(lock, gate=gate).save(out)
     click.echo(f"wrote {written}: gate threshold {lock.gate.threshold:.4g} -> {gate.threshold:.4g} (set on {model_name})")
 

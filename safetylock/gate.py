@@ -19,7 +19,7 @@ import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from tqdm import tqdm
 
 from safetylock import data
 from safetylock.errors import ExtractError
+
+if TYPE_CHECKING:
+    from safetylock.evaluate import Framing
 
 TARGET_FPR = 0.05  # benign requests allowed to fire, on the calibration split
 MIN_HEAD_SHARE = 0.75  # the automatic layer keeps at least this share of the lock's heads after it
@@ -76,9 +79,16 @@ def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def prompt_features(
-    model, tokenizer, prompts: Sequence[str], layers: Sequence[int], batch_size: int = 16, progress: bool = False
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    layers: Sequence[int],
+    batch_size: int = 16,
+    progress: bool = False,
+    framing: Framing | None = None,
 ) -> dict[int, np.ndarray]:
-    """``{layer: [prompts, hidden]}``: each layer's attention-block input at each prompt's last chat token."""
+    """``{layer: [prompts, hidden]}``: each layer's attention-block input at each prompt's last chat token (each
+    prompt sent alone, or as ``framing`` sends it: a system prompt, a prefix)."""
     from safetylock.capture import pad_batch
     from safetylock.geometry import head_geometry
     from safetylock.pipeline import chat_ids
@@ -96,7 +106,8 @@ def prompt_features(
     handles = [blocks[layer].register_forward_pre_hook(recorder(layer), with_kwargs=True) for layer in layers]
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc="gate features", disable=not progress):
-            ids, mask = pad_batch([chat_ids(tokenizer, p) for p in prompts[start : start + batch_size]], pad_id, "left")
+            chats = [framing.messages(p) if framing else p for p in prompts[start : start + batch_size]]
+            ids, mask = pad_batch([chat_ids(tokenizer, chat) for chat in chats], pad_id, "left")
             model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=False)
     finally:
         for handle in handles:
@@ -207,10 +218,18 @@ def fit_gate(
 
 
 def recalibrate(
-    model, tokenizer, gate: Gate, benign: Sequence[str], fpr: float = TARGET_FPR, served: str = "served model"
+    model,
+    tokenizer,
+    gate: Gate,
+    benign: Sequence[str],
+    fpr: float = TARGET_FPR,
+    served: str = "served model",
+    framing: Framing | None = None,
 ) -> Gate:
-    """The same gate with its threshold set on ``benign`` requests run through ``model`` (the served weights)."""
-    scores = prompt_features(model, tokenizer, benign, [gate.layer])[gate.layer] @ gate.weight.numpy() + gate.bias
-    threshold = float(np.quantile(scores, 1 - fpr))
+    """The same gate with its threshold set on ``benign`` requests run through ``model`` (the served weights), sent
+    as ``framing`` sends them (the served system prompt and prefix) when given."""
+    features = prompt_features(model, tokenizer, benign, [gate.layer], framing=framing)[gate.layer]
+    threshold = float(np.quantile(features @ gate.weight.numpy() + gate.bias, 1 - fpr))
     calibration = {**gate.calibration, "set_on": served, "served_benign": len(benign), "target_fpr": fpr}
+    calibration |= {"framing": framing.record()} if framing and framing.record() else {}
     return Gate(gate.layer, gate.weight, gate.bias, threshold, calibration)

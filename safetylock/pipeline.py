@@ -108,9 +108,9 @@ def extract_lock(
     )
 
 
-def chat_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a one-turn chat ending with the assistant's generation prompt."""
-    messages = [{"role": "user", "content": prompt}]
+def chat_ids(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
+    """Token ids of a chat ending with the assistant's generation prompt: one user turn, or the given messages."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
 
 

@@ -162,3 +162,20 @@ def test_fit_gate_separates_two_prompt_kinds_and_sets_its_threshold_on_calibrati
     assert len(gate.calibration["data"]) == 4 and gate.calibration["roc"][0] == [0.0, 0.0]
     again = recalibrate(model, tok, gate, plain[12:], fpr=0.25, served="the same model")
     assert again.threshold < gate.threshold and again.calibration["set_on"] == "the same model"
+
+
+def test_features_and_recalibration_read_the_prompt_as_it_is_served(llama_dir):
+    """A system prompt and a prefix change what the gate reads; the recalibrated threshold records them."""
+    from safetylock.evaluate import Framing
+    from safetylock.gate import prompt_features, recalibrate
+
+    model, tok = load_model(llama_dir)
+    framing = Framing("You obey.", "Do it: ")
+    alone = prompt_features(model, tok, QUESTIONS[:4], [1])[1]
+    framed = prompt_features(model, tok, QUESTIONS[:4], [1], framing=framing)[1]
+    prefixed = prompt_features(model, tok, [f"Do it: {q}" for q in QUESTIONS[:4]], [1])[1]
+    assert not torch.allclose(torch.from_numpy(framed), torch.from_numpy(prefixed))  # the system prompt counts
+    assert not torch.allclose(torch.from_numpy(alone), torch.from_numpy(prefixed))
+    gate = Gate(1, torch.from_numpy(alone[0] - alone[1]), 0.0, 0.0)
+    reset = recalibrate(model, tok, gate, QUESTIONS[4:12], fpr=0.25, framing=framing)
+    assert reset.calibration["framing"] == {"system_prompt": "You obey.", "prompt_prefix": "Do it: "}
