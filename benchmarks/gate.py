@@ -8,13 +8,17 @@ benign calibration prompts run through the served model). Every prompt is sent a
 (identity-shift: its system prompt and prefix), and the base is also scored under that framing alone.
 
 Run: python -m benchmarks.gate [--variants harmful-10,harmful-10-full] [--count 100]
-Writes benchmarks/results/gate.{json,png} (rates only).
+Writes benchmarks/results/gate.{json,png} (rates only); each model's scores are cached (the cache's gate/, keyed by
+model, gate, framing and count), so adding a variant re-scores only that variant.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
+from pathlib import Path
 
 import click
 import numpy as np
@@ -46,6 +50,28 @@ def fit_gated_lock(model, tokenizer, model_name: str, splits):
     return gated
 
 
+def gate_key(gate) -> str:
+    """What identifies a gate's scores: its layer, weight, bias and threshold."""
+    digest = hashlib.sha256(gate.weight.numpy().tobytes()).hexdigest()[:16]
+    return f"{gate.layer}:{digest}:{gate.bias:.6g}:{gate.threshold:.6g}"
+
+
+def score(model, tokenizer, gate, suites: dict, benign_calibration, framing: Framing) -> tuple[dict, list]:
+    """One model's gate row (AUROC, firing rates at the base's and at its own threshold) and ROC curve."""
+    weight = gate.weight.numpy()
+    scores = {
+        s: prompt_features(model, tokenizer, p, [gate.layer], framing=framing)[gate.layer] @ weight + gate.bias
+        for s, p in suites.items()
+    }
+    reset = recalibrate(model, tokenizer, gate, benign_calibration, framing=framing)
+    row = {"auroc": round(auroc(scores["advbench-heldout"], scores["benign"]), 4)}
+    for label, threshold in (("base_threshold", gate.threshold), ("served_threshold", reset.threshold)):
+        row[label] = {"threshold": round(threshold, 4)} | {
+            suite: round(float((values > threshold).mean()), 4) for suite, values in scores.items()
+        }
+    return row, roc_points(scores["advbench-heldout"], scores["benign"], points=50)
+
+
 @click.command()
 @click.option("--variants", default="harmful-10,harmful-10-full")
 @click.option("--count", type=int, default=100, help="Evaluation prompts per suite.")
@@ -56,28 +82,27 @@ def main(variants: str, count: int) -> None:
     lock = fit_gated_lock(base, tokenizer, models.DEFAULT_MODEL, splits)
     gate = lock.gate
     suites = {name: load_suite(name, count, 0).prompts for name in ("advbench-heldout", "benign", "arithmetic")}
-    rows, curves = [], {}
-    targets = [("aligned-base", base, Framing())]
+    targets = [("aligned-base", models.resolve(models.DEFAULT_MODEL), Framing())]
     for name in [v for v in variants.split(",") if v]:
         merged, framing = served(name)
         if framing.record():  # the base under the attacker's framing: what the framing alone does to the gate
-            targets.append((f"aligned-base+{name}-framing", base, framing))
-        targets.append((name, load_model(merged)[0], framing))
-    weight = gate.weight.numpy()
-    for name, model, framing in targets:
-        scores = {
-            s: prompt_features(model, tokenizer, p, [gate.layer], framing=framing)[gate.layer] @ weight + gate.bias
-            for s, p in suites.items()
-        }
-        reset = recalibrate(model, tokenizer, gate, splits.benign_calibration, framing=framing)
-        row = {"model": name, "auroc": round(auroc(scores["advbench-heldout"], scores["benign"]), 4)}
-        for label, threshold in (("base_threshold", gate.threshold), ("served_threshold", reset.threshold)):
-            row[label] = {"threshold": round(threshold, 4)} | {
-                suite: round(float((values > threshold).mean()), 4) for suite, values in scores.items()
-            }
-        rows.append(row)
-        curves[name] = roc_points(scores["advbench-heldout"], scores["benign"], points=50)
-        print(row, flush=True)
+            targets.append((f"aligned-base+{name}-framing", models.resolve(models.DEFAULT_MODEL), framing))
+        targets.append((name, Path(merged), framing))
+    rows, curves = [], {}
+    for name, directory, framing in targets:
+        recipe = directory.parent / "train.json"  # a rebuilt variant is scored again
+        built = hashlib.sha256(recipe.read_bytes()).hexdigest()[:16] if recipe.exists() else None
+        key = {"model": str(directory), "built": built, "gate": gate_key(gate), "framing": framing.record(), "count": count}
+        cached = models.cache_root() / "gate" / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
+        if not cached.exists():
+            model = base if directory == models.resolve(models.DEFAULT_MODEL) else load_model(directory)[0]
+            row, curve = score(model, tokenizer, gate, suites, splits.benign_calibration, framing)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps({"key": key, "row": row, "curve": curve}))
+        stored = json.loads(cached.read_text())
+        rows.append({"model": name, **stored["row"]})
+        curves[name] = stored["curve"]
+        print(rows[-1], flush=True)
     write_result(
         "gate",
         {
