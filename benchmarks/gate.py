@@ -75,7 +75,8 @@ def score(model, tokenizer, gate, suites: dict, benign_calibration, framing: Fra
 @click.command()
 @click.option("--variants", default="harmful-10,harmful-10-full")
 @click.option("--count", type=int, default=100, help="Evaluation prompts per suite.")
-def main(variants: str, count: int) -> None:
+@click.option("--out", default="gate", show_default=True, help="Result name: benchmarks/results/OUT.{json,png}.")
+def main(variants: str, count: int, out: str) -> None:
     started = time.perf_counter()
     base, tokenizer = load_model(models.resolve(models.DEFAULT_MODEL))
     splits = gate_data(data.advbench())  # read once: fit (when absent) and each variant's recalibration
@@ -104,7 +105,7 @@ def main(variants: str, count: int) -> None:
         curves[name] = stored["curve"]
         print(rows[-1], flush=True)
     write_result(
-        "gate",
+        out,
         {
             "lock": str(gated_lock_path(models.DEFAULT_MODEL)),
             "gate": {"layer": gate.layer, "threshold": gate.threshold, "calibration": gate.calibration},
@@ -113,10 +114,10 @@ def main(variants: str, count: int) -> None:
             "rows": rows,
         },
     )
-    plot(curves, rows, gate.layer)
+    plot(curves, rows, gate.layer, RESULTS / f"{out}.png")
 
 
-def plot(curves: dict, rows: list[dict], layer: int) -> None:
+def plot(curves: dict, rows: list[dict], layer: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,7 +135,7 @@ def plot(curves: dict, rows: list[dict], layer: int) -> None:
     ax.set_title(f"gate at layer {layer} (dots: threshold set on the served model)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "gate.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
