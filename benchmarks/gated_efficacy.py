@@ -45,7 +45,10 @@ def served_lock(gated_lock: Path, name: str, model: str, framing: Framing) -> Pa
 @click.option("--max-tokens", type=int, default=128)
 @click.option("--served-threshold", is_flag=True, help="Gate threshold re-set on each variant's own weights.")
 @click.option("--always-on/--no-always-on", default=True, help="Also the always-on lock at each α on the variants.")
-def main(variants: str, alphas: str, count: int, max_tokens: int, served_threshold: bool, always_on: bool) -> None:
+@click.option("--out", default=None, help="Result name (default gated_efficacy, or gated_efficacy_served_threshold).")
+def main(
+    variants: str, alphas: str, count: int, max_tokens: int, served_threshold: bool, always_on: bool, out: str | None
+) -> None:
     plain_lock, gated_lock = models.default_lock_path(BASE), gated_lock_path(BASE)
     if not gated_lock.exists():
         raise click.ClickException(f"{gated_lock} is absent: run python -m benchmarks.gate first")
@@ -67,7 +70,7 @@ def main(variants: str, alphas: str, count: int, max_tokens: int, served_thresho
             )
     header, rows = comparison_rows(runs)
     print(aligned_text(header, rows))
-    name = "gated_efficacy" + ("_served_threshold" if served_threshold else "")
+    name = out or "gated_efficacy" + ("_served_threshold" if served_threshold else "")
     write_result(
         name,
         {
