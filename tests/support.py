@@ -177,6 +177,13 @@ def separating_gate(model, prompts, fire: list[bool], layer: int = 0) -> Gate:
     return Gate(layer, weight, 0.0, threshold)
 
 
+def saved_gated_lock(model, prompts, fire: list[bool], directory: Path, heads=(0, 1)) -> tuple[SafetyLock, Path]:
+    """A two-head lock on layers 1 and 2 whose gate (layer 0) fires exactly on the prompts marked in ``fire``,
+    and where it is saved under ``directory``: what the gated engine tests serve."""
+    lock = model_lock(model, separating_gate(model, prompts, fire), layers=(1, 2), heads=heads)
+    return lock, lock.save(directory / "gated.lock.safetensors")
+
+
 def rewrite_metadata(data: bytes, edit) -> bytes:
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])

@@ -16,9 +16,8 @@ from support import (
     assert_same_generation,
     hf_gated_greedy,
     hf_greedy,
-    model_lock,
     run_vllm,
-    separating_gate,
+    saved_gated_lock,
 )
 
 pytestmark = [pytest.mark.engine, pytest.mark.filterwarnings("ignore:lock has no weight sketch")]
@@ -32,8 +31,7 @@ ALPHA_ON = 4.0
 @pytest.fixture(scope="module")
 def gated(llama_dir, tmp_path_factory):
     model, _ = load_model(llama_dir)
-    lock = model_lock(model, separating_gate(model, GATED_PROMPTS, FIRES), layers=(1, 2), heads=(0, 1))
-    path = lock.save(tmp_path_factory.mktemp("gated") / "gated.lock.safetensors")
+    lock, path = saved_gated_lock(model, GATED_PROMPTS, FIRES, tmp_path_factory.mktemp("gated"))
     out = run_vllm(
         tmp_path_factory.mktemp("gated-run"),
         model=str(llama_dir),

@@ -7,7 +7,7 @@ import pytest
 from safetylock.pipeline import load_model
 from safetylock.serve.config import lock_section
 
-from support import assert_same_generation, hf_gated_greedy, hf_greedy, model_lock, run_vllm, separating_gate
+from support import assert_same_generation, hf_gated_greedy, hf_greedy, run_vllm, saved_gated_lock
 
 pytestmark = [pytest.mark.engine, pytest.mark.filterwarnings("ignore:lock has no weight sketch")]
 
@@ -23,8 +23,7 @@ BLOCKS = 10  # 320 tokens: one request of max_model_len 256 fits, four of 105 to
 @pytest.fixture(scope="module")
 def preempted(llama_dir, tmp_path_factory):
     model, _ = load_model(llama_dir)
-    lock = model_lock(model, separating_gate(model, PROMPTS, FIRES), layers=(1, 2), heads=(0, 1))
-    path = lock.save(tmp_path_factory.mktemp("gated") / "gated.lock.safetensors")
+    lock, path = saved_gated_lock(model, PROMPTS, FIRES, tmp_path_factory.mktemp("gated"))
     out = run_vllm(
         tmp_path_factory.mktemp("preempt-run"),
         model=str(llama_dir),

@@ -13,7 +13,7 @@ from safetylock.pipeline import load_model
 from safetylock.serve.config import lock_section
 from safetylock.serve.server import free_port, start_server, wait_healthy
 
-from support import PROMPTS, SERVER_ARGS, hf_gated_greedy, hf_greedy, model_lock, separating_gate
+from support import PROMPTS, SERVER_ARGS, hf_gated_greedy, hf_greedy, saved_gated_lock
 
 pytestmark = [pytest.mark.engine, pytest.mark.filterwarnings("ignore:lock has no weight sketch")]
 
@@ -35,8 +35,7 @@ def complete(port: int, model: str, ids: list[int], out: dict, index: int) -> No
 
 def test_concurrent_requests_are_gated_per_request(llama_dir, tmp_path):
     model, _ = load_model(llama_dir)
-    lock = model_lock(model, separating_gate(model, PROMPTS, FIRES), layers=(1, 2), heads=(0, 1))
-    path = lock.save(tmp_path / "gated.lock.safetensors")
+    lock, path = saved_gated_lock(model, PROMPTS, FIRES, tmp_path)
     port = free_port()
     proc = start_server(llama_dir, port, lock_section(path, ALPHA_ON, gated=True), SERVER_ARGS, log=subprocess.PIPE)
     replies: dict[int, list[int]] = {}

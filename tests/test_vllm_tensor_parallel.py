@@ -19,9 +19,8 @@ from support import (
     hf_greedy,
     hf_reference,
     model_dir,
-    model_lock,
     run_vllm,
-    separating_gate,
+    saved_gated_lock,
     tiny_lock,
 )
 
@@ -89,8 +88,7 @@ def test_gated_lock_under_tp2_equals_the_hf_gated_reference(mistral, tmp_path):
     directory, _ = mistral
     model, _ = load_model(directory)
     fires = [True, False, True]
-    lock = model_lock(model, separating_gate(model, PROMPTS, fires), layers=(1, 2), heads=(0, 3))
-    path = lock.save(tmp_path / "gated.lock.safetensors")
+    lock, path = saved_gated_lock(model, PROMPTS, fires, tmp_path, heads=(0, 3))
     got = run_vllm(
         tmp_path,
         env=_tp2_env(),
