@@ -78,16 +78,17 @@ def score(model, tokenizer, gate, suites: dict, benign_calibration, framing: Fra
 @click.option("--out", default="gate", show_default=True, help="Result name: benchmarks/results/OUT.{json,png}.")
 def main(variants: str, count: int, out: str) -> None:
     started = time.perf_counter()
-    base, tokenizer = load_model(models.resolve(models.DEFAULT_MODEL))
+    base_dir = models.resolve(models.DEFAULT_MODEL)
+    base, tokenizer = load_model(base_dir)
     splits = gate_data(data.advbench())  # read once: fit (when absent) and each variant's recalibration
     lock = fit_gated_lock(base, tokenizer, models.DEFAULT_MODEL, splits)
     gate = lock.gate
     suites = {name: load_suite(name, count, 0).prompts for name in ("advbench-heldout", "benign", "arithmetic")}
-    targets = [("aligned-base", models.resolve(models.DEFAULT_MODEL), Framing())]
+    targets = [("aligned-base", base_dir, Framing())]
     for name in [v for v in variants.split(",") if v]:
         merged, framing = served(name)
         if framing.record():  # the base under the attacker's framing: what the framing alone does to the gate
-            targets.append((f"aligned-base+{name}-framing", models.resolve(models.DEFAULT_MODEL), framing))
+            targets.append((f"aligned-base+{name}-framing", base_dir, framing))
         targets.append((name, Path(merged), framing))
     rows, curves = [], {}
     for name, directory, framing in targets:
@@ -96,7 +97,7 @@ def main(variants: str, count: int, out: str) -> None:
         key = {"model": str(directory), "built": built, "gate": gate_key(gate), "framing": framing.record(), "count": count}
         cached = models.cache_root() / "gate" / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
         if not cached.exists():
-            model = base if directory == models.resolve(models.DEFAULT_MODEL) else load_model(directory)[0]
+            model = base if directory == base_dir else load_model(directory)[0]
             row, curve = score(model, tokenizer, gate, suites, splits.benign_calibration, framing)
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps({"key": key, "row": row, "curve": curve}))

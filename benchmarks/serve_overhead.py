@@ -51,7 +51,7 @@ def main(model_name, lock, modes, gated_alpha, concurrency, rounds, max_tokens, 
     model_dir = models.resolve(model_name)
     lock = lock or models.default_lock_path(model_name)
     chosen = [m for m in modes.split(",") if m]
-    available = sections(lock, gated_lock_path(model_name), gated_alpha) if "gated" in chosen else sections(lock, lock, 0)
+    available = sections(lock, gated_lock_path(model_name), gated_alpha)
     unknown = [m for m in chosen if m not in available]
     if unknown:
         raise click.BadParameter(f"unknown mode(s) {unknown}; known: {', '.join(available)}", param_hint="--modes")
