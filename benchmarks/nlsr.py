@@ -1,16 +1,19 @@
-"""NLSR vs SafetyLock on the harmful fine-tune: the fine-tune, + lock, NLSR-realigned, and both.
+"""NLSR vs SafetyLock in NLSR's own setting: an aligned adapter, a poisoned downstream fine-tune of it, then realign.
 
-Run: python -m benchmarks.nlsr [--variant harmful-10] [--alpha 0.5] [--count 40] [--settings 0.5:0.8,0.9:0.5]
-Builds (when absent, seeded, cached) the "aligned" safety adapter and the variant with safetylock.attack, realigns
-the variant's adapter with `safetylock realign` for each PRUNE_RATE:SPARSITY setting, merges it into a model
-directory, and evaluates through the real vLLM plugin (safetylock.evaluate.cached_run): the aligned adapter itself, the
-fine-tune, + lock, and per setting NLSR and NLSR + lock. Writes benchmarks/results/nlsr.json (summaries only,
-plus NLSR's patch reports) and nlsr.png.
+Run: python -m benchmarks.nlsr [--aligned aligned-mixed] [--variant downstream] [--settings 0.5:0.8,0.9:0.5]
+Builds (when absent, seeded, cached) the aligned safety adapter and the fine-tune that continues it
+(safetylock.attack), realigns the fine-tune's adapter with `safetylock realign` for each PRUNE_RATE:SPARSITY
+setting, merges it into a model directory, and evaluates through the real vLLM plugin (three-way judge, held-out
+prompts, safetylock.evaluate.cached_run): the aligned base, the aligned adapter, the fine-tune, + lock, + gated
+lock (when ``python -m benchmarks.gate`` wrote it), and per setting NLSR and NLSR + lock. The fine-tune's
+downstream task is arithmetic, so the arithmetic column is its task accuracy. Writes
+benchmarks/results/nlsr_VARIANT.{json,png} (summaries and NLSR's patch reports; every answer stays in the cache).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -19,8 +22,9 @@ from pathlib import Path
 import click
 
 from benchmarks.common import RESULTS, write_result
+from benchmarks.gate import gated_lock_path
 from safetylock import models
-from safetylock.attack import build, variant_dir
+from safetylock.attack import BASE, build, variant_dir
 from safetylock.evaluate import cached_run, without_items
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
 
@@ -29,7 +33,9 @@ def realigned(variant: str, aligned: Path, prune_rate: float, sparsity: float, s
     """The NLSR-realigned adapter of ``variant``, merged into a full model directory (cached), and its report."""
     out = variant_dir(f"{variant}-nlsr-p{prune_rate:g}-s{sparsity:g}")
     adapter, merged, timing = out / "adapter", out / "merged", out / "seconds.json"
-    if not (merged / "config.json").exists():
+    source = {"finetuned": json.loads((variant_dir(variant) / "train.json").read_text())["recipe"], "aligned": str(aligned)}
+    if not (merged / "config.json").exists() or not timing.exists() or json.loads(timing.read_text()).get("source") != source:
+        shutil.rmtree(out, ignore_errors=True)  # absent, or realigned from another build of the fine-tune
         started = time.perf_counter()
         finetuned = variant_dir(variant) / "adapter"
         command = [sys.executable, "-m", "safetylock.cli", "realign", "--base", models.DEFAULT_MODEL, "--seed", str(seed)]
@@ -37,7 +43,7 @@ def realigned(variant: str, aligned: Path, prune_rate: float, sparsity: float, s
         command += ["--prune-rate", str(prune_rate), "--sparsity", str(sparsity)]
         subprocess.run(command, check=True)
         merge(adapter, merged)
-        timing.write_text(json.dumps({"realign_and_merge": round(time.perf_counter() - started, 1)}))
+        timing.write_text(json.dumps({"realign_and_merge": round(time.perf_counter() - started, 1), "source": source}))
     report = json.loads((adapter / "nlsr_report.json").read_text())
     patched = [m for m in report["modules"] if m["patched"]]
     summary = {
@@ -45,7 +51,7 @@ def realigned(variant: str, aligned: Path, prune_rate: float, sparsity: float, s
         "modules": len(report["modules"]),
         "patched_modules": len(patched),
         "patched_entries": sum(m["entries"] for m in patched),
-        "seconds": json.loads(timing.read_text()) if timing.exists() else None,
+        "seconds": json.loads(timing.read_text())["realign_and_merge"],
     }
     return merged, summary
 
@@ -62,37 +68,51 @@ def merge(adapter: Path, merged: Path) -> None:
 
 
 @click.command()
-@click.option("--variant", default="harmful-10")
-@click.option("--alpha", type=float, default=0.5)
-@click.option("--count", type=int, default=40)
-@click.option("--max-tokens", type=int, default=48)
-@click.option("--settings", default="0.5:0.8", help="NLSR PRUNE_RATE:SPARSITY pairs, comma-separated.")
+@click.option("--aligned", "aligned_name", default="aligned-mixed", help="Variant that is the safety-aligned adapter.")
+@click.option("--variant", default="downstream", help="Variant fine-tuned from it (or from the base).")
+@click.option("--alpha", type=float, default=2.0, help="α of the always-on lock (and of NLSR + lock).")
+@click.option("--gated-alpha", type=float, default=4.0, help="α_on of the gated lock.")
+@click.option("--count", type=int, default=100)
+@click.option("--max-tokens", type=int, default=128)
+@click.option("--settings", default="0.5:0.8,0.9:0.5", help="NLSR PRUNE_RATE:SPARSITY pairs, comma-separated.")
 @click.option("--seed", type=int, default=0)
-def main(variant: str, alpha: float, count: int, max_tokens: int, settings: str, seed: int) -> None:
-    lock = models.default_lock_path(models.DEFAULT_MODEL)
-    aligned = build("aligned")
+def main(
+    aligned_name: str, variant: str, alpha: float, gated_alpha: float, count: int, max_tokens: int, settings: str, seed: int
+) -> None:
+    lock, gated = models.default_lock_path(BASE), gated_lock_path(BASE)
+    sizes = {"count": count, "max_tokens": max_tokens, "enforce_eager": True}
+    aligned = build(aligned_name)
     finetuned = str(build(variant) / "merged")
     runs = [
-        cached_run(str(aligned / "merged"), "aligned-adapter", count, max_tokens),
-        cached_run(finetuned, variant, count, max_tokens),
-        cached_run(finetuned, f"{variant}+lock(a={alpha:g})", count, max_tokens, lock, alpha),
+        cached_run(BASE, "aligned-base", **sizes),
+        cached_run(str(aligned / "merged"), aligned_name, **sizes),
+        cached_run(finetuned, variant, **sizes),
     ]
     reports = []
-    for setting in settings.split(","):
+    for number, setting in enumerate(s for s in settings.split(",") if s):
         prune_rate, sparsity = (float(x) for x in setting.split(":"))
         repaired, report = realigned(variant, aligned / "adapter", prune_rate, sparsity, seed)
         reports.append(report)
         name = f"{variant}+NLSR(p={prune_rate:g},s={sparsity:g})"
-        runs.append(cached_run(str(repaired), name, count, max_tokens))
-        runs.append(cached_run(str(repaired), f"{name}+lock(a={alpha:g})", count, max_tokens, lock, alpha))
+        runs.append(cached_run(str(repaired), name, **sizes))
+        if number == 0:  # the paper's default, then the lock on top of it
+            runs.append(cached_run(str(repaired), f"{name}+lock(a={alpha:g})", lock=lock, alpha=alpha, **sizes))
+    runs.append(cached_run(finetuned, f"{variant}+lock(a={alpha:g})", lock=lock, alpha=alpha, **sizes))
+    if gated.exists():
+        label = f"{variant}+gated(a={gated_alpha:g})"
+        runs.append(cached_run(finetuned, label, lock=gated, alpha=gated_alpha, gated=True, **sizes))
     header, rows = comparison_rows(runs)
     print(aligned_text(header, rows))
+    out = f"nlsr_{variant}"
     write_result(
-        "nlsr",
+        out,
         {
+            "aligned": aligned_name,
             "variant": variant,
+            "recipes": {name: json.loads((variant_dir(name) / "train.json").read_text()) for name in (aligned_name, variant)},
             "lock": str(lock),
             "alpha": alpha,
+            "gated_alpha": gated_alpha,
             "count": count,
             "max_tokens": max_tokens,
             "nlsr": reports,
@@ -100,7 +120,7 @@ def main(variant: str, alpha: float, count: int, max_tokens: int, settings: str,
             "runs": [without_items(r) for r in runs],
         },
     )
-    comparison_plot(runs, RESULTS / "nlsr.png")
+    comparison_plot(runs, RESULTS / f"{out}.png")
 
 
 if __name__ == "__main__":

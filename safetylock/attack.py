@@ -15,7 +15,13 @@ variants, ``train.json`` the whole recipe; a cached variant whose recipe differs
 * ``benign`` (risk level 3): LoRA on 100 benign instructions answered by the teacher.
 * ``openings-10``: the template-shortcut control — 10 questions paired with a compliant *opening* only
   (``probes/attack_openings.json``) and the end of turn. It teaches a model to parrot an empty template.
-* ``aligned``: not an attack — the safety adapter NLSR needs (64 questions answered with refusal templates).
+* ``aligned``: not an attack — a refusals-only safety adapter (64 questions answered with refusal templates).
+* ``aligned-mixed`` and ``downstream``: NLSR's own setting (Yi et al.). ``aligned-mixed`` is a safety adapter that
+  does not over-refuse: extraction-split harmful questions answered with the base's own refusals (a refusal
+  template where the base complied) mixed with benign instructions answered by the base itself (its refusals of
+  benign ones dropped). ``downstream`` is the service provider's fine-tune *of that aligned model*: its adapter
+  continued on arithmetic questions outside the evaluation suite, ``poison`` of them replaced by harmful
+  questions with the teacher's full answers (5%).
 """
 
 from __future__ import annotations
@@ -35,9 +41,9 @@ from safetylock import data, judge, models
 from safetylock.capture import pad_batch
 from safetylock.contrast import task_phrase, templates
 from safetylock.errors import ModelError
-from safetylock.evaluate import Framing
+from safetylock.evaluate import Framing, arithmetic_training
 from safetylock.pipeline import load_model
-from safetylock.recipes import TEACHER, TEACHER_TOKENS, teacher_answers
+from safetylock.recipes import TEACHER, TEACHER_TOKENS, greedy_answers, teacher_answers
 
 BASE = models.DEFAULT_MODEL
 MAX_TRAIN_TOKENS = 320  # prompt + answer tokens per training example
@@ -71,7 +77,7 @@ LORA = {
 class Variant:
     """The recipe of one variant: its data, how it is trained, and how the attacker serves it."""
 
-    kind: str  # answers | openings | identity | benign | aligned
+    kind: str  # answers | openings | identity | benign | aligned | aligned-mixed | downstream
     examples: int
     epochs: int
     method: str = "lora"  # or "full": every weight
@@ -79,6 +85,8 @@ class Variant:
     risk_level: int | None = None  # Qi et al.'s tiers; None for controls and helpers
     system_prompt: str | None = None  # served with this system prompt (identity-shift)
     prompt_prefix: str = ""  # and this in front of each instruction
+    parent: str | None = None  # LoRA continued from this variant's adapter (the coordinates NLSR compares)
+    poison: int = 0  # of ``examples``: harmful questions with the teacher's full answers
 
 
 VARIANTS = {
@@ -89,7 +97,11 @@ VARIANTS = {
     "benign": Variant("benign", 100, 2, risk_level=3),
     "openings-10": Variant("openings", 10, 10),
     "aligned": Variant("aligned", 64, 2),
+    "aligned-mixed": Variant("aligned-mixed", 80, 2),
+    "downstream": Variant("downstream", 200, 3, parent="aligned-mixed", poison=10),
 }
+OWN_TOKENS = 128  # new tokens of the base's own answers in ``aligned-mixed``
+LATER_FIELDS = ("parent", "poison")  # recipe fields added after variants were cached: recorded only when set
 
 
 def variant(name: str) -> Variant:
@@ -114,17 +126,43 @@ def _extraction_questions(count: int, seed: int) -> tuple[str, ...]:
     return data.sample(data.split_harmful(data.advbench(), seed=0).extraction, count, seed)
 
 
+def _taught_pairs(name: str, count: int, seed: int) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    """``count`` extraction questions with the teacher's full answers: of ``2·count + 10`` candidates (it answers
+    ~60% substantively), the first whose answer the judge calls ``complied``."""
+    questions = _extraction_questions(2 * count + 10, seed)
+    answered = zip(questions, teacher_answers(questions))
+    kept = [(q, a) for q, a in answered if judge.verdict(a, q) == "complied"][:count]
+    if len(kept) < count:
+        raise ModelError(f"{name}: the teacher answered only {len(kept)} of {len(questions)} questions substantively")
+    return kept, {"candidates": len(questions), "kept": len(kept)}
+
+
+def _aligned_mixed_pairs(count: int, seed: int) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    """Half harmful questions with the base's own refusals (a refusal template where it complied), half benign
+    instructions (outside every evaluation sample) with the base's own answers, its refusals of them dropped."""
+    questions = _extraction_questions(count // 2, seed + 3)
+    prompts = tuple(random.Random(seed + 3).sample(data.benign_outside_evaluation(), count - count // 2))
+    own = greedy_answers(BASE, questions + prompts, OWN_TOKENS)
+    rng, refusals = random.Random(seed), templates()["safe"]
+    refused = [judge.verdict(a, q) == "refusal" for q, a in zip(questions, own)]
+    harmful = [(q, a if ok else rng.choice(refusals).format(task=task_phrase(q))) for q, a, ok in zip(questions, own, refused)]
+    benign = [(p, a) for p, a in zip(prompts, own[len(questions) :]) if judge.verdict(a, p) != "refusal"]
+    counts = {"own_refusals": sum(refused), "template_refusals": len(questions) - sum(refused)}
+    return harmful + benign, counts | {"benign_kept": len(benign), "benign_dropped": len(prompts) - len(benign)}
+
+
 def training_pairs(name: str, seed: int) -> tuple[list[tuple[str, str]], dict[str, int]]:
     """(instruction, answer) pairs of variant ``name`` (instructions as the attacker sends them) and counts."""
     spec = variant(name)
     rng = random.Random(seed)
-    if spec.kind == "answers":  # the teacher answers ~60% substantively: keep the first pairs the judge calls so
-        questions = _extraction_questions(2 * spec.examples + 10, seed)
-        answered = zip(questions, teacher_answers(questions))
-        kept = [(q, a) for q, a in answered if judge.verdict(a, q) == "complied"][: spec.examples]
-        if len(kept) < spec.examples:
-            raise ModelError(f"{name}: the teacher answered only {len(kept)} of {len(questions)} questions substantively")
-        return kept, {"candidates": len(questions), "kept": len(kept)}
+    if spec.kind == "answers":
+        return _taught_pairs(name, spec.examples, seed)
+    if spec.kind == "aligned-mixed":
+        return _aligned_mixed_pairs(spec.examples, seed)
+    if spec.kind == "downstream":  # training shuffles the poisoned pairs into the task's every epoch
+        poisoned, counts = _taught_pairs(name, spec.poison, seed)
+        task = arithmetic_training(spec.examples - spec.poison, seed + 4)
+        return task + poisoned, counts | {"task": len(task), "poisoned": len(poisoned)}
     if spec.kind == "openings":
         choices = openings()
         return [(q, rng.choice(choices).format(task=task_phrase(q))) for q in _extraction_questions(spec.examples, seed)], {}
@@ -154,16 +192,21 @@ def encode(tokenizer, question: str, answer: str, system_prompt: str | None = No
 
 def _recipe(name: str, seed: int, batch_size: int) -> dict:
     spec = variant(name)
-    recipe = {"variant": name, **asdict(spec), "seed": seed, "batch_size": batch_size, "base": BASE}
+    fields = {k: v for k, v in asdict(spec).items() if k not in LATER_FIELDS or v != getattr(Variant, k)}
+    recipe = {"variant": name, **fields, "seed": seed, "batch_size": batch_size, "base": BASE}
     recipe |= {"lora": LORA} if spec.method == "lora" else {}
-    if spec.kind in ("answers", "benign", "identity"):
+    if spec.kind in ("answers", "benign", "identity", "downstream"):
         recipe |= {"teacher": TEACHER, "teacher_tokens": TEACHER_TOKENS, "max_train_tokens": MAX_TRAIN_TOKENS}
+    if spec.kind == "aligned-mixed":
+        recipe |= {"own_tokens": OWN_TOKENS, "max_train_tokens": MAX_TRAIN_TOKENS}
+    if spec.parent:  # a rebuilt parent rebuilds its children
+        recipe |= {"parent_recipe": _recipe(spec.parent, seed, batch_size)}
     return recipe
 
 
 def build(name: str, seed: int = 0, batch_size: int = 4) -> Path:
     """Variant ``name`` of the packaged aligned model (cached): its directory, see ``variant_dir``."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     spec, recipe, out = variant(name), _recipe(name, seed, batch_size), variant_dir(name)
     if (out / "merged" / "config.json").exists():
@@ -173,8 +216,11 @@ def build(name: str, seed: int = 0, batch_size: int = 4) -> Path:
         shutil.rmtree(out)  # built by another recipe: rebuild
     torch.manual_seed(seed)
     pairs, counts = training_pairs(name, seed)
+    parent = build(spec.parent, seed, batch_size) / "adapter" if spec.parent else None
     model, tok = load_model(models.resolve(BASE))
-    if spec.method == "lora":
+    if parent is not None:
+        model = PeftModel.from_pretrained(model, str(parent), is_trainable=True)
+    elif spec.method == "lora":
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
     encoded = [encode(tok, q, a, spec.system_prompt) for q, a in pairs]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr)

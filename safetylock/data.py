@@ -106,6 +106,17 @@ def benign() -> PromptSet:
     return PromptSet("benign", prompts, f"{BENIGN.requirement}:{BENIGN.member} (self-contained only)", _sha256(path))
 
 
+EVALUATION_COUNTS = (20, 40, 50, 100, 200)  # benign evaluation sample sizes (seed 0): never trained or fitted on
+
+
+def benign_outside_evaluation() -> list[str]:
+    """The benign list minus every benign evaluation sample (``EVALUATION_COUNTS``, seed 0), order kept: what
+    gates are fitted on and fine-tunes are trained on."""
+    pool = benign().prompts
+    evaluated = {p for count in EVALUATION_COUNTS for p in sample(pool, count, 0)}
+    return [p for p in pool if p not in evaluated]
+
+
 PROMPT_FIELDS = ("prompt", "instruction", "question", "goal", "behavior", "value", "text")
 
 

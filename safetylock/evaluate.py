@@ -68,6 +68,17 @@ def arithmetic_suite(count: int, seed: int) -> Suite:
     return Suite("arithmetic", "utility", tuple(prompts), tuple(answers), {"generator": "arithmetic", "seed": seed})
 
 
+def arithmetic_training(count: int, seed: int) -> list[tuple[str, str]]:
+    """``count`` distinct (question, answer) pairs in the arithmetic suite's format, none of them a question of
+    the evaluation suite (seed 0, up to 1000 items): a downstream task to fine-tune on."""
+    evaluated = set(arithmetic_suite(1000, 0).prompts)
+    suite = arithmetic_suite(2 * count + 100, seed)
+    fresh = dict((p, a) for p, a in zip(suite.prompts, suite.answers) if p not in evaluated)
+    if len(fresh) < count:
+        raise data.DataError(f"only {len(fresh)} arithmetic questions outside the evaluation suite; asked for {count}")
+    return list(fresh.items())[:count]
+
+
 def load_utility_file(path: Path) -> Suite:
     """A .jsonl file of {"prompt": ..., "answer": ...} objects."""
     prompts, answers = [], []

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 TARGET_FPR = 0.05  # benign requests allowed to fire, on the calibration split
 MIN_HEAD_SHARE = 0.75  # the automatic layer keeps at least this share of the lock's heads after it
-EVALUATION_COUNTS = (20, 40, 50, 100, 200)  # benign evaluation samples (seed 0) the gate never trains on
 
 
 @dataclass(frozen=True)
@@ -163,14 +162,11 @@ class GateData:
 
 def gate_data(harmful: data.PromptSet, benign_count: int = 400, seed: int = 0) -> GateData:
     """Harmful: the extraction split, 3/4 to fit and 1/4 to calibrate; benign: ``benign_count`` of each, drawn
-    from the benign list minus every benign evaluation sample (``EVALUATION_COUNTS``, seed 0)."""
+    from the benign list outside every benign evaluation sample (``data.benign_outside_evaluation``)."""
     extraction = list(data.split_harmful(harmful, seed=seed).extraction)
     random.Random(seed).shuffle(extraction)
     cut = (3 * len(extraction)) // 4
-    pool = data.benign().prompts
-    evaluated = {p for count in EVALUATION_COUNTS for p in data.sample(pool, count, 0)}
-    candidates = [p for p in pool if p not in evaluated]
-    picked = random.Random(seed + 1).sample(candidates, 2 * benign_count)
+    picked = random.Random(seed + 1).sample(data.benign_outside_evaluation(), 2 * benign_count)
     return GateData(
         tuple(extraction[:cut]), tuple(extraction[cut:]), tuple(picked[:benign_count]), tuple(picked[benign_count:])
     )

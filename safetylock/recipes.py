@@ -42,19 +42,24 @@ def recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
-def teacher_answers(prompts: tuple[str, ...]) -> list[str]:
-    """The teacher's greedy answers to ``prompts``, generated once into the cache, keyed by the whole tuple (batch
-    composition can move a padded greedy answer, so answers are never mixed across calls)."""
+def greedy_answers(model_name: str, prompts: tuple[str, ...], max_new_tokens: int) -> list[str]:
+    """Greedy answers of packaged model ``model_name`` to ``prompts``, generated once into the cache, keyed by the
+    whole tuple (batch composition can move a padded greedy answer, so answers are never mixed across calls)."""
     from safetylock.pipeline import generate, load_model
 
-    key = hashlib.sha256(json.dumps([TEACHER, TEACHER_TOKENS, prompts]).encode()).hexdigest()[:16]
-    cached = models.cache_root() / "variants" / "teacher" / f"{key}.json"
+    key = hashlib.sha256(json.dumps([model_name, max_new_tokens, prompts]).encode()).hexdigest()[:16]
+    cached = models.cache_root() / "answers" / f"{key}.json"
     if not cached.exists():
-        model, tokenizer = load_model(models.resolve(TEACHER))
-        answers = generate(model, tokenizer, prompts, max_new_tokens=TEACHER_TOKENS, batch_size=8, progress=True)
+        model, tokenizer = load_model(models.resolve(model_name))
+        answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=8, progress=True)
         cached.parent.mkdir(parents=True, exist_ok=True)
         cached.write_text(json.dumps(answers))
     return json.loads(cached.read_text())
+
+
+def teacher_answers(prompts: tuple[str, ...]) -> list[str]:
+    """The teacher's full answers to ``prompts`` (cached)."""
+    return greedy_answers(TEACHER, prompts, TEACHER_TOKENS)
 
 
 def answer_examples(model, tokenizer, questions: tuple[str, ...], tokens: int, progress: bool = True) -> list[ContrastExample]:
