@@ -25,7 +25,7 @@ import numpy as np
 
 from benchmarks.common import RESULTS, write_result
 from safetylock import data, models
-from safetylock.attack import served
+from safetylock.attack import base_label, served
 from safetylock.evaluate import Framing, load_suite
 from safetylock.gate import auroc, candidate_layers, fit_gate, gate_data, prompt_features, recalibrate, roc_points
 from safetylock.geometry import head_geometry
@@ -88,7 +88,7 @@ def main(variants: str, count: int, out: str) -> None:
     for name in [v for v in variants.split(",") if v]:
         merged, framing = served(name)
         if framing.record():  # the base under the attacker's framing: what the framing alone does to the gate
-            targets.append((f"aligned-base+{name}-framing", base_dir, framing))
+            targets.append((base_label(name), base_dir, framing))
         targets.append((name, Path(merged), framing))
     rows, curves = [], {}
     for name, directory, framing in targets:

@@ -128,13 +128,18 @@ def _extraction_questions(count: int, seed: int) -> tuple[str, ...]:
 
 def _taught_pairs(name: str, count: int, seed: int) -> tuple[list[tuple[str, str]], dict[str, int]]:
     """``count`` extraction questions with the teacher's full answers: of ``2·count + 10`` candidates (it answers
-    ~60% substantively), the first whose answer the judge calls ``complied``."""
+    ~60% substantively), the first whose answer the judge calls ``complied``. The teacher answers the candidates in
+    order and stops after the batch that completes ``count``."""
     questions = _extraction_questions(2 * count + 10, seed)
-    answered = zip(questions, teacher_answers(questions))
-    kept = [(q, a) for q, a in answered if judge.verdict(a, q) == "complied"][:count]
+
+    def substantive(answers: list[str]) -> list[tuple[str, str]]:
+        return [(q, a) for q, a in zip(questions, answers) if judge.verdict(a, q) == "complied"]
+
+    answers = teacher_answers(questions, enough=lambda answers: len(substantive(answers)) >= count)
+    kept = substantive(answers)[:count]
     if len(kept) < count:
         raise ModelError(f"{name}: the teacher answered only {len(kept)} of {len(questions)} questions substantively")
-    return kept, {"candidates": len(questions), "kept": len(kept)}
+    return kept, {"candidates": len(questions), "answered": len(answers), "kept": len(kept)}
 
 
 def _aligned_mixed_pairs(count: int, seed: int) -> tuple[list[tuple[str, str]], dict[str, int]]:
@@ -263,6 +268,12 @@ def served(name: str) -> tuple[str, Framing]:
     return str(build(name) / "merged"), Framing(spec.system_prompt, spec.prompt_prefix)
 
 
+def base_label(name: str) -> str:
+    """The label of the aligned base's evaluation run served as the attacker serves variant ``name``."""
+    spec = variant(name)
+    return "aligned-base" + (f"+{name}-framing" if Framing(spec.system_prompt, spec.prompt_prefix).record() else "")
+
+
 def evaluate_variant(
     name: str, lock: Path, alphas: list[float], count: int, max_tokens: int, enforce_eager: bool = False
 ) -> list[dict]:
@@ -272,6 +283,5 @@ def evaluate_variant(
 
     merged, framing = served(name)
     sizes = {"count": count, "max_tokens": max_tokens, "enforce_eager": enforce_eager, "framing": framing}
-    base_label = "aligned-base" + (f"+{name}-framing" if framing.record() else "")
-    runs = [cached_run(BASE, base_label, **sizes), cached_run(merged, name, **sizes)]
+    runs = [cached_run(BASE, base_label(name), **sizes), cached_run(merged, name, **sizes)]
     return runs + [cached_run(merged, f"{name}+lock(a={a:g})", lock=lock, alpha=a, **sizes) for a in alphas]

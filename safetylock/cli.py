@@ -412,6 +412,12 @@ def demo(model_name: str, lock_path: Path | None, alpha: float | None, max_token
 @click.option("--judge-endpoint", default=None, help="OpenAI-compatible URL of an LLM judge (optional).")
 @click.option("--judge-model", default=None)
 @click.option("--enforce-eager", is_flag=True, help="Offline only: skip torch.compile (starts in ~1 min on CPU; same math).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="Offline only: the engine's activation dtype (default float32; quantized kernels may need 16-bit).",
+)
 @click.option("--label", default=None, help="Name of this run in `compare` (default: the model).")
 @click.option(
     "--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Result JSON (default: runs/LABEL.json)."
@@ -433,6 +439,7 @@ def eval_command(
     judge_endpoint,
     judge_model,
     enforce_eager,
+    dtype,
     label,
     out,
 ) -> None:
@@ -448,6 +455,8 @@ def eval_command(
         raise click.BadParameter("--lock/--alpha apply offline only; a server applies its own lock", param_hint="--lock")
     if endpoint and enforce_eager:
         raise click.BadParameter("--enforce-eager applies offline only", param_hint="--enforce-eager")
+    if endpoint and dtype:
+        raise click.BadParameter("--dtype applies offline only", param_hint="--dtype")
     if bool(judge_endpoint) != bool(judge_model):
         raise click.BadParameter("--judge-endpoint and --judge-model go together", param_hint="--judge-model")
     loaded = [evaluate.load_suite(spec, count, seed) for spec in suites]  # bad suites fail before any generation
@@ -466,7 +475,7 @@ def eval_command(
                 "alpha": lock.default_alpha if alpha is None else alpha,
                 **({"gated": True} if gated else {}),
             }
-        engine_args = {"enforce_eager": True} if enforce_eager else {}
+        engine_args = ({"enforce_eager": True} if enforce_eager else {}) | ({"dtype": dtype} if dtype else {})
         target |= engine_args
         generate = vllm_generator(models.resolve(model_name), section, framing, **engine_args)
     judge_fn = evaluate.llm_judge(evaluate.endpoint_generator(judge_endpoint, judge_model)) if judge_endpoint else None

@@ -247,10 +247,11 @@ def cached_run(
     suites: Sequence[str] = DEFAULT_SUITES,
     framing: Framing = PLAIN,
     gated: bool = False,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
-    """The report of ``safetylock eval`` on ``model`` (offline vLLM, locked when ``lock`` is given), cached under
-    ``runs/`` in the cache by label, lock fingerprint and size; evaluated in a fresh process when absent (one
-    vLLM engine per process)."""
+    """The report of ``safetylock eval`` on ``model`` (offline vLLM, locked when ``lock`` is given, in ``dtype``
+    when given, else float32), cached under ``runs/`` in the cache by label, lock fingerprint, dtype and size;
+    evaluated in a fresh process when absent (one vLLM engine per process)."""
     import subprocess
     import sys
 
@@ -258,7 +259,7 @@ def cached_run(
     from safetylock.models import cache_root
 
     stem = (label if lock is None else f"{label}-{load(lock).fingerprint[:12]}") + ("-gated" if gated else "")
-    stem += "-eager" if enforce_eager else ""
+    stem += ("-eager" if enforce_eager else "") + (f"-{dtype}" if dtype else "")
     out = cache_root() / "runs" / f"{stem}-n{count}-t{max_tokens}.json"
     if not out.exists():
         command = [sys.executable, "-m", "safetylock.cli", "eval", "--model", model, "--label", label, "--out", str(out)]
@@ -269,6 +270,8 @@ def cached_run(
             command.append("--enforce-eager")
         if gated:
             command.append("--gated")
+        if dtype:
+            command += ["--dtype", dtype]
         if framing.system_prompt:
             command += ["--system-prompt", framing.system_prompt]
         if framing.prompt_prefix:

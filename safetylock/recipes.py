@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from tqdm import tqdm
 
 from safetylock import judge, models
 from safetylock.contrast import ContrastExample, contrast_pairs
@@ -23,6 +26,7 @@ TEACHER_TOKENS = 160  # new tokens per teacher answer (at least 128)
 OWN_TOKENS = 48  # new tokens per base answer in the answers recipe
 ANSWER_SKIP = 5  # tokens left out at the end of a real answer before the recorded ones
 MIN_EXAMPLES = 8  # per class
+ANSWER_BATCH = 8  # prompts per generate call of cached greedy answers
 
 
 @dataclass(frozen=True)
@@ -42,24 +46,39 @@ def recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
-def greedy_answers(model_name: str, prompts: tuple[str, ...], max_new_tokens: int) -> list[str]:
-    """Greedy answers of packaged model ``model_name`` to ``prompts``, generated once into the cache, keyed by the
-    whole tuple (batch composition can move a padded greedy answer, so answers are never mixed across calls)."""
+def greedy_answers(
+    model_name: str, prompts: tuple[str, ...], max_new_tokens: int, enough: Callable[[list[str]], bool] | None = None
+) -> list[str]:
+    """Greedy answers of packaged model ``model_name`` to ``prompts``, generated into the cache, keyed by the whole
+    tuple (batch composition can move a padded greedy answer, so answers are never mixed across calls).
+
+    With ``enough``, generation stops after the first batch whose answers so far satisfy it, and the answers of that
+    prefix are returned (and cached; a later call continues from them). Batches are the same ``ANSWER_BATCH`` slices
+    as a whole-tuple call, so the prefix equals the first answers of that call.
+    """
     from safetylock.pipeline import generate, load_model
 
     key = hashlib.sha256(json.dumps([model_name, max_new_tokens, prompts]).encode()).hexdigest()[:16]
     cached = models.cache_root() / "answers" / f"{key}.json"
-    if not cached.exists():
+    answers: list[str] = json.loads(cached.read_text()) if cached.exists() else []
+    done = len(answers) == len(prompts) or (enough is not None and enough(answers))
+    if not done:
         model, tokenizer = load_model(models.resolve(model_name))
-        answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=8, progress=True)
+        with tqdm(total=len(prompts), initial=len(answers), desc=f"{model_name} answers", unit="prompt") as bar:
+            while len(answers) < len(prompts) and not (enough is not None and enough(answers)):
+                batch = prompts[len(answers) : len(answers) + ANSWER_BATCH]
+                answers += generate(model, tokenizer, batch, max_new_tokens=max_new_tokens, batch_size=ANSWER_BATCH)
+                bar.update(len(batch))
         cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps(answers))
-    return json.loads(cached.read_text())
+        partial = cached.with_suffix(".part")
+        partial.write_text(json.dumps(answers))
+        partial.replace(cached)
+    return answers
 
 
-def teacher_answers(prompts: tuple[str, ...]) -> list[str]:
-    """The teacher's full answers to ``prompts`` (cached)."""
-    return greedy_answers(TEACHER, prompts, TEACHER_TOKENS)
+def teacher_answers(prompts: tuple[str, ...], enough: Callable[[list[str]], bool] | None = None) -> list[str]:
+    """The teacher's full answers to ``prompts`` (cached), or the first ones that satisfy ``enough``."""
+    return greedy_answers(TEACHER, prompts, TEACHER_TOKENS, enough)
 
 
 def answer_examples(model, tokenizer, questions: tuple[str, ...], tokens: int, progress: bool = True) -> list[ContrastExample]:

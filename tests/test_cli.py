@@ -69,6 +69,8 @@ def test_generate_shows_both(extracted, llama_dir):
         (["generate", "--lock", "x", "--alpha", "nan", "p"], "Invalid value for '--alpha'"),
         (["models", "fetch", "gpt-17"], "'gpt-17' is not one of"),
         (["eval", "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--enforce-eager"], "applies offline only"),
+        (["eval", "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--dtype", "bfloat16"], "--dtype applies offline"),
+        (["eval", "--model", "m", "--dtype", "int8"], "Invalid value for '--dtype'"),
         (["attack", "harmful-7", "--lock", "x"], "unknown attack variant 'harmful-7'"),
         (["eval", "--model", "m", "--gated"], "--gated needs --lock"),
         (["calibrate-gate", "--lock", "missing.safetensors", "--out", "x"], "lock file missing.safetensors does not exist"),

@@ -25,8 +25,9 @@ import torch
 from safetylock.apply import apply, fold_bias, layer_shifts
 from safetylock.geometry import output_projections
 from safetylock.pipeline import load_model
+from safetylock.quantize import QUANTIZED_MODULES, write_gptq, write_w8a8
 
-from support import QUANTIZED_MODULES, hf_prompt_logprobs, run_vllm, tiny_lock, write_gptq, write_w8a8
+from support import hf_prompt_logprobs, run_vllm, tiny_lock
 
 pytestmark = pytest.mark.engine  # real vLLM engines: the slow tier
 
@@ -92,7 +93,7 @@ def _w8a8_arithmetic(model, lock=None, alpha: float = 0.0):
 
 
 def test_lock_on_w8a8_model_folds_through_the_int8_kernel(llama_dir, tmp_path):
-    write_w8a8(llama_dir, tmp_path / "w8a8", tmp_path / "dequantized")
+    write_w8a8(llama_dir, tmp_path / "w8a8", tmp_path / "dequantized", weight_range=63)  # AVX2 without VNNI
     model, tok = load_model(tmp_path / "dequantized")
     lock = tiny_lock(model, tok)
     path = lock.save(tmp_path / "llama.lock.safetensors")
