@@ -42,6 +42,11 @@ def quantized_copy(name: str, merged: Path, fmt: str) -> Path:
     return out
 
 
+def headline(item: dict, kind: str) -> bool:
+    """Whether ``item`` counts toward its suite's headline rate (arithmetic: a correct answer)."""
+    return bool(item["correct"]) if kind == "utility" else item["verdict"] == HEADLINE[kind]
+
+
 def agreement(run: dict, reference: dict) -> dict[str, dict]:
     """Per suite: prompts whose verdict (correctness, for arithmetic) equals the reference's, and the paired
     difference of the headline rate with its standard error."""
@@ -50,14 +55,7 @@ def agreement(run: dict, reference: dict) -> dict[str, dict]:
         mine, theirs = stored["items"], reference["suites"][suite]["items"]
         assert [i["prompt"] for i in mine] == [i["prompt"] for i in theirs], suite
         key = "correct" if stored["kind"] == "utility" else "verdict"
-        hits = (
-            [bool(i["correct"]) for i in mine] if key == "correct" else [i["verdict"] == HEADLINE[stored["kind"]] for i in mine]
-        )
-        ref = (
-            [bool(i["correct"]) for i in theirs]
-            if key == "correct"
-            else [i["verdict"] == HEADLINE[stored["kind"]] for i in theirs]
-        )
+        hits, ref = ([headline(i, stored["kind"]) for i in items] for items in (mine, theirs))
         n, gained, lost = len(mine), sum(a and not b for a, b in zip(hits, ref)), sum(b and not a for a, b in zip(hits, ref))
         out[suite] = {
             "same": sum(a[key] == b[key] for a, b in zip(mine, theirs)),

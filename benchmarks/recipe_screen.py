@@ -66,7 +66,7 @@ def rates(run: dict) -> dict[str, float]:
     return {key: run["suites"][suite]["summary"][key] for suite, key in METRICS}
 
 
-def plot(reference: dict[str, dict], rows: list[dict], path: Path) -> None:
+def plot(reference: dict[str, dict], rows: list[dict], sizes: dict, path: Path) -> None:
     """Harmful answers against benign over-refusal, one panel per variant: each lock's cells and the unlocked runs."""
     names = list(dict.fromkeys(r["variant"] for r in rows))
     fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4.2), squeeze=False)
@@ -80,7 +80,10 @@ def plot(reference: dict[str, dict], rows: list[dict], path: Path) -> None:
             ax.scatter(row["over_refusal_rate"], row["harmful_answer_rate"], s=50)
             ax.annotate(text, (row["over_refusal_rate"], row["harmful_answer_rate"]), fontsize=7)
         ax.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), xlabel="benign over-refusal", ylabel="harmful answers", title=name)
-    fig.suptitle("Locks by probe recipe on the efficacy testbed (vLLM + plugin, 100 prompts per suite, 128 tokens)")
+    fig.suptitle(
+        f"Locks by probe recipe on the efficacy testbed (vLLM + plugin, {sizes['count']} prompts per suite, "
+        f"{sizes['max_tokens']} tokens)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -113,7 +116,7 @@ def main(variants: str, lock_specs: str, alphas: str, count: int, max_tokens: in
         "recipe_screen",
         {**sizes, "locks": {f"{r} K{k}": str(p) for (r, k), p in locks.items()}, "reference": reference, "rows": rows},
     )
-    plot(reference, rows, RESULTS / "recipe_screen.png")
+    plot(reference, rows, sizes, RESULTS / "recipe_screen.png")
 
 
 if __name__ == "__main__":

@@ -61,11 +61,14 @@ def greedy_answers(
     key = hashlib.sha256(json.dumps([model_name, max_new_tokens, prompts]).encode()).hexdigest()[:16]
     cached = models.cache_root() / "answers" / f"{key}.json"
     answers: list[str] = json.loads(cached.read_text()) if cached.exists() else []
-    done = len(answers) == len(prompts) or (enough is not None and enough(answers))
-    if not done:
+
+    def complete() -> bool:
+        return len(answers) == len(prompts) or (enough is not None and enough(answers))
+
+    if not complete():
         model, tokenizer = load_model(models.resolve(model_name))
         with tqdm(total=len(prompts), initial=len(answers), desc=f"{model_name} answers", unit="prompt") as bar:
-            while len(answers) < len(prompts) and not (enough is not None and enough(answers)):
+            while not complete():
                 batch = prompts[len(answers) : len(answers) + ANSWER_BATCH]
                 answers += generate(model, tokenizer, batch, max_new_tokens=max_new_tokens, batch_size=ANSWER_BATCH)
                 bar.update(len(batch))
