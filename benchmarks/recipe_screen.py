@@ -74,12 +74,25 @@ def plot(reference: dict[str, dict], rows: list[dict], sizes: dict, path: Path) 
         for label, marker in ((base_label(name), "s"), (name, "X")):
             point = reference[label]
             ax.scatter(point["over_refusal_rate"], point["harmful_answer_rate"], marker=marker, s=70, c="grey")
-            ax.annotate(f"{label}, no lock", (point["over_refusal_rate"], point["harmful_answer_rate"]), fontsize=7)
+            ax.annotate(
+                f"{label}, no lock",
+                (point["over_refusal_rate"], point["harmful_answer_rate"]),
+                xytext=(6, 4),
+                textcoords="offset points",
+                fontsize=7,
+            )
         for row in (r for r in rows if r["variant"] == name):
-            text = f"{row['recipe']} K{row['top_k']} α{row['alpha']:g}\narith {row['accuracy']:.0%}"
+            text = f"{row['recipe']} K{row['top_k']} α{row['alpha']:g}, arith {row['accuracy']:.0%}"
             ax.scatter(row["over_refusal_rate"], row["harmful_answer_rate"], s=50)
-            ax.annotate(text, (row["over_refusal_rate"], row["harmful_answer_rate"]), fontsize=7)
-        ax.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), xlabel="benign over-refusal", ylabel="harmful answers", title=name)
+            ax.annotate(
+                text,
+                (row["over_refusal_rate"], row["harmful_answer_rate"]),
+                xytext=(6, -3),
+                textcoords="offset points",
+                fontsize=7,
+                va="top",
+            )
+        ax.set(xlim=(-0.03, 1.03), ylim=(-0.08, 1.03), xlabel="benign over-refusal", ylabel="harmful answers", title=name)
     fig.suptitle(
         f"Locks by probe recipe on the efficacy testbed (vLLM + plugin, {sizes['count']} prompts per suite, "
         f"{sizes['max_tokens']} tokens)"
