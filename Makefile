@@ -7,7 +7,7 @@ CACHE ?= $(or $(SAFETYLOCK_CACHE),$(HOME)/.cache/safetylock)
 export SAFETYLOCK_CACHE := $(CACHE)
 DEMO_MODEL ?= qwen2.5-coder-0.5b-instruct
 
-.PHONY: setup test test-fast lint demo clean-venv
+.PHONY: setup test test-fast test-avx2 lint demo clean-venv
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,13 @@ test: setup lint
 # Everything but the real-engine tier (pytest marker `engine`): under 2 minutes.
 test-fast: setup lint
 	$(PY) -m pytest -q tests -m "not engine"
+
+# The whole suite as an AVX2-only host runs it, on an AVX-512 host: vLLM loads its AVX2 build, ATen and oneDNN
+# stop at AVX2. Fresh compile caches: cached inductor kernels do not record the ISA they were built for.
+test-avx2: setup lint
+	tmp=$$(mktemp -d) && PYTHONPATH=$(CURDIR)/tests/avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \
+	TORCHINDUCTOR_CACHE_DIR=$$tmp/inductor VLLM_CACHE_ROOT=$$tmp/vllm $(PY) -m pytest -q tests; \
+	rc=$$?; rm -rf $$tmp; exit $$rc
 
 # vLLM on CPU keeps one core for its API process by default; the demo's engines get every core.
 # `safetylock demo` extracts the model's lock into the cache first when it is absent.
