@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -236,45 +237,86 @@ def without_items(report: dict[str, Any]) -> dict[str, Any]:
 DEFAULT_SUITES = ("advbench-heldout", "benign", "arithmetic")
 
 
-def cached_run(
-    model: str,
-    label: str,
-    count: int,
-    max_tokens: int,
-    lock: Path | None = None,
-    alpha: float | None = None,
-    enforce_eager: bool = False,
-    suites: Sequence[str] = DEFAULT_SUITES,
-    framing: Framing = PLAIN,
-    gated: bool = False,
-    dtype: str | None = None,
-) -> dict[str, Any]:
-    """The report of ``safetylock eval`` on ``model`` (offline vLLM, locked when ``lock`` is given, in ``dtype``
-    when given, else float32), cached under ``runs/`` in the cache by label, lock fingerprint, dtype and size;
-    evaluated in a fresh process when absent (one vLLM engine per process)."""
+@dataclass(frozen=True)
+class RunSettings:
+    """How a cached run serves its model and what it asks: everything but the model, its label and the sizes."""
+
+    lock: Path | None = None
+    alpha: float | None = None
+    enforce_eager: bool = False
+    suites: tuple[str, ...] = DEFAULT_SUITES
+    framing: Framing = PLAIN
+    gated: bool = False
+    dtype: str | None = None
+
+    def eval_options(self) -> list[str]:
+        """These settings as `safetylock eval` options."""
+        options = [f"--suite={suite}" for suite in self.suites]
+        if self.lock is not None:
+            options += ["--lock", str(self.lock), *(["--alpha", str(self.alpha)] if self.alpha is not None else [])]
+        options += ["--enforce-eager"] if self.enforce_eager else []
+        options += ["--gated"] if self.gated else []
+        options += ["--dtype", self.dtype] if self.dtype else []
+        options += ["--system-prompt", self.framing.system_prompt] if self.framing.system_prompt else []
+        return options + (["--prompt-prefix", self.framing.prompt_prefix] if self.framing.prompt_prefix else [])
+
+
+def run_inputs(model: str, count: int, max_tokens: int, settings: RunSettings, seed: int = 0) -> dict[str, Any]:
+    """Everything that decides a cached run's answers: the served directory's content digest, the lock's
+    fingerprint and α, the engine settings, the framing, and the digest of each suite's prompts and answers."""
+    from safetylock.lockfile import load
+    from safetylock.models import directory_digest, resolve
+
+    def suite_digest(spec: str) -> str:
+        suite = load_suite(spec, count, seed)
+        return hashlib.sha256(json.dumps([suite.kind, suite.prompts, suite.answers]).encode()).hexdigest()[:16]
+
+    inputs: dict[str, Any] = {"model": directory_digest(resolve(model))[:16]}
+    if settings.lock is not None:
+        lock = load(settings.lock)
+        alpha = lock.default_alpha if settings.alpha is None else settings.alpha
+        inputs |= {"lock": lock.fingerprint, "alpha": alpha, "gated": settings.gated}
+    inputs |= {"enforce_eager": settings.enforce_eager, "dtype": settings.dtype or "float32", **settings.framing.record()}
+    suites = {spec: suite_digest(spec) for spec in settings.suites}
+    return inputs | {"suites": suites, "max_tokens": max_tokens, "seed": seed}
+
+
+def run_path(label: str, inputs: dict[str, Any]) -> Path:
+    """Where the cached run of ``inputs`` lives: ``runs/LABEL-KEY.json``, KEY a hash of the inputs."""
+    from safetylock.models import cache_root
+
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_root() / "runs" / f"{re.sub(r'[^A-Za-z0-9_.,=+()-]', '_', label)}-{key}.json"
+
+
+def cached_run(model: str, label: str, count: int, max_tokens: int, **settings: Any) -> dict[str, Any]:
+    """The report of ``safetylock eval`` on ``model`` (offline vLLM; ``settings`` are ``RunSettings`` fields: locked
+    when ``lock`` is given, in ``dtype`` when given, else float32), judged by the current judge. Cached under
+    ``runs/`` as LABEL-KEY.json, KEY a hash of ``run_inputs`` (so a rebuilt model, another lock or other prompts never
+    reuse answers), and evaluated in a fresh process when absent (one vLLM engine per process). The file records its
+    inputs; its summaries are rewritten when the judge has changed since."""
     import subprocess
     import sys
 
-    from safetylock.lockfile import load
-    from safetylock.models import cache_root
-
-    stem = (label if lock is None else f"{label}-{load(lock).fingerprint[:12]}") + ("-gated" if gated else "")
-    stem += ("-eager" if enforce_eager else "") + (f"-{dtype}" if dtype else "")
-    out = cache_root() / "runs" / f"{stem}-n{count}-t{max_tokens}.json"
+    run = RunSettings(**{**settings, "suites": tuple(settings.get("suites", DEFAULT_SUITES))})
+    inputs = run_inputs(model, count, max_tokens, run)
+    out = run_path(label, inputs)
     if not out.exists():
-        command = [sys.executable, "-m", "safetylock.cli", "eval", "--model", model, "--label", label, "--out", str(out)]
-        command += ["--count", str(count), "--max-tokens", str(max_tokens), *(f"--suite={suite}" for suite in suites)]
-        if lock is not None:
-            command += ["--lock", str(lock), *(["--alpha", str(alpha)] if alpha is not None else [])]
-        if enforce_eager:
-            command.append("--enforce-eager")
-        if gated:
-            command.append("--gated")
-        if dtype:
-            command += ["--dtype", dtype]
-        if framing.system_prompt:
-            command += ["--system-prompt", framing.system_prompt]
-        if framing.prompt_prefix:
-            command += ["--prompt-prefix", framing.prompt_prefix]
+        fresh = out.with_suffix(".eval.json")  # what `safetylock eval` writes, before its inputs are added
+        command = [sys.executable, "-m", "safetylock.cli", "eval", "--model", model, "--label", label, "--out", str(fresh)]
+        command += ["--count", str(count), "--max-tokens", str(max_tokens), *run.eval_options()]
         subprocess.run(command, check=True)
-    return rejudge(json.loads(out.read_text()))
+        _write(out, {**json.loads(fresh.read_text()), "inputs": inputs})
+        fresh.unlink()
+    stored = json.loads(out.read_text())
+    report = rejudge(json.loads(json.dumps(stored)))
+    if report != stored:
+        _write(out, report)
+    return report
+
+
+def _write(path: Path, report: dict[str, Any]) -> None:
+    """Write a report whole or not at all."""
+    partial = path.with_suffix(".part")
+    partial.write_text(json.dumps(report, indent=1) + "\n")
+    partial.replace(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -178,6 +179,24 @@ def resolve(name_or_dir: str, fetch_missing: bool = True) -> Path:
     if not (path / "config.json").is_file():
         raise ModelError(f"model directory {path} has no config.json")
     return path
+
+
+def directory_digest(model_dir: Path) -> str:
+    """sha256 over the names and bytes of every file at the top of a model directory (weights, config, tokenizer,
+    chat template): what is served, whatever the directory is called. Memoized per file sizes and mtimes."""
+    files = sorted(p for p in Path(model_dir).iterdir() if p.is_file())
+    return _digest(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for path, size, _ in files:
+        digest.update(f"{Path(path).name}\0{size}\0".encode())
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def context_length(model_dir: Path, cap: int = 2048) -> int:
