@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -298,25 +299,21 @@ def cached_run(model: str, label: str, count: int, max_tokens: int, **settings: 
     import subprocess
     import sys
 
+    from safetylock.models import write_json
+
     run = RunSettings(**{**settings, "suites": tuple(settings.get("suites", DEFAULT_SUITES))})
     inputs = run_inputs(model, count, max_tokens, run)
     out = run_path(label, inputs)
-    if not out.exists():
-        fresh = out.with_suffix(".eval.json")  # what `safetylock eval` writes, before its inputs are added
+    fresh = out.with_suffix(".eval.json")  # what `safetylock eval` writes, before its inputs are added
+    if out.exists():
+        stored = json.loads(out.read_text())
+    else:
         command = [sys.executable, "-m", "safetylock.cli", "eval", "--model", model, "--label", label, "--out", str(fresh)]
         command += ["--count", str(count), "--max-tokens", str(max_tokens), *run.eval_options()]
         subprocess.run(command, check=True)
-        _write(out, {**json.loads(fresh.read_text()), "inputs": inputs})
-        fresh.unlink()
-    stored = json.loads(out.read_text())
-    report = rejudge(json.loads(json.dumps(stored)))
-    if report != stored:
-        _write(out, report)
+        stored = {**json.loads(fresh.read_text()), "inputs": inputs}
+    report = rejudge(copy.deepcopy(stored))
+    if report != stored or not out.exists():
+        write_json(out, report, indent=1)
+    fresh.unlink(missing_ok=True)
     return report
-
-
-def _write(path: Path, report: dict[str, Any]) -> None:
-    """Write a report whole or not at all."""
-    partial = path.with_suffix(".part")
-    partial.write_text(json.dumps(report, indent=1) + "\n")
-    partial.replace(path)

@@ -22,6 +22,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("SAFETYLOCK_CACHE", Path.home() / ".cache" / "safetylock"))
 
 
+def write_json(path: Path, value: object, indent: int | None = None) -> None:
+    """Write ``value`` as JSON whole or not at all (staged beside ``path``, then renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".part")
+    partial.write_text(json.dumps(value, indent=indent) + "\n")
+    partial.replace(path)
+
+
 def default_lock_path(model_name: str) -> Path:
     """Where ``safetylock extract`` writes, and the demo and benchmarks read, the lock of a model by default."""
     return cache_root() / "locks" / f"{Path(model_name).name}.lock.safetensors"

@@ -72,10 +72,7 @@ def greedy_answers(
                 batch = prompts[len(answers) : len(answers) + ANSWER_BATCH]
                 answers += generate(model, tokenizer, batch, max_new_tokens=max_new_tokens, batch_size=ANSWER_BATCH)
                 bar.update(len(batch))
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        partial = cached.with_suffix(".part")
-        partial.write_text(json.dumps(answers))
-        partial.replace(cached)
+        models.write_json(cached, answers)
     return answers
 
 
