@@ -1,7 +1,7 @@
 """The request gate on the testbed: does the base's notion of "harmful request" survive the fine-tune?
 
-Fits the gate on the aligned base (``safetylock.gate``: harmful extraction split vs benign instructions outside
-every evaluation sample) for the cached lock and writes the gated copy beside it in the cache. Then, for the base
+Fits the gate on the aligned base (``safetylock.gate``: harmful and benign requests of every source in
+``safetylock.sources``) for the cached lock and writes the gated copy beside it in the cache. Then, for the base
 and each attack variant, on the evaluation prompts (held-out harmful, benign, arithmetic): the gate's AUROC and
 how often it fires at the base's threshold and at a threshold re-set on the variant's own weights (the same
 benign calibration prompts run through the served model). Every prompt is sent as the attacker serves the variant
@@ -27,24 +27,33 @@ from benchmarks.common import RESULTS, write_result
 from safetylock import data, models
 from safetylock.attack import base_label, served
 from safetylock.evaluate import Framing, load_suite
-from safetylock.gate import auroc, candidate_layers, fit_gate, gate_data, prompt_features, recalibrate, roc_points
+from safetylock.gate import (
+    auroc,
+    benign_calibration,
+    candidate_layers,
+    fit_gate,
+    prompt_features,
+    recalibrate,
+    roc_points,
+)
 from safetylock.geometry import head_geometry
 from safetylock.lockfile import load
 from safetylock.pipeline import load_model
+from safetylock.sources import gate_requests
 
 
 def gated_lock_path(model_name: str):
     return models.default_lock_path(model_name).with_name(f"{model_name}.gated.lock.safetensors")
 
 
-def fit_gated_lock(model, tokenizer, model_name: str, splits):
+def fit_gated_lock(model, tokenizer, model_name: str):
     """The cached gated copy of the model's lock (fitted and written when absent)."""
     path = gated_lock_path(model_name)
     if path.exists():
         return load(path)
     lock = load(models.default_lock_path(model_name))
-    layers = candidate_layers(lock.layers.tolist(), head_geometry(model.config).num_layers)
-    gate, _ = fit_gate(model, tokenizer, splits, layers)
+    layers = candidate_layers(head_geometry(model.config).num_layers)
+    gate, _ = fit_gate(model, tokenizer, gate_requests(data.advbench()), layers)
     gated = dataclasses.replace(lock, gate=gate)
     gated.save(path)
     return gated
@@ -80,8 +89,8 @@ def main(variants: str, count: int, out: str) -> None:
     started = time.perf_counter()
     base_dir = models.resolve(models.DEFAULT_MODEL)
     base, tokenizer = load_model(base_dir)
-    splits = gate_data(data.advbench())  # read once: fit (when absent) and each variant's recalibration
-    lock = fit_gated_lock(base, tokenizer, models.DEFAULT_MODEL, splits)
+    lock = fit_gated_lock(base, tokenizer, models.DEFAULT_MODEL)
+    calibration = benign_calibration(data.advbench())  # each variant's recalibration
     gate = lock.gate
     suites = {name: load_suite(name, count, 0).prompts for name in ("advbench-heldout", "benign", "arithmetic")}
     targets = [("aligned-base", base_dir, Framing())]
@@ -98,7 +107,7 @@ def main(variants: str, count: int, out: str) -> None:
         cached = models.cache_root() / "gate" / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
         if not cached.exists():
             model = base if directory == base_dir else load_model(directory)[0]
-            row, curve = score(model, tokenizer, gate, suites, splits.benign_calibration, framing)
+            row, curve = score(model, tokenizer, gate, suites, calibration, framing)
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps({"key": key, "row": row, "curve": curve}))
         stored = json.loads(cached.read_text())

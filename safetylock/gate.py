@@ -1,22 +1,24 @@
 """The gate of a gated lock: a linear probe that tells a harmful request from a benign one, read once per request.
 
 Feature: the input of layer ``c``'s attention block (the normalized residual stream) at the request's last prompt
-token — the end of the generation prompt, where the model has read the whole request. Fit on the aligned base
-(harmful: AdvBench extraction split; benign: instructions outside every evaluation sample), its threshold set on
-a calibration split that the probe never saw, for at most ``TARGET_FPR`` benign requests firing.
+token — the end of the generation prompt, where the model has read the whole chat as served (system prompt,
+earlier turns). Fit on the aligned base over requests from several sources (``safetylock.sources``: imperative,
+red-team, jailbreak-wrapped, multi-turn, borderline-safe, ...); ``c`` is the candidate layer whose gate
+generalises best to a *held-out source* (leave-one-source-out), never the best in-distribution AUROC; the
+threshold lets at most ``TARGET_FPR`` of the benign calibration requests (every benign kind) fire.
 
 Semantics (the HF path and vLLM alike): a request whose score ``w·h + b`` exceeds the threshold is served at
-``alpha_on`` from its last prompt token through every generated token; every other token — the prompt before
-it, and all tokens of a request whose gate does not fire — at ``alpha_off`` (default 0). Only lock heads at
-layers after ``c`` are shifted, so the decision never depends on the shift it controls, and prompt tokens before
-the last one are never shifted (their KV cache blocks are the plain model's, shareable by every request).
+``alpha_on``, every other request at ``alpha_off`` (default 0). Prompt tokens before the last one are never
+shifted (their KV cache blocks are the plain model's, shareable by every request). The decision is made at
+layer ``c`` of the last prompt token's forward, so there lock heads at layers after ``c`` are shifted and heads
+at layers up to ``c`` are not (the decision never depends on the shift it controls); from the first generated
+token on every lock head is shifted (``early_heads="generated"``). Locks written before that field existed
+(``early_heads="never"``) shift only the heads after ``c``, on every token from the last prompt token on.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import random
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -25,14 +27,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from safetylock import data
-from safetylock.errors import ExtractError
+from safetylock.errors import ExtractError, LockError
+from safetylock.sources import Request, source_hashes
 
 if TYPE_CHECKING:
+    from safetylock.data import PromptSet
     from safetylock.evaluate import Framing
 
 TARGET_FPR = 0.05  # benign requests allowed to fire, on the calibration split
-MIN_HEAD_SHARE = 0.75  # the automatic layer keeps at least this share of the lock's heads after it
+REPORT_FPRS = (0.01, 0.05)  # leave-one-source-out TPR is reported at these false-positive rates
+EARLY_HEADS = ("generated", "never")  # lock heads at or before the gate layer: shifted on generated tokens, or not
+
+Chat = str | list[dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,11 @@ class Gate:
     bias: float
     threshold: float
     calibration: dict[str, Any] = field(default_factory=dict)
+    early_heads: str = "generated"  # see the module docstring; "never" for locks written before this field
+
+    def __post_init__(self) -> None:
+        if self.early_heads not in EARLY_HEADS:
+            raise LockError(f"gate early_heads must be one of {', '.join(EARLY_HEADS)}, got {self.early_heads!r}")
 
     def score(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores of rows ``hidden[..., hidden_size]`` (float32)."""
@@ -52,8 +63,17 @@ class Gate:
     def fires(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.score(hidden) > self.threshold
 
+    def shifts_on_prompt(self, layer: int) -> bool:
+        """Whether lock heads at ``layer`` are shifted on the last prompt token (after the decision only)."""
+        return layer > self.layer
+
+    def shifts_when_generating(self, layer: int) -> bool:
+        """Whether lock heads at ``layer`` are shifted on generated tokens."""
+        return layer > self.layer or self.early_heads == "generated"
+
     def to_metadata(self) -> dict[str, Any]:
-        return {"layer": self.layer, "bias": self.bias, "threshold": self.threshold, "calibration": self.calibration}
+        meta = {"layer": self.layer, "bias": self.bias, "threshold": self.threshold, "calibration": self.calibration}
+        return meta | ({"early_heads": self.early_heads} if self.early_heads != "never" else {})  # old bytes kept
 
 
 def attention_blocks(model: torch.nn.Module, num_layers: int) -> list[torch.nn.Module]:
@@ -76,42 +96,56 @@ def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return max((a for a in args if isinstance(a, torch.Tensor)), key=lambda a: a.dim())  # vLLM: (positions, hidden)
 
 
+class _Enough(Exception):
+    """Raised by the deepest recording hook: the rest of the forward is not needed."""
+
+
 @torch.no_grad()
 def prompt_features(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[Chat],
     layers: Sequence[int],
     batch_size: int = 16,
     progress: bool = False,
     framing: Framing | None = None,
 ) -> dict[int, np.ndarray]:
-    """``{layer: [prompts, hidden]}``: each layer's attention-block input at each prompt's last chat token (each
-    prompt sent alone, or as ``framing`` sends it: a system prompt, a prefix)."""
+    """``{layer: [prompts, hidden]}``: each layer's attention-block input at each chat's last token (a prompt is
+    one user turn, sent as ``framing`` sends it when given, or a list of chat messages). Batches group chats of
+    similar length; the forward stops after the deepest layer asked for."""
     from safetylock.capture import pad_batch
     from safetylock.geometry import head_geometry
     from safetylock.pipeline import chat_ids
 
     blocks = attention_blocks(model, head_geometry(model.config).num_layers)
-    out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    chats = [framing.messages(p) if framing and isinstance(p, str) else p for p in prompts]
+    ids = [chat_ids(tokenizer, chat) for chat in chats]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    rows: dict[int, np.ndarray] = {layer: np.zeros((len(ids), model.config.hidden_size), np.float32) for layer in layers}
+    current: list[int] = []
+    deepest = max(layers)
 
     def recorder(layer: int):
         def hook(_module, args, kwargs):
-            out[layer].append(block_input(args, kwargs)[:, -1].float().cpu().numpy())
+            rows[layer][current] = block_input(args, kwargs)[:, -1].float().cpu().numpy()
+            if layer == deepest:
+                raise _Enough
 
         return hook
 
-    handles = [blocks[layer].register_forward_pre_hook(recorder(layer), with_kwargs=True) for layer in layers]
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    handles = [blocks[layer].register_forward_pre_hook(recorder(layer), with_kwargs=True) for layer in set(layers)]
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc="gate features", disable=not progress):
-            chats = [framing.messages(p) if framing else p for p in prompts[start : start + batch_size]]
-            ids, mask = pad_batch([chat_ids(tokenizer, chat) for chat in chats], pad_id, "left")
-            model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=False)
+        for start in tqdm(range(0, len(ids), batch_size), desc="gate features", disable=not progress):
+            current[:] = order[start : start + batch_size]
+            batch, mask = pad_batch([ids[i] for i in current], pad_id, "left")
+            with contextlib.suppress(_Enough):
+                decoder(input_ids=batch, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-    return {layer: np.concatenate(rows) for layer, rows in out.items()}
+    return rows
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -131,7 +165,7 @@ def roc_points(positive: np.ndarray, negative: np.ndarray, points: int = 25) -> 
     return [[round(float(fpr[i]), 4), round(float(tpr[i]), 4)] for i in keep]
 
 
-def _fit_linear(harmful: np.ndarray, benign: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+def fit_linear(harmful: np.ndarray, benign: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
     """Logistic regression on standardized features, folded back to raw features: (weight, bias)."""
     from sklearn.linear_model import LogisticRegression
 
@@ -144,80 +178,137 @@ def _fit_linear(harmful: np.ndarray, benign: np.ndarray, seed: int) -> tuple[np.
     return weight, float(clf.intercept_[0] - weight @ mean)
 
 
+def threshold_at(benign_scores: np.ndarray, fpr: float) -> float:
+    """The score above which at most ``fpr`` of ``benign_scores`` lie."""
+    return float(np.quantile(benign_scores, 1 - fpr))
+
+
+def candidate_layers(num_layers: int, count: int = 10) -> list[int]:
+    """About ``count`` layers spread from a sixth of the depth to the second-to-last (every layer of a small model)."""
+    first, last = num_layers // 6, num_layers - 2
+    if last < first:
+        raise ExtractError(f"a {num_layers}-layer model has no layer for a gate")
+    step = max(1, round((last - first) / max(1, count - 1)))
+    return sorted({*range(first, last + 1, step), last})
+
+
 @dataclass(frozen=True)
-class GateData:
-    """The gate's prompt splits (disjoint from every evaluation sample) and their hashes."""
+class Heldout:
+    """One source scored by a gate fit without it: TPR on its harmful and FPR on its benign requests at thresholds
+    set on the *other* sources' benign calibration requests, and AUROC against those."""
 
-    harmful_train: tuple[str, ...]
-    harmful_calibration: tuple[str, ...]
-    benign_train: tuple[str, ...]
-    benign_calibration: tuple[str, ...]
+    source: str
+    harmful: int
+    benign: int
+    tpr: dict[str, float]  # "1%", "5%" -> rate (harmful requests only)
+    fpr: dict[str, float]  # same thresholds, benign requests
+    auroc: float | None
 
-    def hashes(self) -> dict[str, str]:
-        return {
-            name: hashlib.sha256(json.dumps(list(getattr(self, name))).encode()).hexdigest()[:16]
-            for name in ("harmful_train", "harmful_calibration", "benign_train", "benign_calibration")
-        }
-
-
-def gate_data(harmful: data.PromptSet, benign_count: int = 400, seed: int = 0) -> GateData:
-    """Harmful: the extraction split, 3/4 to fit and 1/4 to calibrate; benign: ``benign_count`` of each, drawn
-    from the benign list outside every benign evaluation sample (``data.benign_outside_evaluation``)."""
-    extraction = list(data.split_harmful(harmful, seed=seed).extraction)
-    random.Random(seed).shuffle(extraction)
-    cut = (3 * len(extraction)) // 4
-    picked = random.Random(seed + 1).sample(data.benign_outside_evaluation(), 2 * benign_count)
-    return GateData(
-        tuple(extraction[:cut]), tuple(extraction[cut:]), tuple(picked[:benign_count]), tuple(picked[benign_count:])
-    )
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
 
 
-def candidate_layers(lock_layers: Sequence[int], num_layers: int) -> list[int]:
-    """Layers ``c`` that keep at least ``MIN_HEAD_SHARE`` of the lock's heads after them."""
-    keep = [c for c in range(1, num_layers) if sum(layer > c for layer in lock_layers) >= MIN_HEAD_SHARE * len(lock_layers)]
-    if not keep:
-        raise ExtractError("no gate layer keeps enough of the lock's heads after it")
-    return keep
+def _rate(values: np.ndarray, threshold: float) -> float:
+    return round(float((values > threshold).mean()), 4) if len(values) else float("nan")
+
+
+def leave_one_source_out(
+    features: np.ndarray, requests: Sequence[Request], fit: Sequence[int], calibration: Sequence[int], seed: int = 0
+) -> list[Heldout]:
+    """For each source: fit on the fit split of every other source, threshold on their benign calibration
+    requests, score every request of the held-out source (fit and calibration alike)."""
+    labels = np.array([r.harmful for r in requests])
+    sources = np.array([r.source for r in requests])
+    fit, calibration = np.asarray(fit), np.asarray(calibration)
+    out = []
+    for held in sorted(set(sources.tolist())):
+        train = fit[sources[fit] != held]
+        weight, bias = fit_linear(features[train[labels[train]]], features[train[~labels[train]]], seed)
+        others = calibration[(sources[calibration] != held) & ~labels[calibration]]
+        negatives = features[others] @ weight + bias
+        thresholds = {f"{round(100 * f)}%": threshold_at(negatives, f) for f in REPORT_FPRS}
+        scores = features[sources == held] @ weight + bias
+        positive, negative = scores[labels[sources == held]], scores[~labels[sources == held]]
+        out.append(
+            Heldout(
+                held,
+                len(positive),
+                len(negative),
+                {k: _rate(positive, t) for k, t in thresholds.items()} if len(positive) else {},
+                {k: _rate(negative, t) for k, t in thresholds.items()} if len(negative) else {},
+                round(auroc(positive, negatives), 4) if len(positive) else None,
+            )
+        )
+    return out
+
+
+def out_of_source_score(rows: Sequence[Heldout]) -> float:
+    """What picks the gate layer: mean held-out TPR at 5% FPR over sources with harmful requests, minus mean
+    held-out FPR at that threshold over sources with benign ones."""
+    tpr = [r.tpr["5%"] for r in rows if r.harmful]
+    fpr = [r.fpr["5%"] for r in rows if r.benign]
+    return float(np.mean(tpr) - (np.mean(fpr) if fpr else 0.0))
 
 
 def fit_gate(
-    model, tokenizer, splits: GateData, layers: Sequence[int], seed: int = 0, progress: bool = True
-) -> tuple[Gate, dict[int, float]]:
-    """The gate at the layer of ``layers`` with the best calibration AUROC; also every layer's AUROC."""
-    prompts = {
-        name: getattr(splits, name) for name in ("harmful_train", "benign_train", "harmful_calibration", "benign_calibration")
+    model,
+    tokenizer,
+    requests: Sequence[Request],
+    layers: Sequence[int],
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[Gate, dict[int, list[Heldout]]]:
+    """The gate at the layer of ``layers`` that generalises best to held-out sources (``out_of_source_score``),
+    refit on every source's fit split, threshold at ``TARGET_FPR`` of all benign calibration requests; also
+    every layer's leave-one-source-out table."""
+    from safetylock.sources import split
+
+    fit, calibration = split(requests, seed=seed)
+    index = {id(r): i for i, r in enumerate(requests)}
+    fit_idx, cal_idx = [index[id(r)] for r in fit], [index[id(r)] for r in calibration]
+    if len({r.source for r in requests}) < 2 or not any(r.harmful for r in fit) or all(r.harmful for r in fit):
+        raise ExtractError("the gate needs harmful and benign requests from at least two sources")
+    features = prompt_features(model, tokenizer, [r.messages() for r in requests], layers, progress=progress)
+    tables = {
+        layer: leave_one_source_out(features[layer], requests, fit_idx, cal_idx, seed)
+        for layer in tqdm(layers, desc="gate layers (leave one source out)", disable=not progress)
     }
-    features = {name: prompt_features(model, tokenizer, p, layers, progress=progress) for name, p in prompts.items()}
-    fitted, aurocs = {}, {}
-    for layer in layers:
-        weight, bias = _fit_linear(features["harmful_train"][layer], features["benign_train"][layer], seed)
-        fitted[layer] = (weight, bias)
-        aurocs[layer] = auroc(features["harmful_calibration"][layer] @ weight, features["benign_calibration"][layer] @ weight)
-    best = max(layers, key=lambda layer: (aurocs[layer], -layer))
-    weight, bias = fitted[best]
-    benign_scores = features["benign_calibration"][best] @ weight + bias
-    harmful_scores = features["harmful_calibration"][best] @ weight + bias
-    threshold = float(np.quantile(benign_scores, 1 - TARGET_FPR))
+    best = max(layers, key=lambda layer: (round(out_of_source_score(tables[layer]), 6), layer))
+    x = features[best]
+    labels = np.array([r.harmful for r in requests])
+    fit_arr, cal_arr = np.asarray(fit_idx), np.asarray(cal_idx)
+    weight, bias = fit_linear(x[fit_arr[labels[fit_arr]]], x[fit_arr[~labels[fit_arr]]], seed)
+    scores = x @ weight + bias
+    benign_cal, harmful_cal = scores[cal_arr[~labels[cal_arr]]], scores[cal_arr[labels[cal_arr]]]
+    threshold = threshold_at(benign_cal, TARGET_FPR)
+    by_source = {}
+    for source in sorted({r.source for r in requests}):
+        chosen = cal_arr[np.array([requests[i].source == source for i in cal_arr])]
+        by_source[source] = {"harmful": _rate(scores[chosen[labels[chosen]]], threshold) if labels[chosen].any() else None}
+        by_source[source]["benign"] = _rate(scores[chosen[~labels[chosen]]], threshold) if (~labels[chosen]).any() else None
     calibration = {
-        "auroc": round(aurocs[best], 4),
+        "auroc": round(auroc(harmful_cal, benign_cal), 4),
         "target_fpr": TARGET_FPR,
-        "fpr": round(float((benign_scores > threshold).mean()), 4),
-        "tpr": round(float((harmful_scores > threshold).mean()), 4),
-        "sizes": {name: len(p) for name, p in prompts.items()},
-        "data": splits.hashes(),
-        "layer_auroc": {str(layer): round(value, 4) for layer, value in aurocs.items()},
-        "roc": roc_points(harmful_scores, benign_scores),
-        "set_on": "calibration split through the base model",
+        "fpr": _rate(benign_cal, threshold),
+        "tpr": _rate(harmful_cal, threshold),
+        "sizes": {"fit": len(fit_idx), "calibration": len(cal_idx), "requests": len(requests)},
+        "data": source_hashes(requests),
+        "firing_by_source": by_source,
+        "layer_selection": "leave-one-source-out: mean held-out TPR at 5% FPR minus mean held-out FPR",
+        "layer_score": {str(layer): round(out_of_source_score(t), 4) for layer, t in tables.items()},
+        "heldout_sources": [row.to_dict() for row in tables[best]],
+        "roc": roc_points(harmful_cal, benign_cal),
+        "set_on": "calibration split of every source through the base model",
     }
     gate = Gate(best, torch.from_numpy(weight.astype(np.float32)), bias, threshold, calibration)
-    return gate, aurocs
+    return gate, tables
 
 
 def recalibrate(
     model,
     tokenizer,
     gate: Gate,
-    benign: Sequence[str],
+    benign: Sequence[Chat],
     fpr: float = TARGET_FPR,
     served: str = "served model",
     framing: Framing | None = None,
@@ -225,7 +316,23 @@ def recalibrate(
     """The same gate with its threshold set on ``benign`` requests run through ``model`` (the served weights), sent
     as ``framing`` sends them (the served system prompt and prefix) when given."""
     features = prompt_features(model, tokenizer, benign, [gate.layer], framing=framing)[gate.layer]
-    threshold = float(np.quantile(features @ gate.weight.numpy() + gate.bias, 1 - fpr))
+    threshold = threshold_at(features @ gate.weight.numpy() + gate.bias, fpr)
     calibration = {**gate.calibration, "set_on": served, "served_benign": len(benign), "target_fpr": fpr}
     calibration |= {"framing": framing.record()} if framing and framing.record() else {}
-    return Gate(gate.layer, gate.weight, gate.bias, threshold, calibration)
+    return Gate(gate.layer, gate.weight, gate.bias, threshold, calibration, gate.early_heads)
+
+
+def benign_calibration(harmful: PromptSet, seed: int = 0) -> list[Chat]:
+    """The benign calibration requests of the gate's data (every benign kind): what ``recalibrate`` runs through a
+    served fine-tune. Single-turn requests are sent as their text alone (the served framing adds its own
+    system prompt); multi-turn ones as their turns."""
+    from safetylock.sources import gate_requests, split
+
+    _, calibration = split(gate_requests(harmful, seed=seed), seed=seed)
+    chats: list[Chat] = []
+    for request in calibration:
+        if request.harmful:
+            continue
+        turns = [m for m in request.messages() if m["role"] != "system"]
+        chats.append(turns[0]["content"] if len(turns) == 1 else turns)
+    return chats

@@ -167,7 +167,7 @@ def validate_gate(gate: Gate, geo: HeadGeometry, lock_layers: list[int]) -> None
         raise LockError(f"gate layer {gate.layer} out of range 0..{geo.num_layers - 1}")
     if not all(math.isfinite(v) for v in (gate.bias, gate.threshold)):
         raise LockError("gate bias and threshold must be finite numbers")
-    if not any(layer > gate.layer for layer in lock_layers):
+    if not any(gate.shifts_when_generating(layer) for layer in lock_layers):
         raise LockError(f"no locked head lies after the gate layer {gate.layer}: a gated lock would shift nothing")
 
 
@@ -185,6 +185,7 @@ def _gate(meta: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -
             float(info["bias"]),
             float(info["threshold"]),
             dict(info.get("calibration") or {}),
+            str(info.get("early_heads", "never")),  # absent: written before early heads were shifted
         )
     except (KeyError, TypeError, ValueError):
         raise LockError(f"{source}: gate metadata needs integer 'layer' and numeric 'bias' and 'threshold'") from None

@@ -13,12 +13,13 @@ from tqdm import tqdm
 from safetylock import data
 from safetylock.alpha import DEFAULT_ALPHA
 from safetylock.capture import capture, pad_batch
-from safetylock.gate import candidate_layers, fit_gate, gate_data
+from safetylock.gate import candidate_layers, fit_gate
 from safetylock.geometry import head_geometry, output_projections, projection_fingerprint
 from safetylock.lockfile import SafetyLock, from_probes
 from safetylock.probe import check_top_k, fit_probes
 from safetylock.provenance import SKETCH_SEED, hf_weight_sketch
 from safetylock.recipes import contrast_examples, recipe
+from safetylock.sources import gate_requests
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
@@ -42,7 +43,7 @@ class ExtractConfig:
     validation_fraction: float = 0.2
     default_alpha: float = DEFAULT_ALPHA
     batch_size: int = 16
-    gate: bool = False  # also fit a request gate (safetylock.gate) for gated serving
+    gate: bool = True  # also fit the request gate (safetylock.gate) for gated serving, the product's default
 
 
 def extract_lock(
@@ -66,8 +67,8 @@ def extract_lock(
     projections = output_projections(model, geometry)
     gate = None
     if config.gate:
-        layers = candidate_layers(result.layers, geometry.num_layers)
-        gate, _ = fit_gate(model, tokenizer, gate_data(harmful, seed=config.seed), layers, config.seed, progress)
+        requests = gate_requests(harmful, seed=config.seed)
+        gate, _ = fit_gate(model, tokenizer, requests, candidate_layers(geometry.num_layers), config.seed, progress)
     try:
         version = importlib.metadata.version("safetylock")
     except importlib.metadata.PackageNotFoundError:

@@ -177,9 +177,11 @@ def separating_gate(model, prompts, fire: list[bool], layer: int = 0) -> Gate:
 
 
 def saved_gated_lock(model, prompts, fire: list[bool], directory: Path, heads=(0, 1)) -> tuple[SafetyLock, Path]:
-    """A two-head lock on layers 1 and 2 whose gate (layer 0) fires exactly on the prompts marked in ``fire``,
-    and where it is saved under ``directory``: what the gated engine tests serve."""
-    lock = model_lock(model, separating_gate(model, prompts, fire), layers=(1, 2), heads=heads)
+    """A two-head lock on layers 0 and 2 whose gate (layer 1) fires exactly on the prompts marked in ``fire``,
+    and where it is saved under ``directory``: what the gated engine tests serve. The head at layer 0 lies
+    before the gate, so it is shifted from the first generated token on; the one at layer 2 from the last
+    prompt token on."""
+    lock = model_lock(model, separating_gate(model, prompts, fire, layer=1), layers=(0, 2), heads=heads)
     return lock, lock.save(directory / "gated.lock.safetensors")
 
 
@@ -196,7 +198,7 @@ def rewrite_metadata(data: bytes, edit) -> bytes:
 
 def tiny_lock(model, tokenizer, seed: int = 0, top_k: int = 3) -> SafetyLock:
     harmful = PromptSet("tiny", tuple(QUESTIONS), "tests", "0" * 64)
-    config = ExtractConfig(top_k=top_k, tokens=3, questions=None, seed=seed, batch_size=8)
+    config = ExtractConfig(top_k=top_k, tokens=3, questions=None, seed=seed, batch_size=8, gate=False)
     return extract_lock(model, tokenizer, harmful, config, progress=False)
 
 

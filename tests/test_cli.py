@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -42,6 +43,9 @@ def test_extract_writes_a_valid_lock(extracted):
     lock = load(extracted)
     assert lock.num_heads_locked == 2 and lock.default_alpha == 3.0
     assert lock.provenance["harmful"]["name"] == "harmful"
+    # The gate is fitted by default, its layer chosen with every source held out in turn.
+    heldout = {row["source"] for row in lock.gate.calibration["heldout_sources"]}
+    assert {"harmful", "redteam", "borderline", "multiturn"} <= heldout and lock.gate.early_heads == "generated"
 
 
 def test_inspect_prints_table_and_writes_heatmap(extracted, tmp_path):
@@ -126,10 +130,11 @@ def test_inspect_shows_the_gate_and_its_roc(llama_dir, tmp_path):
     assert (tmp_path / "heat.gate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_serve_gated_refuses_a_lock_without_gate_before_starting(extracted, llama_dir):
-    result = CliRunner().invoke(main, ["serve", str(llama_dir), "--lock", str(extracted), "--gated", "--dry-run"])
+def test_serve_gated_refuses_a_lock_without_gate_before_starting(extracted, llama_dir, tmp_path):
+    plain = dataclasses.replace(load(extracted), gate=None).save(tmp_path / "plain.lock.safetensors")
+    result = CliRunner().invoke(main, ["serve", str(llama_dir), "--lock", str(plain), "--gated", "--dry-run"])
     assert result.exit_code == 1
-    assert "has no gate (extract it with --gate)" in result.output and "Traceback" not in result.output
+    assert "has no gate (extract it without --no-gate)" in result.output and "Traceback" not in result.output
 
 
 def test_serve_gated_dry_run_names_the_mode(llama_dir, tmp_path):
@@ -141,6 +146,7 @@ def test_serve_gated_dry_run_names_the_mode(llama_dir, tmp_path):
 
 
 def test_calibrate_gate_refuses_a_lock_without_gate(extracted, tmp_path):
+    plain = dataclasses.replace(load(extracted), gate=None).save(tmp_path / "plain.lock.safetensors")
     out = tmp_path / "x.lock.safetensors"
-    result = CliRunner().invoke(main, ["calibrate-gate", "--lock", str(extracted), "--out", str(out)])
+    result = CliRunner().invoke(main, ["calibrate-gate", "--lock", str(plain), "--out", str(out)])
     assert result.exit_code == 1 and "has no gate" in result.output and not out.exists()

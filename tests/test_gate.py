@@ -1,5 +1,6 @@
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,7 +36,7 @@ def test_lock_round_trip_keeps_the_gate(tmp_path):
     ("gate", "message"),
     [
         (a_gate(hidden=64), "gate_weight"),
-        (a_gate(layer=2), "no locked head lies after the gate layer 2"),
+        (dataclasses.replace(a_gate(layer=2), early_heads="never"), "no locked head lies after the gate layer 2"),
         (a_gate(layer=7), "gate layer 7 out of range"),
         (a_gate(threshold=float("nan")), "finite"),
     ],
@@ -52,10 +53,23 @@ def test_gate_metadata_without_its_tensor_is_refused():
         from_bytes(edited, "edited.lock")
 
 
-def test_candidate_layers_keep_most_heads_after_them():
-    assert candidate_layers([8, 10, 12, 12, 13, 19, 21, 21], 24) == list(range(1, 12))  # 11: 6 of 8 after it
-    with pytest.raises(Exception, match="no gate layer"):
-        candidate_layers([0, 0], 3)
+def test_candidate_layers_span_the_depth_whatever_the_lock_heads():
+    assert candidate_layers(24) == [4, 6, 8, 10, 12, 14, 16, 18, 20, 22]
+    assert candidate_layers(3) == [0, 1]
+    with pytest.raises(Exception, match="no layer for a gate"):
+        candidate_layers(1)
+
+
+def test_early_heads_round_trip_and_older_gates_keep_their_bytes_and_meaning(tmp_path):
+    """A gate written before ``early_heads`` existed loads as "never" and is written back without the field."""
+    new = small_lock(gate=a_gate())
+    assert new.gate.early_heads == "generated" and new.metadata()["gate"]["early_heads"] == "generated"
+    assert load(new.save(tmp_path / "new.lock.safetensors")).gate.early_heads == "generated"
+    old_bytes = rewrite_metadata(new.to_bytes(), lambda meta: meta["gate"].pop("early_heads"))
+    old = from_bytes(old_bytes, "old.lock")
+    assert old.gate.early_heads == "never" and "early_heads" not in old.metadata()["gate"]  # written as it was
+    with pytest.raises(LockError, match="early_heads must be one of"):
+        dataclasses.replace(a_gate(), early_heads="sometimes")
 
 
 def after_gate(lock):
@@ -72,15 +86,19 @@ def after_gate(lock):
 
 
 @torch.no_grad()
-def test_fired_request_is_shifted_from_its_last_prompt_token_on(llama_dir):
-    """Reference: the plain model reads every prompt token but the last; the always-on lock (heads after the
-    gate layer) then reads the last prompt token and every generated one."""
+@pytest.mark.parametrize("early_heads", ["generated", "never"])
+def test_fired_request_is_shifted_from_its_last_prompt_token_on(llama_dir, early_heads):
+    """Reference: the plain model reads every prompt token but the last; the heads after the gate layer then
+    read the last prompt token; every generated token is read by every lock head (``early_heads="generated"``:
+    here the head at the gate layer 0 too) or again by the heads after the gate layer only ("never")."""
     model, _ = load_model(llama_dir)
-    lock = model_lock(model, constant_gate(model, fires=True))
+    lock = model_lock(model, dataclasses.replace(constant_gate(model, fires=True), early_heads=early_heads))
+    generating = dataclasses.replace(lock, gate=None) if early_heads == "generated" else after_gate(lock)
     ids = torch.tensor([PROMPTS[0]])
     cache = model(ids[:, :-1], use_cache=True).past_key_values
     with apply(model, after_gate(lock), 3.0):
         want = [model(ids[:, -1:], past_key_values=cache, use_cache=True)]
+    with apply(model, generating, 3.0):
         want.append(model(torch.tensor([[7]]), past_key_values=want[0].past_key_values, use_cache=True))
     with apply_gated(model, lock, 3.0) as handle:
         got = [model(ids, use_cache=True)]
@@ -142,26 +160,34 @@ def test_format_version_is_3_only_for_a_gated_lock(tmp_path):
     assert small_lock(gate=a_gate()).metadata()["format_version"] == 3
 
 
-def test_fit_gate_separates_two_prompt_kinds_and_sets_its_threshold_on_calibration(llama_dir):
-    """On a random model: prompts that all start with one marker word vs prompts without it."""
-    from safetylock.gate import GateData, fit_gate, recalibrate
+def test_fit_gate_picks_its_layer_out_of_source_and_sets_its_threshold_on_calibration(llama_dir):
+    """On a random model: requests that start with one marker word vs requests without it, from three sources;
+    the table holds every source held out, the lock records each source's hash."""
+    from safetylock.gate import fit_gate, prompt_features, recalibrate
+    from safetylock.sources import single
 
     model, tok = load_model(llama_dir)
-    marked = tuple(f"zebra zebra {q}" for q in QUESTIONS)
-    plain = tuple(f"{q} please" for q in QUESTIONS)
-    splits = GateData(marked[:12], marked[12:], plain[:12], plain[12:])
-    gate, aurocs = fit_gate(model, tok, splits, layers=[1, 2], progress=False)
-    assert gate.layer in (1, 2) and set(aurocs) == {1, 2}
-    assert gate.calibration["fpr"] <= 0.05 + 1 / len(plain[12:])
-    assert gate.calibration["sizes"] == {
-        "harmful_train": 12,
-        "benign_train": 12,
-        "harmful_calibration": len(marked) - 12,
-        "benign_calibration": len(plain) - 12,
-    }
-    assert len(gate.calibration["data"]) == 4 and gate.calibration["roc"][0] == [0.0, 0.0]
-    again = recalibrate(model, tok, gate, plain[12:], fpr=0.25, served="the same model")
-    assert again.threshold < gate.threshold and again.calibration["set_on"] == "the same model"
+    requests = [
+        single(f"zebra zebra {q}" if harmful else f"{q} please", harmful, source)
+        for source in ("one", "two", "three")
+        for harmful in (True, False)
+        for q in QUESTIONS[:8]
+    ]
+    gate, tables = fit_gate(model, tok, requests, layers=[1, 2], progress=False)
+    assert gate.layer in (1, 2) and set(tables) == {1, 2}
+    assert [row.source for row in tables[1]] == ["one", "three", "two"]
+    assert all(row.harmful == 8 and row.benign == 8 and set(row.tpr) == {"1%", "5%"} for row in tables[1])
+    assert all(row.tpr["5%"] == 1.0 for row in tables[gate.layer])  # the marker generalises to a new source
+    calibration = gate.calibration
+    assert calibration["fpr"] <= 0.05 + 1 / 6 and set(calibration["data"]) == {"one", "two", "three"}
+    assert set(calibration["layer_score"]) == {"1", "2"} and len(calibration["heldout_sources"]) == 3
+    plain = [f"{q} please" for q in QUESTIONS]
+    again = recalibrate(model, tok, gate, plain, fpr=0.25, served="the same model")
+    scores = prompt_features(model, tok, plain, [gate.layer])[gate.layer] @ gate.weight.numpy() + gate.bias
+    assert again.threshold == pytest.approx(float(np.quantile(scores, 0.75)), rel=1e-5)
+    assert (scores > again.threshold).mean() <= 0.25 and again.calibration["set_on"] == "the same model"
+    with pytest.raises(Exception, match="at least two sources"):
+        fit_gate(model, tok, [r for r in requests if r.source == "one"], layers=[1], progress=False)
 
 
 def test_features_and_recalibration_read_the_prompt_as_it_is_served(llama_dir):

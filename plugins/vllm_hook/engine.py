@@ -13,7 +13,9 @@ Gated mode (semantics: ``safetylock.gate``) is dynamic mode plus the gate, decid
 layer's attention block scores its input at every token and writes the score's verdict into the slot of each
 request whose *last prompt token* is in the batch (``token_write``: that request's slot, else a dummy slot);
 blocks after the gate layer add ``(alpha_off + after[t]·fired[slot[t]]·(α[t] − alpha_off)) · table[l]``,
-``after[t]`` marking tokens at or after their request's last prompt token. The host only writes per-token
+``after[t]`` marking tokens at or after their request's last prompt token; blocks up to the gate layer add the
+same with ``generated[t]`` (tokens after the last prompt token) in its place, whose decision an earlier forward
+wrote (a lock whose gate has ``early_heads="never"`` shifts no head up to the gate layer). The host only writes per-token
 slots and positions (known before the step); it never reads a decision back. A request keeps its slot while
 the runner holds its state (preempted requests included), so a resumed request keeps its decision.
 Each decision is also counted once per request (``gatecount``): after a forward, the verdicts of the requests it
@@ -207,6 +209,8 @@ class GateBuffers:
     token_slot: torch.Tensor  # [capacity] int64: each scheduled token's request slot
     token_write: torch.Tensor  # [capacity] int64: the slot a last prompt token writes, else the dummy slot
     token_after: torch.Tensor  # [capacity] model dtype: 1 at or after the request's last prompt token
+    token_generated: torch.Tensor  # [capacity] model dtype: 1 after the request's last prompt token
+    early_heads: str  # the served gate's early_heads (fixed for the graph: hooks are installed at start-up)
     slots: dict[str, int]  # request id -> slot, while the runner holds the request
     counts: GateCounts | None = None  # where decisions are counted (TP rank 0, under an API-side process)
     deciding: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (request, slot) of this step
@@ -235,7 +239,7 @@ class GateBuffers:
 
     def fill(self, runner, req_ids: list[str], num_scheduled_tokens: np.ndarray) -> None:
         """Per scheduled token: its slot, the slot it writes, and whether it is at or after the last prompt token."""
-        slots, writes, after = [], [], []
+        slots, writes, after, generated = [], [], [], []
         computed = runner.input_batch.num_computed_tokens_cpu
         for index, req_id in enumerate(req_ids):
             last = runner.requests[req_id].num_prompt_tokens - 1
@@ -244,10 +248,12 @@ class GateBuffers:
             slots.append(np.full(len(positions), slot))
             writes.append(np.where(positions == last, slot, self.dummy))
             after.append(positions >= last)
+            generated.append(positions > last)
             if self.counts is not None and last in positions:
                 self.deciding.append((req_id, slot))
         count = int(num_scheduled_tokens.sum())
-        for buffer, values in ((self.token_slot, slots), (self.token_write, writes), (self.token_after, after)):
+        pairs = ((self.token_slot, slots), (self.token_write, writes), (self.token_after, after))
+        for buffer, values in (*pairs, (self.token_generated, generated)):
             host = torch.from_numpy(np.concatenate(values)).to(buffer.dtype)
             buffer[:count].copy_(host, non_blocking=True)
         # A CUDA graph runs the batch padded to its captured size: padding tokens must write the dummy slot, not
@@ -303,8 +309,9 @@ class DynamicLock:
         tp_rank, tp_size, reduce = _tensor_parallel()
         matmul = _local_matmul(self.projections, self.table.dtype)
         table = unit_bias_table(prepared.lock, tp_rank, tp_size, matmul, reduce, self.table.shape[1])
-        if prepared.config.gated:  # only heads after the gate layer are shifted
-            table[: prepared.lock.gate.layer + 1] = 0
+        gate = prepared.lock.gate
+        if prepared.config.gated and gate.early_heads == "never":  # only heads after the gate layer are shifted
+            table[: gate.layer + 1] = 0
         return table.to(device=self.table.device, dtype=self.table.dtype)
 
     def swap(self, config: ServeConfig, geometry) -> dict[str, object]:
@@ -315,6 +322,11 @@ class DynamicLock:
             raise LockError(
                 f"the new lock's gate reads layer {prepared.lock.gate.layer}, the served graph layer {self.gate.layer}: "
                 "restart the server to change the gate layer"
+            )
+        if self.gate is not None and prepared.lock.gate.early_heads != self.gate.early_heads:
+            raise LockError(
+                f"the new lock's gate shifts early heads {prepared.lock.gate.early_heads!r}, the served graph "
+                f"{self.gate.early_heads!r}: restart the server to change it"
             )
         verdict = _provenance(self.projections, prepared, self.table.dtype)
         table = self.build_table(prepared)
@@ -386,14 +398,17 @@ def install_dynamic(model: torch.nn.Module, prepared: PreparedLock, vllm_config)
         state.gate = _install_gate(blocks, gate, vllm_config, capacity, device, dtype)
         state.gate.counts = GateCounts.attach() if _tensor_parallel()[0] == 0 else None
     for layer, block in enumerate(blocks):
-        if gate is not None and layer <= gate.layer:
+        if gate is not None and not gate.shifts_when_generating(layer):
             continue
         block.register_buffer("safetylock_scale", scale, persistent=False)
         block.register_buffer("safetylock_table_row", state.table[layer], persistent=False)
         if gate is None:
             block.register_forward_hook(_add_locked_shift)
         else:
-            for name in ("fired", "token_slot", "token_after"):
+            # Up to the gate layer the decision is read from generated tokens on (an earlier forward made it).
+            after = state.gate.token_after if gate.shifts_on_prompt(layer) else state.gate.token_generated
+            block.register_buffer("safetylock_token_after", after, persistent=False)
+            for name in ("fired", "token_slot"):
                 block.register_buffer(f"safetylock_{name}", getattr(state.gate, name), persistent=False)
             block.register_forward_hook(_gated_shift(prepared.config.alpha_off))
     STATE.dynamic = state
@@ -418,9 +433,10 @@ def _mode_text(prepared: PreparedLock) -> str:
     if not prepared.config.gated:
         return "dynamic"
     calibration = {k: gate.calibration[k] for k in ("auroc", "fpr", "tpr") if k in gate.calibration}
+    early = "every head from the first generated token" if gate.early_heads == "generated" else "no earlier head"
     return (
         f"gated (gate at layer {gate.layer}, threshold {gate.threshold:.4g}, {calibration}, "
-        f"alpha_off={prepared.config.alpha_off:g}, heads after layer {gate.layer} only)"
+        f"alpha_off={prepared.config.alpha_off:g}, heads after layer {gate.layer} from the last prompt token, {early})"
     )
 
 
@@ -435,6 +451,8 @@ def _install_gate(blocks: list[torch.nn.Module], gate, vllm_config, capacity: in
         token_slot=torch.zeros(capacity, dtype=torch.int64, device=device),
         token_write=torch.full((capacity,), slots, dtype=torch.int64, device=device),
         token_after=torch.zeros(capacity, dtype=dtype, device=device),
+        token_generated=torch.zeros(capacity, dtype=dtype, device=device),
+        early_heads=gate.early_heads,
         slots={},
     )
     buffers.load(gate)

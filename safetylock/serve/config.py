@@ -20,6 +20,7 @@ from safetylock.lockfile import SafetyLock, load
 
 CONFIG_KEY = "safetylock"  # the user's section of vLLM's additional_config
 CACHE_KEY = "safetylock_cache_key"  # written by the plugin only: what enters vLLM's compile-cache hash
+GRAPH_VERSION = 2  # bump when the plugin changes what it adds to the served graph (2: gated early heads)
 ENV_LOCK = "SAFETYLOCK_LOCK"
 ENV_ALPHA = "SAFETYLOCK_ALPHA"
 ENV_ADMIN_TOKEN = "SAFETYLOCK_ADMIN_TOKEN"
@@ -147,6 +148,7 @@ class PreparedLock:
     def cache_key(self) -> dict[str, Any]:
         """What must enter the engine's compile-cache key: another lock, α, mode or policy is another graph."""
         return {
+            "graph": GRAPH_VERSION,
             "fingerprint": self.lock.fingerprint,
             "alpha": self.alpha,
             "mode": self.config.mode,
@@ -165,7 +167,7 @@ def prepare(config: ServeConfig, model_geometry: HeadGeometry) -> PreparedLock:
     lock = load(config.lock)
     lock.check_geometry(model_geometry)
     if config.gated and lock.gate is None:
-        raise LockError(f"{CONFIG_KEY}.gated is set but lock {config.lock} has no gate (extract it with --gate)")
+        raise LockError(f"{CONFIG_KEY}.gated is set but lock {config.lock} has no gate (extract it without --no-gate)")
     alpha = check_alpha(lock.default_alpha if config.alpha is None else config.alpha)
     low, high = config.policy.bounds(alpha)
     if low > high:

@@ -1,0 +1,125 @@
+"""The gate across sources: does it recognise harmful requests however they are written?
+
+On the aligned base, the gate's requests from every source (``safetylock.sources``: AdvBench's extraction split,
+red-team objectives, jailbreak templates by family with harmful and benign payloads, multi-turn chats,
+borderline-safe and conversational benign requests; a third under operator system prompts). For each candidate
+layer, leave-one-source-out: fit on the other sources, threshold at 1% / 5% of their benign calibration requests
+firing, score the held-out source. Also the in-distribution figure the old gate was chosen by (AUROC on a
+calibration split of the same sources), to show how little it says.
+
+Run: python -m benchmarks.gate_sources [--model qwen2.5-coder-0.5b-instruct]
+Writes benchmarks/results/gate_sources.{json,png} (rates only). Features are cached (the cache's gate/), keyed by
+model directory digest and the requests' hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from benchmarks.common import RESULTS, write_result
+from safetylock import data, models
+from safetylock.gate import auroc, candidate_layers, fit_linear, leave_one_source_out, out_of_source_score, prompt_features
+from safetylock.geometry import head_geometry
+from safetylock.pipeline import load_model
+from safetylock.sources import gate_requests, source_hashes, split
+
+
+def features_cached(model_dir: Path, requests, layers: list[int]) -> dict[int, np.ndarray]:
+    key = {"model": models.directory_digest(model_dir), "requests": source_hashes(requests), "layers": layers}
+    path = models.cache_root() / "gate" / f"features-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.npz"
+    if path.exists():
+        stored = np.load(path)
+        return {layer: stored[str(layer)] for layer in layers}
+    model, tokenizer = load_model(model_dir)
+    features = prompt_features(model, tokenizer, [r.messages() for r in requests], layers, progress=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_suffix(".tmp.npz")
+    np.savez(staged, **{str(layer): values for layer, values in features.items()})
+    staged.replace(path)
+    return features
+
+
+@click.command()
+@click.option("--model", "model_name", default=models.DEFAULT_MODEL, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", default="gate_sources", show_default=True, help="Result name: benchmarks/results/OUT.{json,png}.")
+def main(model_name: str, seed: int, out: str) -> None:
+    started = time.perf_counter()
+    model_dir = models.resolve(model_name)
+    requests = gate_requests(data.advbench(), seed=seed)
+    from transformers import AutoConfig
+
+    layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
+    features = features_cached(model_dir, requests, layers)
+    fit, calibration = split(requests, seed=seed)
+    index = {id(r): i for i, r in enumerate(requests)}
+    fit_idx, cal_idx = [index[id(r)] for r in fit], [index[id(r)] for r in calibration]
+    labels = np.array([r.harmful for r in requests])
+    rows = []
+    for layer in layers:
+        table = leave_one_source_out(features[layer], requests, fit_idx, cal_idx, seed)
+        f, c = np.asarray(fit_idx), np.asarray(cal_idx)
+        weight, bias = fit_linear(features[layer][f[labels[f]]], features[layer][f[~labels[f]]], seed)
+        scores = features[layer][c] @ weight + bias
+        in_dist = auroc(scores[labels[c]], scores[~labels[c]])
+        rows.append(
+            {
+                "layer": layer,
+                "out_of_source_score": round(out_of_source_score(table), 4),
+                "in_distribution_auroc": round(in_dist, 4),
+                "heldout": [row.to_dict() for row in table],
+            }
+        )
+        print(json.dumps({k: rows[-1][k] for k in ("layer", "out_of_source_score", "in_distribution_auroc")}), flush=True)
+        for row in table:
+            print("   ", json.dumps(row.to_dict()), flush=True)
+    best = max(rows, key=lambda r: (r["out_of_source_score"], r["layer"]))
+    counts: dict[str, list[int]] = {}
+    for r in requests:
+        counts.setdefault(r.source, [0, 0])[0 if r.harmful else 1] += 1
+    write_result(
+        out,
+        {
+            "model": model_name,
+            "protocol": "leave-one-source-out: fit on every other source, thresholds at 1%/5% FPR of their benign "
+            "calibration requests; held-out source scored whole",
+            "requests": {s: {"harmful": h, "benign": b} for s, (h, b) in sorted(counts.items())},
+            "chosen_layer": best["layer"],
+            "seconds": round(time.perf_counter() - started, 1),
+            "layers": rows,
+        },
+    )
+    plot(rows, RESULTS / f"{out}.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources = [h["source"] for h in rows[0]["heldout"]]
+    grid = np.array(
+        [[h["tpr"].get("5%", np.nan) if h["harmful"] else 1 - h["fpr"]["5%"] for h in row["heldout"]] for row in rows]
+    )
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(sources), 0.6 + 0.42 * len(rows)))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(sources)), sources, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), [f"layer {r['layer']}" for r in rows], fontsize=8)
+    ax.set_title("held-out source: TPR at 5% FPR (harmful sources) / 1 − FPR (benign-only)", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

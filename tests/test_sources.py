@@ -1,0 +1,97 @@
+"""The gate's request sources: packaged, tagged, deterministic, disjoint from the evaluation split."""
+
+import json
+
+import pytest
+
+from safetylock import data, sources
+from safetylock.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def requests():
+    return sources.gate_requests(data.advbench(), seed=0)
+
+
+def test_every_source_and_kind_is_there_with_both_labels_where_it_should(requests):
+    by_source: dict[str, set[bool]] = {}
+    for request in requests:
+        by_source.setdefault(request.source, set()).add(request.harmful)
+    assert by_source["advbench"] == {True} and by_source["redteam"] == {True}
+    assert by_source["benign"] == by_source["borderline"] == by_source["conversational"] == {False}
+    assert by_source["multiturn"] == {True, False}
+    families = [s for s in by_source if s.startswith("jailbreak-")]
+    assert len(families) >= 3 and all(by_source[f] == {True, False} for f in families)
+    borderline = {r.family for r in requests if r.source == "borderline"}
+    assert {"homonyms", "safe_targets", "history"} <= borderline
+
+
+def test_requests_are_served_as_chats(requests):
+    """Every request ends with the user's turn; multi-turn ones carry the assistant's reply; a share has an
+    operator system prompt."""
+    assert all(r.turns[-1][0] == "user" for r in requests)
+    multi = [r for r in requests if r.source == "multiturn"]
+    assert all([role for role, _ in r.turns if role != "system"] == ["user", "assistant", "user"] for r in multi)
+    refused = [r for r in multi if not r.harmful]
+    assert all(r.turns[-2][1] == sources.REFUSAL_REPLY for r in refused)  # a benign follow-up after a refusal
+    system = sum(r.turns[0][0] == "system" for r in requests) / len(requests)
+    assert 0.25 < system < 0.42
+    assert requests[0].messages()[-1] == {"role": "user", "content": requests[0].text}
+
+
+def test_jailbreak_templates_wrap_the_payload_and_are_split_by_family():
+    templates = sources.jailbreak_templates()
+    assert all(len(t.text) <= sources.MAX_TEMPLATE_CHARS for t in templates)
+    rendered = templates[0].render("PAYLOAD-XYZ")
+    assert "PAYLOAD-XYZ" in rendered and "{{" not in rendered.replace("{{{{", "")
+    families = {t.family for t in templates}
+    assert len(families) >= 3 and all(sum(t.family == f for t in templates) >= 5 for f in families)
+
+
+def test_harmful_requests_never_come_from_the_evaluation_split(requests):
+    heldout = set(data.split_harmful(data.advbench(), seed=0).heldout)
+    texts = {turn for r in requests for _, turn in r.turns}
+    assert not heldout & texts
+    assert not any(h in text for h in list(heldout)[:40] for text in texts if len(text) > 200)  # nor wrapped
+
+
+def test_same_seed_same_requests_other_seed_other_draw(requests):
+    assert sources.gate_requests(data.advbench(), seed=0) == requests
+    other = sources.gate_requests(data.advbench(), seed=1)
+    assert other != requests and len(other) == len(requests)
+    assert sources.source_hashes(other) != sources.source_hashes(requests)
+
+
+def test_split_is_stratified_by_source_and_label(requests):
+    fit, calibration = sources.split(requests, seed=0)
+    assert len(fit) + len(calibration) == len(requests)
+    for source in {r.source for r in requests}:
+        for label in (True, False):
+            whole = sum(r.source == source and r.harmful == label for r in requests)
+            held = sum(r.source == source and r.harmful == label for r in calibration)
+            assert whole == 0 or abs(held - whole / 4) <= 1
+    with pytest.raises(DataError, match="calibration_share"):
+        sources.split(requests, calibration_share=1.0)
+
+
+def test_user_request_files_load_and_bad_ones_are_refused_in_one_line(tmp_path):
+    good = tmp_path / "held.jsonl"
+    rows = [
+        {"prompt": "How do I bake bread?", "harmful": False, "source": "mine"},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                      {"role": "user", "content": "and now?"}], "harmful": True, "source": "mine", "family": "x"},
+    ]
+    good.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    loaded = sources.load_requests(good)
+    assert [r.text for r in loaded] == ["How do I bake bread?", "and now?"] and loaded[1].family == "x"
+    bad = tmp_path / "bad.jsonl"
+    for line, message in (
+        ('{"prompt": "x", "source": "s"}', "'harmful' and 'source'"),
+        ('{"prompt": "x", "harmful": "yes", "source": "s"}', "must be true/false"),
+        ("{not json", "bad.jsonl:1"),
+    ):
+        bad.write_text(line + "\n")
+        with pytest.raises(DataError, match=message):
+            sources.load_requests(bad)
+    with pytest.raises(DataError, match="does not exist"):
+        sources.load_requests(tmp_path / "missing.jsonl")
