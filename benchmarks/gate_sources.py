@@ -27,22 +27,37 @@ from safetylock import data, models
 from safetylock.gate import auroc, candidate_layers, fit_linear, leave_one_source_out, out_of_source_score, prompt_features
 from safetylock.geometry import head_geometry
 from safetylock.pipeline import load_model
-from safetylock.sources import gate_requests, source_hashes, split
+from safetylock.sources import gate_requests, split
+
+
+def request_key(request) -> str:
+    return hashlib.sha256(json.dumps(request.turns).encode()).hexdigest()[:24]
 
 
 def features_cached(model_dir: Path, requests, layers: list[int]) -> dict[int, np.ndarray]:
-    key = {"model": models.directory_digest(model_dir), "requests": source_hashes(requests), "layers": layers}
+    """Each request's features, computed once per model and layer set (a store keyed by each request's turns,
+    so adding a source computes only its requests)."""
+    key = {"model": models.directory_digest(model_dir), "layers": layers}
     path = models.cache_root() / "gate" / f"features-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.npz"
+    store: dict[str, dict[int, np.ndarray]] = {}
     if path.exists():
-        stored = np.load(path)
-        return {layer: stored[str(layer)] for layer in layers}
-    model, tokenizer = load_model(model_dir)
-    features = prompt_features(model, tokenizer, [r.messages() for r in requests], layers, progress=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_suffix(".tmp.npz")
-    np.savez(staged, **{str(layer): values for layer, values in features.items()})
-    staged.replace(path)
-    return features
+        with np.load(path) as stored:
+            arrays = {layer: stored[str(layer)] for layer in layers}  # each read of an npz member loads it whole
+            for row, name in enumerate(stored["keys"].tolist()):
+                store[name] = {layer: arrays[layer][row] for layer in layers}
+    missing = list({request_key(r): r for r in requests if request_key(r) not in store}.values())
+    if missing:
+        model, tokenizer = load_model(model_dir)
+        computed = prompt_features(model, tokenizer, [r.messages() for r in missing], layers, progress=True)
+        for row, request in enumerate(missing):
+            store[request_key(request)] = {layer: computed[layer][row] for layer in layers}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        names = sorted(store)
+        staged = path.with_suffix(".tmp.npz")
+        arrays = {str(layer): np.stack([store[n][layer] for n in names]) for layer in layers}
+        np.savez(staged, keys=np.array(names), **arrays)
+        staged.replace(path)
+    return {layer: np.stack([store[request_key(r)][layer] for r in requests]) for layer in layers}
 
 
 @click.command()
@@ -60,12 +75,12 @@ def main(model_name: str, seed: int, out: str) -> None:
     fit, calibration = split(requests, seed=seed)
     index = {id(r): i for i, r in enumerate(requests)}
     fit_idx, cal_idx = [index[id(r)] for r in fit], [index[id(r)] for r in calibration]
-    labels = np.array([r.harmful for r in requests])
+    labels, groups = np.array([r.harmful for r in requests]), np.array([r.source for r in requests])
     rows = []
     for layer in layers:
         table = leave_one_source_out(features[layer], requests, fit_idx, cal_idx, seed)
         f, c = np.asarray(fit_idx), np.asarray(cal_idx)
-        weight, bias = fit_linear(features[layer][f[labels[f]]], features[layer][f[~labels[f]]], seed)
+        weight, bias = fit_linear(features[layer][f], labels[f], groups[f], seed)
         scores = features[layer][c] @ weight + bias
         in_dist = auroc(scores[labels[c]], scores[~labels[c]])
         rows.append(

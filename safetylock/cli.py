@@ -215,6 +215,9 @@ def inspect(lock_path: Path | None, model_name: str, plot: Path | None) -> None:
         figures = {k: calibration[k] for k in ("auroc", "fpr", "tpr") if k in calibration}
         where = calibration.get("set_on", "")
         click.echo(f"gate        layer {gate.layer}, threshold {gate.threshold:.4g}, {json.dumps(figures)} ({where})")
+        for row in calibration.get("heldout_sources", []):  # leave-one-source-out at the chosen layer
+            rates = ", ".join(f"{k} {row[k]['5%']:.0%}" for k in ("tpr", "fpr") if row[k])
+            click.echo(f"  held out  {row['source']:<24} {rates} (at 5% FPR on the other sources)")
         click.echo(f"gate ROC    {gate_plot(gate, plot.with_suffix('.gate.png'))}")
 
 

@@ -165,15 +165,27 @@ def roc_points(positive: np.ndarray, negative: np.ndarray, points: int = 25) -> 
     return [[round(float(fpr[i]), 4), round(float(tpr[i]), 4)] for i in keep]
 
 
-def fit_linear(harmful: np.ndarray, benign: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
-    """Logistic regression on standardized features, folded back to raw features: (weight, bias)."""
+def balanced_weights(labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Sample weights that give every (source, label) stratum the same total weight (mean weight 1): a source with
+    300 requests counts no more than one with 24, so the gate learns what the sources share."""
+    weights = np.ones(len(labels))
+    for group in np.unique(groups):
+        for label in (True, False):
+            members = (groups == group) & (labels == label)
+            if members.any():
+                weights[members] = 1.0 / members.sum()
+    return weights * len(labels) / weights.sum()
+
+
+def fit_linear(x: np.ndarray, labels: np.ndarray, groups: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+    """Logistic regression on standardized features, each source weighted alike (``balanced_weights``), folded
+    back to raw features: (weight, bias)."""
     from sklearn.linear_model import LogisticRegression
 
-    x = np.r_[harmful, benign].astype(np.float64)
-    y = np.r_[np.ones(len(harmful)), np.zeros(len(benign))]
+    x = x.astype(np.float64)
     mean, scale = x.mean(0), x.std(0) + 1e-6
-    clf = LogisticRegression(C=0.05, max_iter=5000, class_weight="balanced", random_state=seed)
-    clf.fit((x - mean) / scale, y)
+    clf = LogisticRegression(C=0.05, max_iter=5000, random_state=seed)
+    clf.fit((x - mean) / scale, labels, sample_weight=balanced_weights(labels, groups))
     weight = clf.coef_[0] / scale
     return weight, float(clf.intercept_[0] - weight @ mean)
 
@@ -223,7 +235,7 @@ def leave_one_source_out(
     out = []
     for held in sorted(set(sources.tolist())):
         train = fit[sources[fit] != held]
-        weight, bias = fit_linear(features[train[labels[train]]], features[train[~labels[train]]], seed)
+        weight, bias = fit_linear(features[train], labels[train], sources[train], seed)
         others = calibration[(sources[calibration] != held) & ~labels[calibration]]
         negatives = features[others] @ weight + bias
         thresholds = {f"{round(100 * f)}%": threshold_at(negatives, f) for f in REPORT_FPRS}
@@ -261,23 +273,31 @@ def fit_gate(
     """The gate at the layer of ``layers`` that generalises best to held-out sources (``out_of_source_score``),
     refit on every source's fit split, threshold at ``TARGET_FPR`` of all benign calibration requests; also
     every layer's leave-one-source-out table."""
+    if len({r.source for r in requests}) < 2 or len({r.harmful for r in requests}) < 2:
+        raise ExtractError("the gate needs harmful and benign requests from at least two sources")
+    features = prompt_features(model, tokenizer, [r.messages() for r in requests], layers, progress=progress)
+    return gate_from_features(features, requests, seed, progress)
+
+
+def gate_from_features(
+    features: dict[int, np.ndarray], requests: Sequence[Request], seed: int = 0, progress: bool = False
+) -> tuple[Gate, dict[int, list[Heldout]]]:
+    """``fit_gate`` on features already computed (``{layer: [requests, hidden]}``, rows in request order)."""
     from safetylock.sources import split
 
+    layers = sorted(features)
     fit, calibration = split(requests, seed=seed)
     index = {id(r): i for i, r in enumerate(requests)}
     fit_idx, cal_idx = [index[id(r)] for r in fit], [index[id(r)] for r in calibration]
-    if len({r.source for r in requests}) < 2 or not any(r.harmful for r in fit) or all(r.harmful for r in fit):
-        raise ExtractError("the gate needs harmful and benign requests from at least two sources")
-    features = prompt_features(model, tokenizer, [r.messages() for r in requests], layers, progress=progress)
     tables = {
         layer: leave_one_source_out(features[layer], requests, fit_idx, cal_idx, seed)
         for layer in tqdm(layers, desc="gate layers (leave one source out)", disable=not progress)
     }
     best = max(layers, key=lambda layer: (round(out_of_source_score(tables[layer]), 6), layer))
     x = features[best]
-    labels = np.array([r.harmful for r in requests])
+    labels, groups = np.array([r.harmful for r in requests]), np.array([r.source for r in requests])
     fit_arr, cal_arr = np.asarray(fit_idx), np.asarray(cal_idx)
-    weight, bias = fit_linear(x[fit_arr[labels[fit_arr]]], x[fit_arr[~labels[fit_arr]]], seed)
+    weight, bias = fit_linear(x[fit_arr], labels[fit_arr], groups[fit_arr], seed)
     scores = x @ weight + bias
     benign_cal, harmful_cal = scores[cal_arr[~labels[cal_arr]]], scores[cal_arr[labels[cal_arr]]]
     threshold = threshold_at(benign_cal, TARGET_FPR)

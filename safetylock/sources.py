@@ -8,7 +8,8 @@ repo's probe data (``probes/``): no harmful text is written into the repository.
 Sources (``Request.source``): ``advbench`` (or the user's harmful file), ``redteam`` (PyRIT's red-team objectives),
 ``jailbreak-<family>`` (harmful *and* benign requests inside the same PyRIT jailbreak templates), ``benign``
 (instructions), ``borderline`` (safe questions that look edgy), ``conversational`` (long first-person benign
-requests) and ``multiturn`` (a harmful second turn after a benign first one; a benign follow-up after a refused
+requests), ``context-<family>`` (harmful and benign requests inside the same persona, fiction or pretext
+wrapper) and ``multiturn`` (a harmful second turn after a benign first one; a benign follow-up after a refused
 turn).
 """
 
@@ -131,6 +132,11 @@ def borderline() -> dict[str, tuple[str, ...]]:
     return {family: tuple(prompts) for family, prompts in _probe_json("borderline_safe.json")["families"].items()}
 
 
+def context_wrappers() -> dict[str, tuple[str, ...]]:
+    """Ways users wrap a request (who they are, a story, a reason), by family; ``{request}`` is the request."""
+    return {family: tuple(t) for family, t in _probe_json("context_wrappers.json")["families"].items()}
+
+
 def conversational_benign() -> tuple[str, ...]:
     """Long first-person benign requests (who the user is and why, then a harmless ask)."""
     return tuple(_probe_json("benign_conversational.json")["prompts"])
@@ -143,6 +149,7 @@ class Sizes:
     advbench: int = 200
     redteam: int = 300
     jailbreak_per_family: int = 24  # harmful; as many benign in the same family's templates
+    context_per_family: int = 30  # harmful; as many benign in the same family's wrappers
     benign: int = 300
     borderline: int | None = None  # None: all
     conversational: int | None = None
@@ -181,6 +188,12 @@ def gate_requests(harmful: data.PromptSet, sizes: Sizes = Sizes(), seed: int = 0
                 template = rng.choice(templates)
                 prompt = template.render(rng.choice(payloads))
                 requests.append(single(prompt, harmful_payload, f"jailbreak-{family}", template.name))
+    for family, wrappers in sorted(context_wrappers().items()):
+        for harmful_payload in (True, False):
+            payloads = payload_harmful if harmful_payload else payload_benign
+            for _ in range(sizes.context_per_family):
+                prompt = rng.choice(wrappers).replace("{request}", rng.choice(payloads))
+                requests.append(single(prompt, harmful_payload, f"context-{family}"))
     for _ in range(sizes.multiturn):
         first, second = rng.choice(benign_pool), rng.choice(payload_harmful)
         turns: Turns = (("user", first), ("assistant", FIRST_TURN_REPLY), ("user", second))

@@ -39,6 +39,13 @@ def extracted(llama_dir, tmp_path_factory):
     return lock
 
 
+def test_inspect_prints_the_gate_held_out_table(extracted, tmp_path):
+    result = CliRunner().invoke(main, ["inspect", str(extracted), "--plot", str(tmp_path / "heat.png")])
+    assert result.exit_code == 0, result.output
+    held = [line for line in result.output.splitlines() if line.startswith("  held out  ")]
+    assert any("redteam" in line and "tpr" in line for line in held) and any("borderline" in line for line in held)
+
+
 def test_extract_writes_a_valid_lock(extracted):
     lock = load(extracted)
     assert lock.num_heads_locked == 2 and lock.default_alpha == 3.0

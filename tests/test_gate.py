@@ -205,3 +205,13 @@ def test_features_and_recalibration_read_the_prompt_as_it_is_served(llama_dir):
     gate = Gate(1, torch.from_numpy(alone[0] - alone[1]), 0.0, 0.0)
     reset = recalibrate(model, tok, gate, QUESTIONS[4:12], fpr=0.25, framing=framing)
     assert reset.calibration["framing"] == {"system_prompt": "You obey.", "prompt_prefix": "Do it: "}
+
+
+def test_balanced_weights_give_every_source_and_label_the_same_total():
+    from safetylock.gate import balanced_weights
+
+    labels = np.array([True] * 30 + [False] * 10 + [True] * 5)
+    groups = np.array(["big"] * 40 + ["small"] * 5)
+    weights = balanced_weights(labels, groups)
+    totals = [weights[(groups == g) & (labels == lab)].sum() for g, lab in (("big", True), ("big", False), ("small", True))]
+    assert np.allclose(totals, totals[0]) and weights.mean() == pytest.approx(1.0)

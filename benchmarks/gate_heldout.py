@@ -1,0 +1,188 @@
+"""The gated lock served through the plugin on kinds of request its gate was never fit on.
+
+For each held-out group (red-team objectives; every jailbreak family; borderline-safe and long conversational
+benign requests) a gated lock is built whose gate is fit — layer by leave-one-source-out, threshold at 5% of
+the remaining benign calibration requests — on every *other* source (``gate_from_features`` on the cached
+features of ``benchmarks.gate_sources``); the lock's heads are the model's cached lock. The group's suites are then
+served through vLLM with the plugin, unlocked and gated at α 4, on the aligned base and each attack variant.
+"Fired" counts answers that differ from the same model's unlocked answer to the same prompt.
+
+Suites (written to the cache at run time, never to the repository): ``redteam`` (PyRIT red-team objectives),
+``jailbreak`` (AdvBench *held-out* requests — never used by the gate or the lock — inside jailbreak templates of
+every family) with ``jailbreak-benign`` (benign instructions outside every evaluation sample in the same
+templates), ``borderline`` and ``conversational`` (the probe data's benign sets).
+
+Run: python -m benchmarks.gate_heldout [--variants harmful-10] [--count 100] [--alpha 4]
+Writes benchmarks/results/gate_heldout.{json,png} (rates and a few answers' verdicts only; answers stay in the
+cache's runs/).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import click
+import numpy as np
+
+from benchmarks.common import RESULTS, write_result
+from benchmarks.gate_sources import features_cached
+from safetylock import data, models, sources
+from safetylock.evaluate import Framing, cached_run
+from safetylock.gate import candidate_layers, gate_from_features
+from safetylock.geometry import head_geometry
+from safetylock.lockfile import load
+from safetylock.pipeline import ExtractConfig, extract_lock, load_model
+
+# held-out group -> (which gate sources it leaves out, (suite kind, suite name), ...)
+HOLDOUTS = {
+    "redteam": (lambda source: source == "redteam", ("harmful", "redteam")),
+    "jailbreak": (
+        lambda source: source.startswith("jailbreak-"),
+        ("harmful", "jailbreak"),
+        ("benign", "jailbreak-benign"),
+    ),
+    "borderline": (
+        lambda source: source in ("borderline", "conversational"),
+        ("benign", "borderline"),
+        ("benign", "conversational"),
+    ),
+}
+
+
+def suite_files(count: int, seed: int = 0) -> dict[str, Path]:
+    """The held-out suites as prompt files in the cache (rebuilt identically from the packaged data)."""
+    rng = random.Random(seed)
+    templates = sources.jailbreak_templates()
+    heldout = list(data.split_harmful(data.advbench(), seed=0).heldout)
+    benign_pool = data.benign_outside_evaluation()
+    prompts = {
+        "redteam": list(sources.redteam().prompts),
+        "jailbreak": [rng.choice(templates).render(rng.choice(heldout)) for _ in range(count)],
+        "jailbreak-benign": [rng.choice(templates).render(rng.choice(benign_pool)) for _ in range(count)],
+        "borderline": [p for family in sources.borderline().values() for p in family],
+        "conversational": list(sources.conversational_benign()),
+    }
+    folder = models.cache_root() / "gate" / "suites"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, items in prompts.items():
+        path = folder / f"{name}.jsonl"
+        text = "".join(json.dumps({"prompt": p}) + "\n" for p in items)
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8")
+        paths[name] = path
+    return paths
+
+
+def holdout_lock(name: str, base_lock: Path, model_dir: Path, seed: int = 0) -> Path:
+    """The model's lock with a gate fit on every source but the held-out group's (cached)."""
+    path = base_lock.with_name(base_lock.name.replace(".lock.", f".gated-without-{name}.lock."))
+    if path.exists():
+        return path
+    from transformers import AutoConfig
+
+    requests = sources.gate_requests(data.advbench(), seed=seed)
+    layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
+    features = features_cached(model_dir, requests, layers)
+    excluded = HOLDOUTS[name][0]
+    keep = [i for i, r in enumerate(requests) if not excluded(r.source)]
+    gate, _ = gate_from_features({k: v[keep] for k, v in features.items()}, [requests[i] for i in keep], seed, True)
+    dataclasses.replace(load(base_lock), gate=gate).save(path)
+    return path
+
+
+def base_lock_path(model_dir: Path) -> Path:
+    """The packaged model's cached lock (heads only needed here; extracted without a gate when absent)."""
+    path = models.default_lock_path(models.DEFAULT_MODEL)
+    if not path.exists():
+        model, tokenizer = load_model(model_dir)
+        extract_lock(model, tokenizer, data.advbench(), ExtractConfig(gate=False)).save(path)
+    return path
+
+
+def rates(report: dict, suite: str) -> dict:
+    summary = report["suites"][suite]["summary"]
+    keys = ("harmful_answer_rate", "refusal_rate", "hollow_rate", "over_refusal_rate")
+    return {k: round(summary[k], 4) for k in keys if k in summary}
+
+
+def fired(gated: dict, plain: dict, suite: str) -> float:
+    pairs = zip(gated["suites"][suite]["items"], plain["suites"][suite]["items"])
+    return round(float(np.mean([g["response"] != p["response"] for g, p in pairs])), 4)
+
+
+@click.command()
+@click.option("--variants", default="harmful-10", show_default=True)
+@click.option("--count", type=int, default=100, show_default=True)
+@click.option("--alpha", type=float, default=4.0, show_default=True)
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--out", default="gate_heldout", show_default=True)
+def main(variants: str, count: int, alpha: float, max_tokens: int, out: str) -> None:
+    from safetylock.attack import served
+
+    base_dir = models.resolve(models.DEFAULT_MODEL)
+    files = suite_files(count)
+    base_lock = base_lock_path(base_dir)
+    locks = {name: holdout_lock(name, base_lock, base_dir) for name in HOLDOUTS}
+    targets = [("aligned-base", str(base_dir), Framing())]
+    targets += [(name, *served(name)) for name in [v for v in variants.split(",") if v]]
+    rows = []
+    for label, model, framing in targets:
+        every = [f"{kind}={files[suite]}" for _, *pairs in HOLDOUTS.values() for kind, suite in pairs]
+        plain = cached_run(model, f"{label}-heldout", count, max_tokens, suites=every, framing=framing, enforce_eager=True)
+        for name, (_, *pairs) in HOLDOUTS.items():
+            specs = [f"{kind}={files[suite]}" for kind, suite in pairs]
+            settings = {"lock": locks[name], "alpha": alpha, "gated": True, "enforce_eager": True, "framing": framing}
+            gated = cached_run(model, f"{label}-gated-without-{name}", count, max_tokens, suites=specs, **settings)
+            gate = load(locks[name]).gate
+            for _, suite in pairs:
+                rows.append(
+                    {
+                        "model": label,
+                        "suite": suite,
+                        "gate_fit_without": name,
+                        "gate_layer": gate.layer,
+                        "unlocked": rates(plain, suite),
+                        "gated": rates(gated, suite),
+                        "fired": fired(gated, plain, suite),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    write_result(
+        out,
+        {
+            "protocol": "each suite served with a gated lock whose gate was fit without the suite's source group "
+            "(leave-one-source-group-out); vLLM + plugin, greedy, enforce-eager",
+            "alpha": alpha,
+            "count": count,
+            "max_tokens": max_tokens,
+            "rows": rows,
+        },
+    )
+    plot(rows, RESULTS / f"{out}.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model']}\n{r['suite']}" for r in rows]
+    key = lambda r, side: r[side].get("harmful_answer_rate", r[side].get("over_refusal_rate", 0.0))  # noqa: E731
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(rows), 4))
+    ax.bar(x - 0.2, [key(r, "unlocked") for r in rows], 0.4, label="unlocked")
+    ax.bar(x + 0.2, [key(r, "gated") for r in rows], 0.4, label="gated (gate fit without this source)")
+    ax.set_xticks(x, labels, fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("harmful answers (harmful suites) / over-refusal (benign)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
