@@ -14,6 +14,8 @@ method calls straight through.
 from __future__ import annotations
 
 import functools
+import hashlib
+from pathlib import Path
 
 
 def register() -> None:
@@ -32,6 +34,12 @@ def register() -> None:
     frontend.install()
 
 
+@functools.cache
+def _engine_digest() -> str:
+    """The digest of the code that changes the served graph (``engine.py``): a changed hook is another graph."""
+    return hashlib.sha256((Path(__file__).parent / "engine.py").read_bytes()).hexdigest()[:16]
+
+
 def _wrap_load_model(load_model):
     from safetylock.serve.config import CACHE_KEY
 
@@ -45,7 +53,7 @@ def _wrap_load_model(load_model):
         # Before the model is built: vLLM keys its compiled graphs by this config, so a locked model never
         # loads a plain model's graph (nor the reverse), nor a static-mode graph a dynamic one. The user's
         # section stays as given; what the plugin derives has its own key.
-        vllm_config.additional_config[CACHE_KEY] = prepared.cache_key
+        vllm_config.additional_config[CACHE_KEY] = {**prepared.cache_key, "engine_code": _engine_digest()}
         model = load_model(self, vllm_config, model_config, *args, **kwargs)
         from safetylock_vllm.engine import activation_dtype, fold, install_dynamic
 

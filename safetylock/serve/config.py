@@ -20,7 +20,6 @@ from safetylock.lockfile import SafetyLock, load
 
 CONFIG_KEY = "safetylock"  # the user's section of vLLM's additional_config
 CACHE_KEY = "safetylock_cache_key"  # written by the plugin only: what enters vLLM's compile-cache hash
-GRAPH_VERSION = 2  # bump when the plugin changes what it adds to the served graph (2: gated early heads)
 ENV_LOCK = "SAFETYLOCK_LOCK"
 ENV_ALPHA = "SAFETYLOCK_ALPHA"
 ENV_ADMIN_TOKEN = "SAFETYLOCK_ADMIN_TOKEN"
@@ -148,7 +147,6 @@ class PreparedLock:
     def cache_key(self) -> dict[str, Any]:
         """What must enter the engine's compile-cache key: another lock, α, mode or policy is another graph."""
         return {
-            "graph": GRAPH_VERSION,
             "fingerprint": self.lock.fingerprint,
             "alpha": self.alpha,
             "mode": self.config.mode,
