@@ -95,8 +95,12 @@ def holdout_lock(name: str, base_lock: Path, model_dir: Path, seed: int = 0) -> 
 
 
 def base_lock_path(model_dir: Path) -> Path:
-    """The packaged model's cached lock (heads only needed here; extracted without a gate when absent)."""
+    """The packaged model's cached lock, or (when absent) a lock of its heads alone beside it: only the heads are
+    needed here, each held-out lock gets its own gate."""
     path = models.default_lock_path(models.DEFAULT_MODEL)
+    if path.exists():
+        return path
+    path = path.with_name(path.name.replace(".lock.", ".heads.lock."))
     if not path.exists():
         model, tokenizer = load_model(model_dir)
         extract_lock(model, tokenizer, data.advbench(), ExtractConfig(gate=False)).save(path)
@@ -131,10 +135,9 @@ def main(variants: str, count: int, alpha: float, max_tokens: int, out: str) -> 
     targets += [(name, *served(name)) for name in [v for v in variants.split(",") if v]]
     rows = []
     for label, model, framing in targets:
-        every = [f"{kind}={files[suite]}" for _, *pairs in HOLDOUTS.values() for kind, suite in pairs]
-        plain = cached_run(model, f"{label}-heldout", count, max_tokens, suites=every, framing=framing, enforce_eager=True)
         for name, (_, *pairs) in HOLDOUTS.items():
             specs = [f"{kind}={files[suite]}" for kind, suite in pairs]
+            plain = cached_run(model, f"{label}-{name}", count, max_tokens, suites=specs, framing=framing, enforce_eager=True)
             settings = {"lock": locks[name], "alpha": alpha, "gated": True, "enforce_eager": True, "framing": framing}
             gated = cached_run(model, f"{label}-gated-without-{name}", count, max_tokens, suites=specs, **settings)
             gate = load(locks[name]).gate

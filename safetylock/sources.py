@@ -98,7 +98,11 @@ class Template:
     text: str
 
     def render(self, request: str) -> str:
-        return _PLACEHOLDER.sub(lambda _: request, self.text)
+        """The template with ``request`` in place, rendered as PyRIT renders it (Jinja: ``{% raw %}`` blocks
+        are literal text, their markers gone)."""
+        from jinja2.sandbox import SandboxedEnvironment
+
+        return SandboxedEnvironment(keep_trailing_newline=True).from_string(self.text).render(prompt=request)
 
 
 def jailbreak_templates(max_chars: int = MAX_TEMPLATE_CHARS) -> tuple[Template, ...]:
@@ -114,7 +118,13 @@ def jailbreak_templates(max_chars: int = MAX_TEMPLATE_CHARS) -> tuple[Template, 
         if len(text) > max_chars or not _PLACEHOLDER.search(text):
             continue
         parts = path.relative_to(folder).parts
-        found.append(Template(parts[0] if len(parts) > 1 else "named", path.stem, text))
+        template = Template(parts[0] if len(parts) > 1 else "named", path.stem, text)
+        try:
+            rendered = template.render("\x00")
+        except Exception:  # Jinja syntax this template's authors did not render either: leave it out
+            continue
+        if rendered.count("\x00") == 1 and "{%" not in rendered:
+            found.append(template)
     sizes: dict[str, int] = {}
     for template in found:
         sizes[template.family] = sizes.get(template.family, 0) + 1

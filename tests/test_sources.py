@@ -43,7 +43,9 @@ def test_jailbreak_templates_wrap_the_payload_and_are_split_by_family():
     templates = sources.jailbreak_templates()
     assert all(len(t.text) <= sources.MAX_TEMPLATE_CHARS for t in templates)
     rendered = templates[0].render("PAYLOAD-XYZ")
-    assert "PAYLOAD-XYZ" in rendered and "{{" not in rendered.replace("{{{{", "")
+    assert all(t.render("PAYLOAD-XYZ").count("PAYLOAD-XYZ") == 1 for t in templates)
+    assert not any("{%" in t.render("x") or "{{ prompt" in t.render("x") for t in templates)  # rendered as Jinja
+    assert "PAYLOAD-XYZ" in rendered
     families = {t.family for t in templates}
     assert len(families) >= 3 and all(sum(t.family == f for t in templates) >= 5 for f in families)
 
