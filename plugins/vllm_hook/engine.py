@@ -14,9 +14,9 @@ layer's attention block scores its input at every token and writes the score's v
 request whose *last prompt token* is in the batch (``token_write``: that request's slot, else a dummy slot);
 blocks after the gate layer add ``(alpha_off + after[t]·fired[slot[t]]·(α[t] − alpha_off)) · table[l]``,
 ``after[t]`` marking tokens at or after their request's last prompt token; blocks up to the gate layer add the
-same with ``generated[t]`` (tokens after the last prompt token) in its place, whose decision an earlier forward
-wrote (a lock whose gate has ``early_heads="never"`` shifts no head up to the gate layer). The host only writes per-token
-slots and positions (known before the step); it never reads a decision back. A request keeps its slot while
+same with ``generated[t]`` (tokens after the last prompt token, whose decision an earlier forward wrote) in its
+place; a gate with ``early_heads="never"`` shifts no head up to its layer. The host only writes per-token slots
+and positions (known before the step); it never reads a decision back. A request keeps its slot while
 the runner holds its state (preempted requests included), so a resumed request keeps its decision.
 Each decision is also counted once per request (``gatecount``): after a forward, the verdicts of the requests it
 decided are copied out (non-blocking, read when that copy has landed), never waited for.
