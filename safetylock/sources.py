@@ -161,7 +161,7 @@ class Sizes:
     jailbreak_per_family: int = 24  # harmful; as many benign in the same family's templates
     context_per_family: int = 30  # harmful; as many benign in the same family's wrappers
     benign: int = 300
-    borderline: int | None = None  # None: all
+    borderline_per_family: int | None = None  # None: all
     conversational: int | None = None
     multiturn: int = 60  # harmful; as many benign
 
@@ -184,7 +184,7 @@ def gate_requests(harmful: data.PromptSet, sizes: Sizes = Sizes(), seed: int = 0
     requests += [single(p, True, "redteam") for p in _take(rng, objectives, sizes.redteam)]
     requests += [single(p, False, "benign") for p in _take(rng, benign_pool, sizes.benign)]
     for family, prompts in borderline().items():
-        requests += [single(p, False, "borderline", family) for p in prompts]
+        requests += [single(p, False, "borderline", family) for p in _take(rng, prompts, sizes.borderline_per_family)]
     requests += [single(p, False, "conversational") for p in _take(rng, conversational_benign(), sizes.conversational)]
     by_family: dict[str, list[Template]] = {}
     for template in jailbreak_templates():
