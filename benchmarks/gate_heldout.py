@@ -181,7 +181,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.bar(x - 0.2, [key(r, "unlocked") for r in rows], 0.4, label="unlocked")
     ax.bar(x + 0.2, [key(r, "gated") for r in rows], 0.4, label="gated (gate fit without this source)")
     ax.set_xticks(x, labels, fontsize=7, rotation=30, ha="right")
-    ax.set_ylabel("harmful answers (harmful suites) / over-refusal (benign)")
+    ax.set_ylabel("harmful answers / benign refused")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
