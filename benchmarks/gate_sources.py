@@ -72,14 +72,11 @@ def main(model_name: str, seed: int, out: str) -> None:
 
     layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
     features = features_cached(model_dir, requests, layers)
-    fit, calibration = split(requests, seed=seed)
-    index = {id(r): i for i, r in enumerate(requests)}
-    fit_idx, cal_idx = [index[id(r)] for r in fit], [index[id(r)] for r in calibration]
+    f, c = split(requests, seed=seed)
     labels, groups = np.array([r.harmful for r in requests]), np.array([r.source for r in requests])
     rows = []
     for layer in layers:
-        table = leave_one_source_out(features[layer], requests, fit_idx, cal_idx, seed)
-        f, c = np.asarray(fit_idx), np.asarray(cal_idx)
+        table = leave_one_source_out(features[layer], requests, f, c, seed)
         weight, bias = fit_linear(features[layer][f], labels[f], groups[f], seed)
         scores = features[layer][c] @ weight + bias
         in_dist = auroc(scores[labels[c]], scores[~labels[c]])

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from safetylock.errors import ExtractError, LockError
-from safetylock.sources import Request, source_hashes
+from safetylock.sources import Request, gate_requests, source_hashes, split
 
 if TYPE_CHECKING:
     from safetylock.data import PromptSet
@@ -283,20 +283,15 @@ def gate_from_features(
     features: dict[int, np.ndarray], requests: Sequence[Request], seed: int = 0, progress: bool = False
 ) -> tuple[Gate, dict[int, list[Heldout]]]:
     """``fit_gate`` on features already computed (``{layer: [requests, hidden]}``, rows in request order)."""
-    from safetylock.sources import split
-
     layers = sorted(features)
-    fit, calibration = split(requests, seed=seed)
-    index = {id(r): i for i, r in enumerate(requests)}
-    fit_idx, cal_idx = [index[id(r)] for r in fit], [index[id(r)] for r in calibration]
+    fit_arr, cal_arr = split(requests, seed=seed)
     tables = {
-        layer: leave_one_source_out(features[layer], requests, fit_idx, cal_idx, seed)
+        layer: leave_one_source_out(features[layer], requests, fit_arr, cal_arr, seed)
         for layer in tqdm(layers, desc="gate layers (leave one source out)", disable=not progress)
     }
     best = max(layers, key=lambda layer: (round(out_of_source_score(tables[layer]), 6), layer))
     x = features[best]
     labels, groups = np.array([r.harmful for r in requests]), np.array([r.source for r in requests])
-    fit_arr, cal_arr = np.asarray(fit_idx), np.asarray(cal_idx)
     weight, bias = fit_linear(x[fit_arr], labels[fit_arr], groups[fit_arr], seed)
     scores = x @ weight + bias
     benign_cal, harmful_cal = scores[cal_arr[~labels[cal_arr]]], scores[cal_arr[labels[cal_arr]]]
@@ -311,7 +306,7 @@ def gate_from_features(
         "target_fpr": TARGET_FPR,
         "fpr": _rate(benign_cal, threshold),
         "tpr": _rate(harmful_cal, threshold),
-        "sizes": {"fit": len(fit_idx), "calibration": len(cal_idx), "requests": len(requests)},
+        "sizes": {"fit": len(fit_arr), "calibration": len(cal_arr), "requests": len(requests)},
         "data": source_hashes(requests),
         "firing_by_source": by_source,
         "layer_selection": "leave-one-source-out: mean held-out TPR at 5% FPR minus mean held-out FPR",
@@ -346,11 +341,10 @@ def benign_calibration(harmful: PromptSet, seed: int = 0) -> list[Chat]:
     """The benign calibration requests of the gate's data (every benign kind): what ``recalibrate`` runs through a
     served fine-tune. Single-turn requests are sent as their text alone (the served framing adds its own
     system prompt); multi-turn ones as their turns."""
-    from safetylock.sources import gate_requests, split
-
-    _, calibration = split(gate_requests(harmful, seed=seed), seed=seed)
+    requests = gate_requests(harmful, seed=seed)
+    _, calibration = split(requests, seed=seed)
     chats: list[Chat] = []
-    for request in calibration:
+    for request in (requests[i] for i in calibration):
         if request.harmful:
             continue
         turns = [m for m in request.messages() if m["role"] != "system"]

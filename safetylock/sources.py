@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from safetylock import data
@@ -142,9 +143,15 @@ def borderline() -> dict[str, tuple[str, ...]]:
     return {family: tuple(prompts) for family, prompts in _probe_json("borderline_safe.json")["families"].items()}
 
 
-def context_wrappers() -> dict[str, tuple[str, ...]]:
-    """Ways users wrap a request (who they are, a story, a reason), by family; ``{request}`` is the request."""
-    return {family: tuple(t) for family, t in _probe_json("context_wrappers.json")["families"].items()}
+def context_wrappers() -> tuple[Template, ...]:
+    """Ways users wrap a request (who they are, a story, a reason), by family (``{request}`` in the probe data is
+    where the request goes)."""
+    families = _probe_json("context_wrappers.json")["families"]
+    return tuple(
+        Template(family, f"{family}-{i}", text.replace("{request}", "{{ prompt }}"))
+        for family, texts in families.items()
+        for i, text in enumerate(texts)
+    )
 
 
 def conversational_benign() -> tuple[str, ...]:
@@ -171,6 +178,19 @@ def _take(rng: random.Random, items: Sequence[str], count: int | None) -> list[s
     return items if count is None or count >= len(items) else rng.sample(items, count)
 
 
+def _wrapped(
+    rng: random.Random, source: str, templates: Sequence[Template], count: int, harmful: Sequence[str], benign: Sequence[str]
+) -> list[Request]:
+    """``count`` harmful and ``count`` benign requests, each a seeded template around a seeded payload: the same
+    wrapping on both sides, so that only the request tells them apart."""
+    out = []
+    for label, payloads in ((True, harmful), (False, benign)):
+        for _ in range(count):
+            template = rng.choice(templates)
+            out.append(single(template.render(rng.choice(payloads)), label, source, template.name))
+    return out
+
+
 def gate_requests(harmful: data.PromptSet, sizes: Sizes = Sizes(), seed: int = 0) -> tuple[Request, ...]:
     """The gate's requests from every source (deterministic for a seed). Harmful requests come from the
     extraction split of ``harmful`` (never its held-out half) and the red-team objectives; benign ones from
@@ -186,24 +206,14 @@ def gate_requests(harmful: data.PromptSet, sizes: Sizes = Sizes(), seed: int = 0
     for family, prompts in borderline().items():
         requests += [single(p, False, "borderline", family) for p in _take(rng, prompts, sizes.borderline_per_family)]
     requests += [single(p, False, "conversational") for p in _take(rng, conversational_benign(), sizes.conversational)]
-    by_family: dict[str, list[Template]] = {}
-    for template in jailbreak_templates():
-        by_family.setdefault(template.family, []).append(template)
-    payload_harmful, payload_benign = own + objectives, benign_pool
-    for family in sorted(by_family):
-        templates = by_family[family]
-        for harmful_payload in (True, False):
-            payloads = payload_harmful if harmful_payload else payload_benign
-            for _ in range(sizes.jailbreak_per_family):
-                template = rng.choice(templates)
-                prompt = template.render(rng.choice(payloads))
-                requests.append(single(prompt, harmful_payload, f"jailbreak-{family}", template.name))
-    for family, wrappers in sorted(context_wrappers().items()):
-        for harmful_payload in (True, False):
-            payloads = payload_harmful if harmful_payload else payload_benign
-            for _ in range(sizes.context_per_family):
-                prompt = rng.choice(wrappers).replace("{request}", rng.choice(payloads))
-                requests.append(single(prompt, harmful_payload, f"context-{family}"))
+    payload_harmful = own + objectives
+    for kind, templates, count in (
+        ("jailbreak", jailbreak_templates(), sizes.jailbreak_per_family),
+        ("context", context_wrappers(), sizes.context_per_family),
+    ):
+        for family in sorted({t.family for t in templates}):
+            members = [t for t in templates if t.family == family]
+            requests += _wrapped(rng, f"{kind}-{family}", members, count, payload_harmful, benign_pool)
     for _ in range(sizes.multiturn):
         first, second = rng.choice(benign_pool), rng.choice(payload_harmful)
         turns: Turns = (("user", first), ("assistant", FIRST_TURN_REPLY), ("user", second))
@@ -234,8 +244,8 @@ def source_hashes(requests: Iterable[Request]) -> dict[str, str]:
     return {source: hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16] for source, rows in sorted(grouped.items())}
 
 
-def split(requests: Sequence[Request], calibration_share: float = 0.25, seed: int = 0) -> tuple[list[Request], list[Request]]:
-    """Seeded (fit, calibration) split, stratified by source and label."""
+def split(requests: Sequence[Request], calibration_share: float = 0.25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (fit, calibration) split, stratified by source and label: the two index arrays, in request order."""
     if not 0.0 < calibration_share < 1.0:
         raise DataError(f"calibration_share must be in (0, 1), got {calibration_share}")
     strata: dict[tuple[str, bool], list[int]] = {}
@@ -247,10 +257,8 @@ def split(requests: Sequence[Request], calibration_share: float = 0.25, seed: in
         members = strata[key]
         rng.shuffle(members)
         calibration.update(members[: max(1, round(len(members) * calibration_share))] if len(members) > 1 else [])
-    return (
-        [r for i, r in enumerate(requests) if i not in calibration],
-        [r for i, r in enumerate(requests) if i in calibration],
-    )
+    held = np.array([i in calibration for i in range(len(requests))], dtype=bool)
+    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
 def load_requests(path: str | Path) -> tuple[Request, ...]:

@@ -66,7 +66,8 @@ def test_same_seed_same_requests_other_seed_other_draw(requests):
 
 def test_split_is_stratified_by_source_and_label(requests):
     fit, calibration = sources.split(requests, seed=0)
-    assert len(fit) + len(calibration) == len(requests)
+    assert len(fit) + len(calibration) == len(requests) and not set(fit) & set(calibration)
+    calibration = [requests[i] for i in calibration]
     for source in {r.source for r in requests}:
         for label in (True, False):
             whole = sum(r.source == source and r.harmful == label for r in requests)
