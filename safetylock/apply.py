@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +12,7 @@ from safetylock.gate import Gate
 from safetylock.geometry import HeadGeometry, head_geometry, output_projections
 from safetylock.lockfile import SafetyLock, check_alpha
 from safetylock.provenance import Verdict, check, hf_multiply
+from safetylock.respond import forced_logits, forced_targets
 
 
 def layer_shifts(lock: SafetyLock, alpha: float) -> dict[int, torch.Tensor]:
@@ -94,7 +96,8 @@ def apply(model: torch.nn.Module, lock: SafetyLock, alpha: float | None = None, 
 @dataclass
 class GatedHandle:
     """Undo record of a gated lock on an HF model: ``remove()`` (or leaving the ``with`` block) unhooks it.
-    ``fired`` holds the last prompt batch's gate decisions (one per row)."""
+    ``fired`` holds the last prompt batch's gate decisions (one per row); ``refusal`` the forced answer's tokens
+    under the ``refuse`` response (``safetylock.respond``), else None."""
 
     gate: Gate
     alpha_on: float
@@ -102,6 +105,19 @@ class GatedHandle:
     hooks: list = field(default_factory=list)
     fired: torch.Tensor | None = None
     provenance: Verdict | None = None
+    refusal: torch.Tensor | None = None
+
+    def force(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """Next-token ``logits`` [rows, vocab] of output position ``step`` under the response policy: rows whose
+        gate fired become the refusal's token there (``refuse``, α-on not 0); unchanged otherwise."""
+        if self.refusal is None or self.alpha_on == 0 or self.fired is None:
+            return logits
+        steps = torch.full((logits.shape[0],), step, dtype=torch.int64)
+        return forced_logits(logits, self.fired, forced_targets(self.refusal, steps))
+
+    def logits_processor(self, prompt_width: int):
+        """``force`` as a transformers logits processor for ``model.generate`` on prompts ``prompt_width`` wide."""
+        return lambda input_ids, scores: self.force(scores, input_ids.shape[1] - prompt_width)
 
     def remove(self) -> None:
         for hook in self.hooks:
@@ -121,9 +137,13 @@ def apply_gated(
     alpha_on: float | None = None,
     alpha_off: float = 0.0,
     allow_foreign_base: bool = False,
+    refusal: Sequence[int] | None = None,
 ) -> GatedHandle:
     """The gated lock on an HF model (semantics: ``safetylock.gate``): ``with apply_gated(model, lock, 4): ...``.
 
+    ``refusal``: None serves requests whose gate fires at α-on (``steer``); token ids (``respond.refusal_ids``)
+    answer them with those tokens instead (``refuse``: heads at α-off for every request; pass
+    ``handle.logits_processor(...)`` to ``generate`` or ``handle.force`` the logits of each step).
     Made for ``model.generate`` on left-padded batches: a forward of more than one token is a new batch of
     prompts, whose last position is every row's last prompt token; a one-token forward is a decode step.
     """
@@ -138,7 +158,11 @@ def apply_gated(
     projections = output_projections(model, geometry)
     verdict = check(lock, hf_multiply(projections), allow_foreign_base)
     blocks = attention_blocks(model, geometry.num_layers)
-    handle = GatedHandle(gate, alpha_on, alpha_off, provenance=verdict)
+    forced = None if refusal is None else torch.tensor(list(refusal), dtype=torch.int64)
+    if forced is not None and forced.numel() == 0:
+        raise LockError("the refuse response needs at least one refusal token")
+    handle = GatedHandle(gate, alpha_on, alpha_off, provenance=verdict, refusal=forced)
+    shift_on = alpha_off if forced is not None else alpha_on  # refuse: a fired request's answer is forced, not steered
 
     def decide(_module, args, kwargs):
         hidden = block_input(args, kwargs)
@@ -151,9 +175,9 @@ def apply_gated(
             if hidden.shape[1] > 1:  # a prompt forward (before the gate layer, this batch is not decided yet)
                 scale = torch.full(hidden.shape[:2], alpha_off, dtype=hidden.dtype, device=hidden.device)
                 if on_prompt:  # after the gate layer: the last prompt token is served at its decision
-                    scale[:, -1] = torch.where(handle.fired, alpha_on, alpha_off).to(hidden.dtype)
+                    scale[:, -1] = torch.where(handle.fired, shift_on, alpha_off).to(hidden.dtype)
             else:  # a generated token: every shifted head at the request's decision
-                scale = torch.where(handle.fired, alpha_on, alpha_off).to(hidden.dtype)[:, None]
+                scale = torch.where(handle.fired, shift_on, alpha_off).to(hidden.dtype)[:, None]
             return (hidden + scale[:, :, None] * bias.to(hidden.dtype), *output[1:])
 
         return hook

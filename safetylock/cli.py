@@ -66,6 +66,32 @@ def alpha_option(help: str = "Default: the lock's own α."):
     return click.option("--alpha", type=ALPHA, default=None, help=help)
 
 
+def response_options(func):
+    """``--response`` and ``--refusal-message``: how a gated server answers requests whose gate fires."""
+    from safetylock.respond import RESPONSES
+
+    func = click.option(
+        "--refusal-message",
+        default=None,
+        help="Gated, --response refuse: the answer to requests whose gate fires (default: a one-line refusal).",
+    )(func)
+    return click.option(
+        "--response",
+        type=click.Choice(RESPONSES),
+        default=None,
+        help="Gated: answer requests whose gate fires by steering the model (steer, the default) or with the "
+        "refusal message (refuse).",
+    )(func)
+
+
+def _response_section(gated: bool, response: str | None, refusal_message: str | None) -> dict[str, str]:
+    """The section keys of ``--response``/``--refusal-message`` (checked together by ``serve_config``)."""
+    if (response or refusal_message) and not gated:
+        message = "--response and --refusal-message apply to gated serving: add --gated"
+        raise click.BadParameter(message, param_hint="--response")
+    return {k: v for k, v in {"response": response, "refusal_message": refusal_message}.items() if v is not None}
+
+
 @click.group()
 @click.version_option(package_name="safetylock")
 def main() -> None:
@@ -306,6 +332,7 @@ def _adapter_alphas(values: tuple[str, ...]) -> dict[str, float]:
 )
 @click.option("--gated", is_flag=True, help="Gated lock: α on requests the lock's gate calls harmful, --alpha-off on the rest.")
 @click.option("--alpha-off", type=ALPHA, default=None, help="Gated: α of requests whose gate does not fire (default 0).")
+@response_options
 @click.option("--dry-run", is_flag=True, help="Print the server command instead of starting it.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 @user_errors
@@ -320,6 +347,8 @@ def serve(
     allow_foreign_base: bool,
     gated: bool,
     alpha_off: float | None,
+    response: str | None,
+    refusal_message: str | None,
     dry_run: bool,
     vllm_args: tuple[str, ...],
 ) -> None:
@@ -344,7 +373,7 @@ def serve(
         allow_foreign_base=allow_foreign_base,
         gated=gated,
         alpha_off=alpha_off,
-    )
+    ) | _response_section(gated, response, refusal_message)
     config = serve_config({CONFIG_KEY: section})
     prepared = prepare(config, head_geometry(AutoConfig.from_pretrained(model_dir)))  # fail before starting
     click.echo(
@@ -403,6 +432,7 @@ def demo(model_name: str, lock_path: Path | None, alpha: float | None, max_token
 @click.option("--lock", "lock_path", type=click.Path(path_type=Path), default=None, help="Offline only.")
 @alpha_option("Offline only; default: the lock's own α.")
 @click.option("--gated", is_flag=True, help="Offline only: serve the lock gated (α on requests its gate fires on).")
+@response_options
 @click.option(
     "--suite",
     "suites",
@@ -437,6 +467,8 @@ def eval_command(
     lock_path,
     alpha,
     gated,
+    response,
+    refusal_message,
     suites,
     count,
     seed,
@@ -459,8 +491,11 @@ def eval_command(
 
     if gated and lock_path is None:
         raise click.BadParameter("--gated needs --lock", param_hint="--gated")
-    if endpoint and (lock_path or alpha is not None):
-        raise click.BadParameter("--lock/--alpha apply offline only; a server applies its own lock", param_hint="--lock")
+    if endpoint and (lock_path or alpha is not None or gated or response or refusal_message):
+        raise click.BadParameter(
+            "--lock/--alpha/--gated/--response apply offline only; a server applies its own lock", param_hint="--lock"
+        )
+    responding = _response_section(gated, response, refusal_message)
     if endpoint and enforce_eager:
         raise click.BadParameter("--enforce-eager applies offline only", param_hint="--enforce-eager")
     if endpoint and dtype:
@@ -476,12 +511,13 @@ def eval_command(
         section = None
         if lock_path is not None:
             lock = load(lock_path)
-            section = lock_section(lock_path, alpha, gated=gated)
+            section = lock_section(lock_path, alpha, gated=gated) | responding
             target |= {
                 "lock": str(lock_path),
                 "lock_fingerprint": lock.fingerprint,
                 "alpha": lock.default_alpha if alpha is None else alpha,
                 **({"gated": True} if gated else {}),
+                **responding,
             }
         engine_args = ({"enforce_eager": True} if enforce_eager else {}) | ({"dtype": dtype} if dtype else {})
         target |= engine_args

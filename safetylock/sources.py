@@ -129,9 +129,7 @@ def jailbreak_templates(max_chars: int = MAX_TEMPLATE_CHARS) -> tuple[Template, 
     sizes: dict[str, int] = {}
     for template in found:
         sizes[template.family] = sizes.get(template.family, 0) + 1
-    return tuple(
-        t if sizes[t.family] >= MIN_FAMILY_TEMPLATES else Template("other", t.name, t.text) for t in found
-    )
+    return tuple(t if sizes[t.family] >= MIN_FAMILY_TEMPLATES else Template("other", t.name, t.text) for t in found)
 
 
 def _probe_json(name: str) -> dict:

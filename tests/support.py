@@ -283,16 +283,18 @@ def hf_reference(
 
 
 @torch.no_grad()
-def hf_gated_greedy(model, lock: SafetyLock, alpha_on: float, prompts=PROMPTS, max_tokens=MAX_TOKENS) -> list[dict]:
+def hf_gated_greedy(
+    model, lock: SafetyLock, alpha_on: float, prompts=PROMPTS, max_tokens=MAX_TOKENS, refusal: list[int] | None = None
+) -> list[dict]:
     """Greedy continuation under the gated lock, one prompt at a time with the KV cache (the gate decides on the
-    prompt's forward; each later forward is one decode step)."""
+    prompt's forward; each later forward is one decode step); with ``refusal``, under the refuse response."""
     results = []
-    with apply_gated(model, lock, alpha_on):
+    with apply_gated(model, lock, alpha_on, refusal=refusal) as handle:
         for ids in prompts:
             out = model(input_ids=torch.tensor([ids]), use_cache=True)
             tokens, logprobs = [], []
-            for _ in range(max_tokens):
-                logp = torch.log_softmax(out.logits[0, -1].double(), -1)
+            for step in range(max_tokens):
+                logp = torch.log_softmax(handle.force(out.logits[:, -1], step)[0].double(), -1)
                 token = int(logp.argmax())
                 tokens.append(token)
                 logprobs.append(float(logp[token]))

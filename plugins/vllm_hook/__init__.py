@@ -82,11 +82,12 @@ def _prepare(vllm_config):
 
 def _wrap_worker() -> None:
     """Dynamic mode, in the worker: fill the per-token α before each forward of the V1 runner (GPU and CPU),
-    count gate decisions after it, and add the ``safetylock_swap`` method that ``collective_rpc`` reaches."""
+    count gate decisions after it, force refusals in its sampling step (the refuse response), and add the
+    ``safetylock_swap`` method that ``collective_rpc`` reaches."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.worker_base import WorkerBase
 
-    from safetylock_vllm.engine import count_gate, fill_scale, swap_rpc
+    from safetylock_vllm.engine import count_gate, fill_scale, sample, swap_rpc
 
     WorkerBase.safetylock_swap = swap_rpc
 
@@ -107,6 +108,13 @@ def _wrap_worker() -> None:
         count_gate()
         return output
 
+    original_sample = GPUModelRunner._sample
+
+    @functools.wraps(original_sample)
+    def locked_sample(self, logits, spec_decode_metadata):
+        return sample(self, original_sample, logits, spec_decode_metadata)
+
     prepare_inputs._safetylock_wrapped = True
     GPUModelRunner._prepare_inputs = prepare_inputs
     GPUModelRunner.execute_model = execute_model
+    GPUModelRunner._sample = locked_sample

@@ -18,6 +18,9 @@ same with ``generated[t]`` (tokens after the last prompt token, whose decision a
 place; a gate with ``early_heads="never"`` shifts no head up to its layer. The host only writes per-token slots
 and positions (known before the step); it never reads a decision back. A request keeps its slot while
 the runner holds its state (preempted requests included), so a resumed request keeps its decision.
+Under the ``refuse`` response (``safetylock.respond``) every token is shifted at α-off, and the sampler forces
+the refusal on each request whose slot fired: the host knows each row's slot, output position and α before the
+step (``Forcing``); the decision itself stays on the device.
 Each decision is also counted once per request (``gatecount``): after a forward, the verdicts of the requests it
 decided are copied out (non-blocking, read when that copy has landed), never waited for.
 The fill runs inside the runner's ``_prepare_inputs``, i.e. inside its ``synchronize_input_prep`` block: under
@@ -38,6 +41,7 @@ from safetylock.alpha import REQUEST_ALPHA_KEY
 from safetylock.errors import LockError
 from safetylock.gate import block_input
 from safetylock.provenance import Verdict
+from safetylock.respond import forced_logits, forced_targets, refusal_ids
 from safetylock.serve.config import PreparedLock, ServeConfig, prepare
 from safetylock.serve.fold import check_provenance, checked_bias, sharded_biases, sharded_multiply, unit_bias_table
 from safetylock_vllm.gatecount import GateCounts
@@ -216,6 +220,8 @@ class GateBuffers:
     deciding: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (request, slot) of this step
     copies: list[tuple[list[str], torch.Tensor, object]] = dataclasses.field(default_factory=list)  # in flight
     counted: set[str] = dataclasses.field(default_factory=set)  # requests already counted (recompute: once)
+    refusal: torch.Tensor | None = None  # host int64: the refuse response's tokens (message, end-of-sequence), else None
+    forcing: Forcing | None = None  # this step's rows, made by ``fill``, taken by the sampler
 
     @property
     def dummy(self) -> int:
@@ -237,9 +243,10 @@ class GateBuffers:
             self.slots[req_id] = next(i for i in range(self.dummy) if i not in used)
         return self.slots[req_id]
 
-    def fill(self, runner, req_ids: list[str], num_scheduled_tokens: np.ndarray) -> None:
-        """Per scheduled token: its slot, the slot it writes, and whether it is at or after the last prompt token."""
-        slots, writes, after, generated = [], [], [], []
+    def fill(self, runner, req_ids: list[str], num_scheduled_tokens: np.ndarray, alphas: list[float]) -> None:
+        """Per scheduled token: its slot, the slot it writes, and whether it is at or after the last prompt token;
+        under the refuse response, also this step's ``Forcing`` (requests served at ``alphas``)."""
+        slots, writes, after, generated, steps = [], [], [], [], []
         computed = runner.input_batch.num_computed_tokens_cpu
         for index, req_id in enumerate(req_ids):
             last = runner.requests[req_id].num_prompt_tokens - 1
@@ -249,8 +256,11 @@ class GateBuffers:
             writes.append(np.where(positions == last, slot, self.dummy))
             after.append(positions >= last)
             generated.append(positions > last)
+            steps.append(int(positions[-1]) - last)  # the output position this row samples (< 0: mid-prompt)
             if self.counts is not None and last in positions:
                 self.deciding.append((req_id, slot))
+        if self.refusal is not None:
+            self.forcing = Forcing.of(self, [s[0] for s in slots], steps, alphas)
         count = int(num_scheduled_tokens.sum())
         pairs = ((self.token_slot, slots), (self.token_write, writes), (self.token_after, after))
         for buffer, values in (*pairs, (self.token_generated, generated)):
@@ -278,6 +288,37 @@ class GateBuffers:
             new = [(r, v) for r, v in zip(req_ids, verdicts.tolist()) if r not in self.counted]
             self.counted.update(r for r, _ in new)
             self.counts.add(len(new), sum(v > 0.5 for _, v in new))
+
+
+@dataclass(frozen=True)
+class Forcing:
+    """One step's rows (requests in batch order) under the refuse response: each row's request slot, the token
+    the refusal has at its output position, and whether it may be forced (an output position, α not 0)."""
+
+    slots: torch.Tensor  # [rows] int64
+    targets: torch.Tensor  # [rows] int64
+    forcible: torch.Tensor  # [rows] bool
+
+    @classmethod
+    def of(cls, gate: GateBuffers, slots: list[int], steps: list[int], alphas: list[float]) -> Forcing:
+        device = gate.fired.device
+        positions = torch.tensor(steps, dtype=torch.int64)
+        forcible = (positions >= 0) & (torch.tensor(alphas, dtype=torch.float64) != 0)
+        return cls(
+            torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True),
+            forced_targets(gate.refusal, positions).to(device, non_blocking=True),
+            forcible.to(device, non_blocking=True),
+        )
+
+    def apply(self, fired: torch.Tensor, sample, logits: torch.Tensor):
+        """Sample ``logits`` with every forcible row whose slot fired forced to its target (logits and token)."""
+        if logits.shape[0] != self.slots.numel():
+            raise RuntimeError(f"safetylock: {logits.shape[0]} rows to sample, {self.slots.numel()} requests prepared")
+        forced = (fired[self.slots] > 0.5) & self.forcible
+        output = sample(forced_logits(logits, forced, self.targets))
+        tokens = output.sampled_token_ids
+        output.sampled_token_ids = torch.where(forced[:, None], self.targets[:, None].to(tokens.dtype), tokens)
+        return output
 
 
 @dataclass
@@ -313,6 +354,11 @@ class DynamicLock:
         if prepared.config.gated and gate.early_heads == "never":  # only heads after the gate layer are shifted
             table[: gate.layer + 1] = 0
         return table.to(device=self.table.device, dtype=self.table.dtype)
+
+    @property
+    def shift_alpha_off_only(self) -> bool:
+        """Whether every token is shifted at α-off (the refuse response: fired requests are forced, not steered)."""
+        return self.gate is not None and self.gate.refusal is not None
 
     def swap(self, config: ServeConfig, geometry) -> dict[str, object]:
         """Replace the lock and/or default α between engine steps: all checks first, then one in-place copy."""
@@ -397,6 +443,8 @@ def install_dynamic(model: torch.nn.Module, prepared: PreparedLock, vllm_config)
     if gate is not None:
         state.gate = _install_gate(blocks, gate, vllm_config, capacity, device, dtype)
         state.gate.counts = GateCounts.attach() if _tensor_parallel()[0] == 0 else None
+        if prepared.config.response.refuses:
+            state.gate.refusal = _refusal_tokens(prepared.config.response.message, vllm_config)
     for layer, block in enumerate(blocks):
         if gate is not None and not gate.shifts_when_generating(layer):
             continue
@@ -428,6 +476,26 @@ def install_dynamic(model: torch.nn.Module, prepared: PreparedLock, vllm_config)
     )
 
 
+def _refusal_tokens(message: str, vllm_config) -> torch.Tensor:
+    """The refuse response's tokens in the served tokenizer; LockError where they cannot be forced."""
+    from vllm.tokenizers.registry import cached_get_tokenizer
+
+    if vllm_config.speculative_config is not None:
+        raise LockError("the refuse response cannot be combined with speculative decoding: start without it")
+    model_config = vllm_config.model_config
+    try:
+        tokenizer = cached_get_tokenizer(
+            model_config.tokenizer, revision=model_config.tokenizer_revision, trust_remote_code=model_config.trust_remote_code
+        )
+    except Exception as exc:
+        raise LockError(f"the refuse response needs the served tokenizer ({model_config.tokenizer}): {exc}") from exc
+    ids = refusal_ids(tokenizer, message)
+    vocab = model_config.get_vocab_size()
+    if max(ids) >= vocab:
+        raise LockError(f"the refusal's token {max(ids)} is outside the served model's vocabulary ({vocab})")
+    return torch.tensor(ids, dtype=torch.int64)
+
+
 def _mode_text(prepared: PreparedLock) -> str:
     gate = prepared.lock.gate
     if not prepared.config.gated:
@@ -436,7 +504,10 @@ def _mode_text(prepared: PreparedLock) -> str:
     early = "every head from the first generated token" if gate.early_heads == "generated" else "no earlier head"
     return (
         f"gated (gate at layer {gate.layer}, threshold {gate.threshold:.4g}, {calibration}, "
-        f"alpha_off={prepared.config.alpha_off:g}, heads after layer {gate.layer} from the last prompt token, {early})"
+        f"alpha_off={prepared.config.alpha_off:g}, heads after layer {gate.layer} from the last prompt token, {early}, "
+        f"response {prepared.config.response.kind}"
+        + (f": {prepared.config.response.message!r}" if prepared.config.response.refuses else "")
+        + ")"
     )
 
 
@@ -476,9 +547,22 @@ def fill_scale(runner, num_scheduled_tokens: np.ndarray) -> None:
         params = getattr(runner.requests[req_id], "sampling_params", None)
         extra = (params.extra_args if params is not None else None) or {}
         alphas.append(float(extra.get(REQUEST_ALPHA_KEY, state.default_alpha)))
-    state.fill(alphas, num_scheduled_tokens)
+    shifts = [state.prepared.config.alpha_off] * len(alphas) if state.shift_alpha_off_only else alphas
+    state.fill(shifts, num_scheduled_tokens)
     if state.gate is not None:
-        state.gate.fill(runner, req_ids, num_scheduled_tokens)
+        state.gate.fill(runner, req_ids, num_scheduled_tokens, alphas)
+
+
+def sample(runner, original, logits, spec_decode_metadata):
+    """The V1 runner's ``_sample`` under the refuse response: rows of requests whose gate fired are forced."""
+    state = STATE.dynamic
+    gate = state.gate if state is not None else None
+    if gate is None or gate.refusal is None or logits is None:
+        return original(runner, logits, spec_decode_metadata)
+    forcing, gate.forcing = gate.forcing, None
+    if forcing is None or spec_decode_metadata is not None:
+        raise RuntimeError("safetylock: a sampling step without its prepared rows; refusing to sample unforced")
+    return forcing.apply(gate.fired, lambda forced: original(runner, forced, None), logits)
 
 
 def count_gate() -> None:

@@ -17,6 +17,7 @@ from safetylock.alpha import AlphaPolicy, check_alpha
 from safetylock.errors import LockError
 from safetylock.geometry import HeadGeometry
 from safetylock.lockfile import SafetyLock, load
+from safetylock.respond import DEFAULT_REFUSAL, ResponsePolicy
 
 CONFIG_KEY = "safetylock"  # the user's section of vLLM's additional_config
 CACHE_KEY = "safetylock_cache_key"  # written by the plugin only: what enters vLLM's compile-cache hash
@@ -24,7 +25,8 @@ ENV_LOCK = "SAFETYLOCK_LOCK"
 ENV_ALPHA = "SAFETYLOCK_ALPHA"
 ENV_ADMIN_TOKEN = "SAFETYLOCK_ADMIN_TOKEN"
 POLICY_KEYS = ("allow_request_alpha", "min_alpha", "max_alpha", "adapter_alpha")
-SECTION_KEYS = ("lock", "alpha", *POLICY_KEYS, "allow_foreign_base", "gated", "alpha_off")
+RESPONSE_KEYS = ("response", "refusal_message")  # gated mode: how a request whose gate fires is answered
+SECTION_KEYS = ("lock", "alpha", *POLICY_KEYS, "allow_foreign_base", "gated", "alpha_off", *RESPONSE_KEYS)
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class ServeConfig:
     allow_foreign_base: bool = False  # the operator overrides the provenance check (logged at start-up)
     gated: bool = False  # the lock's gate decides per request: α on a harmful request, alpha_off otherwise
     alpha_off: float = 0.0  # gated mode: α of requests whose gate does not fire
+    response: ResponsePolicy = field(default_factory=ResponsePolicy)  # gated mode: see safetylock.respond
 
     @property
     def dynamic(self) -> bool:
@@ -122,8 +125,11 @@ def serve_config(additional_config: Mapping[str, Any] | None, environ: Mapping[s
     if not isinstance(section.get("lock"), str) or not section["lock"]:
         raise LockError(f"additional_config.{CONFIG_KEY}.lock must be the path of a lock file")
     alpha = section.get("alpha")
-    if "alpha_off" in section and not section.get("gated"):
-        raise LockError(f"{CONFIG_KEY}.alpha_off applies to gated serving only: set {CONFIG_KEY}.gated too")
+    for key in ("alpha_off", *RESPONSE_KEYS):
+        if key in section and not section.get("gated"):
+            raise LockError(f"{CONFIG_KEY}.{key} applies to gated serving only: set {CONFIG_KEY}.gated too")
+    if "refusal_message" in section and section.get("response") != "refuse":
+        raise LockError(f"{CONFIG_KEY}.refusal_message is used by the refuse response only: set {CONFIG_KEY}.response")
     return ServeConfig(
         Path(section["lock"]),
         None if alpha is None else check_alpha(alpha),
@@ -132,7 +138,18 @@ def serve_config(additional_config: Mapping[str, Any] | None, environ: Mapping[s
         allow_foreign_base=_flag(section, "allow_foreign_base"),
         gated=_flag(section, "gated"),
         alpha_off=check_alpha(section.get("alpha_off", 0.0), f"{CONFIG_KEY}.alpha_off"),
+        response=_response(section),
     )
+
+
+def _response(section: Mapping[str, Any]) -> ResponsePolicy:
+    kind = section.get("response", "steer")
+    if not isinstance(kind, str):
+        raise LockError(f"{CONFIG_KEY}.response must be a string, got {kind!r}")
+    try:
+        return ResponsePolicy(kind, section.get("refusal_message", DEFAULT_REFUSAL))
+    except LockError as exc:
+        raise LockError(f"{CONFIG_KEY}.{exc}") from None
 
 
 @dataclass(frozen=True)
@@ -152,7 +169,7 @@ class PreparedLock:
             "mode": self.config.mode,
             "policy": self.config.policy.summary(),
             "allow_foreign_base": self.config.allow_foreign_base,
-            **({"alpha_off": self.config.alpha_off} if self.config.gated else {}),
+            **({"alpha_off": self.config.alpha_off, "response": self.config.response.kind} if self.config.gated else {}),
         }
 
     def cache_salt(self, alpha: float) -> str:
