@@ -249,6 +249,7 @@ class RunSettings:
     framing: Framing = PLAIN
     gated: bool = False
     dtype: str | None = None
+    response: str | None = None  # gated: "refuse" answers fired requests with the default refusal (safetylock.respond)
 
     def eval_options(self) -> list[str]:
         """These settings as `safetylock eval` options."""
@@ -257,6 +258,7 @@ class RunSettings:
             options += ["--lock", str(self.lock), *(["--alpha", str(self.alpha)] if self.alpha is not None else [])]
         options += ["--enforce-eager"] if self.enforce_eager else []
         options += ["--gated"] if self.gated else []
+        options += ["--response", self.response] if self.response else []
         options += ["--dtype", self.dtype] if self.dtype else []
         options += ["--system-prompt", self.framing.system_prompt] if self.framing.system_prompt else []
         return options + (["--prompt-prefix", self.framing.prompt_prefix] if self.framing.prompt_prefix else [])
@@ -277,6 +279,7 @@ def run_inputs(model: str, count: int, max_tokens: int, settings: RunSettings, s
         lock = load(settings.lock)
         alpha = lock.default_alpha if settings.alpha is None else settings.alpha
         inputs |= {"lock": lock.fingerprint, "alpha": alpha, "gated": settings.gated}
+        inputs |= {"response": settings.response} if settings.response else {}  # earlier runs keep their keys
     inputs |= {"enforce_eager": settings.enforce_eager, "dtype": settings.dtype or "float32", **settings.framing.record()}
     suites = {spec: suite_digest(spec) for spec in settings.suites}
     return inputs | {"suites": suites, "max_tokens": max_tokens, "seed": seed}
