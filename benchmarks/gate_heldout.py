@@ -57,24 +57,30 @@ HOLDOUTS = {
 
 
 def suite_files(count: int, seed: int = 0) -> dict[str, Path]:
-    """The held-out suites as prompt files in the cache (rebuilt identically from the packaged data)."""
+    """The held-out suites as prompt files in the cache (rebuilt identically from the packaged data), each item
+    tagged with its source (what ``safetylock.overlap`` labels in-distribution by)."""
     rng = random.Random(seed)
     templates = sources.jailbreak_templates()
     heldout = list(data.split_harmful(data.advbench(), seed=0).heldout)
     benign_pool = data.benign_outside_evaluation()
+
+    def wrapped(pool: list[str]) -> list[tuple[str, str]]:
+        picks = [(rng.choice(templates), rng.choice(pool)) for _ in range(count)]
+        return [(template.render(payload), f"jailbreak-{template.family}") for template, payload in picks]
+
     prompts = {
-        "redteam": list(sources.redteam().prompts),
-        "jailbreak": [rng.choice(templates).render(rng.choice(heldout)) for _ in range(count)],
-        "jailbreak-benign": [rng.choice(templates).render(rng.choice(benign_pool)) for _ in range(count)],
-        "borderline": [p for family in sources.borderline().values() for p in family],
-        "conversational": list(sources.conversational_benign()),
+        "redteam": [(p, "redteam") for p in sources.redteam().prompts],
+        "jailbreak": wrapped(heldout),
+        "jailbreak-benign": wrapped(benign_pool),
+        "borderline": [(p, "borderline") for family in sources.borderline().values() for p in family],
+        "conversational": [(p, "conversational") for p in sources.conversational_benign()],
     }
     folder = models.cache_root() / "gate" / "suites"
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, items in prompts.items():
         path = folder / f"{name}.jsonl"
-        text = "".join(json.dumps({"prompt": p}) + "\n" for p in items)
+        text = "".join(json.dumps({"prompt": p, "source": source}) + "\n" for p, source in items)
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             path.write_text(text, encoding="utf-8")
         paths[name] = path

@@ -65,6 +65,7 @@ def merge(adapter: Path, merged: Path) -> None:
     model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     model.save_pretrained(merged)
     tokenizer.save_pretrained(merged)
+    shutil.copy(adapter / "nlsr_report.json", merged / "nlsr_report.json")  # `eval` checks suites against its data
 
 
 @click.command()

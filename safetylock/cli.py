@@ -484,7 +484,7 @@ def eval_command(
     out,
 ) -> None:
     """Generate on safety suites, judge every response, write JSON with all items and a summary."""
-    from safetylock import evaluate
+    from safetylock import evaluate, nlsr, overlap
     from safetylock.lockfile import load
     from safetylock.serve.config import lock_section
     from safetylock.serve.offline import vllm_generator
@@ -505,12 +505,16 @@ def eval_command(
     loaded = [evaluate.load_suite(spec, count, seed) for spec in suites]  # bad suites fail before any generation
     framing = evaluate.Framing(system_prompt, prompt_prefix)
     target: dict = {"model": model_name, "endpoint": endpoint, **framing.record()}
+    fits = []
     if endpoint:
         generate = evaluate.endpoint_generator(endpoint, model_name, concurrency, framing)
     else:
         section = None
+        repaired = models.resolve(model_name) / nlsr.REPORT_NAME
+        fits += [overlap.nlsr_fit(json.loads(repaired.read_text()))] if repaired.is_file() else []
         if lock_path is not None:
             lock = load(lock_path)
+            fits += overlap.lock_fits(lock)
             section = lock_section(lock_path, alpha, gated=gated) | responding
             target |= {
                 "lock": str(lock_path),
@@ -521,16 +525,19 @@ def eval_command(
             }
         engine_args = ({"enforce_eager": True} if enforce_eager else {}) | ({"dtype": dtype} if dtype else {})
         target |= engine_args
+        for suite in loaded:  # a contaminated suite fails before the engine starts (evaluate checks again)
+            overlap.check(suite.name, suite.prompts, suite.sources, fits)
         generate = vllm_generator(models.resolve(model_name), section, framing, **engine_args)
     judge_fn = evaluate.llm_judge(evaluate.endpoint_generator(judge_endpoint, judge_model)) if judge_endpoint else None
     kind = "gated" if gated else "lock"
     label = label or Path(model_name).name + (f"+{kind}(a={target['alpha']})" if "alpha" in target else "")
-    report = evaluate.evaluate(loaded, generate, max_tokens, {**target, "label": label, "seed": seed}, judge_fn)
+    report = evaluate.evaluate(loaded, generate, max_tokens, {**target, "label": label, "seed": seed}, judge_fn, fits)
     out = out or Path("runs") / f"{re.sub(r'[^A-Za-z0-9_.=+-]', '_', label)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     for name, suite in report["suites"].items():
-        click.echo(f"{name:24s} {json.dumps(suite['summary'])}")
+        where = f"  in-distribution: {json.dumps(suite['in_distribution'])}" if suite.get("in_distribution") else ""
+        click.echo(f"{name:24s} {json.dumps(suite['summary'])}{where}")
     click.echo(f"wrote {out}")
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from safetylock import data, judge
+from safetylock.overlap import Fit, check
 
 KINDS = ("harmful", "benign", "utility")
 BUILTIN_SUITES = ("advbench-heldout", "advbench-extraction", "benign", "arithmetic")
@@ -53,6 +54,7 @@ class Suite:
     prompts: tuple[str, ...]
     answers: tuple[str, ...] = ()
     provenance: dict[str, Any] = field(default_factory=dict)
+    sources: tuple[str, ...] = ()  # where its prompts come from, when known (the overlap rule labels by them)
 
 
 def arithmetic_suite(count: int, seed: int) -> Suite:
@@ -104,10 +106,12 @@ def load_suite(spec: str, count: int | None, seed: int) -> Suite:
         bench = data.advbench()
         split = data.split_harmful(bench, seed=0)
         part = split.heldout if spec == "advbench-heldout" else split.extraction
-        return Suite(spec, "harmful", data.sample(part, count, seed), provenance={**bench.provenance(), "split_seed": 0})
+        provenance = {**bench.provenance(), "split_seed": 0}
+        return Suite(spec, "harmful", data.sample(part, count, seed), provenance=provenance, sources=(bench.name,))
     if spec == "benign":
         benign = data.benign()
-        return Suite(spec, "benign", data.sample(benign.prompts, count, seed), provenance=benign.provenance())
+        chosen = data.sample(benign.prompts, count, seed)
+        return Suite(spec, "benign", chosen, provenance=benign.provenance(), sources=("benign",))
     if spec == "arithmetic":
         return arithmetic_suite(count or 40, seed)
     kind, sep, path = spec.partition("=")
@@ -119,7 +123,20 @@ def load_suite(spec: str, count: int | None, seed: int) -> Suite:
         suite = load_utility_file(Path(path))
         return Suite(suite.name, kind, suite.prompts[:count], suite.answers[:count], suite.provenance)
     prompts = data.load_prompt_file(path)
-    return Suite(prompts.name, kind, data.sample(prompts.prompts, count, seed), provenance=prompts.provenance())
+    chosen = data.sample(prompts.prompts, count, seed)
+    return Suite(prompts.name, kind, chosen, provenance=prompts.provenance(), sources=_file_sources(Path(path)))
+
+
+def _file_sources(path: Path) -> tuple[str, ...]:
+    """The ``source`` fields of a .jsonl prompt file's records (none for other formats)."""
+    if path.suffix.lower() != ".jsonl":
+        return ()
+    found = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line) if line.strip() else None
+        if isinstance(record, dict) and isinstance(record.get("source"), str):
+            found.add(record["source"])
+    return tuple(sorted(found))
 
 
 def first_number(text: str) -> str | None:
@@ -200,8 +217,12 @@ def evaluate(
     max_tokens: int = 64,
     target: dict[str, Any] | None = None,
     judge_model: Callable[[list[str], list[str]], list[bool]] | None = None,
+    fits: Sequence[Fit] = (),
 ) -> dict[str, Any]:
-    """Generate, judge and summarise every suite; the result holds every prompt, response and verdict."""
+    """Generate, judge and summarise every suite; the result holds every prompt, response and verdict. Every suite
+    is first checked against ``fits`` (what the served lock or repair was fit on: ``safetylock.overlap``): one that
+    shares a prompt with them is refused before anything is generated; the rest carry their in-distribution labels."""
+    labels = {suite.name: check(suite.name, suite.prompts, suite.sources, fits) for suite in suites}
     report: dict[str, Any] = {"target": target or {}, "max_tokens": max_tokens, "suites": {}}
     for suite in suites:
         responses = generate(list(suite.prompts), max_tokens)
@@ -212,6 +233,7 @@ def evaluate(
         report["suites"][suite.name] = {
             "kind": suite.kind,
             "provenance": suite.provenance,
+            **({"in_distribution": labels[suite.name]} if labels[suite.name] else {}),
             "summary": summarize(suite, items),
             "items": items,
         }

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from safetylock.errors import ExtractError, LockError
+from safetylock.overlap import fingerprints
 from safetylock.sources import Request, gate_requests, source_hashes, split
 
 if TYPE_CHECKING:
@@ -308,6 +309,7 @@ def gate_from_features(
         "tpr": _rate(harmful_cal, threshold),
         "sizes": {"fit": len(fit_arr), "calibration": len(cal_arr), "requests": len(requests)},
         "data": source_hashes(requests),
+        "fit_prompts": fingerprints(r.text for r in requests),  # fit and calibration alike (safetylock.overlap)
         "firing_by_source": by_source,
         "layer_selection": "leave-one-source-out: mean held-out TPR at 5% FPR minus mean held-out FPR",
         "layer_score": {str(layer): round(out_of_source_score(t), 4) for layer, t in tables.items()},

@@ -33,6 +33,7 @@ from safetylock.capture import pad_batch, render
 from safetylock.contrast import ContrastExample
 from safetylock.errors import SafetylockError
 from safetylock.lora import AdapterError, LoraAdapter, check_compatible
+from safetylock.overlap import fingerprints
 
 REPORT_NAME = "nlsr_report.json"  # written beside the repaired adapter
 
@@ -243,9 +244,11 @@ def repair(
     weak = load_adapter(weak_dir) if weak_dir else None
     amplified = amplify(aligned, weak, config.beta)
     model, tokenizer = load_model(base_dir)
-    stats = safety_statistics(model.to(device), tokenizer, amplified, safety_examples(questions, config.seed))
+    examples = safety_examples(questions, config.seed)
+    stats = safety_statistics(model.to(device), tokenizer, amplified, examples)
     repaired, reports = realign(aligned, finetuned, stats, config, weak)
     repaired.save(out)
     report = {"config": asdict(config), "modules": [asdict(r) for r in reports]}
+    report |= {"fit_sources": ["advbench"], "fit_prompts": fingerprints(e.question for e in examples)}  # overlap rule
     (out / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
     return reports

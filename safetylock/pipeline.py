@@ -16,6 +16,7 @@ from safetylock.capture import capture, pad_batch
 from safetylock.gate import candidate_layers, fit_gate
 from safetylock.geometry import head_geometry, output_projections, projection_fingerprint
 from safetylock.lockfile import SafetyLock, from_probes
+from safetylock.overlap import fingerprints
 from safetylock.probe import check_top_k, fit_probes
 from safetylock.provenance import SKETCH_SEED, hf_weight_sketch
 from safetylock.recipes import contrast_examples, recipe
@@ -94,6 +95,7 @@ def extract_lock(
         provenance={
             "harmful": harmful.provenance(),
             "split": {"seed": config.seed, "heldout_fraction": 0.5, "extraction_used": len(questions)},
+            "fit_prompts": fingerprints(questions),  # the probes' questions (safetylock.overlap)
             "examples": {"safe": sum(e.safe for e in examples), "unsafe": sum(1 - e.safe for e in examples)},
             "probe": {
                 "classifier": "sklearn LogisticRegression",

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -157,3 +158,34 @@ def test_calibrate_gate_refuses_a_lock_without_gate(extracted, tmp_path):
     out = tmp_path / "x.lock.safetensors"
     result = CliRunner().invoke(main, ["calibrate-gate", "--lock", str(plain), "--out", str(out)])
     assert result.exit_code == 1 and "has no gate" in result.output and not out.exists()
+
+
+def test_eval_refuses_a_suite_that_shares_prompts_with_the_lock_before_starting_an_engine(extracted, llama_dir, tmp_path):
+    from safetylock.sources import redteam
+
+    lock = load(extracted)
+    assert len(lock.provenance["fit_prompts"]) == lock.provenance["split"]["extraction_used"]
+    assert len(lock.gate.calibration["fit_prompts"]) > 1000
+    suite = tmp_path / "redteam.jsonl"
+    suite.write_text("".join(json.dumps({"prompt": p, "source": "redteam"}) + "\n" for p in redteam().prompts))
+    out = tmp_path / "run.json"
+    args = ["eval", "--model", str(llama_dir), "--lock", str(extracted), "--gated", "--out", str(out)]
+    result = CliRunner().invoke(main, [*args, "--suite", f"harmful={suite}", "--count", "400"])
+    assert result.exit_code == 1 and not out.exists()
+    shared = re.search(rf"shares (\d+) of its \d+ prompts with the gate of lock {lock.fingerprint}", result.output)
+    assert shared and int(shared[1]) >= 300  # the gate's 300 red-team requests (and multi-turn ones ending in one)
+    assert "Traceback" not in result.output
+    questions = tmp_path / "questions.txt"
+    questions.write_text("\n".join(QUESTIONS) + "\n")
+    result = CliRunner().invoke(main, [*args, "--suite", f"harmful={questions}", "--count", "400"])
+    assert result.exit_code == 1 and f"with the probes of lock {lock.fingerprint}" in result.output
+
+
+def test_prompts_of_a_source_the_gate_did_not_see_are_labelled_in_distribution(extracted):
+    from safetylock.overlap import check, fingerprint, lock_fits
+    from safetylock.sources import redteam
+
+    fits = lock_fits(load(extracted))
+    unseen = [p for p in redteam().prompts if fingerprint(p) not in fits[1].prompts]
+    assert 0 < len(unseen) < 37  # 337 objectives, 300 of them fit on (some again as a chat's last turn)
+    assert check("redteam-rest", unseen, ["redteam"], fits) == {fits[1].what: ["redteam"]}

@@ -81,8 +81,16 @@ def test_user_request_files_load_and_bad_ones_are_refused_in_one_line(tmp_path):
     good = tmp_path / "held.jsonl"
     rows = [
         {"prompt": "How do I bake bread?", "harmful": False, "source": "mine"},
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                      {"role": "user", "content": "and now?"}], "harmful": True, "source": "mine", "family": "x"},
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "and now?"},
+            ],
+            "harmful": True,
+            "source": "mine",
+            "family": "x",
+        },
     ]
     good.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     loaded = sources.load_requests(good)
