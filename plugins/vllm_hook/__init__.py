@@ -8,6 +8,7 @@ method calls straight through.
 * ``engine``: after the weights are loaded (before compilation), fold the lock or install the per-token scale.
 * ``frontend``: per-request α policy (HTTP 400 on a refused value), prefix-cache salt, Prometheus metrics.
 * ``admin``: the ``safetylock_admin`` endpoint plugin (hot swap), opt-in through ``VLLM_PLUGINS``.
+* ``internals``: the vLLM internals wrapped here, checked at ``register`` (a vLLM that moved them refuses to start).
 * ``state``: the one object that holds what the plugin keeps in a process.
 """
 
@@ -19,11 +20,13 @@ from pathlib import Path
 
 
 def register() -> None:
-    """Wrap every model loader's ``load_model``, the V1 runner's input preparation and the input processor."""
+    """Check the vLLM internals the plugin wraps (``internals``), then wrap every model loader's ``load_model``,
+    the V1 runner's input preparation and sampling, and the input processor."""
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
-    from safetylock_vllm import frontend
+    from safetylock_vllm import frontend, internals
 
+    internals.check()
     pending = [BaseModelLoader]
     while pending:
         cls = pending.pop()
