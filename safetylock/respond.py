@@ -9,7 +9,7 @@
   cache is the plain model's. A request served at α 0 (per-request α, where the operator allows it) is never
   forced: α 0 turns the lock off for that request under either policy.
 
-The same in the HF path (``apply_gated(..., response=...)`` and ``GatedHandle.force``) and in the vLLM plugin
+The same in the HF path (``apply_gated(..., refusal=refusal_ids(...))`` and ``GatedHandle.force``) and in the vLLM plugin
 (forced in the sampler from the decision the gate wrote inside the graph; the host never reads it back).
 """
 
