@@ -38,11 +38,10 @@ import torch
 from tqdm import tqdm
 
 from safetylock import data, judge, models
-from safetylock.capture import pad_batch
 from safetylock.contrast import task_phrase, templates
 from safetylock.errors import ModelError
-from safetylock.evaluate import Framing, arithmetic_training
-from safetylock.pipeline import load_model
+from safetylock.evaluate import arithmetic_training
+from safetylock.hf import Framing, load_model, pad_batch
 from safetylock.recipes import TEACHER, TEACHER_TOKENS, greedy_answers, teacher_answers
 
 BASE = models.DEFAULT_MODEL

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from safetylock import evaluate
 from safetylock.cli import main
 from safetylock.data import DataError
-from safetylock.pipeline import load_model
+from safetylock.hf import load_model
 
 from support import tiny_lock
 
