@@ -26,9 +26,10 @@ from safetylock.overlap import Fit, check, lock_fits, nlsr_fit
 from safetylock.serve.config import lock_section
 from safetylock.serve.offline import vllm_generator
 from safetylock.serve.server import chat
+from safetylock.sources import airt
 
 KINDS = ("harmful", "benign", "utility")
-BUILTIN_SUITES = ("advbench-heldout", "advbench-extraction", "benign", "arithmetic")
+BUILTIN_SUITES = ("advbench-heldout", "advbench-extraction", "airt", "benign", "arithmetic")
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,10 @@ def load_suite(spec: str, count: int | None, seed: int) -> Suite:
         part = split.heldout if spec == "advbench-heldout" else split.extraction
         provenance = {**bench.provenance(), "split_seed": 0}
         return Suite(spec, "harmful", data.sample(part, count, seed), provenance=provenance, sources=(bench.name,))
+    if spec == "airt":  # a harmful source that no lock or gate here is fit on (cross-source)
+        objectives = airt()
+        chosen = data.sample(objectives.prompts, count, seed)
+        return Suite(spec, "harmful", chosen, provenance=objectives.provenance(), sources=(objectives.name,))
     if spec == "benign":
         benign = data.benign()
         chosen = data.sample(benign.prompts, count, seed)
@@ -228,6 +233,7 @@ def evaluate(
 
 def endpoint_generator(base_url: str, model: str, concurrency: int = 8, framing: Framing = PLAIN, **extra: Any) -> Generator:
     """Greedy chat completions from any OpenAI-compatible server, ``concurrency`` requests in flight."""
+
     def generate(prompts: Sequence[str], max_tokens: int) -> list[str]:
         with ThreadPoolExecutor(concurrency) as pool:
             futures = [pool.submit(chat, base_url, model, framing.messages(p), max_tokens, **extra) for p in prompts]
@@ -274,6 +280,7 @@ class RunSettings:
 def run_inputs(model: str, count: int, max_tokens: int, settings: RunSettings, seed: int = 0) -> dict[str, Any]:
     """Everything that decides a cached run's answers: the served directory's content digest, the lock's
     fingerprint and α, the engine settings, the framing, and the digest of each suite's prompts and answers."""
+
     def suite_digest(spec: str) -> str:
         suite = load_suite(spec, count, seed)
         return hashlib.sha256(json.dumps([suite.kind, suite.prompts, suite.answers]).encode()).hexdigest()[:16]

@@ -126,10 +126,20 @@ def eval_command(
 @click.option("--count", type=click.IntRange(min=1), default=40, show_default=True, help="Prompts per suite.")
 @click.option("--max-tokens", type=click.IntRange(1, 4096), default=48, show_default=True)
 @click.option("--enforce-eager", is_flag=True, help="Evaluate without torch.compile (starts in ~1 min on CPU; same math).")
+@click.option(
+    "--gated/--no-gated",
+    default=True,
+    show_default=True,
+    help="Also serve the attacked model gated, the refuse response answering the requests whose gate fires.",
+)
 @user_errors
-def attack(name: str, lock_path: Path | None, alpha: float | None, count: int, max_tokens: int, enforce_eager: bool) -> None:
+def attack(
+    name: str, lock_path: Path | None, alpha: float | None, count: int, max_tokens: int, enforce_eager: bool, gated: bool
+) -> None:
     """Fine-tune the packaged aligned model with attack VARIANT (cached; e.g. harmful-10, harmful-100, benign),
-    then compare aligned base, attacked and attacked + lock through vLLM with the plugin."""
+    then compare aligned base, attacked, attacked + lock and attacked + gated lock through vLLM with the plugin,
+    on AdvBench's held-out half (in-distribution), PyRIT's AI-red-team objectives (a source no lock here is fit
+    on), benign instructions and arithmetic."""
     from safetylock.attack import BASE, evaluate_variant, variant
     from safetylock.lockfile import load
     from safetylock.report import aligned_text, comparison_rows
@@ -137,7 +147,8 @@ def attack(name: str, lock_path: Path | None, alpha: float | None, count: int, m
     variant(name)  # an unknown variant fails before any extraction
     lock_path = cached_lock(lock_path, BASE)
     alpha = load(lock_path).default_alpha if alpha is None else alpha
-    runs = evaluate_variant(name, lock_path, [alpha], count, max_tokens, enforce_eager)
+    suites = (*DEFAULT_SUITES[:1], "airt", *DEFAULT_SUITES[1:])
+    runs = evaluate_variant(name, lock_path, [alpha], count, max_tokens, enforce_eager, alpha if gated else None, suites)
     click.echo(aligned_text(*comparison_rows(runs)))
 
 

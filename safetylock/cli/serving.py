@@ -114,25 +114,31 @@ def serve(
 )
 @user_errors
 def demo(model_name: str, lock_path: Path | None, alpha: float | None, max_tokens: int, enforce_eager: bool) -> None:
-    """Serve MODEL twice through vLLM, unsteered and locked, and answer the same prompts side by side."""
+    """Serve MODEL twice through vLLM, unsteered and locked, and answer the same prompts side by side. A lock with
+    a gate is served gated, requests whose gate fires answered with the refusal (the refuse response); a lock
+    without one is served always on at its α."""
     from rich.console import Console
     from rich.table import Table
 
+    from safetylock.lockfile import load
     from safetylock.serve.config import lock_section
     from safetylock.serve.server import DEMO_PROMPTS, side_by_side
 
     model_dir = models.resolve(model_name)
     lock_path = cached_lock(lock_path, model_name)
+    gated = load(lock_path).gate is not None
+    section = lock_section(lock_path, alpha, gated=gated) | ({"response": "refuse"} if gated else {})
     console = Console()
     with console.status("starting the unsteered and the locked vLLM server, then both answer ..."):
         try:
-            rows = side_by_side(model_dir, lock_section(lock_path, alpha), DEMO_PROMPTS, max_tokens, enforce_eager)
+            rows = side_by_side(model_dir, section, DEMO_PROMPTS, max_tokens, enforce_eager)
         except RuntimeError as exc:
             raise click.ClickException(str(exc)) from None
+    mode = "gated, refuse" if gated else "always on"
     table = Table(title=f"{model_name}: unsteered vs locked (vLLM + safetylock plugin)", show_lines=True)
     table.add_column("prompt", ratio=1)
     table.add_column("unsteered", ratio=2)
-    table.add_column(f"locked ({lock_path.name})", ratio=2)
+    table.add_column(f"locked ({lock_path.name}, {mode})", ratio=2)
     for row in rows:
         table.add_row(*row)
     console.print(table)
