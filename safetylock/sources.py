@@ -95,8 +95,8 @@ def redteam() -> data.PromptSet:
 
 def airt() -> data.PromptSet:
     """PyRIT's AI-red-team seed objectives (one YAML file per harm category; single objectives only, not the
-    parts of multi-turn groups): a small harmful source that no gate or lock of this project is fit on, what the
-    demo's cross-source column is scored on."""
+    parts of multi-turn groups), less the few that the red-team source also holds: a small harmful source that no
+    gate or lock of this project is fit on, what the demo's cross-source column is scored on."""
     folder = data.packaged_folder(AIRT)
     prompts: dict[str, str] = {}
     digest = hashlib.sha256()
@@ -108,6 +108,8 @@ def airt() -> data.PromptSet:
             kind = seed.get("seed_type", spec.get("seed_type"))
             if kind == "objective" and not seed.get("prompt_group_alias") and str(seed.get("value", "")).strip():
                 prompts.setdefault(str(seed["value"]).strip(), str(spec.get("harm_categories") or path.stem))
+    for seen in redteam().prompts:
+        prompts.pop(seen, None)
     if not prompts:
         raise DataError(f"no objectives in {folder}")
     source = f"{AIRT.requirement}:{AIRT.member}*.prompt"
