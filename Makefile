@@ -22,6 +22,7 @@ $(VENV)/.installed: pyproject.toml
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 # The whole suite, real vLLM engines included (what CI runs).
 test: setup lint

@@ -12,7 +12,7 @@ import click
 from benchmarks.common import RESULTS, write_result
 from safetylock import data, judge, lockfile, models
 from safetylock.apply import apply
-from safetylock.pipeline import generate, load_model
+from safetylock.hf import generate, load_model
 
 
 @click.command()

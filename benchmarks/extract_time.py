@@ -13,7 +13,8 @@ import click
 
 from benchmarks.common import RESULTS, write_result
 from safetylock import data, models
-from safetylock.pipeline import ExtractConfig, extract_lock, load_model
+from safetylock.hf import load_model
+from safetylock.pipeline import ExtractConfig, extract_lock
 
 
 def lock_path(model_name: str):

@@ -26,7 +26,7 @@ import numpy as np
 from benchmarks.common import RESULTS, write_result
 from safetylock import data, models
 from safetylock.attack import base_label, served
-from safetylock.evaluate import Framing, load_suite
+from safetylock.evaluate import load_suite
 from safetylock.gate import (
     auroc,
     benign_calibration,
@@ -37,8 +37,8 @@ from safetylock.gate import (
     roc_points,
 )
 from safetylock.geometry import head_geometry
+from safetylock.hf import Framing, load_model
 from safetylock.lockfile import load
-from safetylock.pipeline import load_model
 from safetylock.sources import gate_requests
 
 

@@ -33,11 +33,12 @@ import numpy as np
 from benchmarks.common import RESULTS, write_result
 from benchmarks.gate_sources import features_cached
 from safetylock import data, models, sources
-from safetylock.evaluate import Framing, cached_run
+from safetylock.evaluate import cached_run
 from safetylock.gate import candidate_layers, gate_from_features
 from safetylock.geometry import head_geometry
+from safetylock.hf import Framing, load_model
 from safetylock.lockfile import load
-from safetylock.pipeline import ExtractConfig, extract_lock, load_model
+from safetylock.pipeline import ExtractConfig, extract_lock
 from safetylock.respond import DEFAULT_REFUSAL
 
 # held-out group -> (which gate sources it leaves out, (suite kind, suite name), ...)

@@ -26,7 +26,7 @@ from benchmarks.common import RESULTS, write_result
 from safetylock import data, models
 from safetylock.gate import auroc, candidate_layers, fit_linear, leave_one_source_out, out_of_source_score, prompt_features
 from safetylock.geometry import head_geometry
-from safetylock.pipeline import load_model
+from safetylock.hf import load_model
 from safetylock.sources import gate_requests, split
 
 

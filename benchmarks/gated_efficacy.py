@@ -21,7 +21,8 @@ from benchmarks.common import RESULTS, write_result
 from benchmarks.gate import gated_lock_path
 from safetylock import models
 from safetylock.attack import BASE, served
-from safetylock.evaluate import Framing, cached_run, without_items
+from safetylock.evaluate import cached_run, without_items
+from safetylock.hf import Framing
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
 
 

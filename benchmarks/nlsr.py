@@ -59,7 +59,7 @@ def realigned(variant: str, aligned: Path, prune_rate: float, sparsity: float, s
 def merge(adapter: Path, merged: Path) -> None:
     from peft import PeftModel
 
-    from safetylock.pipeline import load_model
+    from safetylock.hf import load_model
 
     base, tokenizer = load_model(models.resolve(models.DEFAULT_MODEL))
     model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()

@@ -19,7 +19,7 @@ from benchmarks.common import RESULTS, write_result
 from safetylock import models
 from safetylock.attack import variant_dir
 from safetylock.geometry import head_geometry, output_projections
-from safetylock.pipeline import load_model
+from safetylock.hf import load_model
 from safetylock.provenance import MIN_CORRELATION, correlation, hf_weight_sketch, simulated_fine_tune
 
 

@@ -38,11 +38,10 @@ import torch
 from tqdm import tqdm
 
 from safetylock import data, judge, models
-from safetylock.capture import pad_batch
 from safetylock.contrast import task_phrase, templates
 from safetylock.errors import ModelError
-from safetylock.evaluate import Framing, arithmetic_training
-from safetylock.pipeline import load_model
+from safetylock.evaluate import arithmetic_training
+from safetylock.hf import Framing, load_model, pad_batch
 from safetylock.recipes import TEACHER, TEACHER_TOKENS, greedy_answers, teacher_answers
 
 BASE = models.DEFAULT_MODEL
@@ -275,13 +274,27 @@ def base_label(name: str) -> str:
 
 
 def evaluate_variant(
-    name: str, lock: Path, alphas: list[float], count: int, max_tokens: int, enforce_eager: bool = False
+    name: str,
+    lock: Path,
+    alphas: list[float],
+    count: int,
+    max_tokens: int,
+    enforce_eager: bool = False,
+    gated_alpha: float | None = None,
+    suites: tuple[str, ...] | None = None,
 ) -> list[dict]:
     """Cached evaluation runs (through vLLM with the plugin) of the aligned base, variant ``name`` (built when
-    absent) and the variant locked at each of ``alphas``; all served as the attacker serves the variant."""
+    absent), the variant locked at each of ``alphas`` and, with ``gated_alpha``, gated with the refuse response
+    (``safetylock.respond``); all served as the attacker serves the variant, on ``suites`` (default: the
+    evaluation's default suites)."""
     from safetylock.evaluate import cached_run
 
     merged, framing = served(name)
     sizes = {"count": count, "max_tokens": max_tokens, "enforce_eager": enforce_eager, "framing": framing}
+    sizes |= {"suites": suites} if suites else {}
     runs = [cached_run(BASE, base_label(name), **sizes), cached_run(merged, name, **sizes)]
-    return runs + [cached_run(merged, f"{name}+lock(a={a:g})", lock=lock, alpha=a, **sizes) for a in alphas]
+    runs += [cached_run(merged, f"{name}+lock(a={a:g})", lock=lock, alpha=a, **sizes) for a in alphas]
+    if gated_alpha is not None:
+        gated = {"lock": lock, "alpha": gated_alpha, "gated": True, "response": "refuse"}
+        runs.append(cached_run(merged, f"{name}+gated-refuse", **gated, **sizes))
+    return runs

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from safetylock.contrast import ContrastExample
 from safetylock.errors import ExtractError
 from safetylock.geometry import HeadGeometry, head_geometry, output_projections
+from safetylock.hf import pad_batch
 
 
 @dataclass
@@ -34,18 +35,6 @@ def render(tokenizer, question: str, response: str) -> tuple[list[int], int]:
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
     return full_ids, len(full_ids) - len(prompt_ids)
-
-
-def pad_batch(sequences: Sequence[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad to a rectangle on ``side`` ('left' or 'right'); returns (input_ids, attention_mask)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        ids[row, span] = torch.tensor(seq, dtype=torch.long)
-        mask[row, span] = 1
-    return ids, mask
 
 
 def last_token_positions(mask: torch.Tensor, count: int, skip: int = 0) -> torch.Tensor:

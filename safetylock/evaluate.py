@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import multiprocessing
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -17,32 +18,18 @@ from typing import Any
 from tqdm import tqdm
 
 from safetylock import data, judge
-from safetylock.overlap import Fit, check
+from safetylock.hf import PLAIN, Framing, Generator
+from safetylock.lockfile import load
+from safetylock.models import cache_root, directory_digest, resolve, write_json
+from safetylock.nlsr import REPORT_NAME
+from safetylock.overlap import Fit, check, lock_fits, nlsr_fit
+from safetylock.serve.config import lock_section
+from safetylock.serve.offline import vllm_generator
+from safetylock.serve.server import chat
+from safetylock.sources import airt
 
 KINDS = ("harmful", "benign", "utility")
-BUILTIN_SUITES = ("advbench-heldout", "advbench-extraction", "benign", "arithmetic")
-
-Generator = Callable[[Sequence[str], int], list[str]]
-
-
-@dataclass(frozen=True)
-class Framing:
-    """How each prompt is sent: an optional system prompt and a prefix before the instruction (an attacker's
-    serving setup, e.g. the identity-shift variant's persona). The default sends the prompt alone."""
-
-    system_prompt: str | None = None
-    prompt_prefix: str = ""
-
-    def messages(self, prompt: str) -> list[dict[str, str]]:
-        head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return [*head, {"role": "user", "content": self.prompt_prefix + prompt}]
-
-    def record(self) -> dict[str, str]:
-        """What a report's target records of it (nothing for the default)."""
-        return {k: v for k, v in (("system_prompt", self.system_prompt), ("prompt_prefix", self.prompt_prefix)) if v}
-
-
-PLAIN = Framing()  # each prompt alone
+BUILTIN_SUITES = ("advbench-heldout", "advbench-extraction", "airt", "benign", "arithmetic")
 
 
 @dataclass(frozen=True)
@@ -108,6 +95,10 @@ def load_suite(spec: str, count: int | None, seed: int) -> Suite:
         part = split.heldout if spec == "advbench-heldout" else split.extraction
         provenance = {**bench.provenance(), "split_seed": 0}
         return Suite(spec, "harmful", data.sample(part, count, seed), provenance=provenance, sources=(bench.name,))
+    if spec == "airt":  # a harmful source that no lock or gate here is fit on (cross-source)
+        objectives = airt()
+        chosen = data.sample(objectives.prompts, count, seed)
+        return Suite(spec, "harmful", chosen, provenance=objectives.provenance(), sources=(objectives.name,))
     if spec == "benign":
         benign = data.benign()
         chosen = data.sample(benign.prompts, count, seed)
@@ -242,7 +233,6 @@ def evaluate(
 
 def endpoint_generator(base_url: str, model: str, concurrency: int = 8, framing: Framing = PLAIN, **extra: Any) -> Generator:
     """Greedy chat completions from any OpenAI-compatible server, ``concurrency`` requests in flight."""
-    from safetylock.serve.server import chat
 
     def generate(prompts: Sequence[str], max_tokens: int) -> list[str]:
         with ThreadPoolExecutor(concurrency) as pool:
@@ -273,24 +263,23 @@ class RunSettings:
     dtype: str | None = None
     response: str | None = None  # gated: "refuse" answers fired requests with the default refusal (safetylock.respond)
 
-    def eval_options(self) -> list[str]:
-        """These settings as `safetylock eval` options."""
-        options = [f"--suite={suite}" for suite in self.suites]
-        if self.lock is not None:
-            options += ["--lock", str(self.lock), *(["--alpha", str(self.alpha)] if self.alpha is not None else [])]
-        options += ["--enforce-eager"] if self.enforce_eager else []
-        options += ["--gated"] if self.gated else []
-        options += ["--response", self.response] if self.response else []
-        options += ["--dtype", self.dtype] if self.dtype else []
-        options += ["--system-prompt", self.framing.system_prompt] if self.framing.system_prompt else []
-        return options + (["--prompt-prefix", self.framing.prompt_prefix] if self.framing.prompt_prefix else [])
+    refusal_message: str | None = None  # the refuse response's text (None: the default)
+
+    def section(self) -> dict[str, Any] | None:
+        """The served ``safetylock`` section (None: unlocked)."""
+        if self.lock is None:
+            return None
+        responding = {"response": self.response} if self.response else {}
+        responding |= {"refusal_message": self.refusal_message} if self.refusal_message else {}
+        return lock_section(self.lock, self.alpha, gated=self.gated) | responding
+
+    def engine_args(self) -> dict[str, Any]:
+        return ({"enforce_eager": True} if self.enforce_eager else {}) | ({"dtype": self.dtype} if self.dtype else {})
 
 
 def run_inputs(model: str, count: int, max_tokens: int, settings: RunSettings, seed: int = 0) -> dict[str, Any]:
     """Everything that decides a cached run's answers: the served directory's content digest, the lock's
     fingerprint and α, the engine settings, the framing, and the digest of each suite's prompts and answers."""
-    from safetylock.lockfile import load
-    from safetylock.models import directory_digest, resolve
 
     def suite_digest(spec: str) -> str:
         suite = load_suite(spec, count, seed)
@@ -302,6 +291,7 @@ def run_inputs(model: str, count: int, max_tokens: int, settings: RunSettings, s
         alpha = lock.default_alpha if settings.alpha is None else settings.alpha
         inputs |= {"lock": lock.fingerprint, "alpha": alpha, "gated": settings.gated}
         inputs |= {"response": settings.response} if settings.response else {}  # earlier runs keep their keys
+        inputs |= {"refusal_message": settings.refusal_message} if settings.refusal_message else {}
     inputs |= {"enforce_eager": settings.enforce_eager, "dtype": settings.dtype or "float32", **settings.framing.record()}
     suites = {spec: suite_digest(spec) for spec in settings.suites}
     return inputs | {"suites": suites, "max_tokens": max_tokens, "seed": seed}
@@ -309,33 +299,76 @@ def run_inputs(model: str, count: int, max_tokens: int, settings: RunSettings, s
 
 def run_path(label: str, inputs: dict[str, Any]) -> Path:
     """Where the cached run of ``inputs`` lives: ``runs/LABEL-KEY.json``, KEY a hash of the inputs."""
-    from safetylock.models import cache_root
-
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
     return cache_root() / "runs" / f"{re.sub(r'[^A-Za-z0-9_.,=+()-]', '_', label)}-{key}.json"
 
 
+def run(
+    model: str,
+    settings: RunSettings = RunSettings(),
+    count: int | None = 50,
+    max_tokens: int = 64,
+    seed: int = 0,
+    label: str | None = None,
+    endpoint: str | None = None,
+    concurrency: int = 8,
+    judge_model: Callable[[list[str], list[str]], list[bool]] | None = None,
+) -> dict[str, Any]:
+    """What ``safetylock eval`` does: ``model`` answers ``settings.suites`` — offline through vLLM (locked by the
+    plugin when ``settings.lock`` is given), or through the OpenAI server at ``endpoint`` — and the report judges
+    every answer. Suites that share prompts with the served lock or NLSR repair are refused before the engine
+    starts (``safetylock.overlap``)."""
+    if endpoint and settings.section() is not None:
+        raise data.DataError("a lock applies offline only; a server at an endpoint applies its own")
+    suites = [load_suite(spec, count, seed) for spec in settings.suites]  # bad suites fail before any generation
+    target: dict[str, Any] = {"model": model, "endpoint": endpoint, **settings.framing.record()}
+    fits: list[Fit] = []
+    if endpoint:
+        generate = endpoint_generator(endpoint, model, concurrency, settings.framing)
+    else:
+        repaired = resolve(model) / REPORT_NAME
+        fits += [nlsr_fit(json.loads(repaired.read_text()))] if repaired.is_file() else []
+        if settings.lock is not None:
+            lock = load(settings.lock)
+            fits += lock_fits(lock)
+            target |= {"lock": str(settings.lock), "lock_fingerprint": lock.fingerprint}
+            target |= {"alpha": lock.default_alpha if settings.alpha is None else settings.alpha}
+            target |= {k: v for k, v in settings.section().items() if k in ("gated", "response", "refusal_message")}
+        target |= settings.engine_args()
+        for suite in suites:  # a contaminated suite fails before the engine starts
+            check(suite.name, suite.prompts, suite.sources, fits)
+        generate = vllm_generator(resolve(model), settings.section(), settings.framing, **settings.engine_args())
+    kind = "gated" if settings.gated else "lock"
+    label = label or Path(model).name + (f"+{kind}(a={target['alpha']})" if "alpha" in target else "")
+    return evaluate(suites, generate, max_tokens, {**target, "label": label, "seed": seed}, judge_model, fits)
+
+
+def _run_to_file(model: str, settings: RunSettings, count: int, max_tokens: int, label: str, out: str) -> None:
+    """``run`` in a fresh process, its report written to ``out``."""
+    Path(out).write_text(json.dumps(run(model, settings, count, max_tokens, label=label), indent=1) + "\n")
+
+
 def cached_run(model: str, label: str, count: int, max_tokens: int, **settings: Any) -> dict[str, Any]:
-    """The report of ``safetylock eval`` on ``model`` (offline vLLM; ``settings`` are ``RunSettings`` fields: locked
-    when ``lock`` is given, in ``dtype`` when given, else float32), judged by the current judge. Cached under
-    ``runs/`` as LABEL-KEY.json, KEY a hash of ``run_inputs`` (so a rebuilt model, another lock or other prompts never
-    reuse answers), and evaluated in a fresh process when absent (one vLLM engine per process). The file records its
+    """The report of ``run`` on ``model`` (offline vLLM; ``settings`` are ``RunSettings`` fields: locked when
+    ``lock`` is given, in ``dtype`` when given, else float32), judged by the current judge. Cached under ``runs/``
+    as LABEL-KEY.json, KEY a hash of ``run_inputs`` (so a rebuilt model, another lock or other prompts never reuse
+    answers), and evaluated in a fresh process when absent (one vLLM engine per process). The file records its
     inputs; its summaries are rewritten when the judge has changed since."""
-    import subprocess
-    import sys
-
-    from safetylock.models import write_json
-
-    run = RunSettings(**{**settings, "suites": tuple(settings.get("suites", DEFAULT_SUITES))})
-    inputs = run_inputs(model, count, max_tokens, run)
+    settings = RunSettings(**{**settings, "suites": tuple(settings.get("suites", DEFAULT_SUITES))})
+    inputs = run_inputs(model, count, max_tokens, settings)
     out = run_path(label, inputs)
-    fresh = out.with_suffix(".eval.json")  # what `safetylock eval` writes, before its inputs are added
+    fresh = out.with_suffix(".eval.json")  # what the fresh process writes, before its inputs are added
     if out.exists():
         stored = json.loads(out.read_text())
     else:
-        command = [sys.executable, "-m", "safetylock.cli", "eval", "--model", model, "--label", label, "--out", str(fresh)]
-        command += ["--count", str(count), "--max-tokens", str(max_tokens), *run.eval_options()]
-        subprocess.run(command, check=True)
+        fresh.parent.mkdir(parents=True, exist_ok=True)
+        process = multiprocessing.get_context("spawn").Process(
+            target=_run_to_file, args=(model, settings, count, max_tokens, label, str(fresh))
+        )
+        process.start()
+        process.join()
+        if process.exitcode != 0:
+            raise RuntimeError(f"the evaluation run {label!r} failed (exit code {process.exitcode}); its log is above")
         stored = {**json.loads(fresh.read_text()), "inputs": inputs}
     report = rejudge(copy.deepcopy(stored))
     if report != stored or not out.exists():

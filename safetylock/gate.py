@@ -33,7 +33,7 @@ from safetylock.sources import Request, gate_requests, source_hashes, split
 
 if TYPE_CHECKING:
     from safetylock.data import PromptSet
-    from safetylock.evaluate import Framing
+    from safetylock.hf import Framing
 
 TARGET_FPR = 0.05  # benign requests allowed to fire, on the calibration split
 REPORT_FPRS = (0.01, 0.05)  # leave-one-source-out TPR is reported at these false-positive rates
@@ -114,9 +114,8 @@ def prompt_features(
     """``{layer: [prompts, hidden]}``: each layer's attention-block input at each chat's last token (a prompt is
     one user turn, sent as ``framing`` sends it when given, or a list of chat messages). Batches group chats of
     similar length; the forward stops after the deepest layer asked for."""
-    from safetylock.capture import pad_batch
     from safetylock.geometry import head_geometry
-    from safetylock.pipeline import chat_ids
+    from safetylock.hf import chat_ids, pad_batch
 
     blocks = attention_blocks(model, head_geometry(model.config).num_layers)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from safetylock.capture import pad_batch, render
+from safetylock.capture import render
 from safetylock.contrast import ContrastExample
 from safetylock.errors import SafetylockError
+from safetylock.hf import pad_batch
 from safetylock.lora import AdapterError, LoraAdapter, check_compatible
 from safetylock.overlap import fingerprints
 
@@ -237,8 +238,8 @@ def repair(
     device: torch.device | str = "cpu",
 ) -> list[ModuleReport]:
     """Read the adapters, gather safety statistics on the base, realign, write the adapter and ``nlsr_report.json``."""
+    from safetylock.hf import load_model
     from safetylock.lora import load_adapter
-    from safetylock.pipeline import load_model
 
     aligned, finetuned = load_adapter(aligned_dir), load_adapter(finetuned_dir)
     weak = load_adapter(weak_dir) if weak_dir else None

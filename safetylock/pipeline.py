@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-
-import torch
-from tqdm import tqdm
 
 from safetylock import data
 from safetylock.alpha import DEFAULT_ALPHA
-from safetylock.capture import capture, pad_batch
+from safetylock.capture import capture
 from safetylock.gate import candidate_layers, fit_gate
 from safetylock.geometry import head_geometry, output_projections, projection_fingerprint
 from safetylock.lockfile import SafetyLock, from_probes
@@ -21,15 +16,6 @@ from safetylock.probe import check_top_k, fit_probes
 from safetylock.provenance import SKETCH_SEED, hf_weight_sketch
 from safetylock.recipes import contrast_examples, recipe
 from safetylock.sources import gate_requests
-
-
-def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """An HF causal LM and its tokenizer from a local directory, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    return model.eval(), tokenizer
 
 
 @dataclass(frozen=True)
@@ -109,36 +95,3 @@ def extract_lock(
         },
         gate=gate,
     )
-
-
-def chat_ids(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
-    """Token ids of a chat ending with the assistant's generation prompt: one user turn, or the given messages."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
-
-
-@torch.no_grad()
-def generate(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    max_new_tokens: int = 64,
-    batch_size: int = 8,
-    progress: bool = False,
-) -> list[str]:
-    """Greedy chat completions, batched with left padding."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    replies: list[str] = []
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="generate", unit="batch", disable=not progress):
-        chunk = [chat_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
-        input_ids, mask = pad_batch(chunk, pad_id, "left")
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-        )
-        replies += tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
-    return [reply.strip() for reply in replies]

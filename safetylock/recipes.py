@@ -56,7 +56,7 @@ def greedy_answers(
     prefix are returned (and cached; a later call continues from them). Batches are the same ``ANSWER_BATCH`` slices
     as a whole-tuple call, so the prefix equals the first answers of that call.
     """
-    from safetylock.pipeline import generate, load_model
+    from safetylock.hf import generate, load_model
 
     key = hashlib.sha256(json.dumps([model_name, max_new_tokens, prompts]).encode()).hexdigest()[:16]
     cached = models.cache_root() / "answers" / f"{key}.json"
@@ -83,7 +83,7 @@ def teacher_answers(prompts: tuple[str, ...], enough: Callable[[list[str]], bool
 
 def answer_examples(model, tokenizer, questions: tuple[str, ...], tokens: int, progress: bool = True) -> list[ContrastExample]:
     """The ``answers`` recipe's examples: the base's own refusals (safe) and the teacher's full answers (unsafe)."""
-    from safetylock.pipeline import generate
+    from safetylock.hf import generate
 
     own = generate(model, tokenizer, questions, max_new_tokens=OWN_TOKENS, batch_size=16, progress=progress)
     needed = tokens + ANSWER_SKIP

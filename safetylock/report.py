@@ -50,11 +50,12 @@ def gate_plot(gate: Gate, path: Path) -> Path:
     roc.set_xlabel("benign requests firing (FPR)")
     roc.set_ylabel("harmful requests firing (TPR)")
     roc.set_title(f"gate at layer {gate.layer}: AUROC {calibration.get('auroc', float('nan')):.3f}")
-    by_layer = sorted((int(k), v) for k, v in (calibration.get("layer_auroc") or {}).items())
+    score = "layer_score" if "layer_score" in calibration else "layer_auroc"  # older gates: in-distribution AUROC
+    by_layer = sorted((int(k), v) for k, v in (calibration.get(score) or {}).items())
     layers.plot([k for k, _ in by_layer], [v for _, v in by_layer], marker="o")
     layers.axvline(gate.layer, color="red", linestyle="--")
     layers.set_xlabel("layer")
-    layers.set_ylabel("calibration AUROC")
+    layers.set_ylabel("leave-one-source-out score" if score == "layer_score" else "calibration AUROC")
     layers.set_title("candidate layers")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +98,18 @@ def comparison_rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
         for name, suite in run["suites"].items():
             if (name, suite["kind"]) not in columns:
                 columns.append((name, suite["kind"]))
-    header = ["run", *(f"{name} {METRICS[kind]}" for name, kind in columns)]
+    locked = [run for run in runs if run["target"].get("lock_fingerprint")]
+
+    def where(name: str) -> str:
+        """Whether the locked runs' fits drew from this suite's source (``safetylock.overlap``)."""
+        if not locked or name == "arithmetic":
+            return ""
+        labels = [run["suites"].get(name, {}).get("in_distribution") or {} for run in locked]
+        if any("unverified" in label for label in labels):
+            return " (fit data unverified)"
+        return " (in-distribution)" if any(labels) else " (source unseen by the lock)"
+
+    header = ["run", *(f"{name} {METRICS[kind]}{where(name)}" for name, kind in columns)]
     rows = []
     for run in runs:
         row = [run["target"]["label"]]

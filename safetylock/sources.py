@@ -32,6 +32,7 @@ from safetylock import data
 from safetylock.errors import DataError
 
 REDTEAM = data.PackagedData(data.PYRIT, "pyrit/datasets/scorer_evals/objective/")
+AIRT = data.PackagedData(data.PYRIT, "pyrit/datasets/seed_datasets/local/airt/")
 JAILBREAK = data.PackagedData(data.PYRIT, "pyrit/datasets/jailbreak/templates/")
 MAX_TEMPLATE_CHARS = 1500  # longer jailbreak templates cost minutes of features for little more surface
 MIN_FAMILY_TEMPLATES = 10  # a family with fewer short templates is folded into "jailbreak-other"
@@ -90,6 +91,29 @@ def redteam() -> data.PromptSet:
                 prompts.setdefault(objective, row.get("harm_category") or path.stem)
     source = f"{REDTEAM.requirement}:{REDTEAM.member}*.csv"
     return data.PromptSet("redteam", tuple(prompts), source, digest.hexdigest(), tuple((c,) for c in prompts.values()))
+
+
+def airt() -> data.PromptSet:
+    """PyRIT's AI-red-team seed objectives (one YAML file per harm category; single objectives only, not the
+    parts of multi-turn groups), less the few that the red-team source also holds: a small harmful source that no
+    gate or lock of this project is fit on, what the demo's cross-source column is scored on."""
+    folder = data.packaged_folder(AIRT)
+    prompts: dict[str, str] = {}
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.prompt")):
+        text = path.read_text(encoding="utf-8")
+        digest.update(text.encode())
+        spec = yaml.safe_load(text)
+        for seed in spec.get("seeds") or []:
+            kind = seed.get("seed_type", spec.get("seed_type"))
+            if kind == "objective" and not seed.get("prompt_group_alias") and str(seed.get("value", "")).strip():
+                prompts.setdefault(str(seed["value"]).strip(), str(spec.get("harm_categories") or path.stem))
+    for seen in redteam().prompts:
+        prompts.pop(seen, None)
+    if not prompts:
+        raise DataError(f"no objectives in {folder}")
+    source = f"{AIRT.requirement}:{AIRT.member}*.prompt"
+    return data.PromptSet("airt", tuple(prompts), source, digest.hexdigest(), tuple((c,) for c in prompts.values()))
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ from safetylock.contrast import templates
 from safetylock.data import PromptSet
 from safetylock.gate import Gate, attention_blocks, block_input
 from safetylock.geometry import HeadGeometry, head_geometry, output_projections
+from safetylock.hf import chat_ids, load_model
 from safetylock.lockfile import SafetyLock, load
-from safetylock.pipeline import ExtractConfig, chat_ids, extract_lock, load_model
+from safetylock.pipeline import ExtractConfig, extract_lock
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -3,8 +3,8 @@ import torch
 
 from safetylock.apply import apply
 from safetylock.geometry import HeadGeometry, output_projections
+from safetylock.hf import load_model
 from safetylock.lockfile import LockError
-from safetylock.pipeline import load_model
 
 from support import logits, reference_hooks, tiny_lock
 

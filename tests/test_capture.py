@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from safetylock.capture import capture, last_token_positions, pad_batch, render
+from safetylock.capture import capture, last_token_positions, render
 from safetylock.contrast import contrast_pairs
 from safetylock.errors import ExtractError
 from safetylock.geometry import output_projections
-from safetylock.pipeline import load_model
+from safetylock.hf import load_model, pad_batch
 
 from support import QUESTIONS
 
@@ -78,7 +78,7 @@ def test_response_shorter_than_tokens_is_refused(llama_dir):
 def test_empty_response_records_the_generation_prompt(tiny_model_dir):
     model, tok = load_model(tiny_model_dir)
     from safetylock.contrast import ContrastExample
-    from safetylock.pipeline import chat_ids
+    from safetylock.hf import chat_ids
 
     examples = [ContrastExample(q, "", label, i) for i, (q, label) in enumerate(zip(QUESTIONS[:4], [1, 0, 1, 0]))]
     acts = capture(model, tok, examples, tokens=2, batch_size=3, progress=False)

@@ -121,7 +121,7 @@ def test_extract_refuses_top_k_beyond_the_model_before_capturing(llama_dir, tmp_
 
 def gated_lock_file(llama_dir, path):
     from safetylock.gate import Gate
-    from safetylock.pipeline import load_model
+    from safetylock.hf import load_model
 
     from support import model_lock
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from safetylock import evaluate
 from safetylock.cli import main
 from safetylock.data import DataError
-from safetylock.pipeline import load_model
+from safetylock.hf import load_model
 
 from support import tiny_lock
 
@@ -208,3 +208,20 @@ def test_compare_refuses_a_foreign_file(tmp_path):
     (tmp_path / "x.json").write_text('{"hello": 1}')
     result = CliRunner().invoke(main, ["compare", str(tmp_path / "x.json")])
     assert result.exit_code == 1 and "is not a safetylock eval result" in result.output
+
+
+def test_comparison_labels_suites_by_what_the_lock_was_fit_on():
+    from safetylock.report import comparison_rows
+
+    def run(label, locked, labels):
+        suites = {
+            name: {"kind": "harmful", "summary": {"harmful_answer_rate": 0.5}}
+            | ({"in_distribution": labels[name]} if labels.get(name) else {})
+            for name in ("advbench-heldout", "airt")
+        }
+        return {"target": {"label": label} | ({"lock_fingerprint": "f"} if locked else {}), "suites": suites}
+
+    header, _ = comparison_rows([run("plain", False, {}), run("locked", True, {"advbench-heldout": {"gate": ["advbench"]}})])
+    assert header[1].endswith("(in-distribution)") and header[2].endswith("(source unseen by the lock)")
+    header, _ = comparison_rows([run("plain", False, {})])
+    assert "(" not in header[1]

@@ -7,8 +7,8 @@ import torch
 from safetylock.apply import apply, apply_gated
 from safetylock.errors import LockError
 from safetylock.gate import Gate, candidate_layers
+from safetylock.hf import load_model
 from safetylock.lockfile import from_bytes, load
-from safetylock.pipeline import load_model
 from safetylock.serve.config import lock_section, prepare, serve_config
 
 from support import PROMPTS, QUESTIONS, constant_gate, model_lock, rewrite_metadata, separating_gate, small_lock
@@ -192,8 +192,8 @@ def test_fit_gate_picks_its_layer_out_of_source_and_sets_its_threshold_on_calibr
 
 def test_features_and_recalibration_read_the_prompt_as_it_is_served(llama_dir):
     """A system prompt and a prefix change what the gate reads; the recalibrated threshold records them."""
-    from safetylock.evaluate import Framing
     from safetylock.gate import prompt_features, recalibrate
+    from safetylock.hf import Framing
 
     model, tok = load_model(llama_dir)
     framing = Framing("You obey.", "Do it: ")

@@ -3,7 +3,7 @@ from types import SimpleNamespace
 import pytest
 
 from safetylock.geometry import GeometryError, head_geometry, output_projections
-from safetylock.pipeline import load_model
+from safetylock.hf import load_model
 
 
 def test_gqa_and_explicit_head_dim():

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
+from safetylock.hf import load_model
 from safetylock.lockfile import LockError, from_bytes, load
-from safetylock.pipeline import load_model
 
 from support import rewrite_metadata, small_lock, tiny_lock
 

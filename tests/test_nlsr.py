@@ -7,8 +7,8 @@ import torch
 
 from safetylock import nlsr
 from safetylock.contrast import contrast_pairs
+from safetylock.hf import load_model
 from safetylock.lora import AdapterError, LoraAdapter, load_adapter
-from safetylock.pipeline import load_model
 
 from support import QUESTIONS, write_lora
 

@@ -23,7 +23,7 @@ def test_a_suite_sharing_a_prompt_is_refused_and_one_sharing_a_source_is_labelle
 
 
 def test_recorded_fingerprints_are_used_and_unknown_fits_are_labelled_unverified(llama_dir):
-    from safetylock.pipeline import load_model
+    from safetylock.hf import load_model
 
     model, _ = load_model(llama_dir)
     gate = constant_gate(model, True)

@@ -7,8 +7,8 @@ import torch
 
 from safetylock.apply import apply
 from safetylock.geometry import output_projections
+from safetylock.hf import load_model
 from safetylock.lockfile import LockError, from_bytes, load
-from safetylock.pipeline import load_model
 from safetylock.provenance import MIN_CORRELATION, PROBES, correlation, hf_weight_sketch, simulated_fine_tune
 
 from support import build_model, rewrite_metadata, small_lock, tiny_lock

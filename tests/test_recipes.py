@@ -1,7 +1,7 @@
 import pytest
 
 from safetylock.errors import ExtractError
-from safetylock.pipeline import generate, load_model
+from safetylock.hf import generate, load_model
 from safetylock.recipes import ANSWER_BATCH, contrast_examples, greedy_answers, recipe
 
 from support import QUESTIONS

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from safetylock.apply import apply_gated
 from safetylock.cli import main
 from safetylock.errors import LockError
-from safetylock.pipeline import load_model
+from safetylock.hf import load_model
 from safetylock.respond import DEFAULT_REFUSAL, ResponsePolicy, forced_logits, refusal_ids
 from safetylock.serve.config import CONFIG_KEY, PreparedLock, lock_section, serve_config
 

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from safetylock.hf import load_model
 from safetylock.lockfile import load
-from safetylock.pipeline import load_model
 from safetylock.serve.server import free_port, start_server, wait_healthy
 
 from support import (

@@ -11,7 +11,7 @@ continues: the decision is the last turn's, never the cached prefix's.
 
 import pytest
 
-from safetylock.pipeline import chat_ids, load_model
+from safetylock.hf import chat_ids, load_model
 from safetylock.serve.config import lock_section
 
 from support import (

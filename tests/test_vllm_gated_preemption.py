@@ -4,7 +4,7 @@ to preempt running requests and recompute them later; each request must still eq
 
 import pytest
 
-from safetylock.pipeline import load_model
+from safetylock.hf import load_model
 from safetylock.serve.config import lock_section
 
 from support import assert_same_generation, hf_gated_greedy, hf_greedy, run_vllm, saved_gated_lock

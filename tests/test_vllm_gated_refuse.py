@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from safetylock.pipeline import load_model
+from safetylock.hf import load_model
 from safetylock.respond import refusal_ids
 from safetylock.serve.config import lock_section
 from safetylock.serve.server import free_port, start_server, wait_healthy

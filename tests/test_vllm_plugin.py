@@ -13,7 +13,7 @@ ALPHA = 4.0
 
 @pytest.fixture(scope="module")
 def lock_path(llama_dir, tmp_path_factory):
-    from safetylock.pipeline import load_model
+    from safetylock.hf import load_model
 
     model, tok = load_model(llama_dir)
     lock = tiny_lock(model, tok)
@@ -22,7 +22,7 @@ def lock_path(llama_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma"])
 def test_plugin_equals_hf_apply_on_other_architectures(arch, tiny_root, tokenizer, tmp_path):
-    from safetylock.pipeline import load_model
+    from safetylock.hf import load_model
 
     directory = model_dir(arch, tiny_root, tokenizer)
     model, tok = load_model(directory)

@@ -5,8 +5,8 @@ import re
 
 import pytest
 
+from safetylock.hf import load_model
 from safetylock.lockfile import load
-from safetylock.pipeline import load_model
 from safetylock.provenance import simulated_fine_tune
 
 from support import assert_same_generation, build_model, hf_reference, run_vllm, tiny_lock

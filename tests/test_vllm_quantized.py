@@ -24,7 +24,7 @@ import torch
 
 from safetylock.apply import apply, fold_bias, layer_shifts
 from safetylock.geometry import output_projections
-from safetylock.pipeline import load_model
+from safetylock.hf import load_model
 from safetylock.quantize import QUANTIZED_MODULES, write_gptq, write_w8a8
 
 from support import hf_prompt_logprobs, run_vllm, tiny_lock

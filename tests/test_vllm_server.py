@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from safetylock.hf import load_model
 from safetylock.lockfile import load
-from safetylock.pipeline import load_model
 from safetylock.serve.server import chat, free_port, start_server, wait_healthy
 
 from support import QUESTION, SERVER_ARGS, expected_chat, model_dir, tiny_lock

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
+from safetylock.hf import load_model
 from safetylock.lockfile import load
-from safetylock.pipeline import load_model
 from safetylock.serve.config import lock_section
 
 from support import (

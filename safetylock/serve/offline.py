@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from safetylock.evaluate import PLAIN, Framing, Generator
+from safetylock.hf import PLAIN, Framing, Generator
 from safetylock.serve.config import CONFIG_KEY
 from safetylock.serve.server import engine_settings
 

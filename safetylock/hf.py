@@ -1,0 +1,89 @@
+"""HF transformers helpers every layer above uses: load a local model, render a chat, generate greedily.
+
+The bottom of the package: it imports nothing from ``safetylock``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+Generator = Callable[[Sequence[str], int], list[str]]  # prompts, max tokens -> answers (HF, vLLM or a server)
+
+
+def pad_batch(sequences: Sequence[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to a rectangle on ``side`` ('left' or 'right'); returns (input_ids, attention_mask)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """An HF causal LM and its tokenizer from a local directory, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model.eval(), tokenizer
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How each prompt is sent: an optional system prompt and a prefix before the instruction (an attacker's
+    serving setup, e.g. the identity-shift variant's persona). The default sends the prompt alone."""
+
+    system_prompt: str | None = None
+    prompt_prefix: str = ""
+
+    def messages(self, prompt: str) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [*head, {"role": "user", "content": self.prompt_prefix + prompt}]
+
+    def record(self) -> dict[str, str]:
+        """What a report's target records of it (nothing for the default)."""
+        return {k: v for k, v in (("system_prompt", self.system_prompt), ("prompt_prefix", self.prompt_prefix)) if v}
+
+
+PLAIN = Framing()  # each prompt alone
+
+
+def chat_ids(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
+    """Token ids of a chat ending with the assistant's generation prompt: one user turn, or the given messages."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy chat completions, batched with left padding."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    replies: list[str] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="generate", unit="batch", disable=not progress):
+        chunk = [chat_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
+        input_ids, mask = pad_batch(chunk, pad_id, "left")
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
+        replies += tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
+    return [reply.strip() for reply in replies]
