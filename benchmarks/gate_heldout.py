@@ -88,8 +88,10 @@ def suite_files(count: int, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
-def holdout_lock(name: str, base_lock: Path, model_dir: Path, seed: int = 0) -> Path:
-    """The model's lock with a gate fit on every source but the held-out group's (cached)."""
+def holdout_lock(name: str, base_lock: Path, model_dir: Path, files: dict[str, Path], seed: int = 0) -> Path:
+    """The model's lock with a gate fit on every source but the held-out group's, and on no request that holds one
+    of the group's suite prompts (a multi-turn chat ending in a red-team objective, a wrapper around one: the
+    overlap rule refuses a gate fit on them) (cached)."""
     path = base_lock.with_name(base_lock.name.replace(".lock.", f".gated-without-{name}.lock."))
     if path.exists():
         return path
@@ -98,11 +100,16 @@ def holdout_lock(name: str, base_lock: Path, model_dir: Path, seed: int = 0) -> 
     requests = sources.gate_requests(data.advbench(), seed=seed)
     layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
     features = features_cached(model_dir, requests, layers)
-    excluded = HOLDOUTS[name][0]
-    keep = [i for i, r in enumerate(requests) if not excluded(r.source)]
+    excluded, *pairs = HOLDOUTS[name]
+    held = [normalized(p) for _, suite in pairs for p in data.load_prompt_file(files[suite]).prompts]
+    keep = [i for i, r in enumerate(requests) if not excluded(r.source) and not any(h in normalized(r.text) for h in held)]
     gate, _ = gate_from_features({k: v[keep] for k, v in features.items()}, [requests[i] for i in keep], seed, True)
     dataclasses.replace(load(base_lock), gate=gate).save(path)
     return path
+
+
+def normalized(text: str) -> str:
+    return " ".join(text.split()).casefold()
 
 
 def base_lock_path(model_dir: Path) -> Path:
@@ -147,7 +154,7 @@ def main(variants: str, count: int, alpha: float, max_tokens: int, responses: st
     base_dir = models.resolve(models.DEFAULT_MODEL)
     files = suite_files(count)
     base_lock = base_lock_path(base_dir)
-    locks = {name: holdout_lock(name, base_lock, base_dir) for name in HOLDOUTS}
+    locks = {name: holdout_lock(name, base_lock, base_dir, files) for name in HOLDOUTS}
     targets = [("aligned-base", str(base_dir), Framing())]
     targets += [(name, *served(name)) for name in [v for v in variants.split(",") if v]]
     rows = []

@@ -224,19 +224,30 @@ def _rate(values: np.ndarray, threshold: float) -> float:
     return round(float((values > threshold).mean()), 4) if len(values) else float("nan")
 
 
+def sources_seen_in(requests: Sequence[Request], held: str) -> np.ndarray:
+    """Per request: whether it belongs to source ``held`` or contains the text of one of its requests."""
+    squash = lambda text: " ".join(text.split()).casefold()  # noqa: E731
+    texts = [squash(r.text) for r in requests]
+    held_texts = {texts[i] for i, r in enumerate(requests) if r.source == held}
+    return np.array([r.source == held or any(h in text for h in held_texts) for r, text in zip(requests, texts)])
+
+
 def leave_one_source_out(
     features: np.ndarray, requests: Sequence[Request], fit: Sequence[int], calibration: Sequence[int], seed: int = 0
 ) -> list[Heldout]:
     """For each source: fit on the fit split of every other source, threshold on their benign calibration
-    requests, score every request of the held-out source (fit and calibration alike)."""
+    requests, score every request of the held-out source (fit and calibration alike). Requests of other sources
+    that contain a held-out request's text (a multi-turn chat ending in it, a wrapper around it) are left out of
+    the fit and the threshold too: the held-out source is never seen, not even wrapped."""
     labels = np.array([r.harmful for r in requests])
     sources = np.array([r.source for r in requests])
     fit, calibration = np.asarray(fit), np.asarray(calibration)
     out = []
     for held in sorted(set(sources.tolist())):
-        train = fit[sources[fit] != held]
+        unseen = ~sources_seen_in(requests, held)
+        train = fit[unseen[fit]]
         weight, bias = fit_linear(features[train], labels[train], sources[train], seed)
-        others = calibration[(sources[calibration] != held) & ~labels[calibration]]
+        others = calibration[unseen[calibration] & ~labels[calibration]]
         negatives = features[others] @ weight + bias
         thresholds = {f"{round(100 * f)}%": threshold_at(negatives, f) for f in REPORT_FPRS}
         scores = features[sources == held] @ weight + bias
