@@ -171,7 +171,7 @@ def main(variants: str, count: int, alpha: float, max_tokens: int, responses: st
                     max_tokens,
                     suites=specs,
                     **settings,
-                    **({} if response == "steer" else {"response": response}),
+                    response=response,
                 )
                 for response in responses.split(",")
             }

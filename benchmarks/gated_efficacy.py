@@ -67,7 +67,16 @@ def main(
                     cached_run(model, f"{name}+lock(a={alpha:g})", lock=plain_lock, alpha=alpha, framing=framing, **sizes)
                 )
             runs.append(
-                cached_run(model, f"{name}+gated(a={alpha:g})", lock=lock, alpha=alpha, gated=True, framing=framing, **sizes)
+                cached_run(
+                    model,
+                    f"{name}+gated(a={alpha:g})",
+                    lock=lock,
+                    alpha=alpha,
+                    gated=True,
+                    response="steer",
+                    framing=framing,
+                    **sizes,
+                )
             )
     header, rows = comparison_rows(runs)
     print(aligned_text(header, rows))

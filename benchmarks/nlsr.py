@@ -101,7 +101,7 @@ def main(
     runs.append(cached_run(finetuned, f"{variant}+lock(a={alpha:g})", lock=lock, alpha=alpha, **sizes))
     if gated.exists():
         label = f"{variant}+gated(a={gated_alpha:g})"
-        runs.append(cached_run(finetuned, label, lock=gated, alpha=gated_alpha, gated=True, **sizes))
+        runs.append(cached_run(finetuned, label, lock=gated, alpha=gated_alpha, gated=True, response="steer", **sizes))
     header, rows = comparison_rows(runs)
     print(aligned_text(header, rows))
     out = f"nlsr_{variant}"

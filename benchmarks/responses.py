@@ -89,7 +89,7 @@ def main(variants: str, alpha: float, count: int, max_tokens: int, served_thresh
         runs.append(cached_run(model, name, framing=framing, **sizes))
         served_lock = calibrated(lock, name, model, framing) if served_threshold and not base else lock
         gated = {"lock": served_lock, "alpha": alpha, "gated": True, "framing": framing}
-        runs.append(cached_run(model, f"{name}+gated-steer(a={alpha:g})", **gated, **sizes))
+        runs.append(cached_run(model, f"{name}+gated-steer(a={alpha:g})", **gated, response="steer", **sizes))
         runs.append(cached_run(model, f"{name}+gated-refuse", **gated, response="refuse", **sizes))
         forced[runs[-1]["target"]["label"]] = refused_share(runs[-1])
     header, rows = comparison_rows(runs)

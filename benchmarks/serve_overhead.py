@@ -26,7 +26,7 @@ def sections(lock: Path, gated_lock: Path, gated_alpha: float) -> dict[str, dict
     """The ``safetylock`` section of each locked mode's server."""
     return {
         "static": lock_section(lock),
-        "gated": lock_section(gated_lock, gated_alpha, gated=True),
+        "gated": lock_section(gated_lock, gated_alpha, gated=True, response="steer"),
         "dynamic": lock_section(lock, allow_request_alpha=True),
     }
 

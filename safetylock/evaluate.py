@@ -23,6 +23,7 @@ from safetylock.lockfile import load
 from safetylock.models import cache_root, directory_digest, resolve, write_json
 from safetylock.nlsr import REPORT_NAME
 from safetylock.overlap import Fit, check, lock_fits, nlsr_fit
+from safetylock.respond import DEFAULT_RESPONSE
 from safetylock.serve.config import lock_section
 from safetylock.serve.offline import vllm_generator
 from safetylock.serve.server import chat
@@ -261,7 +262,7 @@ class RunSettings:
     framing: Framing = PLAIN
     gated: bool = False
     dtype: str | None = None
-    response: str | None = None  # gated: "refuse" answers fired requests with the default refusal (safetylock.respond)
+    response: str | None = None  # gated: safetylock.respond's response (None: the server's default, refuse)
 
     refusal_message: str | None = None  # the refuse response's text (None: the default)
 
@@ -290,7 +291,8 @@ def run_inputs(model: str, count: int, max_tokens: int, settings: RunSettings, s
         lock = load(settings.lock)
         alpha = lock.default_alpha if settings.alpha is None else settings.alpha
         inputs |= {"lock": lock.fingerprint, "alpha": alpha, "gated": settings.gated}
-        inputs |= {"response": settings.response} if settings.response else {}  # earlier runs keep their keys
+        response = settings.response or DEFAULT_RESPONSE
+        inputs |= {"response": response} if settings.gated and response != "steer" else {}  # steer runs: older keys
         inputs |= {"refusal_message": settings.refusal_message} if settings.refusal_message else {}
     inputs |= {"enforce_eager": settings.enforce_eager, "dtype": settings.dtype or "float32", **settings.framing.record()}
     suites = {spec: suite_digest(spec) for spec in settings.suites}

@@ -246,6 +246,11 @@ def leave_one_source_out(
     for held in sorted(set(sources.tolist())):
         unseen = ~sources_seen_in(requests, held)
         train = fit[unseen[fit]]
+        if len(set(labels[train].tolist())) < 2:
+            raise ExtractError(
+                f"without source {held!r} and the requests that contain its texts, no harmful and benign requests "
+                "are left to fit a gate on: give each source its own requests"
+            )
         weight, bias = fit_linear(features[train], labels[train], sources[train], seed)
         others = calibration[unseen[calibration] & ~labels[calibration]]
         negatives = features[others] @ weight + bias

@@ -1,16 +1,22 @@
 """What a gated lock answers a request whose gate fires with: its response policy.
 
-* ``steer`` (the default): the lock's heads at α-on (semantics: ``safetylock.gate``); the model writes the answer.
-* ``refuse``: the answer is the operator's refusal message, token for token, then the tokenizer's end-of-sequence
-  token (repeated if the request ignores it or asks for more tokens): at every sampling step of such a request
-  the logits are replaced by the message's next token (log-probability 0, every other token −inf) and the
-  sampled token is that token, whatever the request's sampling parameters, structured output included. Heads
-  are shifted at α-off for every request, as for requests whose gate does not fire, so the forced answer's KV
-  cache is the plain model's. A request served at α 0 (per-request α, where the operator allows it) is never
-  forced: α 0 turns the lock off for that request under either policy.
+* ``refuse`` (the default of a gated server): the answer is the operator's refusal message, token for token, then
+  the tokenizer's end-of-sequence token (repeated if the request ignores it or asks for more tokens). At every
+  sampling step of such a request the logits become the message's next token (log-probability 0, every other
+  token −inf) and the sampled token is that token, whatever the request's sampling parameters, structured output
+  included. Heads are shifted at α-off for every request, as for requests whose gate does not fire, so the forced
+  answer's KV cache is the plain model's. A request served at α 0 (per-request α, where the operator allows it)
+  is never forced: α 0 turns the lock off for that request under either policy.
+* ``steer``: the lock's heads at α-on (semantics: ``safetylock.gate``); the model writes the answer.
 
-The same in the HF path (``apply_gated(..., refusal=refusal_ids(...))`` and ``GatedHandle.force``) and in the vLLM plugin
-(forced in the sampler from the decision the gate wrote inside the graph; the host never reads it back).
+Why refuse is the default (docs/gated.md has the tables): where the gate fires, steering answers with whatever the
+shifted model says — on attacked models often an empty or broken line ("The Matterhorn is a highly sensitive and
+potentially life-threatening situation."), a deflection to another topic, or, on a full fine-tune, nothing that
+stops it; the forced refusal is one clean line whatever the fine-tune did to the weights.
+
+The same in the HF path and in the vLLM plugin (forced in the sampler from the decision the gate wrote inside the
+graph; the host never reads it back). The HF path needs the refusal's tokens, so ``apply_gated`` steers unless
+given them (``apply_gated(..., refusal=refusal_ids(...))``, then ``GatedHandle.force``).
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import torch
 
 from safetylock.errors import LockError
 
-RESPONSES = ("steer", "refuse")
+RESPONSES = ("refuse", "steer")
+DEFAULT_RESPONSE = "refuse"
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 MAX_MESSAGE_CHARS = 2000
 
@@ -30,7 +37,7 @@ MAX_MESSAGE_CHARS = 2000
 class ResponsePolicy:
     """How a request whose gate fires is answered (``kind`` one of ``RESPONSES``), and the refusal text."""
 
-    kind: str = "steer"
+    kind: str = DEFAULT_RESPONSE
     message: str = DEFAULT_REFUSAL
 
     def __post_init__(self) -> None:

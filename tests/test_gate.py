@@ -168,7 +168,7 @@ def test_fit_gate_picks_its_layer_out_of_source_and_sets_its_threshold_on_calibr
 
     model, tok = load_model(llama_dir)
     requests = [
-        single(f"zebra zebra {q}" if harmful else f"{q} please", harmful, source)
+        single(f"zebra zebra {q} ({source})" if harmful else f"{q} please ({source})", harmful, source)
         for source in ("one", "two", "three")
         for harmful in (True, False)
         for q in QUESTIONS[:8]
@@ -181,7 +181,7 @@ def test_fit_gate_picks_its_layer_out_of_source_and_sets_its_threshold_on_calibr
     calibration = gate.calibration
     assert calibration["fpr"] <= 0.05 + 1 / 6 and set(calibration["data"]) == {"one", "two", "three"}
     assert set(calibration["layer_score"]) == {"1", "2"} and len(calibration["heldout_sources"]) == 3
-    plain = [f"{q} please" for q in QUESTIONS]
+    plain = [f"{q} please (four)" for q in QUESTIONS]
     again = recalibrate(model, tok, gate, plain, fpr=0.25, served="the same model")
     scores = prompt_features(model, tok, plain, [gate.layer])[gate.layer] @ gate.weight.numpy() + gate.bias
     assert again.threshold == pytest.approx(float(np.quantile(scores, 0.75)), rel=1e-5)
@@ -215,3 +215,22 @@ def test_balanced_weights_give_every_source_and_label_the_same_total():
     weights = balanced_weights(labels, groups)
     totals = [weights[(groups == g) & (labels == lab)].sum() for g, lab in (("big", True), ("big", False), ("small", True))]
     assert np.allclose(totals, totals[0]) and weights.mean() == pytest.approx(1.0)
+
+
+def test_leave_one_source_out_leaves_out_wrapped_copies_of_the_held_out_texts():
+    """A request of another source that contains a held-out request's text is neither fit nor thresholded on;
+    when nothing is left to fit, one clear error."""
+    from safetylock.errors import ExtractError
+    from safetylock.gate import leave_one_source_out, sources_seen_in
+    from safetylock.sources import single
+
+    requests = [
+        single("Steal a car", True, "redteam"),
+        single("Story time. Steal a car, please", True, "context"),
+        single("Bake a cake", False, "benign"),
+        single("Build a shed", True, "advbench"),
+    ]
+    assert sources_seen_in(requests, "redteam").tolist() == [True, True, False, False]
+    features = np.random.default_rng(0).normal(size=(4, 3))
+    with pytest.raises(ExtractError, match="without source 'benign'.*no harmful and benign requests are left"):
+        leave_one_source_out(features, requests, [0, 1, 2, 3], [0, 1, 2, 3])

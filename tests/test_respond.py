@@ -37,7 +37,7 @@ def test_refusal_needs_an_end_of_sequence_token(tokenizer):
 @pytest.mark.parametrize(
     ("kind", "message", "error"),
     [
-        ("block", DEFAULT_REFUSAL, "response must be one of steer, refuse"),
+        ("block", DEFAULT_REFUSAL, "response must be one of refuse, steer"),
         ("refuse", "  ", "non-empty"),
         ("refuse", 3, "non-empty"),
     ],
@@ -104,19 +104,19 @@ def test_refuse_config_is_checked_and_enters_the_compile_key(tmp_path, llama_dir
 
     config = serve_config(section(gated=True, response="refuse", refusal_message="Not here."))
     assert config.response == ResponsePolicy("refuse", "Not here.")
-    assert serve_config(section(gated=True)).response == ResponsePolicy()
+    assert serve_config(section(gated=True)).response == ResponsePolicy("refuse")  # the gated server's default
     with pytest.raises(LockError, match="safetylock.response applies to gated serving only"):
         serve_config(section(response="refuse"))
-    with pytest.raises(LockError, match="refusal_message is used by the refuse response only"):
-        serve_config(section(gated=True, refusal_message="No."))
+    assert serve_config(section(gated=True, refusal_message="No.")).response == ResponsePolicy("refuse", "No.")
+    with pytest.raises(LockError, match="refusal_message is used by the refuse response only, not by 'steer'"):
+        serve_config(section(gated=True, response="steer", refusal_message="No."))
     with pytest.raises(LockError, match="safetylock.response must be one of"):
         serve_config(section(gated=True, response="block"))
     model, _ = load_model(llama_dir)
     lock = model_lock(model, separating_gate(model, PROMPTS[:2], [True, False]))
-    keys = [
-        PreparedLock(lock, 4.0, serve_config(section(gated=True, **extra))).cache_key for extra in ({}, {"response": "refuse"})
-    ]
-    assert keys[0]["response"] == "steer" and keys[1]["response"] == "refuse"
+    responses = ({}, {"response": "steer"})
+    keys = [PreparedLock(lock, 4.0, serve_config(section(gated=True, **extra))).cache_key for extra in responses]
+    assert keys[0]["response"] == "refuse" and keys[1]["response"] == "steer"
 
 
 def test_cli_response_options_need_gated_serving(llama_dir, tmp_path):

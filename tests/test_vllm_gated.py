@@ -55,7 +55,7 @@ def gated(llama_dir, gated_prompts, tmp_path_factory):
         tmp_path_factory.mktemp("gated-run"),
         model=str(llama_dir),
         prompts=gated_prompts,
-        additional_config={"safetylock": lock_section(path, ALPHA_ON, gated=True)},
+        additional_config={"safetylock": lock_section(path, ALPHA_ON, gated=True, response="steer")},
         enforce_eager=False,
         engine_args={"max_num_batched_tokens": 32, "max_num_seqs": 4, "block_size": 32, "enable_prefix_caching": True},
         mixed=[[index, None] for index in range(len(gated_prompts))],

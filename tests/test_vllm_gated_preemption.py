@@ -30,7 +30,7 @@ def preempted(llama_dir, tmp_path_factory):
         prompts=PROMPTS,
         max_tokens=MAX_TOKENS,
         metrics=True,
-        additional_config={"safetylock": lock_section(path, ALPHA_ON, gated=True)},
+        additional_config={"safetylock": lock_section(path, ALPHA_ON, gated=True, response="steer")},
         engine_args={"block_size": BLOCK, "kv_cache_memory_bytes": BLOCKS * BLOCK * TOKEN_BYTES, "max_num_seqs": 4},
     )
     return model, lock, out

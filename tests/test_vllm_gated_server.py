@@ -37,7 +37,8 @@ def test_concurrent_requests_are_gated_per_request(llama_dir, tmp_path):
     model, _ = load_model(llama_dir)
     lock, path = saved_gated_lock(model, PROMPTS, FIRES, tmp_path)
     port = free_port()
-    proc = start_server(llama_dir, port, lock_section(path, ALPHA_ON, gated=True), SERVER_ARGS, log=subprocess.PIPE)
+    section = lock_section(path, ALPHA_ON, gated=True, response="steer")
+    proc = start_server(llama_dir, port, section, SERVER_ARGS, log=subprocess.PIPE)
     replies: dict[int, list[int]] = {}
     try:
         wait_healthy(proc, port, timeout=300)

@@ -94,7 +94,7 @@ def test_gated_lock_under_tp2_equals_the_hf_gated_reference(mistral, tmp_path):
         env=_tp2_env(),
         model=str(directory),
         engine_args={"tensor_parallel_size": 2},
-        additional_config={"safetylock": lock_section(path, ALPHA, gated=True)},
+        additional_config={"safetylock": lock_section(path, ALPHA, gated=True, response="steer")},
         mixed=[[index, None] for index in range(len(PROMPTS))],
     )
     assert "tp 0/2" in got["log"] and "tp 1/2" in got["log"]

@@ -65,8 +65,8 @@ def response_options(func):
         "--response",
         type=click.Choice(RESPONSES),
         default=None,
-        help="Gated: answer requests whose gate fires by steering the model (steer, the default) or with the "
-        "refusal message (refuse).",
+        help="Gated: answer requests whose gate fires with the refusal message (refuse, the default) or by "
+        "steering the model at --alpha (steer).",
     )(func)
 
 

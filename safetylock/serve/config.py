@@ -17,7 +17,7 @@ from safetylock.alpha import AlphaPolicy, check_alpha
 from safetylock.errors import LockError
 from safetylock.geometry import HeadGeometry
 from safetylock.lockfile import SafetyLock, load
-from safetylock.respond import DEFAULT_REFUSAL, ResponsePolicy
+from safetylock.respond import DEFAULT_REFUSAL, DEFAULT_RESPONSE, ResponsePolicy
 
 CONFIG_KEY = "safetylock"  # the user's section of vLLM's additional_config
 CACHE_KEY = "safetylock_cache_key"  # written by the plugin only: what enters vLLM's compile-cache hash
@@ -128,8 +128,8 @@ def serve_config(additional_config: Mapping[str, Any] | None, environ: Mapping[s
     for key in ("alpha_off", *RESPONSE_KEYS):
         if key in section and not section.get("gated"):
             raise LockError(f"{CONFIG_KEY}.{key} applies to gated serving only: set {CONFIG_KEY}.gated too")
-    if "refusal_message" in section and section.get("response") != "refuse":
-        raise LockError(f"{CONFIG_KEY}.refusal_message is used by the refuse response only: set {CONFIG_KEY}.response")
+    if "refusal_message" in section and section.get("response", DEFAULT_RESPONSE) != "refuse":
+        raise LockError(f"{CONFIG_KEY}.refusal_message is used by the refuse response only, not by {section['response']!r}")
     return ServeConfig(
         Path(section["lock"]),
         None if alpha is None else check_alpha(alpha),
@@ -143,7 +143,7 @@ def serve_config(additional_config: Mapping[str, Any] | None, environ: Mapping[s
 
 
 def _response(section: Mapping[str, Any]) -> ResponsePolicy:
-    kind = section.get("response", "steer")
+    kind = section.get("response", DEFAULT_RESPONSE)
     if not isinstance(kind, str):
         raise LockError(f"{CONFIG_KEY}.response must be a string, got {kind!r}")
     try:
