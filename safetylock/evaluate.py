@@ -335,7 +335,8 @@ def run(
             fits += lock_fits(lock)
             target |= {"lock": str(settings.lock), "lock_fingerprint": lock.fingerprint}
             target |= {"alpha": lock.default_alpha if settings.alpha is None else settings.alpha}
-            target |= {k: v for k, v in settings.section().items() if k in ("gated", "response", "refusal_message")}
+            target |= {k: v for k, v in settings.section().items() if k in ("gated", "refusal_message")}
+            target |= {"response": settings.response or DEFAULT_RESPONSE} if settings.gated else {}
         target |= settings.engine_args()
         for suite in suites:  # a contaminated suite fails before the engine starts
             check(suite.name, suite.prompts, suite.sources, fits)
