@@ -16,6 +16,7 @@ turn).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import random
@@ -75,45 +76,52 @@ def single(prompt: str, harmful: bool, source: str, family: str = "", system: st
     return Request((*head, ("user", prompt)), harmful, source, family)
 
 
+def _objectives(name: str, packaged: data.PackagedData, pattern: str, rows) -> data.PromptSet:
+    """The unique objectives that ``rows(path, text)`` yields as (objective, category) from each file of a packaged
+    folder, in file then row order, with the digest of every file read."""
+    folder = data.packaged_folder(packaged)
+    prompts: dict[str, str] = {}
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob(pattern)):
+        text = path.read_text(encoding="utf-8")
+        digest.update(text.encode())
+        for objective, category in rows(path, text):
+            if objective.strip():
+                prompts.setdefault(objective.strip(), category)
+    source = f"{packaged.requirement}:{packaged.member}{pattern}"
+    return data.PromptSet(name, tuple(prompts), source, digest.hexdigest(), tuple((c,) for c in prompts.values()))
+
+
 def redteam() -> data.PromptSet:
     """PyRIT's red-team objectives (scorer evaluation sets, one file per harm category): harmful requests written
     as users write them — first-person, with a story, a role or a pretext. Unique, in file then row order."""
-    folder = data.packaged_folder(REDTEAM)
-    prompts: dict[str, str] = {}
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.csv")):
-        text = path.read_text(encoding="utf-8")
-        digest.update(text.encode())
+
+    def rows(path: Path, text: str):
         lines = [line for line in text.splitlines() if not line.startswith("#")]
         for row in csv.DictReader(lines):
-            objective = (row.get("objective") or "").strip()
-            if objective:
-                prompts.setdefault(objective, row.get("harm_category") or path.stem)
-    source = f"{REDTEAM.requirement}:{REDTEAM.member}*.csv"
-    return data.PromptSet("redteam", tuple(prompts), source, digest.hexdigest(), tuple((c,) for c in prompts.values()))
+            yield row.get("objective") or "", row.get("harm_category") or path.stem
+
+    return _objectives("redteam", REDTEAM, "*.csv", rows)
 
 
 def airt() -> data.PromptSet:
     """PyRIT's AI-red-team seed objectives (one YAML file per harm category; single objectives only, not the
     parts of multi-turn groups), less the few that the red-team source also holds: a small harmful source that no
     gate or lock of this project is fit on, what the demo's cross-source column is scored on."""
-    folder = data.packaged_folder(AIRT)
-    prompts: dict[str, str] = {}
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.prompt")):
-        text = path.read_text(encoding="utf-8")
-        digest.update(text.encode())
+
+    def rows(path: Path, text: str):
         spec = yaml.safe_load(text)
         for seed in spec.get("seeds") or []:
-            kind = seed.get("seed_type", spec.get("seed_type"))
-            if kind == "objective" and not seed.get("prompt_group_alias") and str(seed.get("value", "")).strip():
-                prompts.setdefault(str(seed["value"]).strip(), str(spec.get("harm_categories") or path.stem))
-    for seen in redteam().prompts:
-        prompts.pop(seen, None)
-    if not prompts:
-        raise DataError(f"no objectives in {folder}")
-    source = f"{AIRT.requirement}:{AIRT.member}*.prompt"
-    return data.PromptSet("airt", tuple(prompts), source, digest.hexdigest(), tuple((c,) for c in prompts.values()))
+            if seed.get("seed_type", spec.get("seed_type")) == "objective" and not seed.get("prompt_group_alias"):
+                yield str(seed.get("value", "")), str(spec.get("harm_categories") or path.stem)
+
+    found = _objectives("airt", AIRT, "*.prompt", rows)
+    seen = set(redteam().prompts)
+    keep = [i for i, p in enumerate(found.prompts) if p not in seen]
+    if not keep:
+        raise DataError(f"no objectives in {found.source} that the red-team source does not hold")
+    pick = lambda items: tuple(items[i] for i in keep)  # noqa: E731
+    return dataclasses.replace(found, prompts=pick(found.prompts), categories=pick(found.categories))
 
 
 @dataclass(frozen=True)
