@@ -25,7 +25,7 @@ from safetylock.nlsr import REPORT_NAME
 from safetylock.overlap import Fit, check, lock_fits, nlsr_fit
 from safetylock.respond import DEFAULT_RESPONSE
 from safetylock.serve.config import lock_section
-from safetylock.serve.offline import vllm_generator
+from safetylock.serve.offline import VllmGenerator
 from safetylock.serve.server import chat
 from safetylock.sources import airt
 
@@ -340,10 +340,13 @@ def run(
         target |= settings.engine_args()
         for suite in suites:  # a contaminated suite fails before the engine starts
             check(suite.name, suite.prompts, suite.sources, fits)
-        generate = vllm_generator(resolve(model), settings.section(), settings.framing, **settings.engine_args())
+        generate = VllmGenerator(resolve(model), settings.section(), settings.framing, **settings.engine_args())
     kind = "gated" if settings.gated else "lock"
     label = label or Path(model).name + (f"+{kind}(a={target['alpha']})" if "alpha" in target else "")
-    return evaluate(suites, generate, max_tokens, {**target, "label": label, "seed": seed}, judge_model, fits)
+    try:
+        return evaluate(suites, generate, max_tokens, {**target, "label": label, "seed": seed}, judge_model, fits)
+    finally:
+        getattr(generate, "close", lambda: None)()  # the offline engine: shut down, never left waiting
 
 
 def _run_to_file(model: str, settings: RunSettings, count: int, max_tokens: int, label: str, out: str) -> None:

@@ -6,23 +6,31 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from safetylock.hf import PLAIN, Framing, Generator
+from safetylock.hf import PLAIN, Framing
 from safetylock.serve.config import CONFIG_KEY
 from safetylock.serve.server import engine_settings
 
 
-def vllm_generator(model_dir: Path, section: dict | None = None, framing: Framing = PLAIN, **engine_args: Any) -> Generator:
-    """Greedy chat completions through vLLM's offline ``LLM`` class, with the safetylock plugin when locked."""
-    from vllm import LLM, SamplingParams
+class VllmGenerator:
+    """Greedy chat completions through vLLM's offline ``LLM`` class, with the safetylock plugin when locked; a
+    ``Generator``. ``close()`` shuts its engine down (a process that only returns leaves the engine's own
+    process waiting, and a multiprocessing child waits for it at exit)."""
 
-    args = {**engine_settings(model_dir), **engine_args}
-    if section is not None:
-        args["additional_config"] = {CONFIG_KEY: section}
-    llm = LLM(str(model_dir), **args)
+    def __init__(self, model_dir: Path, section: dict | None = None, framing: Framing = PLAIN, **engine_args: Any):
+        from vllm import LLM
 
-    def generate(prompts: Sequence[str], max_tokens: int) -> list[str]:
+        args = {**engine_settings(model_dir), **engine_args}
+        if section is not None:
+            args["additional_config"] = {CONFIG_KEY: section}
+        self.framing = framing
+        self.llm = LLM(str(model_dir), **args)
+
+    def __call__(self, prompts: Sequence[str], max_tokens: int) -> list[str]:
+        from vllm import SamplingParams
+
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-        conversations = [framing.messages(p) for p in prompts]
-        return [out.outputs[0].text.strip() for out in llm.chat(conversations, params, use_tqdm=True)]
+        conversations = [self.framing.messages(p) for p in prompts]
+        return [out.outputs[0].text.strip() for out in self.llm.chat(conversations, params, use_tqdm=True)]
 
-    return generate
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
