@@ -13,6 +13,7 @@ from safetylock.lockfile import load
 from safetylock.serve.config import lock_section
 
 from support import (
+    MAX_TOKENS,
     PROMPTS,
     assert_same_generation,
     hf_gated_greedy,
@@ -103,3 +104,26 @@ def test_gated_lock_under_tp2_equals_the_hf_gated_reference(mistral, tmp_path):
     assert_same_generation(got["solo"], want)
     moved = [w["tokens"] != p["tokens"] for w, p in zip(want, hf_greedy(model))]
     assert moved == fires
+
+
+def test_gated_refuse_under_tp2_forces_the_same_refusal_on_both_ranks(mistral, tmp_path):
+    """The refuse response under TP 2: both ranks sample; each forces the message on the requests whose gate fired
+    (the decision each rank reached itself), the rest equal the plain model."""
+    from safetylock.respond import DEFAULT_REFUSAL, refusal_ids
+
+    directory, _ = mistral
+    model, tokenizer = load_model(directory)
+    fires = [True, False, True]
+    lock, path = saved_gated_lock(model, PROMPTS, fires, tmp_path, heads=(0, 3))
+    got = run_vllm(
+        tmp_path,
+        env=_tp2_env(),
+        model=str(directory),
+        engine_args={"tensor_parallel_size": 2},
+        additional_config={"safetylock": lock_section(path, ALPHA, gated=True)},  # refuse: the gated default
+    )
+    assert "tp 0/2" in got["log"] and "response refuse" in got["log"]
+    refusal = refusal_ids(tokenizer, DEFAULT_REFUSAL)
+    assert_same_generation(got["base"], hf_gated_greedy(model, lock, ALPHA, refusal=refusal))
+    forced = (refusal + [refusal[-1]] * MAX_TOKENS)[:MAX_TOKENS]
+    assert [g["tokens"] == forced for g in got["base"]] == fires
