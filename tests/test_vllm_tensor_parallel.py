@@ -83,27 +83,34 @@ def test_per_request_alpha_under_tp2_equals_hf_apply(mistral, tmp_path):
     assert got["mixed"][0]["tokens"] != got["mixed"][3]["tokens"]  # same prompt, α 0 vs 8: the lock acts
 
 
-def test_gated_lock_under_tp2_equals_the_hf_gated_reference(mistral, tmp_path):
-    """Gated mode: each rank scores the (replicated) gate-layer input itself and reaches the same decision; the
-    shift of heads on both ranks' halves is added once."""
-    directory, _ = mistral
-    model, _ = load_model(directory)
-    fires = [True, False, True]
-    lock, path = saved_gated_lock(model, PROMPTS, fires, tmp_path, heads=(0, 3))
+FIRES = [True, False, True]
+
+
+def _gated_tp2(directory, tmp_path, **section):
+    """The HF model, its tokenizer, a gated lock firing on ``FIRES`` and the TP-2 engine's results under it."""
+    model, tokenizer = load_model(directory)
+    lock, path = saved_gated_lock(model, PROMPTS, FIRES, tmp_path, heads=(0, 3))
     got = run_vllm(
         tmp_path,
         env=_tp2_env(),
         model=str(directory),
         engine_args={"tensor_parallel_size": 2},
-        additional_config={"safetylock": lock_section(path, ALPHA, gated=True, response="steer")},
+        additional_config={"safetylock": lock_section(path, ALPHA, gated=True, **section)},
         mixed=[[index, None] for index in range(len(PROMPTS))],
     )
     assert "tp 0/2" in got["log"] and "tp 1/2" in got["log"]
+    return model, tokenizer, lock, got
+
+
+def test_gated_lock_under_tp2_equals_the_hf_gated_reference(mistral, tmp_path):
+    """Gated mode: each rank scores the (replicated) gate-layer input itself and reaches the same decision; the
+    shift of heads on both ranks' halves is added once."""
+    model, _, lock, got = _gated_tp2(mistral[0], tmp_path, response="steer")
     want = hf_gated_greedy(model, lock, ALPHA)
     assert_same_generation(got["mixed"], want)
     assert_same_generation(got["solo"], want)
     moved = [w["tokens"] != p["tokens"] for w, p in zip(want, hf_greedy(model))]
-    assert moved == fires
+    assert moved == FIRES
 
 
 def test_gated_refuse_under_tp2_forces_the_same_refusal_on_both_ranks(mistral, tmp_path):
@@ -111,19 +118,9 @@ def test_gated_refuse_under_tp2_forces_the_same_refusal_on_both_ranks(mistral, t
     (the decision each rank reached itself), the rest equal the plain model."""
     from safetylock.respond import DEFAULT_REFUSAL, refusal_ids
 
-    directory, _ = mistral
-    model, tokenizer = load_model(directory)
-    fires = [True, False, True]
-    lock, path = saved_gated_lock(model, PROMPTS, fires, tmp_path, heads=(0, 3))
-    got = run_vllm(
-        tmp_path,
-        env=_tp2_env(),
-        model=str(directory),
-        engine_args={"tensor_parallel_size": 2},
-        additional_config={"safetylock": lock_section(path, ALPHA, gated=True)},  # refuse: the gated default
-    )
-    assert "tp 0/2" in got["log"] and "response refuse" in got["log"]
+    model, tokenizer, lock, got = _gated_tp2(mistral[0], tmp_path)  # refuse: the gated default
+    assert "response refuse" in got["log"]
     refusal = refusal_ids(tokenizer, DEFAULT_REFUSAL)
-    assert_same_generation(got["base"], hf_gated_greedy(model, lock, ALPHA, refusal=refusal))
+    assert_same_generation(got["mixed"], hf_gated_greedy(model, lock, ALPHA, refusal=refusal))
     forced = (refusal + [refusal[-1]] * MAX_TOKENS)[:MAX_TOKENS]
-    assert [g["tokens"] == forced for g in got["base"]] == fires
+    assert [g["tokens"] == forced for g in got["mixed"]] == FIRES
