@@ -38,6 +38,7 @@ from safetylock.gate import candidate_layers, gate_from_features
 from safetylock.geometry import head_geometry
 from safetylock.hf import Framing, load_model
 from safetylock.lockfile import load
+from safetylock.overlap import containing
 from safetylock.pipeline import ExtractConfig, extract_lock
 from safetylock.respond import DEFAULT_REFUSAL
 
@@ -101,15 +102,12 @@ def holdout_lock(name: str, base_lock: Path, model_dir: Path, files: dict[str, P
     layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
     features = features_cached(model_dir, requests, layers)
     excluded, *pairs = HOLDOUTS[name]
-    held = [normalized(p) for _, suite in pairs for p in data.load_prompt_file(files[suite]).prompts]
-    keep = [i for i, r in enumerate(requests) if not excluded(r.source) and not any(h in normalized(r.text) for h in held)]
+    held = [p for _, suite in pairs for p in data.load_prompt_file(files[suite]).prompts]
+    holds = containing([r.text for r in requests], held)
+    keep = [i for i, r in enumerate(requests) if not excluded(r.source) and not holds[i]]
     gate, _ = gate_from_features({k: v[keep] for k, v in features.items()}, [requests[i] for i in keep], seed, True)
     dataclasses.replace(load(base_lock), gate=gate).save(path)
     return path
-
-
-def normalized(text: str) -> str:
-    return " ".join(text.split()).casefold()
 
 
 def base_lock_path(model_dir: Path) -> Path:

@@ -24,7 +24,15 @@ import numpy as np
 
 from benchmarks.common import RESULTS, write_result
 from safetylock import data, models
-from safetylock.gate import auroc, candidate_layers, fit_linear, leave_one_source_out, out_of_source_score, prompt_features
+from safetylock.gate import (
+    auroc,
+    candidate_layers,
+    fit_linear,
+    leave_one_source_out,
+    out_of_source_score,
+    prompt_features,
+    seen_masks,
+)
 from safetylock.geometry import head_geometry
 from safetylock.hf import load_model
 from safetylock.sources import gate_requests, split
@@ -73,10 +81,11 @@ def main(model_name: str, seed: int, out: str) -> None:
     layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
     features = features_cached(model_dir, requests, layers)
     f, c = split(requests, seed=seed)
+    seen = seen_masks(requests)  # which requests each hold-out leaves out: the same at every layer
     labels, groups = np.array([r.harmful for r in requests]), np.array([r.source for r in requests])
     rows = []
     for layer in layers:
-        table = leave_one_source_out(features[layer], requests, f, c, seed)
+        table = leave_one_source_out(features[layer], requests, f, c, seed, seen)
         weight, bias = fit_linear(features[layer][f], labels[f], groups[f], seed)
         scores = features[layer][c] @ weight + bias
         in_dist = auroc(scores[labels[c]], scores[~labels[c]])

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from safetylock.errors import ExtractError, LockError
-from safetylock.overlap import fingerprints
+from safetylock.overlap import containing, fingerprints
 from safetylock.sources import Request, gate_requests, source_hashes, split
 
 if TYPE_CHECKING:
@@ -224,27 +224,36 @@ def _rate(values: np.ndarray, threshold: float) -> float:
     return round(float((values > threshold).mean()), 4) if len(values) else float("nan")
 
 
-def sources_seen_in(requests: Sequence[Request], held: str) -> np.ndarray:
-    """Per request: whether it belongs to source ``held`` or contains the text of one of its requests."""
-    squash = lambda text: " ".join(text.split()).casefold()  # noqa: E731
-    texts = [squash(r.text) for r in requests]
-    held_texts = {texts[i] for i, r in enumerate(requests) if r.source == held}
-    return np.array([r.source == held or any(h in text for h in held_texts) for r, text in zip(requests, texts)])
+def seen_masks(requests: Sequence[Request]) -> dict[str, np.ndarray]:
+    """Per source: which requests hold it out — its own, and those of other sources that contain one of its texts."""
+    sources = np.array([r.source for r in requests])
+    texts = [r.text for r in requests]
+    return {
+        held: (sources == held) | np.array(containing(texts, [t for t, s in zip(texts, sources) if s == held]))
+        for held in sorted(set(sources.tolist()))
+    }
 
 
 def leave_one_source_out(
-    features: np.ndarray, requests: Sequence[Request], fit: Sequence[int], calibration: Sequence[int], seed: int = 0
+    features: np.ndarray,
+    requests: Sequence[Request],
+    fit: Sequence[int],
+    calibration: Sequence[int],
+    seed: int = 0,
+    seen: dict[str, np.ndarray] | None = None,
 ) -> list[Heldout]:
     """For each source: fit on the fit split of every other source, threshold on their benign calibration
     requests, score every request of the held-out source (fit and calibration alike). Requests of other sources
     that contain a held-out request's text (a multi-turn chat ending in it, a wrapper around it) are left out of
-    the fit and the threshold too: the held-out source is never seen, not even wrapped."""
+    the fit and the threshold too: the held-out source is never seen, not even wrapped (``seen_masks``; pass them
+    when calling once per layer: they do not depend on the features)."""
     labels = np.array([r.harmful for r in requests])
     sources = np.array([r.source for r in requests])
     fit, calibration = np.asarray(fit), np.asarray(calibration)
+    seen = seen_masks(requests) if seen is None else seen
     out = []
     for held in sorted(set(sources.tolist())):
-        unseen = ~sources_seen_in(requests, held)
+        unseen = ~seen[held]
         train = fit[unseen[fit]]
         if len(set(labels[train].tolist())) < 2:
             raise ExtractError(
@@ -301,8 +310,9 @@ def gate_from_features(
     """``fit_gate`` on features already computed (``{layer: [requests, hidden]}``, rows in request order)."""
     layers = sorted(features)
     fit_arr, cal_arr = split(requests, seed=seed)
+    seen = seen_masks(requests)
     tables = {
-        layer: leave_one_source_out(features[layer], requests, fit_arr, cal_arr, seed)
+        layer: leave_one_source_out(features[layer], requests, fit_arr, cal_arr, seed, seen)
         for layer in tqdm(layers, desc="gate layers (leave one source out)", disable=not progress)
     }
     best = max(layers, key=lambda layer: (round(out_of_source_score(tables[layer]), 6), layer))

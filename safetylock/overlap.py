@@ -15,7 +15,6 @@ split against a gate fit on its extraction split) is scored and labelled *in-dis
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,9 +26,20 @@ class OverlapError(DataError):
     """An evaluation suite shares prompts with the data a lock, gate or repair was fit on."""
 
 
+def normalize(text: str) -> str:
+    """``text`` casefolded with whitespace collapsed: how fits and hold-outs compare texts."""
+    return " ".join(text.split()).casefold()
+
+
 def fingerprint(text: str) -> str:
-    """12 hex of sha256 over ``text`` casefolded with whitespace collapsed: how fits record their prompts."""
-    return hashlib.sha256(re.sub(r"\s+", " ", text).strip().casefold().encode()).hexdigest()[:12]
+    """12 hex of sha256 over ``normalize(text)``: how fits record their prompts."""
+    return hashlib.sha256(normalize(text).encode()).hexdigest()[:12]
+
+
+def containing(texts: Sequence[str], needles: Iterable[str]) -> list[bool]:
+    """Per text: whether it contains one of ``needles`` (a chat's last turn, a wrapper around one), both normalized."""
+    wanted = {normalize(n) for n in needles}
+    return [any(n in text for n in wanted) for text in map(normalize, texts)]
 
 
 def fingerprints(texts: Iterable[str]) -> list[str]:

@@ -221,7 +221,7 @@ def test_leave_one_source_out_leaves_out_wrapped_copies_of_the_held_out_texts():
     """A request of another source that contains a held-out request's text is neither fit nor thresholded on;
     when nothing is left to fit, one clear error."""
     from safetylock.errors import ExtractError
-    from safetylock.gate import leave_one_source_out, sources_seen_in
+    from safetylock.gate import leave_one_source_out, seen_masks
     from safetylock.sources import single
 
     requests = [
@@ -230,7 +230,7 @@ def test_leave_one_source_out_leaves_out_wrapped_copies_of_the_held_out_texts():
         single("Bake a cake", False, "benign"),
         single("Build a shed", True, "advbench"),
     ]
-    assert sources_seen_in(requests, "redteam").tolist() == [True, True, False, False]
+    assert seen_masks(requests)["redteam"].tolist() == [True, True, False, False]
     features = np.random.default_rng(0).normal(size=(4, 3))
     with pytest.raises(ExtractError, match="without source 'benign'.*no harmful and benign requests are left"):
         leave_one_source_out(features, requests, [0, 1, 2, 3], [0, 1, 2, 3])
