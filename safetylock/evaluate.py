@@ -9,7 +9,7 @@ import json
 import multiprocessing
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,18 +203,23 @@ def rejudge(report: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
+def check_suites(suites: Sequence[Suite], fits: Sequence[Fit]) -> dict[str, dict[str, list[str]]]:
+    """Each suite checked against ``fits`` (what the served lock or repair was fit on: ``safetylock.overlap``):
+    one that shares a prompt with them is refused; the rest get their in-distribution labels."""
+    return {suite.name: check(suite.name, suite.prompts, suite.sources, fits) for suite in suites}
+
+
 def evaluate(
     suites: Sequence[Suite],
     generate: Generator,
     max_tokens: int = 64,
     target: dict[str, Any] | None = None,
     judge_model: Callable[[list[str], list[str]], list[bool]] | None = None,
-    fits: Sequence[Fit] = (),
+    labels: Mapping[str, dict[str, list[str]]] | None = None,
 ) -> dict[str, Any]:
-    """Generate, judge and summarise every suite; the result holds every prompt, response and verdict. Every suite
-    is first checked against ``fits`` (what the served lock or repair was fit on: ``safetylock.overlap``): one that
-    shares a prompt with them is refused before anything is generated; the rest carry their in-distribution labels."""
-    labels = {suite.name: check(suite.name, suite.prompts, suite.sources, fits) for suite in suites}
+    """Generate, judge and summarise every suite; the result holds every prompt, response and verdict, and each
+    suite's in-distribution labels from ``labels`` (``check_suites``)."""
+    labels = labels or {}
     report: dict[str, Any] = {"target": target or {}, "max_tokens": max_tokens, "suites": {}}
     for suite in suites:
         responses = generate(list(suite.prompts), max_tokens)
@@ -225,7 +230,7 @@ def evaluate(
         report["suites"][suite.name] = {
             "kind": suite.kind,
             "provenance": suite.provenance,
-            **({"in_distribution": labels[suite.name]} if labels[suite.name] else {}),
+            **({"in_distribution": labels[suite.name]} if labels.get(suite.name) else {}),
             "summary": summarize(suite, items),
             "items": items,
         }
@@ -324,12 +329,13 @@ def run(
         raise data.DataError("a lock applies offline only; a server at an endpoint applies its own")
     suites = [load_suite(spec, count, seed) for spec in settings.suites]  # bad suites fail before any generation
     target: dict[str, Any] = {"model": model, "endpoint": endpoint, **settings.framing.record()}
-    fits: list[Fit] = []
+    labels = None
     if endpoint:
         generate = endpoint_generator(endpoint, model, concurrency, settings.framing)
     else:
-        repaired = resolve(model) / REPORT_NAME
-        fits += [nlsr_fit(json.loads(repaired.read_text()))] if repaired.is_file() else []
+        model_dir = resolve(model)
+        repaired = model_dir / REPORT_NAME
+        fits: list[Fit] = [nlsr_fit(json.loads(repaired.read_text()))] if repaired.is_file() else []
         if settings.lock is not None:
             lock = load(settings.lock)
             fits += lock_fits(lock)
@@ -338,13 +344,12 @@ def run(
             target |= {k: v for k, v in settings.section().items() if k in ("gated", "refusal_message")}
             target |= {"response": settings.response or DEFAULT_RESPONSE} if settings.gated else {}
         target |= settings.engine_args()
-        for suite in suites:  # a contaminated suite fails before the engine starts
-            check(suite.name, suite.prompts, suite.sources, fits)
-        generate = VllmGenerator(resolve(model), settings.section(), settings.framing, **settings.engine_args())
+        labels = check_suites(suites, fits)  # a contaminated suite fails before the engine starts
+        generate = VllmGenerator(model_dir, settings.section(), settings.framing, **settings.engine_args())
     kind = "gated" if settings.gated else "lock"
     label = label or Path(model).name + (f"+{kind}(a={target['alpha']})" if "alpha" in target else "")
     try:
-        return evaluate(suites, generate, max_tokens, {**target, "label": label, "seed": seed}, judge_model, fits)
+        return evaluate(suites, generate, max_tokens, {**target, "label": label, "seed": seed}, judge_model, labels)
     finally:
         getattr(generate, "close", lambda: None)()  # the offline engine: shut down, never left waiting
 
