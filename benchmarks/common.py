@@ -1,4 +1,5 @@
-"""The benchmarks' one shared helper module: result files, machine description, load rounds against servers."""
+"""The benchmarks' one shared helper module: result files, machine description, load rounds against servers, a
+lock re-calibrated on a served variant."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -24,6 +27,18 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+
+
+def calibrated_lock(lock: Path, name: str, model: str, framing) -> Path:
+    """``lock`` with its gate threshold re-set (``safetylock calibrate-gate``) on variant ``name`` as it is served
+    (``framing``: an ``hf.Framing``), cached beside it as ``….NAME.lock.safetensors``."""
+    path = lock.with_name(lock.name.replace(".lock.", f".{name}.lock."))
+    if not path.exists():
+        served_as = ["--system-prompt", framing.system_prompt] if framing.system_prompt else []
+        served_as += ["--prompt-prefix", framing.prompt_prefix] if framing.prompt_prefix else []
+        command = ["calibrate-gate", "--model", model, "--lock", str(lock), "--out", str(path), *served_as]
+        subprocess.run([sys.executable, "-m", "safetylock.cli", *command], check=True)
+    return path
 
 
 def write_result(name: str, payload: dict) -> Path:

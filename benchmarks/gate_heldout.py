@@ -89,11 +89,9 @@ def suite_files(count: int, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
-def holdout_lock(name: str, base_lock: Path, model_dir: Path, files: dict[str, Path], seed: int = 0) -> Path:
-    """The model's lock with a gate fit on every source but the held-out group's, and on no request that holds one
-    of the group's suite prompts (a multi-turn chat ending in a red-team objective, a wrapper around one: the
-    overlap rule refuses a gate fit on them) (cached)."""
-    path = base_lock.with_name(base_lock.name.replace(".lock.", f".gated-without-{name}.lock."))
+def gated_copy(base_lock: Path, model_dir: Path, path: Path, leave_out=None, seed: int = 0) -> Path:
+    """``base_lock`` with a gate fit (``gate_from_features`` on the cached features) on the gate's requests, less
+    those for which ``leave_out(requests)`` is true, written to ``path`` (cached)."""
     if path.exists():
         return path
     from transformers import AutoConfig
@@ -101,13 +99,26 @@ def holdout_lock(name: str, base_lock: Path, model_dir: Path, files: dict[str, P
     requests = sources.gate_requests(data.advbench(), seed=seed)
     layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
     features = features_cached(model_dir, requests, layers)
-    excluded, *pairs = HOLDOUTS[name]
-    held = [p for _, suite in pairs for p in data.load_prompt_file(files[suite]).prompts]
-    holds = containing([r.text for r in requests], held)
-    keep = [i for i, r in enumerate(requests) if not excluded(r.source) and not holds[i]]
+    dropped = leave_out(requests) if leave_out else [False] * len(requests)
+    keep = [i for i, gone in enumerate(dropped) if not gone]
     gate, _ = gate_from_features({k: v[keep] for k, v in features.items()}, [requests[i] for i in keep], seed, True)
     dataclasses.replace(load(base_lock), gate=gate).save(path)
     return path
+
+
+def holdout_lock(name: str, base_lock: Path, model_dir: Path, files: dict[str, Path], seed: int = 0) -> Path:
+    """The model's lock with a gate fit on every source but the held-out group's, and on no request that holds one
+    of the group's suite prompts (a multi-turn chat ending in a red-team objective, a wrapper around one: the
+    overlap rule refuses a gate fit on them) (cached)."""
+    excluded, *pairs = HOLDOUTS[name]
+    held = [p for _, suite in pairs for p in data.load_prompt_file(files[suite]).prompts]
+
+    def leave_out(requests):
+        holds = containing([r.text for r in requests], held)
+        return [excluded(r.source) or hold for r, hold in zip(requests, holds)]
+
+    path = base_lock.with_name(base_lock.name.replace(".lock.", f".gated-without-{name}.lock."))
+    return gated_copy(base_lock, model_dir, path, leave_out, seed)
 
 
 def base_lock_path(model_dir: Path) -> Path:
@@ -134,7 +145,7 @@ def fired(gated: dict, plain: dict, suite: str) -> float:
     return round(float(np.mean([g["response"] != p["response"] for g, p in pairs])), 4)
 
 
-def forced(report: dict, suite: str) -> float:
+def forced_share(report: dict, suite: str) -> float:
     """Share of answers that are the refusal message (the refuse response)."""
     return round(float(np.mean([i["response"] == DEFAULT_REFUSAL for i in report["suites"][suite]["items"]])), 4)
 
@@ -180,7 +191,7 @@ def main(variants: str, count: int, alpha: float, max_tokens: int, responses: st
                 if "steer" in runs:
                     row |= {"gated": rates(runs["steer"], suite), "fired": fired(runs["steer"], plain, suite)}
                 if "refuse" in runs:
-                    row["refuse"] = rates(runs["refuse"], suite) | {"forced": forced(runs["refuse"], suite)}
+                    row["refuse"] = rates(runs["refuse"], suite) | {"forced": forced_share(runs["refuse"], suite)}
                 rows.append(row)
                 print(json.dumps(rows[-1]), flush=True)
     write_result(

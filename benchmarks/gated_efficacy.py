@@ -11,32 +11,15 @@ summaries only; every answer stays in the cache's runs/).
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import click
 
-from benchmarks.common import RESULTS, write_result
+from benchmarks.common import RESULTS, calibrated_lock, write_result
 from benchmarks.gate import gated_lock_path
 from safetylock import models
 from safetylock.attack import BASE, served
 from safetylock.evaluate import cached_run, without_items
 from safetylock.hf import Framing
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
-
-
-def served_lock(gated_lock: Path, name: str, model: str, framing: Framing) -> Path:
-    """The gated lock with its threshold re-set on variant ``name``'s weights, as the variant is served (cached
-    beside it)."""
-    path = gated_lock.with_name(gated_lock.name.replace(".gated.", f".gated.{name}."))
-    if not path.exists():
-        served_as = (["--system-prompt", framing.system_prompt] if framing.system_prompt else []) + (
-            ["--prompt-prefix", framing.prompt_prefix] if framing.prompt_prefix else []
-        )
-        command = ["calibrate-gate", "--model", model, "--lock", str(gated_lock), "--out", str(path), *served_as]
-        subprocess.run([sys.executable, "-m", "safetylock.cli", *command], check=True)
-    return path
 
 
 @click.command()
@@ -60,7 +43,7 @@ def main(
         base = name == "aligned-base"
         model, framing = (BASE, Framing()) if base else served(name)
         runs.append(cached_run(model, name, framing=framing, **sizes))
-        lock = served_lock(gated_lock, name, model, framing) if served_threshold and not base else gated_lock
+        lock = calibrated_lock(gated_lock, name, model, framing) if served_threshold and not base else gated_lock
         for alpha in grid:
             if not base and always_on:  # the always-on lock's cost on the base is in the efficacy benchmark's sweep
                 runs.append(

@@ -15,25 +15,18 @@ message; answers stay in the cache's runs/).
 
 from __future__ import annotations
 
-import dataclasses
-import subprocess
-import sys
 from pathlib import Path
 
 import click
 
-from benchmarks.common import RESULTS, write_result
-from benchmarks.gate_heldout import base_lock_path
-from benchmarks.gate_sources import features_cached
-from safetylock import data, models, sources
+from benchmarks.common import RESULTS, calibrated_lock, write_result
+from benchmarks.gate_heldout import base_lock_path, forced_share, gated_copy
+from safetylock import models
 from safetylock.attack import BASE, served
 from safetylock.evaluate import cached_run, without_items
-from safetylock.gate import candidate_layers, gate_from_features
-from safetylock.geometry import head_geometry
 from safetylock.hf import Framing
 from safetylock.lockfile import load
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
-from safetylock.respond import DEFAULT_REFUSAL
 
 SUITES = ("advbench-heldout", "airt", "benign", "arithmetic")
 
@@ -43,33 +36,8 @@ def product_lock(seed: int = 0) -> Path:
     path = models.default_lock_path(BASE)
     if path.exists() and load(path).gate is not None:
         return path
-    from transformers import AutoConfig
-
     model_dir = models.resolve(BASE)
-    requests = sources.gate_requests(data.advbench(), seed=seed)
-    layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
-    gate, _ = gate_from_features(features_cached(model_dir, requests, layers), requests, seed, True)
-    dataclasses.replace(load(base_lock_path(model_dir)), gate=gate).save(path)
-    return path
-
-
-def calibrated(lock: Path, name: str, model: str, framing: Framing) -> Path:
-    """``lock`` with its gate threshold re-set on variant ``name`` as it is served (cached beside it)."""
-    path = lock.with_name(lock.name.replace(".lock.", f".{name}.lock."))
-    if not path.exists():
-        served_as = ["--system-prompt", framing.system_prompt] if framing.system_prompt else []
-        served_as += ["--prompt-prefix", framing.prompt_prefix] if framing.prompt_prefix else []
-        command = ["calibrate-gate", "--model", model, "--lock", str(lock), "--out", str(path), *served_as]
-        subprocess.run([sys.executable, "-m", "safetylock.cli", *command], check=True)
-    return path
-
-
-def refused_share(run: dict) -> dict[str, float]:
-    """Per suite, the share of answers that are the refusal message itself (what the refuse response forced)."""
-    return {
-        name: round(sum(i["response"] == DEFAULT_REFUSAL for i in suite["items"]) / len(suite["items"]), 4)
-        for name, suite in run["suites"].items()
-    }
+    return gated_copy(base_lock_path(model_dir), model_dir, path, seed=seed)
 
 
 @click.command()
@@ -87,11 +55,11 @@ def main(variants: str, alpha: float, count: int, max_tokens: int, served_thresh
         base = name == "aligned-base"
         model, framing = (BASE, Framing()) if base else served(name)
         runs.append(cached_run(model, name, framing=framing, **sizes))
-        served_lock = calibrated(lock, name, model, framing) if served_threshold and not base else lock
+        served_lock = calibrated_lock(lock, name, model, framing) if served_threshold and not base else lock
         gated = {"lock": served_lock, "alpha": alpha, "gated": True, "framing": framing}
         runs.append(cached_run(model, f"{name}+gated-steer(a={alpha:g})", **gated, response="steer", **sizes))
         runs.append(cached_run(model, f"{name}+gated-refuse", **gated, response="refuse", **sizes))
-        forced[runs[-1]["target"]["label"]] = refused_share(runs[-1])
+        forced[runs[-1]["target"]["label"]] = {suite: forced_share(runs[-1], suite) for suite in runs[-1]["suites"]}
     header, rows = comparison_rows(runs)
     print(aligned_text(header, rows))
     write_result(
