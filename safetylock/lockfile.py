@@ -86,17 +86,24 @@ class SafetyLock:
         return hashlib.sha256(self.to_bytes()).hexdigest()[:16]
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically: a reader never sees a half-written lock."""
+        """Write atomically: a reader never sees a half-written lock, and a failed write (disk full, file size
+        limit) leaves nothing behind and raises LockError naming the file."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = self.to_bytes()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+        except BaseException as exc:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise LockError(f"cannot write lock file {path}: {exc.strerror or exc}") from None
             raise
         return path
 

@@ -189,3 +189,40 @@ def test_prompts_of_a_source_the_gate_did_not_see_are_labelled_in_distribution(e
     unseen = [p for p in redteam().prompts if fingerprint(p) not in fits[1].prompts]
     assert 0 < len(unseen) < 37  # 337 objectives, 300 of them fit on (some again as a chat's last turn)
     assert check("redteam-rest", unseen, ["redteam"], fits) == {fits[1].what: ["redteam"]}
+
+
+def _file_size_limit(limit: int):
+    """In the child before exec: writes beyond ``limit`` bytes fail with EFBIG, as on a full disk."""
+
+    def apply() -> None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_extract_that_cannot_write_leaves_no_partial_lock(extracted, llama_dir, tmp_path):
+    """The lock file's write fails half way (the OS refuses bytes past a file-size limit, as a full disk does):
+    one-line error naming the file, exit code 1, and nothing left in the output folder."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out" / "tiny.lock.safetensors"
+    assert extracted.stat().st_size > 4096  # the limit cuts the write in the middle
+    questions = extracted.parent / "harmful.jsonl"
+    args = ["extract", "--model", str(llama_dir), "--out", str(out), "--harmful", str(questions)]
+    args += ["--questions", "16", "--top-k", "2", "--tokens", "3", "--alpha", "3"]
+    result = subprocess.run(
+        [sys.executable, "-m", "safetylock.cli", *args],
+        capture_output=True,
+        text=True,
+        preexec_fn=_file_size_limit(4096),
+        timeout=600,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"Error: cannot write lock file {out}: File too large" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(out.parent.iterdir()) == []

@@ -19,7 +19,8 @@ from fastapi.responses import JSONResponse
 from safetylock.alpha import check_alpha
 from safetylock.errors import LockError
 from safetylock.geometry import head_geometry
-from safetylock.serve.config import prepare, token_matches
+from safetylock.lockfile import SafetyLock, from_bytes
+from safetylock.serve.config import PreparedLock, ServeConfig, prepare, token_matches
 from safetylock_vllm.frontend import FrontendLock
 from safetylock_vllm.state import STATE
 
@@ -39,6 +40,25 @@ def _status(state: FrontendLock) -> dict[str, Any]:
         "hot_swap": prepared.config.hot_swap,
         "policy": prepared.config.policy.summary(),
     }
+
+
+def _requested(body: dict[str, Any], current: PreparedLock) -> tuple[ServeConfig, SafetyLock, bytes | None]:
+    """The configuration a swap asks for, its lock, and the lock file's bytes (None: the served lock stays).
+
+    The file is read once, here; an α-only swap keeps the lock that is served (never re-read from disk, where
+    the file may have changed since it was loaded)."""
+    path = body.get("lock")
+    alpha = current.config.alpha if body.get("alpha") is None else check_alpha(body["alpha"])
+    if path is None:
+        return dataclasses.replace(current.config, alpha=alpha), current.lock, None
+    if not isinstance(path, str) or not path:
+        raise LockError("'lock' must be the path of a lock file")
+    resolved = Path(path).resolve()
+    try:
+        data = resolved.read_bytes()
+    except OSError as exc:
+        raise LockError(f"cannot read lock file {resolved}: {exc.strerror or exc}") from None
+    return dataclasses.replace(current.config, lock=resolved, alpha=alpha), from_bytes(data, str(resolved)), data
 
 
 class AdminPlugin:
@@ -87,20 +107,15 @@ class AdminPlugin:
         if not isinstance(body, dict) or not body or set(body) - {"lock", "alpha"}:
             return _error(400, "safetylock swap: the body must be a JSON object with 'lock' and/or 'alpha'")
         async with self.swapping:
-            current = state.prepared.config
+            current = state.prepared
             try:
-                lock = body.get("lock", str(current.lock))
-                if not isinstance(lock, str) or not lock:
-                    raise LockError("'lock' must be the path of a lock file")
-                alpha = current.alpha if body.get("alpha") is None else check_alpha(body["alpha"])
-                config = dataclasses.replace(current, lock=Path(lock).resolve(), alpha=alpha)
-                prepared = prepare(config, head_geometry(self.engine_client.model_config.hf_config))
+                config, lock, data = _requested(body, current)
+                prepared = prepare(config, head_geometry(self.engine_client.model_config.hf_config), lock)
             except LockError as exc:
                 return _error(400, f"safetylock swap refused, the old lock stays: {exc}")
-            try:
-                results = await self.engine_client.collective_rpc(
-                    "safetylock_swap", kwargs={"lock": str(config.lock), "alpha": alpha}
-                )
+            try:  # every worker parses these same bytes: no second read of a file that may change meanwhile
+                kwargs = {"lock": str(config.lock), "alpha": config.alpha, "data": data, "fingerprint": lock.fingerprint}
+                results = await self.engine_client.collective_rpc("safetylock_swap", kwargs=kwargs)
             except Exception as exc:
                 return _error(400, f"safetylock swap refused by the engine, the old lock stays: {exc}")
             state.replace(prepared)

@@ -40,6 +40,7 @@ import torch
 from safetylock.alpha import REQUEST_ALPHA_KEY
 from safetylock.errors import LockError
 from safetylock.gate import block_input
+from safetylock.lockfile import SafetyLock
 from safetylock.provenance import Verdict
 from safetylock.respond import forced_logits, forced_targets, refusal_ids
 from safetylock.serve.config import PreparedLock, ServeConfig, prepare
@@ -360,10 +361,10 @@ class DynamicLock:
         """Whether every token is shifted at α-off (the refuse response: fired requests are forced, not steered)."""
         return self.gate is not None and self.gate.refusal is not None
 
-    def swap(self, config: ServeConfig, geometry) -> dict[str, object]:
+    def swap(self, config: ServeConfig, geometry, lock: SafetyLock) -> dict[str, object]:
         """Replace the lock and/or default α between engine steps: all checks first, then one in-place copy."""
         started = time.perf_counter()
-        prepared = prepare(config, geometry)
+        prepared = prepare(config, geometry, lock)
         if self.gate is not None and prepared.lock.gate.layer != self.gate.layer:
             raise LockError(
                 f"the new lock's gate reads layer {prepared.lock.gate.layer}, the served graph layer {self.gate.layer}: "
@@ -572,15 +573,22 @@ def count_gate() -> None:
         state.gate.count()
 
 
-def swap_rpc(worker, lock: str, alpha: float | None = None) -> dict[str, object]:
-    """The ``safetylock_swap`` worker method reached by ``collective_rpc``."""
+def swap_rpc(
+    worker, lock: str, alpha: float | None = None, data: bytes | None = None, fingerprint: str | None = None
+) -> dict[str, object]:
+    """The ``safetylock_swap`` worker method reached by ``collective_rpc``: the lock file's bytes as the API
+    server read them (None: keep the served lock, change α only), checked against the ``fingerprint`` it
+    validated, so every rank applies the very lock the API server checked."""
     from pathlib import Path
 
     from safetylock.geometry import head_geometry
+    from safetylock.lockfile import from_bytes
 
     state = STATE.dynamic
     if state is None:
         raise LockError("this server was started without hot swap (set SAFETYLOCK_ADMIN_TOKEN before starting it)")
-    current = state.prepared.config
-    config = dataclasses.replace(current, lock=Path(lock), alpha=alpha, hot_swap=True)
-    return state.swap(config, head_geometry(worker.vllm_config.model_config.hf_config))
+    new = state.prepared.lock if data is None else from_bytes(data, lock)
+    if fingerprint is not None and new.fingerprint != fingerprint:
+        raise LockError(f"the worker's lock {new.fingerprint} is not the one the API server checked ({fingerprint})")
+    config = dataclasses.replace(state.prepared.config, lock=Path(lock), alpha=alpha, hot_swap=True)
+    return state.swap(config, head_geometry(worker.vllm_config.model_config.hf_config), new)

@@ -10,9 +10,11 @@ never serve another.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import inspect
 import os
+import sys
 from dataclasses import dataclass
 
 from safetylock.alpha import REQUEST_ALPHA_KEY, RequestAlphaError
@@ -76,9 +78,50 @@ class FrontendLock:
         metrics().show(prepared)
 
 
+ENGINE_DIED_EXIT_CODE = 70  # EX_SOFTWARE: the server stopped because its engine died, not on request
+
+LAUNCHER = "vllm.entrypoints.launchers.launcher"
+ERROR_HANDLER = "vllm.entrypoints.serve.exception_handling.handlers.vllm_error"
+
+
+def watch_engine_death() -> None:
+    """Make a server whose engine died exit non-zero (vLLM stops serving then, but exits 0, which an
+    orchestrator reads as a clean stop). vLLM decides to stop in ``terminate_if_errored`` (its watchdog and its
+    request error handler); the wrapper notes when that call, not a shutdown already under way, stops the
+    server, and an exit handler registered before vLLM's (so run after them) exits with
+    ``ENGINE_DIED_EXIT_CODE``."""
+    import importlib
+
+    modules = [importlib.import_module(name) for name in (LAUNCHER, ERROR_HANDLER)]
+    original = modules[0].terminate_if_errored
+    if getattr(original, "_safetylock_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def terminate_if_errored(server, engine):
+        stopping = server.should_exit
+        original(server=server, engine=engine)
+        if server.should_exit and not stopping:
+            STATE.engine_died = True
+
+    def exit_code() -> None:
+        if STATE.engine_died:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(ENGINE_DIED_EXIT_CODE)
+
+    terminate_if_errored._safetylock_wrapped = True
+    for module in modules:
+        module.terminate_if_errored = terminate_if_errored
+    atexit.register(exit_code)
+
+
 def install() -> None:
-    """Wrap ``InputProcessor.__init__`` (load and check the lock) and ``process_inputs`` (policy, salt, count)."""
+    """Wrap ``InputProcessor.__init__`` (load and check the lock) and ``process_inputs`` (policy, salt, count);
+    watch for the engine's death (``watch_engine_death``)."""
     from vllm.v1.engine.input_processor import InputProcessor
+
+    watch_engine_death()
 
     if getattr(InputProcessor.process_inputs, "_safetylock_wrapped", False):
         return

@@ -54,6 +54,8 @@ WRAPPED = (
     Internal("vllm.v1.engine.input_processor", "InputProcessor.__init__", ("self", "vllm_config")),
     Internal("vllm.v1.engine.input_processor", "InputProcessor.process_inputs", ("self", "request_id", "prompt", "params")),
     Internal("vllm.tokenizers.registry", "cached_get_tokenizer"),
+    Internal("vllm.entrypoints.launchers.launcher", "terminate_if_errored", ("server", "engine")),
+    Internal("vllm.entrypoints.serve.exception_handling.handlers.vllm_error", "terminate_if_errored", ("server", "engine")),
 )
 
 

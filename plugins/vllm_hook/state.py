@@ -18,6 +18,7 @@ class PluginState:
     frontend: FrontendLock | None = None
     metrics: Metrics | None = None
     dynamic: DynamicLock | None = None
+    engine_died: bool = False  # API side: vLLM stopped the server because its engine died (exit non-zero)
 
 
 STATE = PluginState()

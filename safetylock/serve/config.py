@@ -177,9 +177,10 @@ class PreparedLock:
         return f"safetylock:{self.lock.fingerprint}:{alpha!r}"
 
 
-def prepare(config: ServeConfig, model_geometry: HeadGeometry) -> PreparedLock:
-    """Load the lock, check it against the served model's geometry, resolve α."""
-    lock = load(config.lock)
+def prepare(config: ServeConfig, model_geometry: HeadGeometry, lock: SafetyLock | None = None) -> PreparedLock:
+    """Load the lock (or take ``lock``, already read from ``config.lock``), check it against the served model's
+    geometry, resolve α."""
+    lock = load(config.lock) if lock is None else lock
     lock.check_geometry(model_geometry)
     if config.gated and lock.gate is None:
         raise LockError(f"{CONFIG_KEY}.gated is set but lock {config.lock} has no gate (extract it without --no-gate)")
