@@ -105,6 +105,14 @@ def _chat_tokens(port: int, model: str, xargs: dict | None = None) -> list[int]:
     return body["choices"][0]["token_ids"]
 
 
+def _long_completion(port: int, model: str, extra: dict) -> list[int]:
+    """The tokens of a greedy completion of LONG_PROMPT (full blocks of 32: cached prefixes apply)."""
+    body = {"model": model, "prompt": LONG_PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    status, reply = _request(port, "/v1/completions", {**body, "return_token_ids": True, **extra})
+    assert status == 200, reply
+    return reply["choices"][0]["token_ids"]
+
+
 def _stream(port: int, model: str, max_tokens: int, first_token: threading.Event) -> tuple[int, float | None, float]:
     """Stream a long greedy reply; set ``first_token`` once generation is under way.
 
@@ -134,8 +142,11 @@ def test_server_policy_metrics_and_hot_swap(llama_dir, locks, tiny_root, tokeniz
     mistral = model_dir("mistral", tiny_root, tokenizer)
     wrong_geometry = tiny_lock(*load_model(mistral)).save(first.parent / "mistral.lock.safetensors")
     port, name, started = free_port(), str(llama_dir), False
+    # a client's cache_salt naming the blocks the plugin keyed to α 0, sent at the server's α after an α-0 request
+    colliding = {"cache_salt": f"safetylock:{load(first).fingerprint}:{0.0!r}"}
     config = {"lock": str(first), "alpha": 2.0, **POLICY}
-    args = [*SERVER_ARGS, "--max-model-len", "512"]  # room for the long replies the swap lands among
+    # room for the long replies the swap lands among; blocks of 32 and prefix caching for the cache-salt attempt
+    args = [*SERVER_ARGS, "--max-model-len", "512", "--block-size", "32", "--enable-prefix-caching"]
     proc = start_server(llama_dir, port, config, args, log=subprocess.PIPE, env={"SAFETYLOCK_ADMIN_TOKEN": TOKEN})
     try:
         wait_healthy(proc, port, timeout=300)
@@ -145,6 +156,7 @@ def test_server_policy_metrics_and_hot_swap(llama_dir, locks, tiny_root, tokeniz
         unlocked = _chat_tokens(port, name, {"safetylock_alpha": 0})
         refusals = [_chat_status(port, name, {"safetylock_alpha": bad}) for bad in (9.0, -1, "abc")]
         after_refusals = _chat_tokens(port, name)
+        salted = [_long_completion(port, name, extra) for extra in ({"vllm_xargs": {"safetylock_alpha": 0}}, colliding)]
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60).read().decode()
 
         forbidden = _request(port, "/safetylock/swap", {"alpha": 4.0}, token="wrong")
@@ -172,6 +184,9 @@ def test_server_policy_metrics_and_hot_swap(llama_dir, locks, tiny_root, tokeniz
     assert "outside the allowed range [0, 8]" in messages[0] and "outside the allowed range" in messages[1]
     assert "must be a finite number" in messages[2]
     assert after_refusals == default
+    # the client's salt is added to the plugin's, never replaces it: no α-0 prompt blocks serve the α-2 request
+    assert salted[0] == hf_reference(llama_dir, None, prompts=[LONG_PROMPT])[0]["tokens"]
+    assert salted[1] == hf_reference(llama_dir, load(first), 2.0, prompts=[LONG_PROMPT])[0]["tokens"] != salted[0]
     fingerprint = load(first).fingerprint
     assert f'safetylock_lock_info{{fingerprint="{fingerprint}"' in metrics
     assert 'safetylock_requests_total{alpha="8"} 1.0' in metrics
