@@ -7,7 +7,7 @@ CACHE ?= $(or $(SAFETYLOCK_CACHE),$(HOME)/.cache/safetylock)
 export SAFETYLOCK_CACHE := $(CACHE)
 DEMO_MODEL ?= qwen2.5-coder-0.5b-instruct
 
-.PHONY: setup test test-fast test-avx2 lint demo clean-venv
+.PHONY: setup test test-fast test-avx2 lint demo soak clean-venv
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,11 @@ demo: setup
 	$(SAFETYLOCK) inspect --model $(DEMO_MODEL)
 	# The attack and the repair: fine-tune on 10 harmful questions (cached), evaluate with and without the lock.
 	$(SAFETYLOCK) attack harmful-10 --count 20 --max-tokens 32 --enforce-eager
+
+# 15 minutes of ramped traffic, faults and swaps against the gated OpenAI server on the real model (the attack
+# variant harmful-10, built first when absent); benchmarks/results/soak.{json,png}.
+soak: setup
+	$(PY) -m benchmarks.soak
 
 clean-venv:
 	rm -rf $(VENV)
