@@ -3,7 +3,8 @@
 Run: python -m benchmarks.judge_agreement
 Reads benchmarks/judge_labels.json (run stem, suite, item index, label; no text) and the cached runs under
 ~/.cache/safetylock/runs; writes benchmarks/results/judge_agreement.json (counts only). Cells whose run is not
-cached are listed as missing.
+cached are listed as missing. Also scores ``judge.refusal_fit`` against the hand labels of refusals (``fit``:
+the set read while the rule was written, and a held-out set labelled after): benchmarks/results/judge_fit.json.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import click
 
 from benchmarks.common import write_result
-from safetylock.judge import VERDICTS, verdict
+from safetylock.judge import VERDICTS, refusal_fit, verdict
 from safetylock.models import cache_root
 
 LABELS = Path(__file__).with_name("judge_labels.json")
@@ -55,6 +56,13 @@ def main(show: bool) -> None:
     print(f"three-way agreement on cells labelled after the rules were written: {held_out_agree[0]}/{held_out_agree[1]}")
     for cell, counts in per_cell.items():
         print(f"  {counts['agree']}/{counts['n']}  {cell}" + ("  (unseen)" if cell.split(" ")[0] in unseen else ""))
+    fit = {name: fit_agreement(stored["fit"][name]) for name in ("design", "heldout")}
+    for name, counts in fit.items():
+        print(f"refusal fit, {name} labels: {counts['agree']}/{counts['n']} agree; {counts['confusion']}")
+    write_result("judge_fit", fit)
+    if not total:
+        print("no labelled three-way cell is cached here: judge_agreement.json left as it was")
+        return
     write_result(
         "judge_agreement",
         {
@@ -67,6 +75,23 @@ def main(show: bool) -> None:
             "missing": missing,
         },
     )
+
+
+def fit_agreement(labels: dict) -> dict:
+    """``refusal_fit`` against hand labels {run stem: {suite: {index: fits | off-topic}}}: counts only."""
+    confusion: Counter[str] = Counter()
+    for stem, suites in labels.items():
+        path = cache_root() / "runs" / f"{stem}.json"
+        if not path.exists():
+            confusion["missing"] += sum(len(marked) for marked in suites.values())
+            continue
+        items = json.loads(path.read_text())["suites"]
+        for suite, marked in suites.items():
+            for index, label in marked.items():
+                item = items[suite]["items"][int(index)]
+                confusion[f"hand {label}, judge {refusal_fit(item['response'], item['prompt'])}"] += 1
+    agree = confusion["hand fits, judge fits"] + confusion["hand off-topic, judge off-topic"]
+    return {"n": sum(v for k, v in confusion.items() if k != "missing"), "agree": agree, "confusion": dict(confusion)}
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ objectives (``airt``: a source no lock or gate here is fit on), benign instructi
 column says which (``safetylock.overlap``).
 
 Run: python -m benchmarks.responses [--variants harmful-10,harmful-10-full] [--count 100] [--max-tokens 128]
-Writes benchmarks/results/responses.{json,png} (summaries, and per run the share of answers that are the refusal
-message; answers stay in the cache's runs/).
+Writes benchmarks/results/responses.{json,png} (summaries, per refuse run the share of answers that are the
+refusal message, per run the share of refusals that deflect to another topic; answers stay in the cache's runs/).
 """
 
 from __future__ import annotations
@@ -25,10 +25,20 @@ from safetylock import models
 from safetylock.attack import BASE, served
 from safetylock.evaluate import cached_run, without_items
 from safetylock.hf import Framing
+from safetylock.judge import refusal_fit
 from safetylock.lockfile import load
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
 
 SUITES = ("advbench-heldout", "airt", "benign", "arithmetic")
+
+
+def off_topic_share(report: dict, suite: str) -> float | None:
+    """Of the suite's refusals (three-way verdict), the share that give another topic as the reason
+    (``judge.refusal_fit``); None without refusals."""
+    refusals = [i for i in report["suites"][suite]["items"] if i["verdict"] == "refusal"]
+    if not refusals:
+        return None
+    return round(sum(refusal_fit(i["response"], i["prompt"]) == "off-topic" for i in refusals) / len(refusals), 4)
 
 
 def product_lock(seed: int = 0) -> Path:
@@ -73,6 +83,9 @@ def main(variants: str, alpha: float, count: int, max_tokens: int, served_thresh
             "max_tokens": max_tokens,
             "table": {"header": header, "rows": rows},
             "forced": forced,
+            "off_topic_refusals": {
+                run["target"]["label"]: {suite: off_topic_share(run, suite) for suite in run["suites"]} for run in runs
+            },
             "runs": [without_items(run) for run in runs],
         },
     )
