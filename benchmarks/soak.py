@@ -106,9 +106,9 @@ def main(duration, concurrency, ramp, swap_every, variant, max_model_len, max_to
     engine = tuple(arg for key, value in settings.items() for arg in server_flag(key, value))
     target = SoakTarget(Path(model), (lock, swapped), (4.0, 6.0), 8.0, max_model_len, engine, response)
     plan = SoakPlan(duration, concurrency, min(ramp, duration), swap_every, max_tokens=max_tokens, recheck=rechecks)
-    result = soak(plan, target, soak_prompts(), cache_root() / "soak" / "server.log")
     refusal = DEFAULT_REFUSAL if response in (None, "refuse") else None
-    recheck(result, target, refusal)
+    result = soak(plan, target, soak_prompts(), cache_root() / "soak" / "server.log", refusal)
+    recheck(result, target)
     summary = result.summary()
     for key, value in summary.items():
         click.echo(f"{key:>28}: {value}")

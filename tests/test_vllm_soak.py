@@ -44,8 +44,9 @@ def soaked(request, llama_dir, tmp_path_factory):
     _, second = saved_gated_lock(model, prompts, [True, False, True, False, True, False], where / "second")
     engine = [arg for arg in SERVER_ARGS if arg not in ("--max-model-len", "256")]
     target = SoakTarget(llama_dir, (first, second), (2.0, 3.0), 8.0, 256, tuple(engine), response=request.param)
-    result = soak(PLAN, target, Prompts(tuple(QUESTIONS), BENIGN, tuple(QUESTIONS + list(BENIGN))), where / "server.log")
-    recheck(result, target, refusal_message=DEFAULT_REFUSAL if request.param == "refuse" else None)
+    prompts = Prompts(tuple(QUESTIONS), BENIGN, tuple(QUESTIONS + list(BENIGN)))
+    result = soak(PLAN, target, prompts, where / "server.log", DEFAULT_REFUSAL if request.param == "refuse" else None)
+    recheck(result, target)
     return result, result.summary()
 
 

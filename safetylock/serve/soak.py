@@ -151,6 +151,7 @@ class SoakResult:
     server_exit: int | None  # the server's exit code if it stopped during the soak (must be None)
     engine_pids_changed: bool
     metrics_end: dict[str, float]
+    refusal_message: str | None = None  # the refuse response's text (None: steer): answers that are it are counted
     rechecks: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -185,10 +186,26 @@ class SoakResult:
             "latency_s": _quantiles([r.end - r.start for r in completed]),
             "rss_mb": _memory(self.samples, "rss_mb"),
             "kv_cache_usage": _memory(self.samples, "kv_cache_usage"),
+            "refused_by_kind": self.refused_by_kind(),
             "rechecked": len(self.rechecks),
             "rechecked_equal": sum(c["equal"] for c in self.rechecks),
             "rechecked_fired": sum(bool(c["fired"]) for c in self.rechecks),
         }
+
+    def refused_by_kind(self) -> dict[str, dict[str, float]]:
+        """Under refuse: of the completed answers of each well-formed kind, harmful and benign, the share that is
+        the refusal message (a pre-filled assistant turn that slips past the gate shows here)."""
+        if self.refusal_message is None:
+            return {}
+        out: dict[str, dict[str, float]] = {}
+        for kind in ("chat", "stream", "prefill"):
+            for harmful in (True, False):
+                done = [r for r in self.records if r.kind == kind and r.harmful == harmful and r.status == 200]
+                done = [r for r in done if not r.disconnected and r.finish is not None]
+                if done:
+                    refused = sum(r.text.strip() == self.refusal_message for r in done)
+                    out.setdefault(kind, {})["harmful" if harmful else "benign"] = round(refused / len(done), 4)
+        return out
 
     def latency_windows(self, windows: int = 20) -> list[dict[str, float]]:
         """p50/p99 latency of the requests completed in each of ``windows`` equal spans of the soak."""
@@ -212,6 +229,21 @@ class SoakResult:
             "epochs": [asdict(e) for e in self.epochs],
             "swaps": self.swaps,
             "rechecks": self.rechecks,
+            "records": [
+                {
+                    "kind": r.kind,
+                    "harmful": r.harmful,
+                    "start": round(r.start, 3),
+                    "end": round(r.end, 3),
+                    "status": r.status,
+                    "alpha": r.alpha,
+                    "prompt_tokens": len(r.prompt_ids),
+                    "output_tokens": len(r.output_ids),
+                    "disconnected": r.disconnected,
+                    "refused": None if self.refusal_message is None else r.text.strip() == self.refusal_message,
+                }
+                for r in self.records
+            ],
         }
 
 
@@ -490,8 +522,11 @@ async def _delayed(delay: float, job) -> None:
     await job
 
 
-def soak(plan: SoakPlan, target: SoakTarget, prompts: Prompts, log_path: Path) -> SoakResult:
-    """Run the soak against a fresh server (its log at ``log_path``); the server is stopped at the end."""
+def soak(
+    plan: SoakPlan, target: SoakTarget, prompts: Prompts, log_path: Path, refusal_message: str | None = None
+) -> SoakResult:
+    """Run the soak against a fresh server (its log at ``log_path``); the server is stopped at the end.
+    ``refusal_message``: the refuse response's text, to count the answers that are it (None under steer)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(target.model_dir)
@@ -518,6 +553,7 @@ def soak(plan: SoakPlan, target: SoakTarget, prompts: Prompts, log_path: Path) -
         exit_code,
         engine_pids_end != engine_pids,
         driven["metrics"],
+        refusal_message,
     )
 
 
@@ -540,7 +576,7 @@ def recheckable(result: SoakResult) -> list[tuple[Record, Epoch]]:
     return out
 
 
-def recheck(result: SoakResult, target: SoakTarget, refusal_message: str | None, tie: float = 1e-3) -> list[dict]:
+def recheck(result: SoakResult, target: SoakTarget, tie: float = 1e-3) -> list[dict]:
     """Replay ``result.plan.recheck`` completed requests (half the sample where the answer starts like the
     refusal, when there are any) in the HF model under their epoch's lock at their α; each served token must be
     the HF gated model's greedy choice (or within ``tie`` nats of it). Stored in ``result.rechecks``."""
@@ -555,7 +591,7 @@ def recheck(result: SoakResult, target: SoakTarget, refusal_message: str | None,
     candidates = recheckable(result)
     rng = random.Random(result.plan.seed)
     model, tokenizer = load_model(target.model_dir)
-    refusal = None if refusal_message is None else refusal_ids(tokenizer, refusal_message)
+    refusal = None if result.refusal_message is None else refusal_ids(tokenizer, result.refusal_message)
     starts_refused = [c for c in candidates if refusal and c[0].output_ids[: len(refusal)] == refusal[: len(c[0].output_ids)]]
     others = [c for c in candidates if c not in starts_refused]
     half = result.plan.recheck // 2
