@@ -1,0 +1,88 @@
+"""Each method's efficacy with a cross-source column: the always-on lock, the gated lock (refuse, the default) and
+NLSR, on AdvBench's held-out half (in-distribution: the lock's probes and gate, and NLSR's safety data, are fit on
+the other half) and on PyRIT's AI-red-team objectives (``airt``: a source none of them is fit on; checked by
+``safetylock.overlap`` in every run), with benign over-refusal and arithmetic.
+
+Same sizes and suites as ``benchmarks.responses`` (its cached runs are reused: the unlocked and gated rows),
+plus per variant the always-on product lock at ``--alpha``, and NLSR in its own setting (``downstream`` realigned
+at the paper's default from ``aligned-mixed``, as ``benchmarks.nlsr`` builds it) alone and with the gated lock.
+
+Run: python -m benchmarks.cross_source [--variants harmful-10,harmful-10-full] [--nlsr/--no-nlsr]
+Writes benchmarks/results/cross_source.{json,png} (summaries, one table per method; answers stay in the cache).
+"""
+
+from __future__ import annotations
+
+import click
+
+from benchmarks.common import RESULTS, calibrated_lock, write_result
+from benchmarks.responses import SUITES, product_lock
+from safetylock.attack import BASE, build, served
+from safetylock.evaluate import cached_run, without_items
+from safetylock.hf import Framing
+from safetylock.report import aligned_text, comparison_plot, comparison_rows
+
+NLSR_DEFAULT = (0.5, 0.8)  # PRUNE_RATE, SPARSITY: the paper's default (benchmarks.nlsr's first setting)
+
+
+@click.command()
+@click.option("--variants", default="harmful-10,harmful-100,harmful-10-full,identity-shift,benign", show_default=True)
+@click.option("--alpha", type=float, default=2.0, show_default=True, help="α of the always-on lock.")
+@click.option("--count", type=int, default=50, show_default=True)
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--nlsr/--no-nlsr", default=True, show_default=True, help="Add NLSR's rows (builds its variants).")
+@click.option("--out", default="cross_source", show_default=True)
+def main(variants: str, alpha: float, count: int, max_tokens: int, nlsr: bool, out: str) -> None:
+    from benchmarks.nlsr import realigned
+
+    lock = product_lock()
+    sizes = {"count": count, "max_tokens": max_tokens, "enforce_eager": True, "suites": SUITES}
+    tables: dict[str, list[dict]] = {"always-on lock": [], "gated lock (refuse)": [], "NLSR": []}
+    base = cached_run(BASE, "aligned-base", framing=Framing(), **sizes)
+    for name in ["aligned-base", *[v for v in variants.split(",") if v]]:
+        model, framing = (BASE, Framing()) if name == "aligned-base" else served(name)
+        unlocked = base if name == "aligned-base" else cached_run(model, name, framing=framing, **sizes)
+        always = cached_run(model, f"{name}+lock(a={alpha:g})", lock=lock, alpha=alpha, framing=framing, **sizes)
+        served_lock = lock if name == "aligned-base" else calibrated_lock(lock, name, model, framing)
+        gated = {"lock": served_lock, "alpha": 4.0, "gated": True, "framing": framing}
+        refused = cached_run(model, f"{name}+gated-refuse", **gated, response="refuse", **sizes)
+        tables["always-on lock"] += [unlocked, always]
+        tables["gated lock (refuse)"] += [unlocked, refused]
+    if nlsr:
+        aligned = build("aligned-mixed")
+        finetuned = str(build("downstream") / "merged")
+        repaired, _ = realigned("downstream", aligned / "adapter", *NLSR_DEFAULT, seed=0)
+        label = f"downstream+NLSR(p={NLSR_DEFAULT[0]:g},s={NLSR_DEFAULT[1]:g})"
+        gated = {"lock": calibrated_lock(lock, "downstream", finetuned, Framing()), "alpha": 4.0, "gated": True}
+        tables["NLSR"] = [
+            base,
+            cached_run(str(aligned / "merged"), "aligned-mixed", **sizes),
+            cached_run(finetuned, "downstream", **sizes),
+            cached_run(str(repaired), label, **sizes),
+            cached_run(str(repaired), f"{label}+gated-refuse", **gated, response="refuse", **sizes),
+            cached_run(finetuned, "downstream+gated-refuse", **gated, response="refuse", **sizes),
+        ]
+    written = {}
+    for method, runs in tables.items():
+        if not runs:
+            continue
+        header, rows = comparison_rows(runs)
+        print(f"\n{method}\n{aligned_text(header, rows)}")
+        written[method] = {"header": header, "rows": rows, "runs": [without_items(r) for r in runs]}
+    write_result(
+        out,
+        {
+            "protocol": "vLLM + plugin, greedy, enforce-eager; lock: heads + gate fit on every source (the product "
+            "lock), gate threshold re-set on each variant as served; airt is a source no lock, gate or NLSR run "
+            "here is fit on",
+            "alpha_always_on": alpha,
+            "count": count,
+            "max_tokens": max_tokens,
+            "tables": written,
+        },
+    )
+    comparison_plot([r for runs in tables.values() for r in runs], RESULTS / f"{out}.png")
+
+
+if __name__ == "__main__":
+    main()
