@@ -151,3 +151,16 @@ def test_unit_bias_table_scales_to_the_fold():
         torch.testing.assert_close(3.0 * table[layer], fold_bias(weights[layer], delta), rtol=1e-5, atol=1e-5)
     unlocked = set(range(lock.geometry.num_layers)) - set(layer_shifts(lock, 1.0))
     assert all(table[layer].abs().sum() == 0 for layer in unlocked)
+
+
+def test_a_worker_refuses_a_lock_other_than_the_one_the_api_side_pinned(tmp_path):
+    """The lock file replaced while the server starts: the workers' lock is not the API side's (salts, metrics)."""
+    from safetylock.serve.config import PINNED_KEY, check_pinned
+
+    lock = small_lock()
+    path = lock.save(tmp_path / "l.safetensors")
+    prepared = prepare(serve_config({"safetylock": {"lock": str(path)}}, {}), lock.geometry)
+    check_pinned(prepared, {PINNED_KEY: prepared.lock.fingerprint})  # the same lock: fine
+    check_pinned(prepared, {})  # nothing pinned (no API side in this process tree): fine
+    with pytest.raises(LockError, match="changed while the server was starting"):
+        check_pinned(prepared, {PINNED_KEY: "0123456789abcdef"})

@@ -73,14 +73,16 @@ def _wrap_load_model(load_model):
 
 def _prepare(vllm_config):
     from safetylock.geometry import head_geometry
-    from safetylock.serve.config import prepare, serve_config
+    from safetylock.serve.config import check_pinned, prepare, serve_config
 
     if vllm_config.additional_config is None:
         vllm_config.additional_config = {}
     config = serve_config(vllm_config.additional_config)
     if config is None:
         return None
-    return prepare(config, head_geometry(vllm_config.model_config.hf_config))
+    prepared = prepare(config, head_geometry(vllm_config.model_config.hf_config))
+    check_pinned(prepared, vllm_config.additional_config)
+    return prepared
 
 
 def _wrap_worker() -> None:

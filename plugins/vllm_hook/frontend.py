@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 
 from safetylock.alpha import REQUEST_ALPHA_KEY, RequestAlphaError
-from safetylock.serve.config import PreparedLock, prepare, serve_config
+from safetylock.serve.config import PINNED_KEY, PreparedLock, prepare, serve_config
 from safetylock_vllm import gatecount
 from safetylock_vllm.gatecount import GateCollector, GateCounts
 from safetylock_vllm.state import STATE
@@ -137,6 +137,8 @@ def install() -> None:
         from safetylock.geometry import head_geometry
 
         STATE.frontend = FrontendLock(prepare(config, head_geometry(vllm_config.model_config.hf_config)))
+        # before the engine starts: its workers must load this very lock (``check_pinned``)
+        vllm_config.additional_config[PINNED_KEY] = STATE.frontend.prepared.lock.fingerprint
         metrics().show(STATE.frontend.prepared)
         if config.gated:  # before the engine starts: its processes inherit where to count
             counts = GateCounts.create()

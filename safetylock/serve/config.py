@@ -21,6 +21,7 @@ from safetylock.respond import DEFAULT_REFUSAL, DEFAULT_RESPONSE, ResponsePolicy
 
 CONFIG_KEY = "safetylock"  # the user's section of vLLM's additional_config
 CACHE_KEY = "safetylock_cache_key"  # written by the plugin only: what enters vLLM's compile-cache hash
+PINNED_KEY = "safetylock_pinned_fingerprint"  # written by the plugin's API side: the lock its workers must load
 ENV_LOCK = "SAFETYLOCK_LOCK"
 ENV_ALPHA = "SAFETYLOCK_ALPHA"
 ENV_ADMIN_TOKEN = "SAFETYLOCK_ADMIN_TOKEN"
@@ -175,6 +176,17 @@ class PreparedLock:
     def cache_salt(self, alpha: float) -> str:
         """The prefix-cache salt of a request served at ``alpha``: KV blocks of one α never serve another."""
         return f"safetylock:{self.lock.fingerprint}:{alpha!r}"
+
+
+def check_pinned(prepared: PreparedLock, additional_config: Mapping[str, Any] | None) -> None:
+    """Refuse a lock other than the one the API side loaded (``PINNED_KEY``): the file changed while the server
+    was starting, and the API side's salts and metrics would name another lock than the workers serve."""
+    pinned = (additional_config or {}).get(PINNED_KEY)
+    if pinned is not None and pinned != prepared.lock.fingerprint:
+        raise LockError(
+            f"lock file {prepared.config.lock} changed while the server was starting: the API server loaded "
+            f"{pinned}, this worker {prepared.lock.fingerprint}; restart it"
+        )
 
 
 def prepare(config: ServeConfig, model_geometry: HeadGeometry, lock: SafetyLock | None = None) -> PreparedLock:
