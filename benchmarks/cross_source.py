@@ -5,7 +5,8 @@ the other half) and on PyRIT's AI-red-team objectives (``airt``: a source none o
 
 Same sizes and suites as ``benchmarks.responses`` (its cached runs are reused: the unlocked and gated rows),
 plus per variant the always-on product lock at ``--alpha``, and NLSR in its own setting (``downstream`` realigned
-at the paper's default from ``aligned-mixed``, as ``benchmarks.nlsr`` builds it) alone and with the gated lock.
+at the paper's default from ``aligned-mixed``, as ``benchmarks.nlsr`` builds it) alone and with the gated lock,
+and realigned on safety data drawn from every source of the gate's harmful requests (``--safety-data mixed``).
 
 Run: python -m benchmarks.cross_source [--variants harmful-10,harmful-10-full] [--nlsr/--no-nlsr]
 Writes benchmarks/results/cross_source.{json,png} (summaries, one table per method; answers stay in the cache).
@@ -51,17 +52,20 @@ def main(variants: str, alpha: float, count: int, max_tokens: int, nlsr: bool, o
     if nlsr:
         aligned = build("aligned-mixed")
         finetuned = str(build("downstream") / "merged")
-        repaired, _ = realigned("downstream", aligned / "adapter", *NLSR_DEFAULT, seed=0)
         label = f"downstream+NLSR(p={NLSR_DEFAULT[0]:g},s={NLSR_DEFAULT[1]:g})"
         gated = {"lock": calibrated_lock(lock, "downstream", finetuned, Framing()), "alpha": 4.0, "gated": True}
         tables["NLSR"] = [
             base,
             cached_run(str(aligned / "merged"), "aligned-mixed", **sizes),
             cached_run(finetuned, "downstream", **sizes),
-            cached_run(str(repaired), label, **sizes),
-            cached_run(str(repaired), f"{label}+gated-refuse", **gated, response="refuse", **sizes),
             cached_run(finetuned, "downstream+gated-refuse", **gated, response="refuse", **sizes),
         ]
+        for safety_data in ("advbench", "mixed"):  # NLSR's safety data: AdvBench, or every source of the gate's
+            repaired, _ = realigned("downstream", aligned / "adapter", *NLSR_DEFAULT, seed=0, safety_data=safety_data)
+            name = label if safety_data == "advbench" else f"{label}+mixed-safety-data"
+            tables["NLSR"].append(cached_run(str(repaired), name, **sizes))
+            if safety_data == "advbench":
+                tables["NLSR"].append(cached_run(str(repaired), f"{name}+gated-refuse", **gated, response="refuse", **sizes))
     written = {}
     for method, runs in tables.items():
         if not runs:

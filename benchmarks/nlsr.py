@@ -29,9 +29,13 @@ from safetylock.evaluate import cached_run, without_items
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
 
 
-def realigned(variant: str, aligned: Path, prune_rate: float, sparsity: float, seed: int) -> tuple[Path, dict]:
-    """The NLSR-realigned adapter of ``variant``, merged into a full model directory (cached), and its report."""
-    out = variant_dir(f"{variant}-nlsr-p{prune_rate:g}-s{sparsity:g}")
+def realigned(
+    variant: str, aligned: Path, prune_rate: float, sparsity: float, seed: int, safety_data: str = "advbench"
+) -> tuple[Path, dict]:
+    """The NLSR-realigned adapter of ``variant``, merged into a full model directory (cached), and its report
+    (``safety_data``: ``safetylock realign --safety-data``)."""
+    suffix = "" if safety_data == "advbench" else f"-{safety_data}"
+    out = variant_dir(f"{variant}-nlsr-p{prune_rate:g}-s{sparsity:g}{suffix}")
     adapter, merged, timing = out / "adapter", out / "merged", out / "seconds.json"
     source = {"finetuned": json.loads((variant_dir(variant) / "train.json").read_text())["recipe"], "aligned": str(aligned)}
     if not (merged / "config.json").exists() or not timing.exists() or json.loads(timing.read_text()).get("source") != source:
@@ -40,7 +44,7 @@ def realigned(variant: str, aligned: Path, prune_rate: float, sparsity: float, s
         finetuned = variant_dir(variant) / "adapter"
         command = [sys.executable, "-m", "safetylock.cli", "realign", "--base", models.DEFAULT_MODEL, "--seed", str(seed)]
         command += ["--aligned", str(aligned), "--finetuned", str(finetuned), "--out", str(adapter)]
-        command += ["--prune-rate", str(prune_rate), "--sparsity", str(sparsity)]
+        command += ["--prune-rate", str(prune_rate), "--sparsity", str(sparsity), "--safety-data", safety_data]
         subprocess.run(command, check=True)
         merge(adapter, merged)
         timing.write_text(json.dumps({"realign_and_merge": round(time.perf_counter() - started, 1), "source": source}))
@@ -48,6 +52,7 @@ def realigned(variant: str, aligned: Path, prune_rate: float, sparsity: float, s
     patched = [m for m in report["modules"] if m["patched"]]
     summary = {
         "config": report["config"],
+        "fit_sources": report.get("fit_sources"),
         "modules": len(report["modules"]),
         "patched_modules": len(patched),
         "patched_entries": sum(m["entries"] for m in patched),

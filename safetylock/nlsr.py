@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +40,9 @@ from safetylock.overlap import fingerprints
 REPORT_NAME = "nlsr_report.json"  # written beside the repaired adapter
 
 
+SAFETY_DATA = ("advbench", "mixed")  # where the refusals NLSR projects on take their questions from
+
+
 @dataclass(frozen=True)
 class NlsrConfig:
     sparsity: float = 0.8  # P_SR: fraction of each factor's entries that are NOT safety-critical
@@ -46,6 +50,7 @@ class NlsrConfig:
     beta: float = 0.9  # pre-amplification strength
     seed: int = 0
     method: str = "lowrank"  # or "wanda"
+    safety_data: str = "advbench"  # one of SAFETY_DATA
 
     def __post_init__(self) -> None:
         for name in ("sparsity", "prune_rate"):
@@ -56,6 +61,8 @@ class NlsrConfig:
             raise SafetylockError(f"beta must be >= 0, got {self.beta}")
         if self.method not in ("lowrank", "wanda"):
             raise SafetylockError(f"method must be 'lowrank' or 'wanda', got {self.method!r}")
+        if self.safety_data not in SAFETY_DATA:
+            raise SafetylockError(f"safety_data must be one of {', '.join(SAFETY_DATA)}, got {self.safety_data!r}")
 
 
 @dataclass
@@ -218,13 +225,27 @@ def safety_statistics(
     return stats
 
 
-def safety_examples(questions: int, seed: int) -> list[ContrastExample]:
-    """The safety data: ``questions`` harmful extraction-split questions (seeded), each answered with a refusal."""
-    from safetylock import data
+def safety_questions(questions: int, seed: int, kind: str = "advbench") -> tuple[list[str], list[str]]:
+    """The safety data's questions (seeded) and the sources they come from. ``advbench``: AdvBench's extraction
+    split; ``mixed``: the harmful requests of the gate's every source (AdvBench's extraction split, red-team
+    objectives, jailbreak- and context-wrapped, the harmful turn of a conversation), in the same proportions."""
+    from safetylock import data, sources
+
+    harmful = data.advbench()
+    if kind == "advbench":
+        return list(data.sample(data.split_harmful(harmful, seed=0).extraction, questions, seed)), ["advbench"]
+    requests = [r for r in sources.gate_requests(harmful, seed=0) if r.harmful]
+    picked = random.Random(seed).sample(requests, min(questions, len(requests)))
+    return [r.text for r in picked], sorted({r.source.split("-")[0] for r in picked})
+
+
+def safety_examples(questions: int, seed: int, kind: str = "advbench") -> tuple[list[ContrastExample], list[str]]:
+    """The safety data: ``questions`` harmful questions (``safety_questions``), each answered with a refusal, and
+    their sources."""
     from safetylock.contrast import contrast_pairs
 
-    split = data.split_harmful(data.advbench(), seed=0)
-    return [ex for ex in contrast_pairs(data.sample(split.extraction, questions, seed), seed) if ex.safe]
+    texts, fit_sources = safety_questions(questions, seed, kind)
+    return [ex for ex in contrast_pairs(texts, seed) if ex.safe], fit_sources
 
 
 def repair(
@@ -245,11 +266,11 @@ def repair(
     weak = load_adapter(weak_dir) if weak_dir else None
     amplified = amplify(aligned, weak, config.beta)
     model, tokenizer = load_model(base_dir)
-    examples = safety_examples(questions, config.seed)
+    examples, fit_sources = safety_examples(questions, config.seed, config.safety_data)
     stats = safety_statistics(model.to(device), tokenizer, amplified, examples)
     repaired, reports = realign(aligned, finetuned, stats, config, weak)
     repaired.save(out)
     report = {"config": asdict(config), "modules": [asdict(r) for r in reports]}
-    report |= {"fit_sources": ["advbench"], "fit_prompts": fingerprints(e.question for e in examples)}  # overlap rule
+    report |= {"fit_sources": fit_sources, "fit_prompts": fingerprints(e.question for e in examples)}  # overlap rule
     (out / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
     return reports

@@ -204,3 +204,18 @@ def test_realign_cli(llama_dir, tmp_path):
     ).read_bytes()
     wrong = CliRunner().invoke(main, [*args, "--device", "warp:0"])
     assert wrong.exit_code != 0 and "is not a torch device" in wrong.output
+
+
+def test_mixed_safety_data_draws_from_every_gate_source_never_the_evaluation_sets():
+    """``safety_data="mixed"``: the refusals' questions come from the gate's harmful requests of every source;
+    none holds an AdvBench held-out prompt or an AI-red-team objective (the evaluation's sets)."""
+    from safetylock import data, sources
+    from safetylock.nlsr import safety_questions
+
+    texts, fit_sources = safety_questions(64, seed=0, kind="mixed")
+    assert len(texts) == 64 and {"advbench", "redteam", "jailbreak"} <= set(fit_sources)
+    evaluated = [*data.split_harmful(data.advbench(), seed=0).heldout, *sources.airt().prompts]
+    assert not any(prompt in text for text in texts for prompt in evaluated)
+    assert safety_questions(64, seed=0, kind="mixed") == (texts, fit_sources)  # seeded
+    plain, plain_sources = safety_questions(64, seed=0)
+    assert plain_sources == ["advbench"] and plain != texts

@@ -197,18 +197,27 @@ def _torch_device(name: str):
     type=click.IntRange(min=1),
     default=64,
     show_default=True,
-    help="Harmful extraction questions answered with refusals: the safety data.",
+    help="Harmful questions answered with refusals: the safety data.",
+)
+@click.option(
+    "--safety-data",
+    type=click.Choice(["advbench", "mixed"]),
+    default="advbench",
+    show_default=True,
+    help="Where the questions come from: AdvBench's extraction split, or every source of the gate's harmful requests.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--device", default="auto", show_default=True, help="Where the base model runs: auto (a GPU if any), cpu, cuda, cuda:1 ..."
 )
 @user_errors
-def realign(base_model, aligned, finetuned, weak, out, sparsity, prune_rate, beta, method, questions, seed, device) -> None:
+def realign(
+    base_model, aligned, finetuned, weak, out, sparsity, prune_rate, beta, method, questions, safety_data, seed, device
+) -> None:
     """NLSR: patch the safety-critical entries of a fine-tuned LoRA adapter from the amplified aligned one."""
     from safetylock import nlsr
 
-    config = nlsr.NlsrConfig(sparsity=sparsity, prune_rate=prune_rate, beta=beta, seed=seed, method=method)
+    config = nlsr.NlsrConfig(sparsity, prune_rate, beta, seed, method, safety_data)
     base_dir, torch_device = models.resolve(base_model), _torch_device(device)
     reports = nlsr.repair(base_dir, aligned, finetuned, out, config, weak, questions, torch_device)
     patched = [r for r in reports if r.patched]
