@@ -77,6 +77,18 @@ class Gate:
         return meta | ({"early_heads": self.early_heads} if self.early_heads != "never" else {})  # old bytes kept
 
 
+def continues_assistant_turn(ids: Sequence[int], header: Sequence[int]) -> bool:
+    """Whether a prompt holds the chat's generation prompt ``header`` (``hf.generation_header``) but does not end
+    with it: it pre-fills an assistant turn (``continue_final_message``, or a raw prompt written that way), so its
+    last token is not the one the gate was fit to read."""
+    width = len(header)
+    if not width or len(ids) < width or list(ids[-width:]) == list(header):
+        return False
+    tokens = np.asarray(ids)
+    starts = np.flatnonzero(tokens[: len(tokens) - width] == header[0])
+    return any(list(ids[i : i + width]) == list(header) for i in starts)
+
+
 def attention_blocks(model: torch.nn.Module, num_layers: int) -> list[torch.nn.Module]:
     """Each decoder layer's attention block (the parent of its ``o_proj``), in layer order."""
     from safetylock.geometry import output_projection_layer

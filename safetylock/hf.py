@@ -62,6 +62,18 @@ def chat_ids(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
 
 
+def generation_header(tokenizer) -> list[int]:
+    """The chat template's generation prompt as token ids (ChatML: ``<|im_start|>assistant\n``): what a chat
+    prompt ends with when the assistant is to answer. [] without a chat template."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return []
+    messages = [{"role": "user", "content": "x"}]
+    answering = chat_ids(tokenizer, messages)
+    told = list(tokenizer.apply_chat_template(messages, add_generation_prompt=False, return_dict=True)["input_ids"])
+    shared = next((i for i, (a, b) in enumerate(zip(answering, told)) if a != b), min(len(answering), len(told)))
+    return answering[shared:]
+
+
 @torch.no_grad()
 def generate(
     model,

@@ -1,5 +1,7 @@
 """Serving configuration and the tensor-parallel bias fold, checked against the unsharded fold."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -164,3 +166,20 @@ def test_a_worker_refuses_a_lock_other_than_the_one_the_api_side_pinned(tmp_path
     check_pinned(prepared, {})  # nothing pinned (no API side in this process tree): fine
     with pytest.raises(LockError, match="changed while the server was starting"):
         check_pinned(prepared, {PINNED_KEY: "0123456789abcdef"})
+
+
+def test_a_gated_server_refuses_pre_filled_turns_unless_allowed(tmp_path):
+    from safetylock.gate import Gate
+    from safetylock_vllm.frontend import FrontendLock
+
+    lock = dataclasses.replace(small_lock(), gate=Gate(1, torch.ones(128), 0.0, 0.5))
+    path = lock.save(tmp_path / "gated.safetensors")
+    header = (5, 6, 7)
+    prefilled, asked = [1, 2, 5, 6, 7, 9], [1, 2, 5, 6, 7]
+    for options, refused in (({"gated": True}, True), ({"gated": True, "allow_prefill": True}, False), ({}, False)):
+        prepared = prepare(serve_config({"safetylock": {"lock": str(path), **options}}, {}), lock.geometry)
+        frontend = FrontendLock(prepared, header)
+        assert (frontend.prompt_refusal(prefilled) is not None) == refused, options
+        assert frontend.prompt_refusal(asked) is None
+    with pytest.raises(LockError, match="allow_prefill applies to gated serving only"):
+        serve_config({"safetylock": {"lock": str(path), "allow_prefill": True}}, {})

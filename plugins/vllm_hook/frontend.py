@@ -5,7 +5,8 @@ Wraps vLLM's ``InputProcessor`` (used by the OpenAI server and by ``vllm.LLM`` a
 ``vllm_xargs.safetylock_alpha`` is checked against the policy; a refused value raises vLLM's own validation
 error, which the server answers with HTTP 400 while it keeps serving. In dynamic mode the resolved α is written
 into the request (the worker reads only that) and into its ``cache_salt``, so KV blocks computed under one α
-never serve another.
+never serve another. A gated server refuses (400) prompts that pre-fill an assistant turn unless the operator
+allows them (``allow_prefill``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from dataclasses import dataclass
 
 from safetylock.alpha import REQUEST_ALPHA_KEY, RequestAlphaError
+from safetylock.gate import continues_assistant_turn
 from safetylock.serve.config import PINNED_KEY, PreparedLock, prepare, serve_config
 from safetylock_vllm import gatecount
 from safetylock_vllm.gatecount import GateCollector, GateCounts
@@ -64,9 +66,23 @@ def metrics() -> Metrics:
 
 @dataclass
 class FrontendLock:
-    """What this process knows of the served lock: enough to resolve each request's α."""
+    """What this process knows of the served lock: enough to resolve each request's α, and the chat's
+    generation prompt (``hf.generation_header``) that a gated server's prompts must end with."""
 
     prepared: PreparedLock
+    header: tuple[int, ...] = ()
+
+    def prompt_refusal(self, prompt_ids) -> str | None:
+        """Gated, unless ``allow_prefill``: why a prompt that pre-fills an assistant turn is refused (its gate would
+        read a token it was not fit on; measured: harmful requests pre-filled with "Sure, here is" slip past it);
+        None for any other prompt."""
+        config = self.prepared.config
+        if config.gated and not config.allow_prefill and continues_assistant_turn(prompt_ids or (), self.header):
+            return (
+                "this gated server does not continue a pre-filled assistant turn (continue_final_message, or a "
+                "prompt that does not end with the assistant's generation prompt): its gate decides on that token"
+            )
+        return None
 
     def resolve(self, params, lora_request) -> float:
         requested = (params.extra_args or {}).get(REQUEST_ALPHA_KEY)
@@ -135,8 +151,11 @@ def install() -> None:
         if config is None:
             return
         from safetylock.geometry import head_geometry
+        from safetylock.hf import generation_header
 
-        STATE.frontend = FrontendLock(prepare(config, head_geometry(vllm_config.model_config.hf_config)))
+        prepared = prepare(config, head_geometry(vllm_config.model_config.hf_config))
+        tokenizer = self.tokenizer if config.gated else None
+        STATE.frontend = FrontendLock(prepared, tuple(generation_header(tokenizer)) if tokenizer is not None else ())
         # before the engine starts: its workers must load this very lock (``check_pinned``)
         vllm_config.additional_config[PINNED_KEY] = STATE.frontend.prepared.lock.fingerprint
         metrics().show(STATE.frontend.prepared)
@@ -163,6 +182,9 @@ def install() -> None:
             metrics().refused.inc()
             raise VLLMValidationError(str(exc), parameter=f"vllm_xargs.{REQUEST_ALPHA_KEY}") from None
         request = process(self, *args, **kwargs)
+        refusal = state.prompt_refusal(request.prompt_token_ids)
+        if refusal is not None:
+            raise VLLMValidationError(refusal, parameter="messages")
         if state.prepared.config.dynamic:
             sampling = request.sampling_params
             sampling.extra_args = {**(sampling.extra_args or {}), REQUEST_ALPHA_KEY: alpha}

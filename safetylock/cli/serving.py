@@ -50,6 +50,11 @@ def _adapter_alphas(values: tuple[str, ...]) -> dict[str, float]:
 @click.option("--gated", is_flag=True, help="Gated lock: α on requests the lock's gate calls harmful, --alpha-off on the rest.")
 @click.option("--alpha-off", type=ALPHA, default=None, help="Gated: α of requests whose gate does not fire (default 0).")
 @response_options
+@click.option(
+    "--allow-prefill",
+    is_flag=True,
+    help="Gated: also serve prompts that pre-fill an assistant turn (continue_final_message); refused by default.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the server command instead of starting it.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 @user_errors
@@ -66,6 +71,7 @@ def serve(
     alpha_off: float | None,
     response: str | None,
     refusal_message: str | None,
+    allow_prefill: bool,
     dry_run: bool,
     vllm_args: tuple[str, ...],
 ) -> None:
@@ -90,6 +96,7 @@ def serve(
         allow_foreign_base=allow_foreign_base,
         gated=gated,
         alpha_off=alpha_off,
+        allow_prefill=allow_prefill,
     ) | _response_section(gated, response, refusal_message)
     config = serve_config({CONFIG_KEY: section})
     prepared = prepare(config, head_geometry(AutoConfig.from_pretrained(model_dir)))  # fail before starting

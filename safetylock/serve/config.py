@@ -27,7 +27,8 @@ ENV_ALPHA = "SAFETYLOCK_ALPHA"
 ENV_ADMIN_TOKEN = "SAFETYLOCK_ADMIN_TOKEN"
 POLICY_KEYS = ("allow_request_alpha", "min_alpha", "max_alpha", "adapter_alpha")
 RESPONSE_KEYS = ("response", "refusal_message")  # gated mode: how a request whose gate fires is answered
-SECTION_KEYS = ("lock", "alpha", *POLICY_KEYS, "allow_foreign_base", "gated", "alpha_off", *RESPONSE_KEYS)
+GATED_KEYS = ("alpha_off", "allow_prefill", *RESPONSE_KEYS)  # meaningful for gated serving only
+SECTION_KEYS = ("lock", "alpha", *POLICY_KEYS, "allow_foreign_base", "gated", *GATED_KEYS)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class ServeConfig:
     gated: bool = False  # the lock's gate decides per request: α on a harmful request, alpha_off otherwise
     alpha_off: float = 0.0  # gated mode: α of requests whose gate does not fire
     response: ResponsePolicy = field(default_factory=ResponsePolicy)  # gated mode: see safetylock.respond
+    allow_prefill: bool = False  # gated mode: serve prompts that pre-fill an assistant turn (gate.continues_assistant_turn)
 
     @property
     def dynamic(self) -> bool:
@@ -126,7 +128,7 @@ def serve_config(additional_config: Mapping[str, Any] | None, environ: Mapping[s
     if not isinstance(section.get("lock"), str) or not section["lock"]:
         raise LockError(f"additional_config.{CONFIG_KEY}.lock must be the path of a lock file")
     alpha = section.get("alpha")
-    for key in ("alpha_off", *RESPONSE_KEYS):
+    for key in GATED_KEYS:
         if key in section and not section.get("gated"):
             raise LockError(f"{CONFIG_KEY}.{key} applies to gated serving only: set {CONFIG_KEY}.gated too")
     if "refusal_message" in section and section.get("response", DEFAULT_RESPONSE) != "refuse":
@@ -140,6 +142,7 @@ def serve_config(additional_config: Mapping[str, Any] | None, environ: Mapping[s
         gated=_flag(section, "gated"),
         alpha_off=check_alpha(section.get("alpha_off", 0.0), f"{CONFIG_KEY}.alpha_off"),
         response=_response(section),
+        allow_prefill=_flag(section, "allow_prefill"),
     )
 
 

@@ -42,7 +42,7 @@ MALFORMED = (
     "unknown-adapter",  # a model name the server does not serve: 404
     "prompt-too-long",  # more tokens than the model length: 400
 )
-KINDS = ("chat", "stream", "disconnect", "prefill", *MALFORMED)
+KINDS = ("chat", "stream", "disconnect", "prefill", *MALFORMED)  # prefill: refused (400) unless allow_prefill
 
 
 @dataclass(frozen=True)
@@ -84,10 +84,16 @@ class SoakTarget:
     max_model_len: int
     engine_args: tuple[str, ...] = ()
     response: str | None = None
+    allow_prefill: bool = False
 
     def section(self) -> dict[str, Any]:
         options = {"gated": True, "allow_request_alpha": True, "max_alpha": self.max_alpha, "response": self.response}
-        return lock_section(self.locks[0], self.alphas[0], **options)
+        return lock_section(self.locks[0], self.alphas[0], allow_prefill=self.allow_prefill, **options)
+
+    @property
+    def refused_kinds(self) -> tuple[str, ...]:
+        """The request kinds the server must answer with 4xx."""
+        return MALFORMED if self.allow_prefill else (*MALFORMED, "prefill")
 
 
 @dataclass
@@ -152,14 +158,16 @@ class SoakResult:
     engine_pids_changed: bool
     metrics_end: dict[str, float]
     refusal_message: str | None = None  # the refuse response's text (None: steer): answers that are it are counted
+    refused_kinds: tuple[str, ...] = MALFORMED  # kinds the server must answer with 4xx (SoakTarget.refused_kinds)
     rechecks: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         records = self.records
         statuses = Counter(str(r.status) for r in records)
-        expected_4xx = Counter(r.kind for r in records if r.kind in MALFORMED and _is_4xx(r.status))
-        unexpected = [r for r in records if r.kind not in MALFORMED and r.status != 200]
-        malformed_served = [r for r in records if r.kind in MALFORMED and not _is_4xx(r.status)]
+        refused = self.refused_kinds
+        expected_4xx = Counter(r.kind for r in records if r.kind in refused and _is_4xx(r.status))
+        unexpected = [r for r in records if r.kind not in refused and r.status != 200]
+        malformed_served = [r for r in records if r.kind in refused and not _is_4xx(r.status)]
         reached = sum(r.reached_engine for r in records)
         decided = self.metrics_end.get("safetylock_gate_decisions_total", math.nan)
         completed = [r for r in records if r.status == 200 and not r.disconnected]
@@ -170,7 +178,7 @@ class SoakResult:
             "served": len(completed),
             "disconnected": sum(r.disconnected for r in records),
             "4xx_by_cause": dict(expected_4xx),
-            "malformed_not_refused": len(malformed_served),
+            "refusable_not_refused": len(malformed_served),
             "unexpected_failures": len(unexpected),
             "unexpected_examples": [f"{r.kind}: {r.status} {r.message[:120]}" for r in unexpected[:5]],
             "5xx": sum(isinstance(r.status, int) and r.status >= 500 for r in records),
@@ -554,36 +562,42 @@ def soak(
         engine_pids_end != engine_pids,
         driven["metrics"],
         refusal_message,
+        target.refused_kinds,
     )
 
 
-def epoch_of(record: Record, epochs: Sequence[Epoch]) -> Epoch | None:
-    """The epoch a request ran entirely inside (None: a swap landed while it ran)."""
-    for epoch in epochs:
-        if epoch.start <= record.start and record.end <= epoch.end:
-            return epoch
-    return None
+def epochs_during(record: Record, epochs: Sequence[Epoch]) -> list[Epoch]:
+    """The epochs a request may have been served under: those its run overlapped, each widened over the swaps
+    next to it (a swap is applied at some step inside its window)."""
+    out = []
+    for index, epoch in enumerate(epochs):
+        start = epochs[index - 1].end if index else epoch.start
+        end = epochs[index + 1].start if index + 1 < len(epochs) else math.inf
+        if start <= record.end and record.start <= end:
+            out.append(epoch)
+    return out
 
 
-def recheckable(result: SoakResult) -> list[tuple[Record, Epoch]]:
-    """Completed greedy requests that ran inside one epoch."""
+def recheckable(result: SoakResult) -> list[tuple[Record, list[Epoch]]]:
+    """Completed requests with the epochs they may have been served under. Under steer, only requests that ran
+    inside one epoch (α and heads apply at every step); under refuse, any (α-off for every token, so the
+    answer depends only on the gate's one decision, made under one of the locks in force while it ran)."""
     out = []
     for record in result.records:
         if record.status == 200 and not record.disconnected and record.prompt_ids and record.output_ids:
-            epoch = epoch_of(record, result.epochs)
-            if epoch is not None:
-                out.append((record, epoch))
+            during = epochs_during(record, result.epochs)
+            if result.refusal_message is not None or len({(e.lock, e.alpha) for e in during}) == 1:
+                out.append((record, during))
     return out
 
 
 def recheck(result: SoakResult, target: SoakTarget, tie: float = 1e-3) -> list[dict]:
-    """Replay ``result.plan.recheck`` completed requests (half the sample where the answer starts like the
-    refusal, when there are any) in the HF model under their epoch's lock at their α; each served token must be
-    the HF gated model's greedy choice (or within ``tie`` nats of it). Stored in ``result.rechecks``."""
-    import torch
+    """Replay ``result.plan.recheck`` completed requests (``recheckable``; half the sample where the answer starts
+    like the refusal, when there are any) in the HF model under their epoch's lock at their α — under refuse,
+    under each lock in force while they ran, keeping the one that explains them; each served token must be the
+    HF gated model's greedy choice (or within ``tie`` nats of it). Stored in ``result.rechecks``."""
     from tqdm import tqdm
 
-    from safetylock.apply import apply_gated
     from safetylock.hf import load_model
     from safetylock.lockfile import load
     from safetylock.respond import refusal_ids
@@ -599,21 +613,17 @@ def recheck(result: SoakResult, target: SoakTarget, tie: float = 1e-3) -> list[d
     picked += rng.sample(others, min(result.plan.recheck - len(picked), len(others)))
     locks = [load(path) for path in target.locks]
     checks = []
-    for record, epoch in tqdm(picked, desc="recheck in HF", unit="request"):
-        alpha = epoch.alpha if record.alpha is None else record.alpha
-        with torch.no_grad(), apply_gated(model, locks[epoch.lock], alpha, refusal=refusal) as handle:
-            out = model(input_ids=torch.tensor([record.prompt_ids]), use_cache=True)
-            fired = bool(handle.fired[0])
-            gaps = []
-            for step, token in enumerate(record.output_ids):
-                logp = torch.log_softmax(handle.force(out.logits[:, -1], step)[0].double(), -1)
-                gaps.append(float(logp.max() - logp[token]))
-                out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+    for record, during in tqdm(picked, desc="recheck in HF", unit="request"):
+        replays = []
+        for lock, alpha in sorted({(e.lock, e.alpha if record.alpha is None else record.alpha) for e in during}):
+            replays.append((lock, alpha, *_replay(model, locks[lock], alpha, refusal, record)))
+        lock, alpha, fired, gaps = min(replays, key=lambda r: max(r[3]))  # the epoch that explains it best
         checks.append(
             {
                 "kind": record.kind,
                 "alpha": alpha,
-                "lock": epoch.lock,
+                "lock": lock,
+                "epochs": len(during),
                 "fired": fired,
                 "tokens": len(record.output_ids),
                 "max_gap": max(gaps),
@@ -624,3 +634,21 @@ def recheck(result: SoakResult, target: SoakTarget, tie: float = 1e-3) -> list[d
         )
     result.rechecks = checks
     return checks
+
+
+def _replay(model, lock, alpha: float, refusal: list[int] | None, record: Record) -> tuple[bool, list[float]]:
+    """Teacher-force ``record``'s answer through the HF gated model: its gate decision, and per served token the
+    gap in log-probability to the HF model's greedy choice (0: the same token)."""
+    import torch
+
+    from safetylock.apply import apply_gated
+
+    with torch.no_grad(), apply_gated(model, lock, alpha, refusal=refusal) as handle:
+        out = model(input_ids=torch.tensor([record.prompt_ids]), use_cache=True)
+        fired = bool(handle.fired[0])
+        gaps = []
+        for step, token in enumerate(record.output_ids):
+            logp = torch.log_softmax(handle.force(out.logits[:, -1], step)[0].double(), -1)
+            gaps.append(float(logp.max() - logp[token]))
+            out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+    return fired, gaps
