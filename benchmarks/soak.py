@@ -58,9 +58,12 @@ def plot(result: SoakResult, path: Path) -> None:
     ax.set_title("latency of completed requests (s)")
     ax.legend(fontsize=8)
     ax = axes[1][0]
-    ax.plot(t, [s.rss_mb for s in samples], color="tab:purple")
+    ax.plot(t, [s.rss_mb for s in samples], color="tab:purple", label="all")
+    for name in sorted({name for s in samples for name in s.rss_by_process}):
+        ax.plot(t, [s.rss_by_process.get(name, math.nan) for s in samples], lw=0.8, label=name)
     ax.set_title("RSS of the server's processes (MiB)")
     ax.set_xlabel("minutes")
+    ax.legend(fontsize=7)
     ax = axes[1][1]
     ax.plot(t, [100 * s.kv_cache_usage for s in samples], color="tab:green", label="KV cache used (%)")
     ax.plot(t, [s.preemptions for s in samples], color="tab:red", label="preemptions (total)")

@@ -145,6 +145,7 @@ class Sample:
     preemptions: float
     gate_decisions: float
     gate_fired: float
+    rss_by_process: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -458,20 +459,22 @@ async def _swapper(plan: SoakPlan, target: SoakTarget, admin, deadline: float, t
     epochs.append(Epoch(since, math.inf, lock, alpha))
 
 
-def _process_tree(pid: int) -> tuple[float, set[int]]:
-    """RSS of the server and its children (MiB) and the children's pids."""
+def _process_tree(pid: int) -> tuple[dict[str, float], set[int]]:
+    """RSS (MiB) of the server and each of its children, by process name (``api_server``, ``VLLM::EngineCore``,
+    ``VLLM::Worker``, …; the same name summed), and the children's pids."""
     import psutil
 
     try:
         root = psutil.Process(pid)
         processes = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return math.nan, set()
-    rss = 0
-    for process in processes:
+        return {}, set()
+    rss: dict[str, float] = {}
+    for index, process in enumerate(processes):
         with contextlib.suppress(psutil.NoSuchProcess):
-            rss += process.memory_info().rss
-    return rss / 2**20, {p.pid for p in processes[1:]}
+            name = "api_server" if index == 0 else process.name()
+            rss[name] = rss.get(name, 0.0) + process.memory_info().rss / 2**20
+    return rss, {p.pid for p in processes[1:]}
 
 
 async def _sampler(plan: SoakPlan, proc, client, deadline: float, t0: float, records, active, samples: list):
@@ -486,13 +489,14 @@ async def _sampler(plan: SoakPlan, proc, client, deadline: float, t0: float, rec
                 time.monotonic() - t0,
                 active[0],
                 sum(r.status == 200 for r in records),
-                rss,
+                sum(rss.values()) if rss else math.nan,
                 metrics.get("vllm:kv_cache_usage_perc", math.nan),
                 metrics.get("vllm:num_requests_running", math.nan),
                 metrics.get("vllm:num_requests_waiting", math.nan),
                 metrics.get("vllm:num_preemptions_total", math.nan),
                 metrics.get("safetylock_gate_decisions_total", math.nan),
                 metrics.get("safetylock_gate_fired_total", math.nan),
+                {name: round(value, 1) for name, value in rss.items()},
             )
         )
         await asyncio.sleep(plan.sample_every_s)
