@@ -401,3 +401,25 @@ def hf_prompt_logprobs(model, prompts=PROMPTS) -> list[list[float]]:
         logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
         scores.append([float(logp[i - 1, token]) for i, token in enumerate(ids) if i > 0])
     return scores
+
+
+def http_request(port: int, route: str, body: dict | bytes | None = None, token: str | None = None) -> tuple[int, dict | str]:
+    """One request to a local server: GET without a body, else POST of ``body`` (JSON, or bytes as given), with the
+    admin ``token`` when given. Returns the HTTP status and the JSON reply (the raw text when it is not JSON)."""
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{route}", data=data, method="GET" if data is None else "POST")
+    req.add_header("Content-Type", "application/json")
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as response:
+            raw, status = response.read().decode(), response.status
+    except urllib.error.HTTPError as exc:
+        raw, status = exc.read().decode(), exc.code
+    try:
+        return status, json.loads(raw)
+    except json.JSONDecodeError:
+        return status, raw

@@ -21,6 +21,7 @@ from support import (
     assert_same_generation,
     expected_tokens,
     hf_reference,
+    http_request,
     model_dir,
     run_vllm,
     tiny_lock,
@@ -69,24 +70,6 @@ def test_mixed_alpha_batch_equals_solo_runs_compiled(llama_dir, locks, tmp_path)
     assert "outside the allowed range [0, 8]" in out["refused"]
 
 
-def _request(port: int, path: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict | str]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method="GET" if data is None else "POST")
-    req.add_header("Content-Type", "application/json")
-    if token is not None:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=120) as response:
-            raw = response.read().decode()
-            status = response.status
-    except urllib.error.HTTPError as exc:
-        raw, status = exc.read().decode(), exc.code
-    try:
-        return status, json.loads(raw)
-    except json.JSONDecodeError:
-        return status, raw
-
-
 def _chat_body(model: str, max_tokens: int) -> dict:
     """A greedy chat request for QUESTION that generates exactly ``max_tokens`` tokens."""
     messages = [{"role": "user", "content": QUESTION}]
@@ -95,7 +78,7 @@ def _chat_body(model: str, max_tokens: int) -> dict:
 
 def _chat_status(port: int, model: str, xargs: dict | None = None) -> tuple[int, dict | str]:
     extra = {"return_token_ids": True, **({"vllm_xargs": xargs} if xargs is not None else {})}
-    return _request(port, "/v1/chat/completions", {**_chat_body(model, 8), **extra})
+    return http_request(port, "/v1/chat/completions", {**_chat_body(model, 8), **extra})
 
 
 def _chat_tokens(port: int, model: str, xargs: dict | None = None) -> list[int]:
@@ -108,7 +91,7 @@ def _chat_tokens(port: int, model: str, xargs: dict | None = None) -> list[int]:
 def _long_completion(port: int, model: str, extra: dict) -> list[int]:
     """The tokens of a greedy completion of LONG_PROMPT (full blocks of 32: cached prefixes apply)."""
     body = {"model": model, "prompt": LONG_PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
-    status, reply = _request(port, "/v1/completions", {**body, "return_token_ids": True, **extra})
+    status, reply = http_request(port, "/v1/completions", {**body, "return_token_ids": True, **extra})
     assert status == 200, reply
     return reply["choices"][0]["token_ids"]
 
@@ -159,19 +142,19 @@ def test_server_policy_metrics_and_hot_swap(llama_dir, locks, tiny_root, tokeniz
         salted = [_long_completion(port, name, extra) for extra in ({"vllm_xargs": {"safetylock_alpha": 0}}, colliding)]
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60).read().decode()
 
-        forbidden = _request(port, "/safetylock/swap", {"alpha": 4.0}, token="wrong")
-        bad_swap = _request(port, "/safetylock/swap", {"lock": str(wrong_geometry)}, token=TOKEN)
+        forbidden = http_request(port, "/safetylock/swap", {"alpha": 4.0}, token="wrong")
+        bad_swap = http_request(port, "/safetylock/swap", {"lock": str(wrong_geometry)}, token=TOKEN)
         still_first = _chat_tokens(port, name)
         with ThreadPoolExecutor(4) as pool:  # the swap lands while four long requests are being generated
             generating = [threading.Event() for _ in range(4)]
             in_flight = [pool.submit(_stream, port, name, LONG_REPLY, event) for event in generating]
             assert all(event.wait(120) for event in generating)
             swap_started = time.monotonic()
-            swapped = _request(port, "/safetylock/swap", {"lock": str(second), "alpha": 4.0}, token=TOKEN)
+            swapped = http_request(port, "/safetylock/swap", {"lock": str(second), "alpha": 4.0}, token=TOKEN)
             swap_done = time.monotonic()
             under_load = [future.result() for future in in_flight]
         after_swap = _chat_tokens(port, name)
-        status = _request(port, "/safetylock/status", token=TOKEN)
+        status = http_request(port, "/safetylock/status", token=TOKEN)
     finally:
         proc.terminate()
         log = proc.communicate(timeout=60)[0]
@@ -213,7 +196,7 @@ def test_default_policy_refuses_request_alpha(llama_dir, locks):
         wait_healthy(proc, port, timeout=300)
         weaker = _chat_status(port, str(llama_dir), {"safetylock_alpha": 0})
         reply = _chat_tokens(port, str(llama_dir))
-        swap = _request(port, "/safetylock/swap", {"alpha": 0.0}, token=TOKEN)
+        swap = http_request(port, "/safetylock/swap", {"alpha": 0.0}, token=TOKEN)
     finally:
         proc.terminate()
         proc.communicate(timeout=60)

@@ -22,6 +22,7 @@ from safetylock.serve.config import lock_section
 from safetylock.serve.server import free_port, start_server, wait_healthy
 
 from support import SERVER_ARGS, saved_gated_lock
+from support import http_request as request
 
 pytestmark = [pytest.mark.engine, pytest.mark.filterwarnings("ignore:lock has no weight sketch")]
 
@@ -31,19 +32,6 @@ FIRES_B = [False, True, False, True]
 ALPHA_ON = 4.0
 TOKEN = "faults-admin-token"
 REFUSAL_TOKENS = 16  # more than the default message's tokens: a forced answer ends with end-of-sequence
-
-
-def request(port: int, route: str, body: dict | bytes | None = None, token: str | None = None) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{route}", data=data, method="GET" if data is None else "POST")
-    req.add_header("Content-Type", "application/json")
-    if token is not None:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
 
 
 @pytest.fixture(scope="module")
