@@ -172,7 +172,8 @@ def test_server_policy_metrics_and_hot_swap(llama_dir, locks, tiny_root, tokeniz
     assert salted[1] == hf_reference(llama_dir, load(first), 2.0, prompts=[LONG_PROMPT])[0]["tokens"] != salted[0]
     fingerprint = load(first).fingerprint
     assert f'safetylock_lock_info{{fingerprint="{fingerprint}"' in metrics
-    assert 'safetylock_requests_total{alpha="8"} 1.0' in metrics
+    assert 'safetylock_requests_total{alpha="2"} 3.0' in metrics  # the server's α: three requests before the scrape
+    assert 'safetylock_requests_total{alpha="client"} 3.0' in metrics  # α 8, 0 and 0: one series, whatever values
     assert "safetylock_refused_alpha_requests_total 3.0" in metrics
 
     assert forbidden[0] == 403

@@ -34,7 +34,11 @@ class Metrics:
 
         self.info = Gauge("safetylock_lock_info", "The served SafetyLock (value 1)", ["fingerprint", "lock", "mode"])
         self.default_alpha = Gauge("safetylock_default_alpha", "The alpha of requests that do not set their own")
-        self.requests = Counter("safetylock_requests", "Requests admitted, by the alpha they are served with", ["alpha"])
+        self.requests = Counter(
+            "safetylock_requests",
+            "Requests admitted, by the alpha they are served with (an operator's alpha), or 'client' (a request's own)",
+            ["alpha"],
+        )
         self.refused = Counter("safetylock_refused_alpha_requests", "Requests refused for their safetylock_alpha")
         self.gate: GateCollector | None = None
         self._labels: tuple[str, str, str] | None = None
@@ -71,6 +75,12 @@ class FrontendLock:
 
     prepared: PreparedLock
     header: tuple[int, ...] = ()
+
+    def alpha_label(self, alpha: float) -> str:
+        """The metrics label of a request served at ``alpha``: the value when the operator set it (the server's or
+        an adapter's α), else ``client`` — clients choose among unboundedly many values, label series must not."""
+        operator = {self.prepared.alpha, *self.prepared.config.policy.adapter_alpha.values()}
+        return f"{alpha:g}" if alpha in operator else "client"
 
     def prompt_refusal(self, prompt_ids) -> str | None:
         """Gated, unless ``allow_prefill``: why a prompt that pre-fills an assistant turn is refused (its gate would
@@ -190,7 +200,7 @@ def install() -> None:
             sampling.extra_args = {**(sampling.extra_args or {}), REQUEST_ALPHA_KEY: alpha}
             salt = state.prepared.cache_salt(alpha)
             request.cache_salt = salt if not request.cache_salt else f"{salt}|{request.cache_salt}"
-        metrics().requests.labels(f"{alpha:g}").inc()
+        metrics().requests.labels(state.alpha_label(alpha)).inc()
         return request
 
     locked_process_inputs._safetylock_wrapped = True
