@@ -42,7 +42,6 @@ MALFORMED = (
     "unknown-adapter",  # a model name the server does not serve: 404
     "prompt-too-long",  # more tokens than the model length: 400
 )
-KINDS = ("chat", "stream", "disconnect", "prefill", *MALFORMED)  # prefill: refused (400) unless allow_prefill
 
 
 @dataclass(frozen=True)
