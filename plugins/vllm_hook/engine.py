@@ -40,7 +40,7 @@ import torch
 from safetylock.alpha import REQUEST_ALPHA_KEY
 from safetylock.errors import LockError
 from safetylock.gate import block_input
-from safetylock.lockfile import SafetyLock
+from safetylock.lockfile import SafetyLock, from_bytes
 from safetylock.provenance import Verdict
 from safetylock.respond import forced_logits, forced_targets, refusal_ids
 from safetylock.serve.config import PreparedLock, ServeConfig, prepare
@@ -582,7 +582,6 @@ def swap_rpc(
     from pathlib import Path
 
     from safetylock.geometry import head_geometry
-    from safetylock.lockfile import from_bytes
 
     state = STATE.dynamic
     if state is None:

@@ -5,8 +5,9 @@ concurrency to ``plan.max_concurrency`` with harmful and benign chat requests of
 some with their own α, some pre-filling the assistant turn), disconnects some streams mid-answer, interleaves
 malformed requests, swaps the α and the lock in turn every ``plan.swap_every_s`` seconds, and samples the
 server's memory and metrics. ``recheck`` replays a sample of the completed requests in the HF model with the lock
-and α they were served under (the epoch between two swaps they fell in): each served token must be the HF gated
-model's greedy choice (``Recheck``). Every request is greedy, so that check applies to all of them.
+and α they were served under (``recheckable``: the epoch between two swaps they ran in; under refuse, each lock in
+force while they ran): each served token must be the HF gated model's greedy choice. Every request is greedy, so
+that check applies to all of them.
 
 What the soak reports (``SoakResult.summary``): requests by outcome, 4xx by cause (every one expected, none on a
 well-formed request), 5xx and transport failures (must be 0), whether the server or its engine processes changed
@@ -114,6 +115,11 @@ class Record:
     disconnected: bool = False
 
     @property
+    def completed(self) -> bool:
+        """Answered to the end (HTTP 200, not dropped by its client)."""
+        return self.status == 200 and not self.disconnected
+
+    @property
     def reached_engine(self) -> bool:
         """Whether the engine prefilled it: answered, or dropped by the client after its first chunk (which
         carries the prompt's tokens and comes after the prefill)."""
@@ -170,7 +176,7 @@ class SoakResult:
         malformed_served = [r for r in records if r.kind in refused and not _is_4xx(r.status)]
         reached = sum(r.reached_engine for r in records)
         decided = self.metrics_end.get("safetylock_gate_decisions_total", math.nan)
-        completed = [r for r in records if r.status == 200 and not r.disconnected]
+        completed = [r for r in records if r.completed]
         return {
             "requests": len(records),
             "by_kind": dict(Counter(r.kind for r in records)),
@@ -200,6 +206,10 @@ class SoakResult:
             "rechecked_fired": sum(bool(c["fired"]) for c in self.rechecks),
         }
 
+    def is_refusal(self, record: Record) -> bool | None:
+        """Whether ``record``'s answer is the refusal message (None under steer, which has none)."""
+        return None if self.refusal_message is None else record.text.strip() == self.refusal_message
+
     def refused_by_kind(self) -> dict[str, dict[str, float]]:
         """Under refuse: of the completed answers of each well-formed kind, harmful and benign, the share that is
         the refusal message (a pre-filled assistant turn that slips past the gate shows here)."""
@@ -208,10 +218,10 @@ class SoakResult:
         out: dict[str, dict[str, float]] = {}
         for kind in ("chat", "stream", "prefill"):
             for harmful in (True, False):
-                done = [r for r in self.records if r.kind == kind and r.harmful == harmful and r.status == 200]
-                done = [r for r in done if not r.disconnected and r.finish is not None]
+                done = [r for r in self.records if r.kind == kind and r.harmful == harmful and r.completed]
+                done = [r for r in done if r.finish is not None]
                 if done:
-                    refused = sum(r.text.strip() == self.refusal_message for r in done)
+                    refused = sum(self.is_refusal(r) for r in done)
                     out.setdefault(kind, {})["harmful" if harmful else "benign"] = round(refused / len(done), 4)
         return out
 
@@ -220,11 +230,7 @@ class SoakResult:
         width = self.plan.duration_s / windows
         out = []
         for index in range(windows):
-            ends = [
-                r.end - r.start
-                for r in self.records
-                if r.status == 200 and not r.disconnected and index * width <= r.end < (index + 1) * width
-            ]
+            ends = [r.end - r.start for r in self.records if r.completed and index * width <= r.end < (index + 1) * width]
             out.append({"t": (index + 0.5) * width, "count": len(ends), **_quantiles(ends)})
         return out
 
@@ -248,7 +254,7 @@ class SoakResult:
                     "prompt_tokens": len(r.prompt_ids),
                     "output_tokens": len(r.output_ids),
                     "disconnected": r.disconnected,
-                    "refused": None if self.refusal_message is None else r.text.strip() == self.refusal_message,
+                    "refused": self.is_refusal(r),
                 }
                 for r in self.records
             ],
@@ -587,7 +593,7 @@ def recheckable(result: SoakResult) -> list[tuple[Record, list[Epoch]]]:
     answer depends only on the gate's one decision, made under one of the locks in force while it ran)."""
     out = []
     for record in result.records:
-        if record.status == 200 and not record.disconnected and record.prompt_ids and record.output_ids:
+        if record.completed and record.prompt_ids and record.output_ids:
             during = epochs_during(record, result.epochs)
             if result.refusal_message is not None or len({(e.lock, e.alpha) for e in during}) == 1:
                 out.append((record, during))
