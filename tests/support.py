@@ -64,13 +64,14 @@ def build_tokenizer(out_dir: Path):
 
 
 # name -> (config class, model class, geometry). Mistral: 4 heads of 64 over hidden 192, so head_dim != hidden/heads.
+# Gemma ties its embeddings, as every Gemma checkpoint does (vLLM 0.24 accepts no other).
 ARCHITECTURES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}),
     "gemma": (
         "GemmaConfig",
         "GemmaForCausalLM",
-        {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64},
+        {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64, "tie_word_embeddings": True},
     ),
     "mistral": (
         "MistralConfig",
@@ -90,11 +91,10 @@ def build_model(arch: str, vocab_size: int, out_dir: Path, seed: int = 0) -> Pat
         intermediate_size=256,
         num_hidden_layers=3,
         max_position_embeddings=512,
-        tie_word_embeddings=False,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
-        **geometry,
+        **{"tie_word_embeddings": False, **geometry},
     )
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
@@ -102,6 +102,8 @@ def build_model(arch: str, vocab_size: int, out_dir: Path, seed: int = 0) -> Pat
         for param in model.parameters():
             if param.dim() > 1:
                 param.mul_(4.0)
+        if config.tie_word_embeddings:  # else the tied output favours repeating the input token whatever the heads do
+            model.get_input_embeddings().weight.mul_(1 / 16)
     model.save_pretrained(out_dir)
     return out_dir
 

@@ -8,9 +8,9 @@ import torch
 from safetylock.alpha import AlphaPolicy, RequestAlphaError
 from safetylock.apply import fold_bias, layer_shifts
 from safetylock.errors import LockError
-from safetylock.serve.config import lock_section, prepare, serve_config, token_matches
+from safetylock.serve.config import ENV_ADMIN_TOKEN, lock_section, prepare, serve_config, token_matches
 from safetylock.serve.fold import rank_slice, sharded_biases, unit_bias_table
-from safetylock.serve.server import plugin_allowlist
+from safetylock.serve.server import needs_v1_runner, plugin_allowlist
 
 from support import small_lock
 
@@ -183,3 +183,12 @@ def test_a_gated_server_refuses_pre_filled_turns_unless_allowed(tmp_path):
         assert frontend.prompt_refusal(asked) is None
     with pytest.raises(LockError, match="allow_prefill applies to gated serving only"):
         serve_config({"safetylock": {"lock": str(path), "allow_prefill": True}}, {})
+
+
+def test_servers_whose_alpha_varies_are_started_on_the_v1_model_runner():
+    assert needs_v1_runner({"lock": "a.lock", "gated": True}, {})
+    assert needs_v1_runner({"lock": "a.lock", "allow_request_alpha": True}, {})
+    assert needs_v1_runner({"lock": "a.lock"}, {ENV_ADMIN_TOKEN: "secret"})  # hot swap
+    assert not needs_v1_runner({"lock": "a.lock", "alpha": 2.0}, {})  # static: folded at load, any runner
+    assert not needs_v1_runner(None, {})
+    assert not needs_v1_runner({"lock": 3}, {})  # malformed: the server refuses it with the reason in its log

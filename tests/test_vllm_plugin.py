@@ -104,3 +104,21 @@ def test_compiled_graph_is_locked_and_keyed_by_the_lock(llama_dir, lock_path, pl
     assert_same_generation(plain["base"], plain_reference)
     assert_same_generation(locked["base"], locked_reference)
     assert_same_generation(plain_again["base"], plain_reference)
+
+
+def test_v2_model_runner_serves_static_locks_and_refuses_dynamic_ones(llama_dir, lock_path, locked_reference, tmp_path):
+    """vLLM's V2 model runner (docs/gpu.md): the fold happens at load, so a static lock serves; the per-token α lives
+    in V1's runner, so a dynamic lock must refuse to start. Where V2 cannot run (CPUs: it needs Triton), neither
+    engine starts, which is also never serving unlocked."""
+    env = {"VLLM_USE_V2_MODEL_RUNNER": "1"}
+    section = {"lock": str(lock_path), "alpha": ALPHA}
+    static, dynamic = (
+        run_vllm(tmp_path / name, env=env, may_fail=True, model=str(llama_dir), additional_config={"safetylock": config})
+        for name, config in (("static", section), ("dynamic", {**section, "allow_request_alpha": True}))
+    )
+    assert dynamic.get("failed"), "a dynamic lock started on the V2 runner"
+    if "Model Runner V2 requires Triton" in static["log"]:
+        assert static.get("failed")
+        return
+    assert "need vLLM's V1 model runner" in dynamic["log"]
+    assert_same_generation(static["base"], locked_reference)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from safetylock.alpha import REQUEST_ALPHA_KEY, RequestAlphaError
 from safetylock.gate import continues_assistant_turn
 from safetylock.serve.config import PINNED_KEY, PreparedLock, prepare, serve_config
-from safetylock_vllm import gatecount
+from safetylock_vllm import gatecount, internals
 from safetylock_vllm.gatecount import GateCollector, GateCounts
 from safetylock_vllm.state import STATE
 
@@ -106,9 +106,6 @@ class FrontendLock:
 
 ENGINE_DIED_EXIT_CODE = 70  # EX_SOFTWARE: the server stopped because its engine died, not on request
 
-LAUNCHER = "vllm.entrypoints.launchers.launcher"
-ERROR_HANDLER = "vllm.entrypoints.serve.exception_handling.handlers.vllm_error"
-
 
 def watch_engine_death() -> None:
     """Make a server whose engine died exit non-zero (vLLM stops serving then, but exits 0, which an
@@ -118,7 +115,7 @@ def watch_engine_death() -> None:
     ``ENGINE_DIED_EXIT_CODE``."""
     import importlib
 
-    modules = [importlib.import_module(name) for name in (LAUNCHER, ERROR_HANDLER)]
+    modules = [importlib.import_module(name) for name in internals.engine_death_sites()]
     original = modules[0].terminate_if_errored
     if getattr(original, "_safetylock_wrapped", False):
         return
@@ -160,6 +157,8 @@ def install() -> None:
         config = serve_config(vllm_config.additional_config)
         if config is None:
             return
+        if config.hot_swap:
+            internals.check_hot_swap()
         from safetylock.geometry import head_geometry
         from safetylock.hf import generation_header
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from safetylock.hf import PLAIN, Framing
 from safetylock.serve.config import CONFIG_KEY
-from safetylock.serve.server import engine_settings
+from safetylock.serve.server import engine_settings, pin_v1_runner
 
 
 class VllmGenerator:
@@ -22,6 +23,7 @@ class VllmGenerator:
         args = {**engine_settings(model_dir), **engine_args}
         if section is not None:
             args["additional_config"] = {CONFIG_KEY: section}
+        pin_v1_runner(section, os.environ)  # read by the engine's processes as they start
         self.framing = framing
         self.llm = LLM(str(model_dir), **args)
 

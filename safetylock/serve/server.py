@@ -10,13 +10,15 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 from safetylock.errors import LockError
-from safetylock.serve.config import CONFIG_KEY, admin_token
+from safetylock.serve.config import CONFIG_KEY, admin_token, serve_config
+
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
 def engine_settings(model_dir: Path) -> dict[str, Any]:
@@ -57,6 +59,23 @@ def plugin_allowlist(environ: Mapping[str, str]) -> str | None:
     return ",".join(names + [n for n in wanted if n not in names])
 
 
+def needs_v1_runner(section: dict | None, environ: Mapping[str, str]) -> bool:
+    """Whether the server's lock is served dynamically (per-request α, the gate, hot swap): the plugin does that in
+    vLLM's V1 model runner, and refuses to start on V2, which recent vLLM picks by default on GPUs (docs/gpu.md)."""
+    try:
+        config = serve_config({CONFIG_KEY: section} if section is not None else None, environ)
+    except LockError:  # the server itself refuses the section, with the reason in its log
+        return False
+    return config is not None and config.dynamic
+
+
+def pin_v1_runner(section: dict | None, environ: MutableMapping[str, str]) -> None:
+    """Set ``VLLM_USE_V2_MODEL_RUNNER=0`` in ``environ`` (what the engine's processes start with) when the lock is
+    served dynamically, unless the operator chose a runner."""
+    if V2_RUNNER_ENV not in environ and needs_v1_runner(section, environ):
+        environ[V2_RUNNER_ENV] = "0"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -77,6 +96,7 @@ def start_server(
     allowlist = plugin_allowlist(environ)
     if allowlist is not None:
         environ["VLLM_PLUGINS"] = allowlist
+    pin_v1_runner(section, environ)
     command = server_command(model_dir, section, args)
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=environ)
 
