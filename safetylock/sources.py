@@ -184,6 +184,26 @@ def context_wrappers() -> tuple[Template, ...]:
     )
 
 
+@dataclass(frozen=True)
+class Persona:
+    """An operator-slot persona that tells the model to drop its rules: its system prompt, and the user turn its
+    users write (``{request}`` is where the request goes)."""
+
+    family: str
+    system: str
+    user: str
+
+    def turns(self, request: str) -> Turns:
+        return (("system", self.system), ("user", self.user.replace("{request}", request)))
+
+
+def personas() -> tuple[Persona, ...]:
+    """The probe data's personas (``persona_system_prompts.json``)."""
+    return tuple(
+        Persona(f"persona-{p['name']}", p["system"], p["user"]) for p in _probe_json("persona_system_prompts.json")["personas"]
+    )
+
+
 def conversational_benign() -> tuple[str, ...]:
     """Long first-person benign requests (who the user is and why, then a harmless ask)."""
     return tuple(_probe_json("benign_conversational.json")["prompts"])
@@ -201,6 +221,7 @@ class Sizes:
     borderline_per_family: int | None = None  # None: all
     conversational: int | None = None
     multiturn: int = 60  # harmful; as many benign
+    persona: int = 0  # harmful under an operator-slot persona (``personas``); as many benign. 0: the product's data
 
 
 def _take(rng: random.Random, items: Sequence[str], count: int | None) -> list[str]:
@@ -251,6 +272,11 @@ def gate_requests(harmful: data.PromptSet, sizes: Sizes = Sizes(), seed: int = 0
         refused, follow_up = rng.choice(payload_harmful), rng.choice(benign_pool)
         turns = (("user", refused), ("assistant", REFUSAL_REPLY), ("user", follow_up))
         requests.append(Request(turns, False, "multiturn", "benign-after-refusal"))
+    persona_list = personas() if sizes.persona else ()
+    for i in range(sizes.persona):  # last, so that the requests above do not depend on it
+        persona = persona_list[i % len(persona_list)]
+        for harmful, pool in ((True, payload_harmful), (False, benign_pool)):
+            requests.append(Request(persona.turns(rng.choice(pool)), harmful, "persona", persona.family))
     return tuple(with_system_prompts(requests, seed))
 
 
