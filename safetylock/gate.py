@@ -376,16 +376,56 @@ def recalibrate(
     return Gate(gate.layer, gate.weight, gate.bias, threshold, calibration, gate.early_heads)
 
 
+def as_served(request: Request) -> Chat:
+    """A gate request as a served deployment receives it: a single turn as its text alone (the served framing adds
+    its own system prompt), a multi-turn chat as its turns; the request's own system prompt is dropped."""
+    turns = [m for m in request.messages() if m["role"] != "system"]
+    return turns[0]["content"] if len(turns) == 1 else turns
+
+
 def benign_calibration(harmful: PromptSet, seed: int = 0) -> list[Chat]:
-    """The benign calibration requests of the gate's data (every benign kind): what ``recalibrate`` runs through a
-    served fine-tune. Single-turn requests are sent as their text alone (the served framing adds its own
-    system prompt); multi-turn ones as their turns."""
+    """The benign calibration requests of the gate's data (every benign kind), as served (``as_served``): what
+    ``recalibrate`` runs through a served fine-tune."""
     requests = gate_requests(harmful, seed=seed)
     _, calibration = split(requests, seed=seed)
-    chats: list[Chat] = []
-    for request in (requests[i] for i in calibration):
-        if request.harmful:
-            continue
-        turns = [m for m in request.messages() if m["role"] != "system"]
-        chats.append(turns[0]["content"] if len(turns) == 1 else turns)
-    return chats
+    return [as_served(requests[i]) for i in calibration if not requests[i].harmful]
+
+
+def refit(
+    model,
+    tokenizer,
+    gate: Gate,
+    requests: Sequence[Request],
+    fpr: float = TARGET_FPR,
+    served: str = "served model",
+    framing: Framing | None = None,
+    seed: int = 0,
+) -> Gate:
+    """The gate refit on the served weights: at the gate's layer, its weights fit again (as the base's were, each
+    source weighted alike) on the gate's ``requests`` (``gate_requests``, as extract builds them) run through
+    ``model`` as served (``as_served``, sent as ``framing`` sends them), threshold at ``fpr`` of their benign
+    calibration split. A fine-tune can move edgy benign requests up with harmful ones along the base's gate
+    direction while the two stay linearly apart: a threshold alone cannot follow that, a refit probe can. The
+    layer, the data and the split stay the base's."""
+    fit, calibration = split(requests, seed=seed)
+    chats = [as_served(r) for r in requests]
+    x = prompt_features(model, tokenizer, chats, [gate.layer], framing=framing)[gate.layer]
+    labels, groups = np.array([r.harmful for r in requests]), np.array([r.source for r in requests])
+    weight, bias = fit_linear(x[fit], labels[fit], groups[fit], seed)
+    scores = x @ weight + bias
+    benign_cal, harmful_cal = scores[calibration[~labels[calibration]]], scores[calibration[labels[calibration]]]
+    threshold = threshold_at(benign_cal, fpr)
+    record = {
+        "set_on": served,
+        "refit_on": served,
+        "served_benign": len(benign_cal),
+        "target_fpr": fpr,
+        "auroc": round(auroc(harmful_cal, benign_cal), 4),
+        "fpr": _rate(benign_cal, threshold),
+        "tpr": _rate(harmful_cal, threshold),
+        "roc": roc_points(harmful_cal, benign_cal),
+    }
+    calibration_record = {**gate.calibration, **record}
+    calibration_record |= {"framing": framing.record()} if framing and framing.record() else {}
+    weights = torch.from_numpy(weight.astype(np.float32))
+    return Gate(gate.layer, weights, bias, threshold, calibration_record, gate.early_heads)

@@ -160,19 +160,25 @@ def test_format_version_is_3_only_for_a_gated_lock(tmp_path):
     assert small_lock(gate=a_gate()).metadata()["format_version"] == 3
 
 
-def test_fit_gate_picks_its_layer_out_of_source_and_sets_its_threshold_on_calibration(llama_dir):
-    """On a random model: requests that start with one marker word vs requests without it, from three sources;
-    the table holds every source held out, the lock records each source's hash."""
-    from safetylock.gate import fit_gate, prompt_features, recalibrate
+def marker_requests():
+    """Requests that start with one marker word (harmful) vs requests without it, from three sources."""
     from safetylock.sources import single
 
-    model, tok = load_model(llama_dir)
-    requests = [
+    return [
         single(f"zebra zebra {q} ({source})" if harmful else f"{q} please ({source})", harmful, source)
         for source in ("one", "two", "three")
         for harmful in (True, False)
         for q in QUESTIONS[:8]
     ]
+
+
+def test_fit_gate_picks_its_layer_out_of_source_and_sets_its_threshold_on_calibration(llama_dir):
+    """On a random model: requests that start with one marker word vs requests without it, from three sources;
+    the table holds every source held out, the lock records each source's hash."""
+    from safetylock.gate import fit_gate, prompt_features, recalibrate
+
+    model, tok = load_model(llama_dir)
+    requests = marker_requests()
     gate, tables = fit_gate(model, tok, requests, layers=[1, 2], progress=False)
     assert gate.layer in (1, 2) and set(tables) == {1, 2}
     assert [row.source for row in tables[1]] == ["one", "three", "two"]
@@ -188,6 +194,24 @@ def test_fit_gate_picks_its_layer_out_of_source_and_sets_its_threshold_on_calibr
     assert (scores > again.threshold).mean() <= 0.25 and again.calibration["set_on"] == "the same model"
     with pytest.raises(Exception, match="at least two sources"):
         fit_gate(model, tok, [r for r in requests if r.source == "one"], layers=[1], progress=False)
+
+
+def test_refit_learns_the_gate_again_at_its_layer_on_the_served_model(llama_dir):
+    """A gate whose direction no longer separates (as on a fine-tune that moved the requests) is refit at its
+    layer from the requests' own labels: it fires on the harmful calibration requests again, its threshold is set
+    on the benign ones, and the record says where."""
+    from safetylock.gate import refit
+    from safetylock.sources import split
+
+    model, tok = load_model(llama_dir)
+    requests = marker_requests()
+    lost = Gate(2, torch.zeros(model.config.hidden_size), 0.0, 0.0, {"auroc": 0.99, "data": {"one": "x"}})
+    again = refit(model, tok, lost, requests, fpr=0.2, served="the fine-tune")
+    _, calibration = split(requests)
+    assert again.layer == 2 and again.early_heads == lost.early_heads and torch.any(again.weight != 0)
+    assert again.calibration["refit_on"] == "the fine-tune" and again.calibration["data"] == {"one": "x"}
+    assert again.calibration["tpr"] == 1.0 and again.calibration["fpr"] <= 0.2 and again.calibration["auroc"] == 1.0
+    assert again.calibration["served_benign"] == sum(not requests[i].harmful for i in calibration)
 
 
 def test_features_and_recalibration_read_the_prompt_as_it_is_served(llama_dir):

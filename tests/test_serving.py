@@ -10,7 +10,7 @@ from safetylock.apply import fold_bias, layer_shifts
 from safetylock.errors import LockError
 from safetylock.serve.config import ENV_ADMIN_TOKEN, lock_section, prepare, serve_config, token_matches
 from safetylock.serve.fold import rank_slice, sharded_biases, unit_bias_table
-from safetylock.serve.server import needs_v1_runner, plugin_allowlist
+from safetylock.serve.server import engine_environment, needs_v1_runner, plugin_allowlist
 
 from support import small_lock
 
@@ -192,3 +192,16 @@ def test_servers_whose_alpha_varies_are_started_on_the_v1_model_runner():
     assert not needs_v1_runner({"lock": "a.lock", "alpha": 2.0}, {})  # static: folded at load, any runner
     assert not needs_v1_runner(None, {})
     assert not needs_v1_runner({"lock": 3}, {})  # malformed: the server refuses it with the reason in its log
+
+
+def test_a_server_starts_with_the_plugin_the_runner_and_onednn_set_unless_the_operator_set_them():
+    gated = {"lock": "a.lock", "gated": True}
+    assert engine_environment(gated, {}) == {
+        "VLLM_USE_V2_MODEL_RUNNER": "0",
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0",
+    }
+    assert engine_environment({"lock": "a.lock", "alpha": 2.0}, {}) == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
+    chosen = {"VLLM_USE_V2_MODEL_RUNNER": "1", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}
+    assert engine_environment(gated, chosen) == {}
+    with_admin = engine_environment({"lock": "a.lock"}, {ENV_ADMIN_TOKEN: "secret", **chosen})
+    assert with_admin == {"VLLM_PLUGINS": "safetylock,safetylock_admin"}

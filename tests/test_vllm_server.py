@@ -6,11 +6,12 @@ import os
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from safetylock.hf import load_model
 from safetylock.lockfile import load
-from safetylock.serve.server import chat, free_port, start_server, wait_healthy
+from safetylock.serve.server import ONEDNN_CACHE_ENV, chat, free_port, start_server, wait_healthy
 
 from support import QUESTION, SERVER_ARGS, expected_chat, model_dir, tiny_lock
 
@@ -35,12 +36,16 @@ def test_locked_server_steers_chat_completions(llama_dir, lock_path):
     try:
         wait_healthy(proc, port, timeout=300)
         reply = chat(f"http://127.0.0.1:{port}/v1", str(llama_dir), QUESTION, 8, ignore_eos=True)
+        processes = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        oneDNN = {p.name(): p.environ().get(ONEDNN_CACHE_ENV) for p in processes}
     finally:
         proc.terminate()
         log = proc.communicate(timeout=60)[0]
     assert reply == expected_chat(llama_dir, lock_path, ALPHA)
     assert reply != expected_chat(llama_dir, lock_path, None)
     assert f"lock {load(lock_path).fingerprint}" in log
+    # the worker runs the GEMMs: oneDNN's per-shape primitive cache is off there unless the operator set it
+    assert len(oneDNN) >= 3 and set(oneDNN.values()) == {os.environ.get(ONEDNN_CACHE_ENV, "0")}, oneDNN
 
 
 def test_bad_locks_stop_the_server(llama_dir, lock_path, tiny_root, tokenizer, tmp_path):

@@ -177,29 +177,48 @@ def inspect(lock_path: Path | None, model_name: str, plot: Path | None) -> None:
 @click.option("--fpr", type=click.FloatRange(0.001, 0.5), default=0.05, show_default=True, help="Benign firing rate.")
 @click.option("--system-prompt", default=None, help="The system prompt the model is served with, if any.")
 @click.option("--prompt-prefix", default="", help="Text the served requests put before each instruction, if any.")
+@click.option(
+    "--refit",
+    is_flag=True,
+    help="Also refit the gate's weights at its layer on MODEL (every gate request, labels from their sources; "
+    "minutes more): for a fine-tune that moved benign requests along the base's gate direction.",
+)
 @user_errors
 def calibrate_gate(
-    model_name: str, lock_path: Path, out: Path, fpr: float, system_prompt: str | None, prompt_prefix: str
+    model_name: str,
+    lock_path: Path,
+    out: Path,
+    fpr: float,
+    system_prompt: str | None,
+    prompt_prefix: str,
+    refit: bool,
 ) -> None:
     """Re-set a gated lock's threshold on MODEL's own weights: the gate's benign calibration prompts run through
     the served fine-tune (with its system prompt and prefix, when given), threshold at --fpr of them firing (a
-    fine-tune, and a system prompt, move the gate's scores)."""
+    fine-tune, and a system prompt, move the gate's scores); with --refit, the gate's weights too."""
     import dataclasses
 
     from safetylock import data
-    from safetylock.gate import benign_calibration, recalibrate
+    from safetylock import gate as gates
     from safetylock.hf import Framing, load_model
     from safetylock.lockfile import load
+    from safetylock.sources import gate_requests
 
     lock = load(lock_path)
     if lock.gate is None:
         raise click.ClickException(f"{lock_path} has no gate: extract it without --no-gate")
     model, tokenizer = load_model(models.resolve(model_name))
-    benign = benign_calibration(data.advbench())
     framing = Framing(system_prompt, prompt_prefix)
-    gate = recalibrate(model, tokenizer, lock.gate, benign, fpr, served=f"served model {model_name}", framing=framing)
+    served = f"served model {model_name}"
+    if refit:
+        requests = gate_requests(data.advbench())
+        gate = gates.refit(model, tokenizer, lock.gate, requests, fpr, served=served, framing=framing)
+    else:
+        benign = gates.benign_calibration(data.advbench())
+        gate = gates.recalibrate(model, tokenizer, lock.gate, benign, fpr, served=served, framing=framing)
     written = dataclasses.replace(lock, gate=gate).save(out)
-    click.echo(f"wrote {written}: gate threshold {lock.gate.threshold:.4g} -> {gate.threshold:.4g} (set on {model_name})")
+    what = "refit, threshold" if refit else "threshold"
+    click.echo(f"wrote {written}: gate {what} {lock.gate.threshold:.4g} -> {gate.threshold:.4g} (set on {model_name})")
 
 
 @main.command()

