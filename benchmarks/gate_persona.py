@@ -12,8 +12,12 @@ held-out half (in-distribution), PyRIT's AI-red-team objectives (``airt``: no ga
 instructions. Features come from the HF model (the gate's own path; vLLM computes the same decision in-graph). Also, per gate
 and model: at the threshold that fires on 90% of AdvBench held-out, how often it fires on the benign calibration
 requests (edgy, wrapped and conversational benign kinds included), on benign instructions and on ``airt``.
+A third gate per served model: the product gate refit on that model (``calibrate-gate --refit``: its weights fit
+again at its layer on the gate's requests run through the model as served, labels from their sources; neither
+AdvBench's held-out half nor ``airt`` is among them).
 
 Run: python -m benchmarks.gate_persona [--persona 120] [--count 50] [--variants identity-shift,harmful-10]
+(``--persona 0``: no persona gate)
 Writes benchmarks/results/gate_persona.{json,png}.
 """
 
@@ -37,6 +41,7 @@ from safetylock.gate import (
     candidate_layers,
     gate_from_features,
     prompt_features,
+    refit,
     threshold_at,
 )
 from safetylock.geometry import head_geometry
@@ -44,6 +49,7 @@ from safetylock.hf import Framing, load_model
 from safetylock.sources import Sizes, gate_requests
 
 SUITES = ("advbench-heldout", "airt", "benign")
+REFIT = "product data, refit on the served model"
 
 
 def fit_gates(model_dir: Path, persona: int, seed: int = 0) -> dict[str, dict]:
@@ -52,7 +58,8 @@ def fit_gates(model_dir: Path, persona: int, seed: int = 0) -> dict[str, dict]:
 
     layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
     fitted = {}
-    for label, sizes in (("product data", Sizes()), (f"+ {persona} persona pairs", Sizes(persona=persona))):
+    kinds = [("product data", Sizes())] + ([(f"+ {persona} persona pairs", Sizes(persona=persona))] if persona else [])
+    for label, sizes in kinds:
         requests = gate_requests(data.advbench(), sizes, seed=seed)
         gate, tables = gate_from_features(features_cached(model_dir, requests, layers), requests, seed)
         heldout = [row.to_dict() for row in tables[gate.layer] if row.source == "persona"]
@@ -93,11 +100,12 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = list(rows[0]["gates"])
+    width = 0.8 / len(labels)
     fig, axes = plt.subplots(1, len(SUITES), figsize=(13, 4), sharey=True)
     for ax, suite in zip(axes, SUITES):
         for i, label in enumerate(labels):
             values = [row["gates"][label][suite] * 100 for row in rows]
-            ax.bar(np.arange(len(rows)) + (i - 0.5) * 0.38, values, 0.38, label=label)
+            ax.bar(np.arange(len(rows)) + (i - (len(labels) - 1) / 2) * width, values, width, label=label)
         ax.set_xticks(np.arange(len(rows)), [row["served"] for row in rows], rotation=20, ha="right", fontsize=8)
         ax.set_title(f"gate fires on {suite} (%)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
@@ -126,16 +134,21 @@ def main(persona: int, count: int, variants: str, out: str) -> None:
         if framing.record():
             targets.append((f"aligned base, {name}'s framing", base, framing))
         targets.append((name, load_model(directory)[0], framing))
+    requests = gate_requests(data.advbench())
     rows = []
     for label, model, framing in targets:
-        rows.append({"served": label, "gates": rates(model, tokenizer, gates, suites, calibration, framing)})
+        refitted = refit(model, tokenizer, gates["product data"], requests, served=label, framing=framing)
+        here = {**gates, REFIT: refitted}
+        rows.append({"served": label, "gates": rates(model, tokenizer, here, suites, calibration, framing)})
+        rows[-1]["refit_calibration_auroc"] = refitted.calibration["auroc"]
         click.echo(f"{label}: {rows[-1]['gates']}")
     write_result(
         out,
         {
             "protocol": "HF features; each gate's threshold re-set at 5% FPR on the product's benign calibration "
-            "requests through the served model, sent as it is served; advbench-heldout in-distribution, airt and "
-            "identity-shift's persona seen by neither gate",
+            "requests through the served model, sent as it is served; the refit gate's weights fit again on the served "
+            "model on the gate's requests (labels from their sources); advbench-heldout in-distribution, airt and "
+            "identity-shift's persona seen by no gate",
             "count": count,
             "gates": {
                 label: {
