@@ -1,6 +1,5 @@
 """The vLLM OpenAI server with the plugin: steered chat completions, and fail-closed startup on a bad lock."""
 
-import contextlib
 import json
 import math
 import os
@@ -21,16 +20,6 @@ pytestmark = pytest.mark.engine  # real vLLM engines: the slow tier
 ALPHA = 4.0
 
 
-def process_environment(pid: int, name: str) -> list[tuple[str, str | None]]:
-    """(process name, its value of variable ``name``) for a process and its living descendants."""
-    root = psutil.Process(pid)
-    found = []
-    for process in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            found.append((process.name(), process.environ().get(name)))
-    return found
-
-
 def server(model, lock_config: dict, port: int) -> subprocess.Popen:
     return start_server(model, port, lock_config, SERVER_ARGS, log=subprocess.PIPE)
 
@@ -47,15 +36,17 @@ def test_locked_server_steers_chat_completions(llama_dir, lock_path):
     try:
         wait_healthy(proc, port, timeout=300)
         reply = chat(f"http://127.0.0.1:{port}/v1", str(llama_dir), QUESTION, 8, ignore_eos=True)
-        onednn = process_environment(proc.pid, ONEDNN_CACHE_ENV)
+        # the server's own environment: vLLM's engine processes inherit it (their /proc environ is overwritten
+        # when vLLM renames them, so it cannot be read there)
+        onednn = psutil.Process(proc.pid).environ().get(ONEDNN_CACHE_ENV)
     finally:
         proc.terminate()
         log = proc.communicate(timeout=60)[0]
     assert reply == expected_chat(llama_dir, lock_path, ALPHA)
     assert reply != expected_chat(llama_dir, lock_path, None)
     assert f"lock {load(lock_path).fingerprint}" in log
-    # the worker runs the GEMMs: oneDNN's per-shape primitive cache is off there unless the operator set it
-    assert len(onednn) >= 3 and {v for _, v in onednn} == {os.environ.get(ONEDNN_CACHE_ENV, "0")}, onednn
+    # oneDNN's per-shape primitive cache is off in the server unless the operator set it
+    assert onednn == os.environ.get(ONEDNN_CACHE_ENV, "0")
 
 
 def test_bad_locks_stop_the_server(llama_dir, lock_path, tiny_root, tokenizer, tmp_path):
