@@ -80,8 +80,8 @@ def v1_runner_pin(section: dict | None, environ: Mapping[str, str]) -> dict[str,
 def engine_environment(section: dict | None, environ: Mapping[str, str]) -> dict[str, str]:
     """The variables a locked server's processes start with on top of ``environ`` (a value the operator set is kept):
     the plugin allowlist, the V1 model runner for a dynamic lock, and oneDNN's primitive cache off — vLLM-CPU's GEMMs
-    otherwise keep a primitive per distinct batch token count, and a busy server's worker grows without bound
-    (``benchmarks.onednn_memory``, docs/serving.md; GPU servers do not run those kernels, and ignore it)."""
+    otherwise keep a primitive per distinct batch token count (``benchmarks.onednn_memory``); that bounds this part
+    of a busy worker's growth, not all of it (docs/serving.md). GPU servers do not run those kernels."""
     extra: dict[str, str] = {}
     allowlist = plugin_allowlist(environ)
     if allowlist is not None:
