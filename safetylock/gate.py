@@ -371,9 +371,17 @@ def recalibrate(
     as ``framing`` sends them (the served system prompt and prefix) when given."""
     features = prompt_features(model, tokenizer, benign, [gate.layer], framing=framing)[gate.layer]
     threshold = threshold_at(features @ gate.weight.numpy() + gate.bias, fpr)
-    calibration = {**gate.calibration, "set_on": served, "served_benign": len(benign), "target_fpr": fpr}
-    calibration |= {"framing": framing.record()} if framing and framing.record() else {}
+    calibration = served_record(gate, served, len(benign), fpr, framing)
     return Gate(gate.layer, gate.weight, gate.bias, threshold, calibration, gate.early_heads)
+
+
+def served_record(
+    gate: Gate, served: str, benign: int, target_fpr: float, framing: Framing | None, **figures: Any
+) -> dict[str, Any]:
+    """``gate``'s calibration record with where its threshold was set on a served model (``recalibrate``,
+    ``refit``): the model, how many benign requests, the target rate, the framing when there was one."""
+    record = {**gate.calibration, "set_on": served, "served_benign": benign, "target_fpr": target_fpr, **figures}
+    return record | ({"framing": framing.record()} if framing and framing.record() else {})
 
 
 def as_served(request: Request) -> Chat:
@@ -415,17 +423,17 @@ def refit(
     scores = x @ weight + bias
     benign_cal, harmful_cal = scores[calibration[~labels[calibration]]], scores[calibration[labels[calibration]]]
     threshold = threshold_at(benign_cal, fpr)
-    record = {
-        "set_on": served,
-        "refit_on": served,
-        "served_benign": len(benign_cal),
-        "target_fpr": fpr,
-        "auroc": round(auroc(harmful_cal, benign_cal), 4),
-        "fpr": _rate(benign_cal, threshold),
-        "tpr": _rate(harmful_cal, threshold),
-        "roc": roc_points(harmful_cal, benign_cal),
-    }
-    calibration_record = {**gate.calibration, **record}
-    calibration_record |= {"framing": framing.record()} if framing and framing.record() else {}
+    record = served_record(
+        gate,
+        served,
+        len(benign_cal),
+        fpr,
+        framing,
+        refit_on=served,
+        auroc=round(auroc(harmful_cal, benign_cal), 4),
+        fpr=_rate(benign_cal, threshold),
+        tpr=_rate(harmful_cal, threshold),
+        roc=roc_points(harmful_cal, benign_cal),
+    )
     weights = torch.from_numpy(weight.astype(np.float32))
-    return Gate(gate.layer, weights, bias, threshold, calibration_record, gate.early_heads)
+    return Gate(gate.layer, weights, bias, threshold, record, gate.early_heads)
