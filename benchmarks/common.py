@@ -29,13 +29,16 @@ def machine() -> dict[str, object]:
     }
 
 
-def calibrated_lock(lock: Path, name: str, model: str, framing) -> Path:
-    """``lock`` with its gate threshold re-set (``safetylock calibrate-gate``) on variant ``name`` as it is served
-    (``framing``: an ``hf.Framing``), cached beside it as ``….NAME.lock.safetensors``."""
-    path = lock.with_name(lock.name.replace(".lock.", f".{name}.lock."))
+def calibrated_lock(lock: Path, name: str, model: str, framing, refit: bool = False) -> Path:
+    """``lock`` with its gate calibrated (``safetylock calibrate-gate``) on variant ``name`` as it is served
+    (``framing``: an ``hf.Framing``): the threshold re-set (``--threshold-only``, what the tables measured before
+    the refit existed), or with ``refit`` the gate's weights fit again too; cached beside it as
+    ``….NAME.lock.safetensors`` / ``….NAME.refit.lock.safetensors``."""
+    path = lock.with_name(lock.name.replace(".lock.", f".{name}{'.refit' if refit else ''}.lock."))
     if not path.exists():
         served_as = ["--system-prompt", framing.system_prompt] if framing.system_prompt else []
         served_as += ["--prompt-prefix", framing.prompt_prefix] if framing.prompt_prefix else []
+        served_as += [] if refit else ["--threshold-only"]
         command = ["calibrate-gate", "--model", model, "--lock", str(lock), "--out", str(path), *served_as]
         subprocess.run([sys.executable, "-m", "safetylock.cli", *command], check=True)
     return path

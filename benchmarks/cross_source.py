@@ -32,8 +32,16 @@ NLSR_DEFAULT = (0.5, 0.8)  # PRUNE_RATE, SPARSITY: the paper's default (benchmar
 @click.option("--count", type=int, default=50, show_default=True)
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--nlsr/--no-nlsr", default=True, show_default=True, help="Add NLSR's rows (builds its variants).")
+@click.option("--always-on/--no-always-on", default=True, show_default=True, help="Add the always-on lock's rows.")
+@click.option(
+    "--refit/--threshold-only",
+    default=False,
+    show_default=True,
+    help="Calibrate each variant's gate as `calibrate-gate` does by default (weights refit on the variant) instead "
+    "of re-setting its threshold alone (what the first tables measured).",
+)
 @click.option("--out", default="cross_source", show_default=True)
-def main(variants: str, alpha: float, count: int, max_tokens: int, nlsr: bool, out: str) -> None:
+def main(variants: str, alpha: float, count: int, max_tokens: int, nlsr: bool, always_on: bool, refit: bool, out: str) -> None:
     from benchmarks.nlsr import realigned
 
     lock = product_lock()
@@ -43,12 +51,13 @@ def main(variants: str, alpha: float, count: int, max_tokens: int, nlsr: bool, o
     for name in ["aligned-base", *[v for v in variants.split(",") if v]]:
         model, framing = (BASE, Framing()) if name == "aligned-base" else served(name)
         unlocked = base if name == "aligned-base" else cached_run(model, name, framing=framing, **sizes)
-        always = cached_run(model, f"{name}+lock(a={alpha:g})", lock=lock, alpha=alpha, framing=framing, **sizes)
-        served_lock = lock if name == "aligned-base" else calibrated_lock(lock, name, model, framing)
+        if always_on:
+            always = cached_run(model, f"{name}+lock(a={alpha:g})", lock=lock, alpha=alpha, framing=framing, **sizes)
+            tables["always-on lock"] += [unlocked, always]
+        served_lock = lock if name == "aligned-base" else calibrated_lock(lock, name, model, framing, refit)
         gated = {"lock": served_lock, "alpha": 4.0, "gated": True, "framing": framing}
-        refused = cached_run(model, f"{name}+gated-refuse", **gated, response="refuse", **sizes)
-        tables["always-on lock"] += [unlocked, always]
-        tables["gated lock (refuse)"] += [unlocked, refused]
+        label = f"{name}+gated-refuse{'(refit)' if refit and name != 'aligned-base' else ''}"
+        tables["gated lock (refuse)"] += [unlocked, cached_run(model, label, **gated, response="refuse", **sizes)]
     if nlsr:
         aligned = build("aligned-mixed")
         finetuned = str(build("downstream") / "merged")
@@ -77,8 +86,9 @@ def main(variants: str, alpha: float, count: int, max_tokens: int, nlsr: bool, o
         out,
         {
             "protocol": "vLLM + plugin, greedy, enforce-eager; lock: heads + gate fit on every source (the product "
-            "lock), gate threshold re-set on each variant as served; airt is a source no lock, gate or NLSR run "
-            "here is fit on",
+            f"lock), gate {'refit' if refit else 'threshold re-set'} on each variant as served; airt is a source no "
+            "lock, gate or NLSR run here is fit on",
+            "gate_calibration": "refit" if refit else "threshold",
             "alpha_always_on": alpha,
             "count": count,
             "max_tokens": max_tokens,

@@ -30,7 +30,8 @@ def main(model_name: str) -> None:
     model, tokenizer = load_model(model_dir)
     t1 = time.perf_counter()
     config = ExtractConfig()
-    lock = extract_lock(model, tokenizer, harmful, config)
+    stages: dict[str, float] = {}
+    lock = extract_lock(model, tokenizer, harmful, config, stages=stages)
     t2 = time.perf_counter()
     out = lock.save(models.default_lock_path(model_name))
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -39,6 +40,9 @@ def main(model_name: str) -> None:
         "config": config.__dict__,
         "load_seconds": round(t1 - t0, 1),
         "extract_seconds": round(t2 - t1, 1),
+        "stages": stages,
+        "gate_precision": lock.gate.calibration.get("precision") if lock.gate else None,
+        "gate_layer": lock.gate.layer if lock.gate else None,
         "total_seconds": round(t2 - t0, 1),
         "peak_rss_gib": round(peak_gib, 2),
         "target_seconds": 180,
@@ -52,13 +56,16 @@ def main(model_name: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 2.2))
-    ax.barh(["extract"], [result["load_seconds"]], color="#999", label="load model")
-    ax.barh(["extract"], [result["extract_seconds"]], left=[result["load_seconds"]], color="#2a7", label="capture + probes")
+    fig, ax = plt.subplots(figsize=(7, 2.4))
+    left = 0.0
+    parts = {"load model": result["load_seconds"], **stages}
+    for (name, seconds), color in zip(parts.items(), ["#999", "#8cd", "#2a7", "#175", "#e94", "#c44"]):
+        ax.barh(["extract"], [seconds], left=[left], color=color, label=f"{name} {seconds:.0f} s")
+        left += seconds
     ax.axvline(180, color="red", linestyle="--", label="target 180 s")
     ax.set_xlabel("seconds")
     ax.set_title(f"{model_name}: {result['total_seconds']} s, peak RSS {result['peak_rss_gib']} GiB")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=4, fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / "extract_time.png", dpi=120)
 

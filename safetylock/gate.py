@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from safetylock.hf import Framing
 
 TARGET_FPR = 0.05  # benign requests allowed to fire, on the calibration split
+PRECISIONS = ("auto", "float32", "bfloat16")  # of the forward that computes gate features
 REPORT_FPRS = (0.01, 0.05)  # leave-one-source-out TPR is reported at these false-positive rates
 EARLY_HEADS = ("generated", "never")  # lock heads at or before the gate layer: shifted on generated tokens, or not
 
@@ -109,8 +110,32 @@ def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return max((a for a in args if isinstance(a, torch.Tensor)), key=lambda a: a.dim())  # vLLM: (positions, hidden)
 
 
+def feature_precision(requested: str = "auto") -> str:
+    """The precision gate features are computed in: ``auto`` is bfloat16 where the CPU multiplies it natively (AMX
+    or AVX-512 BF16; three times faster than float32 on an AMX host, decisions equal to float32 features' on 99% of
+    the gate's requests) and float32 elsewhere, where bfloat16 is emulated and slower."""
+    if requested not in PRECISIONS:
+        raise ExtractError(f"gate precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    native = [getattr(torch.cpu, name, lambda: False) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return "bfloat16" if any(check() for check in native) else "float32"
+
+
 class _Enough(Exception):
     """Raised by the deepest recording hook: the rest of the forward is not needed."""
+
+
+def length_batches(order: Sequence[int], lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """``order`` (indices by increasing length) cut into batches of at most ``batch_tokens`` padded tokens (a
+    longer chat is a batch of its own)."""
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and (len(batches[-1]) + 1) * lengths[index] <= batch_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
 
 
 @torch.no_grad()
@@ -119,13 +144,16 @@ def prompt_features(
     tokenizer,
     prompts: Sequence[Chat],
     layers: Sequence[int],
-    batch_size: int = 16,
+    batch_tokens: int = 1024,
     progress: bool = False,
     framing: Framing | None = None,
+    precision: str = "float32",
 ) -> dict[int, np.ndarray]:
     """``{layer: [prompts, hidden]}``: each layer's attention-block input at each chat's last token (a prompt is
     one user turn, sent as ``framing`` sends it when given, or a list of chat messages). Batches group chats of
-    similar length; the forward stops after the deepest layer asked for."""
+    similar length, up to ``batch_tokens`` padded tokens each (measured: 15% faster than 16 chats a batch); the
+    forward stops after the deepest layer asked for; ``precision`` as ``feature_precision`` resolves it (features
+    are float32 either way)."""
     from safetylock.geometry import head_geometry
     from safetylock.hf import chat_ids, pad_batch
 
@@ -147,13 +175,19 @@ def prompt_features(
         return hook
 
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    precision = feature_precision(precision)
+    device = next(model.parameters()).device.type
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16")
     handles = [blocks[layer].register_forward_pre_hook(recorder(layer), with_kwargs=True) for layer in set(layers)]
+    batches = length_batches(order, [len(i) for i in ids], batch_tokens)
     try:
-        for start in tqdm(range(0, len(ids), batch_size), desc="gate features", disable=not progress):
-            current[:] = order[start : start + batch_size]
-            batch, mask = pad_batch([ids[i] for i in current], pad_id, "left")
-            with contextlib.suppress(_Enough):
-                decoder(input_ids=batch, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=False)
+        with autocast:  # entered once: autocast casts each weight once per entry, not once per batch
+            for members in tqdm(batches, desc="gate features", disable=not progress):
+                current[:] = members
+                batch, mask = pad_batch([ids[i] for i in current], pad_id, "left")
+                positions = (mask.cumsum(1) - 1).clamp(min=0)
+                with contextlib.suppress(_Enough):
+                    decoder(input_ids=batch, attention_mask=mask, position_ids=positions, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -306,31 +340,39 @@ def fit_gate(
     layers: Sequence[int],
     seed: int = 0,
     progress: bool = True,
+    precision: str = "auto",
 ) -> tuple[Gate, dict[int, list[Heldout]]]:
     """The gate at the layer of ``layers`` that generalises best to held-out sources (``out_of_source_score``),
     refit on every source's fit split, threshold at ``TARGET_FPR`` of all benign calibration requests; also
-    every layer's leave-one-source-out table."""
+    every layer's leave-one-source-out table. Features in ``precision`` (``feature_precision``)."""
     if len({r.source for r in requests}) < 2 or len({r.harmful for r in requests}) < 2:
         raise ExtractError("the gate needs harmful and benign requests from at least two sources")
-    features = prompt_features(model, tokenizer, [r.messages() for r in requests], layers, progress=progress)
-    return gate_from_features(features, requests, seed, progress)
+    precision = feature_precision(precision)
+    chats = [r.messages() for r in requests]
+    features = prompt_features(model, tokenizer, chats, layers, progress=progress, precision=precision)
+    gate, tables = gate_from_features(features, requests, seed, progress)
+    return replace(gate, calibration={**gate.calibration, "precision": precision}), tables
 
 
 def gate_from_features(
     features: dict[int, np.ndarray], requests: Sequence[Request], seed: int = 0, progress: bool = False
 ) -> tuple[Gate, dict[int, list[Heldout]]]:
     """``fit_gate`` on features already computed (``{layer: [requests, hidden]}``, rows in request order)."""
+    from safetylock.probe import one_thread_fits
+
     layers = sorted(features)
     fit_arr, cal_arr = split(requests, seed=seed)
     seen = seen_masks(requests)
-    tables = {
-        layer: leave_one_source_out(features[layer], requests, fit_arr, cal_arr, seed, seen)
-        for layer in tqdm(layers, desc="gate layers (leave one source out)", disable=not progress)
-    }
+    with one_thread_fits():
+        tables = {
+            layer: leave_one_source_out(features[layer], requests, fit_arr, cal_arr, seed, seen)
+            for layer in tqdm(layers, desc="gate layers (leave one source out)", disable=not progress)
+        }
     best = max(layers, key=lambda layer: (round(out_of_source_score(tables[layer]), 6), layer))
     x = features[best]
     labels, groups = np.array([r.harmful for r in requests]), np.array([r.source for r in requests])
-    weight, bias = fit_linear(x[fit_arr], labels[fit_arr], groups[fit_arr], seed)
+    with one_thread_fits():
+        weight, bias = fit_linear(x[fit_arr], labels[fit_arr], groups[fit_arr], seed)
     scores = x @ weight + bias
     benign_cal, harmful_cal = scores[cal_arr[~labels[cal_arr]]], scores[cal_arr[labels[cal_arr]]]
     threshold = threshold_at(benign_cal, TARGET_FPR)
@@ -408,18 +450,23 @@ def refit(
     served: str = "served model",
     framing: Framing | None = None,
     seed: int = 0,
+    precision: str = "auto",
 ) -> Gate:
     """The gate refit on the served weights: at the gate's layer, its weights fit again (as the base's were, each
     source weighted alike) on the gate's ``requests`` (``gate_requests``, as extract builds them) run through
     ``model`` as served (``as_served``, sent as ``framing`` sends them), threshold at ``fpr`` of their benign
     calibration split. A fine-tune can move edgy benign requests up with harmful ones along the base's gate
     direction while the two stay linearly apart: a threshold alone cannot follow that, a refit probe can. The
-    layer, the data and the split stay the base's."""
+    layer, the data and the split stay the base's; features in ``precision`` (``feature_precision``)."""
+    from safetylock.probe import one_thread_fits
+
     fit, calibration = split(requests, seed=seed)
     chats = [as_served(r) for r in requests]
-    x = prompt_features(model, tokenizer, chats, [gate.layer], framing=framing)[gate.layer]
+    precision = feature_precision(precision)
+    x = prompt_features(model, tokenizer, chats, [gate.layer], framing=framing, precision=precision)[gate.layer]
     labels, groups = np.array([r.harmful for r in requests]), np.array([r.source for r in requests])
-    weight, bias = fit_linear(x[fit], labels[fit], groups[fit], seed)
+    with one_thread_fits():
+        weight, bias = fit_linear(x[fit], labels[fit], groups[fit], seed)
     scores = x @ weight + bias
     benign_cal, harmful_cal = scores[calibration[~labels[calibration]]], scores[calibration[labels[calibration]]]
     threshold = threshold_at(benign_cal, fpr)
@@ -430,6 +477,7 @@ def refit(
         fpr,
         framing,
         refit_on=served,
+        precision=precision,
         auroc=round(auroc(harmful_cal, benign_cal), 4),
         fpr=_rate(benign_cal, threshold),
         tpr=_rate(harmful_cal, threshold),

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib.metadata
+import time
 from dataclasses import dataclass
 
 from safetylock import data
 from safetylock.alpha import DEFAULT_ALPHA
 from safetylock.capture import capture
-from safetylock.gate import candidate_layers, fit_gate
+from safetylock.gate import candidate_layers, feature_precision, fit_gate
 from safetylock.geometry import head_geometry, output_projections, projection_fingerprint
 from safetylock.lockfile import SafetyLock, from_probes
 from safetylock.overlap import fingerprints
@@ -31,6 +32,20 @@ class ExtractConfig:
     default_alpha: float = DEFAULT_ALPHA
     batch_size: int = 16
     gate: bool = True  # also fit the request gate (safetylock.gate) for gated serving, the product's default
+    gate_precision: str = "auto"  # of the gate's feature forward (safetylock.gate.feature_precision)
+
+
+class Stopwatch:
+    """Wall seconds between ``lap`` calls, written into ``into`` under each lap's name (nothing when ``None``)."""
+
+    def __init__(self, into: dict[str, float] | None) -> None:
+        self.into, self.last = into, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        if self.into is not None:
+            self.into[name] = round(now - self.last, 1)
+        self.last = now
 
 
 def extract_lock(
@@ -39,23 +54,32 @@ def extract_lock(
     harmful: data.PromptSet,
     config: ExtractConfig = ExtractConfig(),
     progress: bool = True,
+    stages: dict[str, float] | None = None,
 ) -> SafetyLock:
-    """Capture → probe → lock on the extraction split of ``harmful``."""
+    """Capture → probe → lock on the extraction split of ``harmful`` (and the gate); ``stages``, when given,
+    receives each stage's wall seconds."""
+    clock = Stopwatch(stages)
     geometry = head_geometry(model.config)
     check_top_k(geometry, config.top_k)  # before the minutes of capture, not after
+    feature_precision(config.gate_precision)  # likewise
     split = data.split_harmful(harmful, seed=config.seed)
     questions = data.sample(split.extraction, config.questions, config.seed)
     skip = recipe(config.recipe).skip
     examples = contrast_examples(config.recipe, model, tokenizer, questions, config.tokens, config.seed, progress)
+    clock.lap("contrast examples")
     acts = capture(model, tokenizer, examples, tokens=config.tokens, batch_size=config.batch_size, progress=progress, skip=skip)
+    clock.lap("head capture")
     result = fit_probes(
         acts, top_k=config.top_k, validation_fraction=config.validation_fraction, seed=config.seed, progress=progress
     )
+    clock.lap("head probes")
     projections = output_projections(model, geometry)
     gate = None
     if config.gate:
         requests = gate_requests(harmful, seed=config.seed)
-        gate, _ = fit_gate(model, tokenizer, requests, candidate_layers(geometry.num_layers), config.seed, progress)
+        layers = candidate_layers(geometry.num_layers)
+        gate, _ = fit_gate(model, tokenizer, requests, layers, config.seed, progress, config.gate_precision)
+        clock.lap("gate")
     try:
         version = importlib.metadata.version("safetylock")
     except importlib.metadata.PackageNotFoundError:

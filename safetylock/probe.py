@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 
@@ -64,6 +65,14 @@ def safe_direction(train_x: np.ndarray, train_y: np.ndarray) -> tuple[np.ndarray
     return direction, float((train_x @ direction).std())
 
 
+def one_thread_fits() -> contextlib.AbstractContextManager:
+    """Single-threaded BLAS and OpenMP for the many small logistic fits (measured: ten times faster on 2 cores than
+    letting every fit spread over pools that torch's threads already hold)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1)
+
+
 def check_top_k(geometry: HeadGeometry, top_k: int) -> None:
     """ExtractError unless ``top_k`` heads can be chosen from this geometry."""
     heads = geometry.num_layers * geometry.num_heads
@@ -91,7 +100,7 @@ def score_heads(acts: HeadActivations, validation_fraction: float = 0.2, seed: i
     accuracy = np.zeros((geo.num_layers, geo.num_heads))
     loss = np.zeros((geo.num_layers, geo.num_heads))
     heads = [(layer, head) for layer in range(geo.num_layers) for head in range(geo.num_heads)]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), one_thread_fits():
         warnings.simplefilter("ignore", ConvergenceWarning)
         for layer, head in tqdm(heads, desc="probes", unit="head", disable=not progress):
             x_val = _head_samples(acts, split.validation, layer, head)

@@ -160,6 +160,19 @@ def test_calibrate_gate_refuses_a_lock_without_gate(extracted, tmp_path):
     assert result.exit_code == 1 and "has no gate" in result.output and not out.exists()
 
 
+def test_calibrate_gate_refits_by_default_on_the_lock_s_own_questions(extracted, llama_dir, tmp_path):
+    out = tmp_path / "served.lock.safetensors"
+    args = ["calibrate-gate", "--model", str(llama_dir), "--lock", str(extracted), "--out", str(out)]
+    result = CliRunner().invoke(main, args)  # the lock was extracted with its own questions, not AdvBench
+    assert result.exit_code == 1 and "pass them with --harmful" in result.output and not out.exists()
+    result = CliRunner().invoke(main, [*args, "--harmful", str(extracted.parent / "harmful.jsonl")])
+    assert result.exit_code == 0, result.output
+    base, served = load(extracted).gate, load(out).gate
+    assert served.calibration["refit_on"] == f"served model {llama_dir}" and served.layer == base.layer
+    assert not torch.equal(served.weight, base.weight)  # fit again on the model as served (no system prompt)
+    assert served.calibration["precision"] in ("float32", "bfloat16")
+
+
 def test_eval_refuses_a_suite_that_shares_prompts_with_the_lock_before_starting_an_engine(extracted, llama_dir, tmp_path):
     from safetylock.sources import redteam
 

@@ -273,3 +273,23 @@ def test_a_prompt_continues_an_assistant_turn_when_its_generation_prompt_is_not_
     assert not continues_assistant_turn(chat_ids(tokenizer, [{"role": "user", "content": "hi"}]) + [5], [])
     assert continues_assistant_turn(two_turns[: -len(header)], header)  # ends after an answer, no new turn
     assert not continues_assistant_turn(tokenizer("plain text, no chat").input_ids, header)  # no chat at all
+
+
+def test_length_batches_keep_order_and_the_token_budget():
+    from safetylock.gate import length_batches
+
+    lengths = [5, 40, 10, 10, 300, 20]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches = length_batches(order, lengths, 64)
+    assert [i for batch in batches for i in batch] == order  # every chat once, in length order
+    assert all(len(b) * max(lengths[i] for i in b) <= 64 for b in batches if len(b) > 1)
+    assert [4] in batches  # longer than the budget: a batch of its own
+
+
+def test_feature_precision_resolves_auto_and_refuses_others():
+    from safetylock.errors import ExtractError
+    from safetylock.gate import feature_precision
+
+    assert feature_precision("auto") in ("float32", "bfloat16") and feature_precision("float32") == "float32"
+    with pytest.raises(ExtractError, match="gate precision must be one of auto, float32, bfloat16"):
+        feature_precision("fp8")

@@ -18,6 +18,7 @@ from safetylock.cli.common import (
     model_option,
     user_errors,
 )
+from safetylock.gate import PRECISIONS
 
 
 @main.group("models")
@@ -85,6 +86,14 @@ def models_fetch(name: str) -> None:
     show_default=True,
     help="Fit the request gate for gated serving (harmful vs benign requests from several sources; minutes more).",
 )
+@click.option(
+    "--gate-precision",
+    type=click.Choice(PRECISIONS),
+    default="auto",
+    show_default=True,
+    help="Precision of the gate's feature forward: auto is bfloat16 where the CPU has native bfloat16 (AMX, "
+    "AVX-512 BF16), float32 elsewhere.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @user_errors
@@ -98,6 +107,7 @@ def extract(
     harmful: Path | None,
     alpha: float,
     gate: bool,
+    gate_precision: str,
     seed: int,
     batch_size: int,
 ) -> None:
@@ -119,6 +129,7 @@ def extract(
         default_alpha=alpha,
         batch_size=batch_size,
         gate=gate,
+        gate_precision=gate_precision,
     )
     lock = extract_lock(model, tokenizer, prompts, config)
     out = lock.save(out or models.default_lock_path(model_name))
@@ -178,10 +189,18 @@ def inspect(lock_path: Path | None, model_name: str, plot: Path | None) -> None:
 @click.option("--system-prompt", default=None, help="The system prompt the model is served with, if any.")
 @click.option("--prompt-prefix", default="", help="Text the served requests put before each instruction, if any.")
 @click.option(
-    "--refit",
-    is_flag=True,
-    help="Also refit the gate's weights at its layer on MODEL (every gate request, labels from their sources; "
-    "minutes more): for a fine-tune that moved benign requests along the base's gate direction.",
+    "--harmful",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The harmful questions the lock was extracted with, when not AdvBench (checked against the lock's hash).",
+)
+@click.option(
+    "--refit/--threshold-only",
+    default=True,
+    show_default=True,
+    help="Refit the gate's weights at its layer on MODEL (every gate request as served, labels from their sources) "
+    "and set the threshold on them; --threshold-only keeps the base's weights (faster; misses fine-tunes that move "
+    "benign requests along the base's gate direction).",
 )
 @user_errors
 def calibrate_gate(
@@ -191,11 +210,12 @@ def calibrate_gate(
     fpr: float,
     system_prompt: str | None,
     prompt_prefix: str,
+    harmful: Path | None,
     refit: bool,
 ) -> None:
     """Re-set a gated lock's threshold on MODEL's own weights: the gate's benign calibration prompts run through
     the served fine-tune (with its system prompt and prefix, when given), threshold at --fpr of them firing (a
-    fine-tune, and a system prompt, move the gate's scores); with --refit, the gate's weights too."""
+    fine-tune, and a system prompt, move the gate's scores); by default the gate's weights are fit again too."""
     import dataclasses
 
     from safetylock import data
@@ -207,14 +227,21 @@ def calibrate_gate(
     lock = load(lock_path)
     if lock.gate is None:
         raise click.ClickException(f"{lock_path} has no gate: extract it without --no-gate")
+    prompts = data.load_prompt_file(harmful) if harmful else data.advbench()
+    extracted_with = lock.provenance.get("harmful", {})
+    if extracted_with.get("sha256", prompts.sha256) != prompts.sha256:
+        raise click.ClickException(
+            f"{lock_path} was extracted with harmful questions {extracted_with.get('name')!r} "
+            f"(sha256 {str(extracted_with.get('sha256'))[:12]}), not {prompts.name!r}: pass them with --harmful"
+        )
     model, tokenizer = load_model(models.resolve(model_name))
     framing = Framing(system_prompt, prompt_prefix)
     served = f"served model {model_name}"
     if refit:
-        requests = gate_requests(data.advbench())
+        requests = gate_requests(prompts, seed=lock.provenance.get("seed", 0))
         gate = gates.refit(model, tokenizer, lock.gate, requests, fpr, served=served, framing=framing)
     else:
-        benign = gates.benign_calibration(data.advbench())
+        benign = gates.benign_calibration(prompts, seed=lock.provenance.get("seed", 0))
         gate = gates.recalibrate(model, tokenizer, lock.gate, benign, fpr, served=served, framing=framing)
     written = dataclasses.replace(lock, gate=gate).save(out)
     what = "refit, threshold" if refit else "threshold"
