@@ -28,14 +28,17 @@ from safetylock.gate import (
     auroc,
     candidate_layers,
     fit_linear,
+    gate_without,
     leave_one_source_out,
     out_of_source_score,
     prompt_features,
     seen_masks,
+    threshold_at,
 )
 from safetylock.geometry import head_geometry
 from safetylock.hf import load_model
-from safetylock.sources import gate_requests, split
+from safetylock.probe import one_thread_fits
+from safetylock.sources import gate_requests, redteam, split
 
 
 def request_key(request) -> str:
@@ -84,23 +87,26 @@ def main(model_name: str, seed: int, out: str) -> None:
     seen = seen_masks(requests)  # which requests each hold-out leaves out: the same at every layer
     labels, groups = np.array([r.harmful for r in requests]), np.array([r.source for r in requests])
     rows = []
-    for layer in layers:
-        table = leave_one_source_out(features[layer], requests, f, c, seed, seen)
-        weight, bias = fit_linear(features[layer][f], labels[f], groups[f], seed)
-        scores = features[layer][c] @ weight + bias
-        in_dist = auroc(scores[labels[c]], scores[~labels[c]])
-        rows.append(
-            {
-                "layer": layer,
-                "out_of_source_score": round(out_of_source_score(table), 4),
-                "in_distribution_auroc": round(in_dist, 4),
-                "heldout": [row.to_dict() for row in table],
-            }
-        )
-        print(json.dumps({k: rows[-1][k] for k in ("layer", "out_of_source_score", "in_distribution_auroc")}), flush=True)
-        for row in table:
-            print("   ", json.dumps(row.to_dict()), flush=True)
-    best = max(rows, key=lambda r: (r["out_of_source_score"], r["layer"]))
+    with one_thread_fits():  # every logistic fit below on one thread
+        for layer in layers:
+            table = leave_one_source_out(features[layer], requests, f, c, seed, seen)
+            weight, bias = fit_linear(features[layer][f], labels[f], groups[f], seed)
+            scores = features[layer][c] @ weight + bias
+            in_dist = auroc(scores[labels[c]], scores[~labels[c]])
+            rows.append(
+                {
+                    "layer": layer,
+                    "out_of_source_score": round(out_of_source_score(table), 4),
+                    "in_distribution_auroc": round(in_dist, 4),
+                    "heldout": [row.to_dict() for row in table],
+                }
+            )
+            print(json.dumps({k: rows[-1][k] for k in ("layer", "out_of_source_score", "in_distribution_auroc")}), flush=True)
+            for row in table:
+                print("   ", json.dumps(row.to_dict()), flush=True)
+        best = max(rows, key=lambda r: (r["out_of_source_score"], r["layer"]))
+        redteam_rows = redteam_breakdown(features[best["layer"]], requests, f, c, seed, seen)
+    print(json.dumps(redteam_rows, indent=1))
     counts: dict[str, list[int]] = {}
     for r in requests:
         counts.setdefault(r.source, [0, 0])[0 if r.harmful else 1] += 1
@@ -112,11 +118,40 @@ def main(model_name: str, seed: int, out: str) -> None:
             "calibration requests; held-out source scored whole",
             "requests": {s: {"harmful": h, "benign": b} for s, (h, b) in sorted(counts.items())},
             "chosen_layer": best["layer"],
+            "redteam_held_out": redteam_rows,
             "seconds": round(time.perf_counter() - started, 1),
             "layers": rows,
         },
     )
     plot(rows, RESULTS / f"{out}.png")
+
+
+LABELS = Path(__file__).with_name("redteam_labels.json")
+
+
+def redteam_breakdown(features: np.ndarray, requests, fit, calibration, seed: int, seen) -> dict:
+    """The red-team source held out (as in the table), its TPR at 5% FPR per harm category and per hand label
+    (``redteam_labels.json``: does a safe assistant decline the request itself?)."""
+    weight, bias, negatives = gate_without(features, requests, fit, calibration, "redteam", seed, seen)
+    threshold = threshold_at(negatives, 0.05)
+    source = redteam()
+    category = {p: c[0] for p, c in zip(source.prompts, source.categories)}
+    hashes = {hashlib.sha256(p.encode()).hexdigest()[:16]: p for p in source.prompts}
+    labelled = json.loads(LABELS.read_text())
+    if labelled["source_sha256"] != source.sha256:
+        raise SystemExit(f"{LABELS.name} labels another version of the red-team source")
+    label = {hashes[row["sha256"]]: row["label"] for row in labelled["rows"]}
+    fired: dict[str, dict[str, list[bool]]] = {"category": {}, "hand label": {}}
+    for i, r in enumerate(requests):
+        if r.source == "redteam":
+            hit = bool(features[i] @ weight + bias > threshold)
+            fired["category"].setdefault(category[r.text], []).append(hit)
+            if r.text in label:
+                fired["hand label"].setdefault(label[r.text], []).append(hit)
+    return {
+        kind: {k: {"n": len(v), "tpr_at_5%": round(float(np.mean(v)), 3)} for k, v in sorted(groups.items())}
+        for kind, groups in fired.items()
+    }
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -280,6 +280,32 @@ def seen_masks(requests: Sequence[Request]) -> dict[str, np.ndarray]:
     }
 
 
+def gate_without(
+    features: np.ndarray,
+    requests: Sequence[Request],
+    fit: Sequence[int],
+    calibration: Sequence[int],
+    held: str,
+    seed: int,
+    seen: dict[str, np.ndarray],
+) -> tuple[np.ndarray, float, np.ndarray]:
+    """A gate fit without source ``held`` (nor any request holding one of its texts): (weight, bias, the scores of
+    the other sources' benign calibration requests, where its thresholds are set)."""
+    labels = np.array([r.harmful for r in requests])
+    sources = np.array([r.source for r in requests])
+    fit, calibration = np.asarray(fit), np.asarray(calibration)
+    unseen = ~seen[held]
+    train = fit[unseen[fit]]
+    if len(set(labels[train].tolist())) < 2:
+        raise ExtractError(
+            f"without source {held!r} and the requests that contain its texts, no harmful and benign requests "
+            "are left to fit a gate on: give each source its own requests"
+        )
+    weight, bias = fit_linear(features[train], labels[train], sources[train], seed)
+    others = calibration[unseen[calibration] & ~labels[calibration]]
+    return weight, bias, features[others] @ weight + bias
+
+
 def leave_one_source_out(
     features: np.ndarray,
     requests: Sequence[Request],
@@ -295,20 +321,10 @@ def leave_one_source_out(
     when calling once per layer: they do not depend on the features)."""
     labels = np.array([r.harmful for r in requests])
     sources = np.array([r.source for r in requests])
-    fit, calibration = np.asarray(fit), np.asarray(calibration)
     seen = seen_masks(requests) if seen is None else seen
     out = []
     for held in sorted(set(sources.tolist())):
-        unseen = ~seen[held]
-        train = fit[unseen[fit]]
-        if len(set(labels[train].tolist())) < 2:
-            raise ExtractError(
-                f"without source {held!r} and the requests that contain its texts, no harmful and benign requests "
-                "are left to fit a gate on: give each source its own requests"
-            )
-        weight, bias = fit_linear(features[train], labels[train], sources[train], seed)
-        others = calibration[unseen[calibration] & ~labels[calibration]]
-        negatives = features[others] @ weight + bias
+        weight, bias, negatives = gate_without(features, requests, fit, calibration, held, seed, seen)
         thresholds = {f"{round(100 * f)}%": threshold_at(negatives, f) for f in REPORT_FPRS}
         scores = features[sources == held] @ weight + bias
         positive, negative = scores[labels[sources == held]], scores[~labels[sources == held]]
