@@ -27,10 +27,10 @@ from safetylock.respond import DEFAULT_RESPONSE
 from safetylock.serve.config import lock_section
 from safetylock.serve.offline import VllmGenerator
 from safetylock.serve.server import chat
-from safetylock.sources import airt
+from safetylock.sources import airt, harmbench
 
 KINDS = ("harmful", "benign", "utility")
-BUILTIN_SUITES = ("advbench-heldout", "advbench-extraction", "airt", "benign", "arithmetic")
+BUILTIN_SUITES = ("advbench-heldout", "advbench-extraction", "airt", "harmbench", "benign", "arithmetic")
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,8 @@ def load_suite(spec: str, count: int | None, seed: int) -> Suite:
         part = split.heldout if spec == "advbench-heldout" else split.extraction
         provenance = {**bench.provenance(), "split_seed": 0}
         return Suite(spec, "harmful", data.sample(part, count, seed), provenance=provenance, sources=(bench.name,))
-    if spec == "airt":  # a harmful source that no lock or gate here is fit on (cross-source)
-        objectives = airt()
+    if spec in ("airt", "harmbench"):  # harmful sources that no lock or gate here is fit on (cross-source)
+        objectives = airt() if spec == "airt" else harmbench()
         chosen = data.sample(objectives.prompts, count, seed)
         return Suite(spec, "harmful", chosen, provenance=objectives.provenance(), sources=(objectives.name,))
     if spec == "benign":

