@@ -213,9 +213,10 @@ def calibrate_gate(
     harmful: Path | None,
     refit: bool,
 ) -> None:
-    """Re-set a gated lock's threshold on MODEL's own weights: the gate's benign calibration prompts run through
-    the served fine-tune (with its system prompt and prefix, when given), threshold at --fpr of them firing (a
-    fine-tune, and a system prompt, move the gate's scores); by default the gate's weights are fit again too."""
+    """Calibrate a gated lock's gate on MODEL as it is served (with its system prompt and prefix, when given): by
+    default its weights fit again at its layer on the gate's requests run through MODEL, threshold at --fpr of
+    their benign calibration split firing; with --threshold-only the base's weights stay and only the threshold
+    is set (a fine-tune, and a system prompt, move the gate's scores)."""
     import dataclasses
 
     from safetylock import data
