@@ -37,8 +37,8 @@ from safetylock.gate import (
 )
 from safetylock.geometry import head_geometry
 from safetylock.hf import load_model
-from safetylock.probe import one_thread_fits
 from safetylock.sources import gate_requests, redteam, split
+from safetylock.threads import one_thread_fits
 
 
 def request_key(request) -> str:

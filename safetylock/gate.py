@@ -30,6 +30,7 @@ from tqdm import tqdm
 from safetylock.errors import ExtractError, LockError
 from safetylock.overlap import containing, fingerprints
 from safetylock.sources import Request, gate_requests, source_hashes, split
+from safetylock.threads import one_thread_fits
 
 if TYPE_CHECKING:
     from safetylock.data import PromptSet
@@ -374,8 +375,6 @@ def gate_from_features(
     features: dict[int, np.ndarray], requests: Sequence[Request], seed: int = 0, progress: bool = False
 ) -> tuple[Gate, dict[int, list[Heldout]]]:
     """``fit_gate`` on features already computed (``{layer: [requests, hidden]}``, rows in request order)."""
-    from safetylock.probe import one_thread_fits
-
     layers = sorted(features)
     fit_arr, cal_arr = split(requests, seed=seed)
     seen = seen_masks(requests)
@@ -474,8 +473,6 @@ def refit(
     calibration split. A fine-tune can move edgy benign requests up with harmful ones along the base's gate
     direction while the two stay linearly apart: a threshold alone cannot follow that, a refit probe can. The
     layer, the data and the split stay the base's; features in ``precision`` (``feature_precision``)."""
-    from safetylock.probe import one_thread_fits
-
     fit, calibration = split(requests, seed=seed)
     chats = [as_served(r) for r in requests]
     precision = feature_precision(precision)

@@ -31,7 +31,6 @@ import yaml
 
 from safetylock import data
 from safetylock.errors import DataError
-from safetylock.overlap import fingerprint
 
 REDTEAM = data.PackagedData(data.PYRIT, "pyrit/datasets/scorer_evals/objective/")
 AIRT = data.PackagedData(data.PYRIT, "pyrit/datasets/seed_datasets/local/airt/")
@@ -112,8 +111,8 @@ def harmbench() -> data.PromptSet:
     gate or lock of this project is fit on it: a second unseen harmful source for the gate and the suites — less
     the behaviours that the red-team source or AdvBench also hold (11 of 200 are red-team objectives)."""
     found = data.load_prompt_file(data.packaged_file(HARMBENCH))
-    known = {fingerprint(p) for p in (*redteam().prompts, *data.advbench().prompts)}
-    keep = tuple(p for p in found.prompts if fingerprint(p) not in known)
+    known = {" ".join(p.lower().split()) for p in (*redteam().prompts, *data.advbench().prompts)}
+    keep = tuple(p for p in found.prompts if " ".join(p.lower().split()) not in known)
     if not keep:
         raise DataError(f"no behaviours in {HARMBENCH.requirement} that the red-team source and AdvBench do not hold")
     return dataclasses.replace(found, name="harmbench", prompts=keep, source=f"{HARMBENCH.requirement}:{HARMBENCH.member}")
