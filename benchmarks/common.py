@@ -33,8 +33,12 @@ def calibrated_lock(lock: Path, name: str, model: str, framing, refit: bool = Fa
     """``lock`` with its gate calibrated (``safetylock calibrate-gate``) on variant ``name`` as it is served
     (``framing``: an ``hf.Framing``): the threshold re-set (``--threshold-only``, what the tables measured before
     the refit existed), or with ``refit`` the gate's weights fit again too; cached beside it as
-    ``….NAME.lock.safetensors`` / ``….NAME.refit.lock.safetensors``."""
-    path = lock.with_name(lock.name.replace(".lock.", f".{name}{'.refit' if refit else ''}.lock."))
+    ``….NAME[.refit].FINGERPRINT.lock.safetensors`` (FINGERPRINT: ``lock``'s, so a re-extracted lock is calibrated
+    afresh)."""
+    from safetylock.lockfile import load
+
+    tag = f"{name}{'.refit' if refit else ''}.{load(lock).fingerprint[:8]}"
+    path = lock.with_name(lock.name.replace(".lock.", f".{tag}.lock."))
     if not path.exists():
         served_as = ["--system-prompt", framing.system_prompt] if framing.system_prompt else []
         served_as += ["--prompt-prefix", framing.prompt_prefix] if framing.prompt_prefix else []

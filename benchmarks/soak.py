@@ -95,8 +95,24 @@ def plot(result: SoakResult, path: Path) -> None:
 @click.option("--recheck", "rechecks", type=int, default=24, show_default=True, help="Requests replayed in HF.")
 @click.option("--response", type=click.Choice(["refuse", "steer"]), default=None, help="Default: the server's.")
 @click.option("--enforce-eager/--compiled", default=False, show_default=True)
+@click.option(
+    "--vllm-arg", "vllm_args", multiple=True, help="Extra server argument, e.g. --vllm-arg=--max-num-batched-tokens=256."
+)
 @click.option("--out", default="soak", show_default=True)
-def main(duration, concurrency, ramp, swap_every, variant, max_model_len, max_tokens, rechecks, response, enforce_eager, out):
+def main(
+    duration,
+    concurrency,
+    ramp,
+    swap_every,
+    variant,
+    max_model_len,
+    max_tokens,
+    rechecks,
+    response,
+    enforce_eager,
+    vllm_args,
+    out,
+):
     model, framing = served(variant)
     if framing.record():
         raise click.BadParameter(
@@ -106,7 +122,7 @@ def main(duration, concurrency, ramp, swap_every, variant, max_model_len, max_to
     swapped = calibrated_lock(lock, variant, model, framing)
     settings = {**engine_settings(Path(model)), **({"enforce_eager": True} if enforce_eager else {})}
     settings.pop("max_model_len")
-    engine = tuple(arg for key, value in settings.items() for arg in server_flag(key, value))
+    engine = (*(arg for key, value in settings.items() for arg in server_flag(key, value)), *vllm_args)
     target = SoakTarget(Path(model), (lock, swapped), (4.0, 6.0), 8.0, max_model_len, engine, response)
     plan = SoakPlan(duration, concurrency, min(ramp, duration), swap_every, max_tokens=max_tokens, recheck=rechecks)
     refusal = DEFAULT_REFUSAL if response in (None, "refuse") else None
