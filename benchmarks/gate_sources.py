@@ -38,7 +38,6 @@ from safetylock.gate import (
 from safetylock.geometry import head_geometry
 from safetylock.hf import load_model
 from safetylock.sources import gate_requests, redteam, split
-from safetylock.threads import one_thread_fits
 
 
 def request_key(request) -> str:
@@ -87,25 +86,24 @@ def main(model_name: str, seed: int, out: str) -> None:
     seen = seen_masks(requests)  # which requests each hold-out leaves out: the same at every layer
     labels, groups = np.array([r.harmful for r in requests]), np.array([r.source for r in requests])
     rows = []
-    with one_thread_fits():  # every logistic fit below on one thread
-        for layer in layers:
-            table = leave_one_source_out(features[layer], requests, f, c, seed, seen)
-            weight, bias = fit_linear(features[layer][f], labels[f], groups[f], seed)
-            scores = features[layer][c] @ weight + bias
-            in_dist = auroc(scores[labels[c]], scores[~labels[c]])
-            rows.append(
-                {
-                    "layer": layer,
-                    "out_of_source_score": round(out_of_source_score(table), 4),
-                    "in_distribution_auroc": round(in_dist, 4),
-                    "heldout": [row.to_dict() for row in table],
-                }
-            )
-            print(json.dumps({k: rows[-1][k] for k in ("layer", "out_of_source_score", "in_distribution_auroc")}), flush=True)
-            for row in table:
-                print("   ", json.dumps(row.to_dict()), flush=True)
-        best = max(rows, key=lambda r: (r["out_of_source_score"], r["layer"]))
-        redteam_rows = redteam_breakdown(features[best["layer"]], requests, f, c, seed, seen)
+    for layer in layers:
+        table = leave_one_source_out(features[layer], requests, f, c, seed, seen)
+        weight, bias = fit_linear(features[layer][f], labels[f], groups[f], seed)
+        scores = features[layer][c] @ weight + bias
+        in_dist = auroc(scores[labels[c]], scores[~labels[c]])
+        rows.append(
+            {
+                "layer": layer,
+                "out_of_source_score": round(out_of_source_score(table), 4),
+                "in_distribution_auroc": round(in_dist, 4),
+                "heldout": [row.to_dict() for row in table],
+            }
+        )
+        print(json.dumps({k: rows[-1][k] for k in ("layer", "out_of_source_score", "in_distribution_auroc")}), flush=True)
+        for row in table:
+            print("   ", json.dumps(row.to_dict()), flush=True)
+    best = max(rows, key=lambda r: (r["out_of_source_score"], r["layer"]))
+    redteam_rows = redteam_breakdown(features[best["layer"]], requests, f, c, seed, seen)
     print(json.dumps(redteam_rows, indent=1))
     unseen = unseen_benchmark(model_dir, features, requests, best["layer"], f, c, seed)
     print(json.dumps(unseen))
@@ -167,8 +165,7 @@ def unseen_benchmark(model_dir: Path, features: dict, requests, layer: int, fit,
     asked = with_system_prompts([single(p, True, "harmbench") for p in bench.prompts], seed)
     x = features_cached(model_dir, asked, [layer])[layer]
     labels, groups = np.array([r.harmful for r in requests]), np.array([r.source for r in requests])
-    with one_thread_fits():
-        weight, bias = fit_linear(features[layer][fit], labels[fit], groups[fit], seed)
+    weight, bias = fit_linear(features[layer][fit], labels[fit], groups[fit], seed)
     benign = features[layer][calibration[~labels[calibration]]] @ weight + bias
     scores = x @ weight + bias
     return {

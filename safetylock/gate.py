@@ -232,7 +232,8 @@ def fit_linear(x: np.ndarray, labels: np.ndarray, groups: np.ndarray, seed: int)
     x = x.astype(np.float64)
     mean, scale = x.mean(0), x.std(0) + 1e-6
     clf = LogisticRegression(C=0.05, max_iter=5000, random_state=seed)
-    clf.fit((x - mean) / scale, labels, sample_weight=balanced_weights(labels, groups))
+    with one_thread_fits():
+        clf.fit((x - mean) / scale, labels, sample_weight=balanced_weights(labels, groups))
     weight = clf.coef_[0] / scale
     return weight, float(clf.intercept_[0] - weight @ mean)
 
@@ -378,16 +379,14 @@ def gate_from_features(
     layers = sorted(features)
     fit_arr, cal_arr = split(requests, seed=seed)
     seen = seen_masks(requests)
-    with one_thread_fits():
-        tables = {
-            layer: leave_one_source_out(features[layer], requests, fit_arr, cal_arr, seed, seen)
-            for layer in tqdm(layers, desc="gate layers (leave one source out)", disable=not progress)
-        }
+    tables = {
+        layer: leave_one_source_out(features[layer], requests, fit_arr, cal_arr, seed, seen)
+        for layer in tqdm(layers, desc="gate layers (leave one source out)", disable=not progress)
+    }
     best = max(layers, key=lambda layer: (round(out_of_source_score(tables[layer]), 6), layer))
     x = features[best]
     labels, groups = np.array([r.harmful for r in requests]), np.array([r.source for r in requests])
-    with one_thread_fits():
-        weight, bias = fit_linear(x[fit_arr], labels[fit_arr], groups[fit_arr], seed)
+    weight, bias = fit_linear(x[fit_arr], labels[fit_arr], groups[fit_arr], seed)
     scores = x @ weight + bias
     benign_cal, harmful_cal = scores[cal_arr[~labels[cal_arr]]], scores[cal_arr[labels[cal_arr]]]
     threshold = threshold_at(benign_cal, TARGET_FPR)
@@ -478,8 +477,7 @@ def refit(
     precision = feature_precision(precision)
     x = prompt_features(model, tokenizer, chats, [gate.layer], framing=framing, precision=precision)[gate.layer]
     labels, groups = np.array([r.harmful for r in requests]), np.array([r.source for r in requests])
-    with one_thread_fits():
-        weight, bias = fit_linear(x[fit], labels[fit], groups[fit], seed)
+    weight, bias = fit_linear(x[fit], labels[fit], groups[fit], seed)
     scores = x @ weight + bias
     benign_cal, harmful_cal = scores[calibration[~labels[calibration]]], scores[calibration[labels[calibration]]]
     threshold = threshold_at(benign_cal, fpr)
