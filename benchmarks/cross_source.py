@@ -8,7 +8,7 @@ plus per variant the always-on product lock at ``--alpha``, and NLSR in its own 
 at the paper's default from ``aligned-mixed``, as ``benchmarks.nlsr`` builds it) alone and with the gated lock,
 and realigned on safety data drawn from every source of the gate's harmful requests (``--safety-data mixed``).
 
-Run: python -m benchmarks.cross_source [--variants harmful-10,harmful-10-full] [--nlsr/--no-nlsr]
+Run: python -m benchmarks.cross_source [--variants harmful-10,harmful-10-full] [--nlsr/--no-nlsr] [--suites A,B]
 Writes benchmarks/results/cross_source.{json,png} (summaries, one table per method; answers stay in the cache).
 """
 
@@ -40,12 +40,21 @@ NLSR_DEFAULT = (0.5, 0.8)  # PRUNE_RATE, SPARSITY: the paper's default (benchmar
     help="Calibrate each variant's gate as `calibrate-gate` does by default (weights refit on the variant) instead "
     "of re-setting its threshold alone (what the first tables measured).",
 )
+@click.option(
+    "--suites",
+    default=",".join(SUITES),
+    show_default=True,
+    help="Comma list of eval suites (e.g. past-tense,donotanswer,advice: more sources no lock here is fit on).",
+)
 @click.option("--out", default="cross_source", show_default=True)
-def main(variants: str, alpha: float, count: int, max_tokens: int, nlsr: bool, always_on: bool, refit: bool, out: str) -> None:
+def main(
+    variants: str, alpha: float, count: int, max_tokens: int, nlsr: bool, always_on: bool, refit: bool, suites: str, out: str
+) -> None:
     from benchmarks.nlsr import realigned
 
     lock = product_lock()
-    sizes = {"count": count, "max_tokens": max_tokens, "enforce_eager": True, "suites": SUITES}
+    chosen = tuple(s for s in suites.split(",") if s)
+    sizes = {"count": count, "max_tokens": max_tokens, "enforce_eager": True, "suites": chosen}
     tables: dict[str, list[dict]] = {"always-on lock": [], "gated lock (refuse)": [], "NLSR": []}
     base = cached_run(BASE, "aligned-base", framing=Framing(), **sizes)
     for name in ["aligned-base", *[v for v in variants.split(",") if v]]:
@@ -86,8 +95,9 @@ def main(variants: str, alpha: float, count: int, max_tokens: int, nlsr: bool, a
         out,
         {
             "protocol": "vLLM + plugin, greedy, enforce-eager; lock: heads + gate fit on every source (the product "
-            f"lock), gate {'refit' if refit else 'threshold re-set'} on each variant as served; airt is a source no "
-            "lock, gate or NLSR run here is fit on",
+            f"lock), gate {'refit' if refit else 'threshold re-set'} on each variant as served; every suite but "
+            "advbench-heldout is from a source no lock, gate or NLSR run here is fit on (checked in each run)",
+            "suites": list(chosen),
             "gate_calibration": "refit" if refit else "threshold",
             "alpha_always_on": alpha,
             "count": count,

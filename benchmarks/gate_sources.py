@@ -37,7 +37,7 @@ from safetylock.gate import (
 )
 from safetylock.geometry import head_geometry
 from safetylock.hf import load_model
-from safetylock.sources import gate_requests, redteam, split
+from safetylock.sources import Sizes, gate_requests, redteam, split
 
 
 def request_key(request) -> str:
@@ -73,11 +73,26 @@ def features_cached(model_dir: Path, requests, layers: list[int]) -> dict[int, n
 @click.command()
 @click.option("--model", "model_name", default=models.DEFAULT_MODEL, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--donotanswer",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Add this many Do-Not-Answer harmful questions (and its advice questions as benign) to the gate's data as "
+    "one more source; 0: the product's data, Do-Not-Answer scored as an unseen source.",
+)
+@click.option(
+    "--rephrase",
+    type=click.IntRange(min=0),
+    default=Sizes.rephrase_per_family,
+    show_default=True,
+    help="AdvBench requests re-asked in each tense (and as many benign ones) in the gate's data; 0: none.",
+)
 @click.option("--out", default="gate_sources", show_default=True, help="Result name: benchmarks/results/OUT.{json,png}.")
-def main(model_name: str, seed: int, out: str) -> None:
+def main(model_name: str, seed: int, donotanswer: int, rephrase: int, out: str) -> None:
     started = time.perf_counter()
     model_dir = models.resolve(model_name)
-    requests = gate_requests(data.advbench(), seed=seed)
+    requests = gate_requests(data.advbench(), Sizes(donotanswer=donotanswer, rephrase_per_family=rephrase), seed=seed)
     from transformers import AutoConfig
 
     layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
@@ -105,8 +120,7 @@ def main(model_name: str, seed: int, out: str) -> None:
     best = max(rows, key=lambda r: (r["out_of_source_score"], r["layer"]))
     redteam_rows = redteam_breakdown(features[best["layer"]], requests, f, c, seed, seen)
     print(json.dumps(redteam_rows, indent=1))
-    unseen = unseen_benchmark(model_dir, features, requests, best["layer"], f, c, seed)
-    print(json.dumps(unseen))
+    unseen = unseen_sources(model_dir, features, requests, best["layer"], f, c, seed)
     counts: dict[str, list[int]] = {}
     for r in requests:
         counts.setdefault(r.source, [0, 0])[0 if r.harmful else 1] += 1
@@ -119,7 +133,7 @@ def main(model_name: str, seed: int, out: str) -> None:
             "requests": {s: {"harmful": h, "benign": b} for s, (h, b) in sorted(counts.items())},
             "chosen_layer": best["layer"],
             "redteam_held_out": redteam_rows,
-            "harmbench_unseen": unseen,
+            "unseen_sources": unseen,
             "seconds": round(time.perf_counter() - started, 1),
             "layers": rows,
         },
@@ -155,26 +169,33 @@ def redteam_breakdown(features: np.ndarray, requests, fit, calibration, seed: in
     }
 
 
-def unseen_benchmark(model_dir: Path, features: dict, requests, layer: int, fit, calibration, seed: int) -> dict:
-    """HarmBench's behaviours (no source of the gate's data) scored by the gate fit on every source at ``layer``,
-    threshold at 1% / 5% of the benign calibration requests; each behaviour sent as the gate's single requests
-    are (a seeded third under an operator system prompt)."""
-    from safetylock.sources import harmbench, single, with_system_prompts
+def unseen_sources(model_dir: Path, features: dict, requests, layer: int, fit, calibration, seed: int) -> dict:
+    """Packaged sources that no request of the gate's data comes from (``evaluate.UNSEEN_HARMFUL``, and the
+    advice questions as an edgy benign kind) scored by the gate fit on every source at ``layer``, threshold at 1% /
+    5% of the benign calibration requests; each prompt sent as the gate's single requests are (a seeded third
+    under an operator system prompt). A source that the gate's data do hold (``--donotanswer``) is skipped."""
+    from safetylock.evaluate import UNSEEN_HARMFUL
+    from safetylock.sources import advice, single, with_system_prompts
 
-    bench = harmbench()
-    asked = with_system_prompts([single(p, True, "harmbench") for p in bench.prompts], seed)
-    x = features_cached(model_dir, asked, [layer])[layer]
+    fitted = {r.source for r in requests}
+    held_by = {"advice": "donotanswer"}  # a set that a gate source holds under another name
     labels, groups = np.array([r.harmful for r in requests]), np.array([r.source for r in requests])
     weight, bias = fit_linear(features[layer][fit], labels[fit], groups[fit], seed)
     benign = features[layer][calibration[~labels[calibration]]] @ weight + bias
-    scores = x @ weight + bias
-    return {
-        "source": bench.provenance(),
-        "layer": layer,
-        "requests": len(asked),
-        "tpr": {f"{round(100 * r)}%": round(float((scores > threshold_at(benign, r)).mean()), 3) for r in (0.01, 0.05)},
-        "auroc": round(auroc(scores, benign), 4),
-    }
+    thresholds = {f"{round(100 * r)}%": threshold_at(benign, r) for r in (0.01, 0.05)}
+    out = {}
+    for name, load in (*UNSEEN_HARMFUL.items(), ("advice", advice)):
+        found = load()
+        if held_by.get(found.name, found.name) in fitted:
+            continue
+        harmful = name != "advice"
+        asked = with_system_prompts([single(p, harmful, found.name) for p in found.prompts], seed)
+        scores = features_cached(model_dir, asked, [layer])[layer] @ weight + bias
+        rates = {k: round(float((scores > t).mean()), 3) for k, t in thresholds.items()}
+        out[name] = {"source": found.provenance(), "layer": layer, "requests": len(asked)}
+        out[name] |= {"tpr": rates, "auroc": round(auroc(scores, benign), 4)} if harmful else {"fpr": rates}
+        print(name, json.dumps(out[name]), flush=True)
+    return out
 
 
 def plot(rows: list[dict], path: Path) -> None:

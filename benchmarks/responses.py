@@ -21,13 +21,14 @@ import click
 
 from benchmarks.common import RESULTS, calibrated_lock, write_result
 from benchmarks.gate_heldout import base_lock_path, forced_share, gated_copy
-from safetylock import models
+from safetylock import data, models
 from safetylock.attack import BASE, served
 from safetylock.evaluate import cached_run, without_items
 from safetylock.hf import Framing
 from safetylock.judge import refusal_fit
 from safetylock.lockfile import load
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
+from safetylock.sources import gate_requests, source_hashes
 
 SUITES = ("advbench-heldout", "airt", "benign", "arithmetic")
 
@@ -45,6 +46,12 @@ def product_lock(seed: int = 0) -> Path:
     """The packaged model's lock with heads and a gate fit on every source (the cache's default lock path)."""
     path = models.default_lock_path(BASE)
     if path.exists() and load(path).gate is not None:
+        fit_on = load(path).gate.calibration.get("data")
+        if fit_on != source_hashes(gate_requests(data.advbench(), seed=seed)):
+            raise SystemExit(
+                f"{path} has a gate fit on other requests than the gate's sources give now: re-extract it "
+                f"(safetylock extract --model {BASE} --out {path})"
+            )
         return path
     model_dir = models.resolve(BASE)
     return gated_copy(base_lock_path(model_dir), model_dir, path, seed=seed)

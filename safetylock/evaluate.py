@@ -27,10 +27,18 @@ from safetylock.respond import DEFAULT_RESPONSE
 from safetylock.serve.config import lock_section
 from safetylock.serve.offline import VllmGenerator
 from safetylock.serve.server import chat
-from safetylock.sources import airt, harmbench
+from safetylock.sources import advice, airt, donotanswer, harmbench, rephrased
 
 KINDS = ("harmful", "benign", "utility")
-BUILTIN_SUITES = ("advbench-heldout", "advbench-extraction", "airt", "harmbench", "benign", "arithmetic")
+# Harmful sources that no lock, gate or NLSR run here is fit on (cross-source): each suite name's loader.
+UNSEEN_HARMFUL = {
+    "airt": airt,
+    "harmbench": harmbench,
+    "donotanswer": donotanswer,
+    "past-tense": lambda: rephrased("past"),
+    "future-tense": lambda: rephrased("future"),
+}
+BUILTIN_SUITES = ("advbench-heldout", "advbench-extraction", *UNSEEN_HARMFUL, "benign", "advice", "arithmetic")
 
 
 @dataclass(frozen=True)
@@ -96,14 +104,14 @@ def load_suite(spec: str, count: int | None, seed: int) -> Suite:
         part = split.heldout if spec == "advbench-heldout" else split.extraction
         provenance = {**bench.provenance(), "split_seed": 0}
         return Suite(spec, "harmful", data.sample(part, count, seed), provenance=provenance, sources=(bench.name,))
-    if spec in ("airt", "harmbench"):  # harmful sources that no lock or gate here is fit on (cross-source)
-        objectives = airt() if spec == "airt" else harmbench()
+    if spec in UNSEEN_HARMFUL:
+        objectives = UNSEEN_HARMFUL[spec]()
         chosen = data.sample(objectives.prompts, count, seed)
         return Suite(spec, "harmful", chosen, provenance=objectives.provenance(), sources=(objectives.name,))
-    if spec == "benign":
-        benign = data.benign()
+    if spec in ("benign", "advice"):  # advice: edgy benign questions from a source the gate is not fit on
+        benign = data.benign() if spec == "benign" else advice()
         chosen = data.sample(benign.prompts, count, seed)
-        return Suite(spec, "benign", chosen, provenance=benign.provenance(), sources=("benign",))
+        return Suite(spec, "benign", chosen, provenance=benign.provenance(), sources=(benign.name,))
     if spec == "arithmetic":
         return arithmetic_suite(count or 40, seed)
     kind, sep, path = spec.partition("=")

