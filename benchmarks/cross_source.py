@@ -6,7 +6,8 @@ the other half) and on PyRIT's AI-red-team objectives (``airt``: a source none o
 Same sizes and suites as ``benchmarks.responses`` (its cached runs are reused: the unlocked and gated rows),
 plus per variant the always-on product lock at ``--alpha``, and NLSR in its own setting (``downstream`` realigned
 at the paper's default from ``aligned-mixed``, as ``benchmarks.nlsr`` builds it) alone and with the gated lock,
-and realigned on safety data drawn from every source of the gate's harmful requests (``--safety-data mixed``).
+realigned on safety data drawn from every source of the gate's harmful requests (``--safety-data mixed``), and at
+``benchmarks.nlsr``'s stronger setting.
 
 Run: python -m benchmarks.cross_source [--variants harmful-10,harmful-10-full] [--nlsr/--no-nlsr] [--suites A,B]
 Writes benchmarks/results/cross_source.{json,png} (summaries, one table per method; answers stay in the cache).
@@ -24,6 +25,7 @@ from safetylock.hf import Framing
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
 
 NLSR_DEFAULT = (0.5, 0.8)  # PRUNE_RATE, SPARSITY: the paper's default (benchmarks.nlsr's first setting)
+NLSR_STRONG = (0.9, 0.5)  # benchmarks.nlsr's second setting: more modules patched, denser masks
 
 
 @click.command()
@@ -71,19 +73,23 @@ def main(
         aligned = build("aligned-mixed")
         finetuned = str(build("downstream") / "merged")
         label = f"downstream+NLSR(p={NLSR_DEFAULT[0]:g},s={NLSR_DEFAULT[1]:g})"
-        gated = {"lock": calibrated_lock(lock, "downstream", finetuned, Framing()), "alpha": 4.0, "gated": True}
+        refitted = "(refit)" if refit else ""
+        gated = {"lock": calibrated_lock(lock, "downstream", finetuned, Framing(), refit), "alpha": 4.0, "gated": True}
         tables["NLSR"] = [
             base,
             cached_run(str(aligned / "merged"), "aligned-mixed", **sizes),
             cached_run(finetuned, "downstream", **sizes),
-            cached_run(finetuned, "downstream+gated-refuse", **gated, response="refuse", **sizes),
+            cached_run(finetuned, f"downstream+gated-refuse{refitted}", **gated, response="refuse", **sizes),
         ]
-        for safety_data in ("advbench", "mixed"):  # NLSR's safety data: AdvBench, or every source of the gate's
-            repaired, _ = realigned("downstream", aligned / "adapter", *NLSR_DEFAULT, seed=0, safety_data=safety_data)
-            name = label if safety_data == "advbench" else f"{label}+mixed-safety-data"
+        # NLSR's safety data: AdvBench, or every source of the gate's; and the stronger setting on AdvBench's
+        for setting, safety_data in ((NLSR_DEFAULT, "advbench"), (NLSR_DEFAULT, "mixed"), (NLSR_STRONG, "advbench")):
+            repaired, _ = realigned("downstream", aligned / "adapter", *setting, seed=0, safety_data=safety_data)
+            name = f"downstream+NLSR(p={setting[0]:g},s={setting[1]:g})"
+            name += "+mixed-safety-data" if safety_data == "mixed" else ""
             tables["NLSR"].append(cached_run(str(repaired), name, **sizes))
-            if safety_data == "advbench":
-                tables["NLSR"].append(cached_run(str(repaired), f"{name}+gated-refuse", **gated, response="refuse", **sizes))
+            if name == label:
+                gated_name = f"{name}+gated-refuse{refitted}"
+                tables["NLSR"].append(cached_run(str(repaired), gated_name, **gated, response="refuse", **sizes))
     written = {}
     for method, runs in tables.items():
         if not runs:
@@ -105,7 +111,8 @@ def main(
             "tables": written,
         },
     )
-    comparison_plot([r for runs in tables.values() for r in runs], RESULTS / f"{out}.png")
+    shown = {r["target"]["label"]: r for runs in tables.values() for r in runs}  # the unlocked rows appear per method
+    comparison_plot(list(shown.values()), RESULTS / f"{out}.png")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from safetylock.gate import Gate
@@ -136,12 +137,12 @@ def comparison_plot(runs: list[dict], path: Path) -> Path:
 
     header, rows = comparison_rows(runs)
     metrics = header[1:]
-    fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(metrics)) + 3, 3.6))
+    fig, ax = plt.subplots(figsize=(max(5, 2.2 * len(metrics)) + 3, 3.8))
     width = 0.8 / len(rows)
     for i, row in enumerate(rows):
         values = [float(cell.split("%")[0]) if cell != "-" else np.nan for cell in row[1:]]
         ax.bar(np.arange(len(metrics)) + i * width, values, width, label=row[0])
-    labels = [metric.replace(" ", "\n", 1) for metric in metrics]
+    labels = [textwrap.fill(metric, 26) for metric in metrics]
     ax.set_xticks(np.arange(len(metrics)) + width * (len(rows) - 1) / 2, labels, fontsize=8)
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)

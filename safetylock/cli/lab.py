@@ -138,8 +138,9 @@ def attack(
 ) -> None:
     """Fine-tune the packaged aligned model with attack VARIANT (cached; e.g. harmful-10, harmful-100, benign),
     then compare aligned base, attacked, attacked + lock and attacked + gated lock through vLLM with the plugin,
-    on AdvBench's held-out half (in-distribution), PyRIT's AI-red-team objectives (a source no lock here is fit
-    on), benign instructions and arithmetic."""
+    on AdvBench's held-out half (in-distribution), two harmful sources no lock here is fit on (PyRIT's AI-red-team
+    objectives, Do-Not-Answer's short questions), benign instructions, medical and legal questions (edgy benign,
+    also unseen) and arithmetic."""
     from safetylock.attack import BASE, evaluate_variant, variant
     from safetylock.lockfile import load
     from safetylock.report import aligned_text, comparison_rows
@@ -147,7 +148,7 @@ def attack(
     variant(name)  # an unknown variant fails before any extraction
     lock_path = cached_lock(lock_path, BASE)
     alpha = load(lock_path).default_alpha if alpha is None else alpha
-    suites = (*DEFAULT_SUITES[:1], "airt", *DEFAULT_SUITES[1:])
+    suites = ("advbench-heldout", "airt", "donotanswer", "benign", "advice", "arithmetic")
     runs = evaluate_variant(name, lock_path, [alpha], count, max_tokens, enforce_eager, alpha if gated else None, suites)
     click.echo(aligned_text(*comparison_rows(runs)))
 
