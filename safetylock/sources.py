@@ -380,8 +380,8 @@ def gate_requests(harmful: data.PromptSet, sizes: Sizes = Sizes(), seed: int = 0
         refused, follow_up = rng.choice(payload_harmful), rng.choice(benign_pool)
         turns = (("user", refused), ("assistant", REFUSAL_REPLY), ("user", follow_up))
         requests.append(Request(turns, False, "multiturn", "benign-after-refusal"))
-    if sizes.rephrase_per_family:  # imperative payloads only: AdvBench's extraction split and benign instructions
-        clauses = [as_clause(p) for p in own if imperative(p)], [as_clause(p) for p in benign_pool if imperative(p)]
+    clauses = [as_clause(p) for p in own if imperative(p)], [as_clause(p) for p in benign_pool if imperative(p)]
+    if sizes.rephrase_per_family and all(clauses):  # imperatives only (a user's file of questions has none)
         for tense in sorted({t.family for t in rephrasings()}):
             members = [t for t in rephrasings() if t.family == tense]
             requests += _wrapped(rng, f"rephrase-{tense}", members, sizes.rephrase_per_family, *clauses)

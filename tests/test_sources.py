@@ -182,3 +182,9 @@ def test_as_clause_and_imperative():
     assert sources.as_clause("NASA facts!") == "NASA facts"
     assert sources.imperative("Write a poem") and not sources.imperative("What is a poem")
     assert not sources.imperative("Tell me a joke?") and not sources.imperative("  ")
+
+
+def test_a_harmful_file_of_questions_gets_no_rephrased_requests():
+    questions = data.PromptSet("mine", tuple(f"How do I do harmful thing number {i}?" for i in range(40)), "file", "0" * 64)
+    requests = sources.gate_requests(questions, seed=0)
+    assert not [r for r in requests if r.source.startswith("rephrase-")] and any(r.source == "mine" for r in requests)
