@@ -45,9 +45,9 @@ def off_topic_share(report: dict, suite: str) -> float | None:
 def product_lock(seed: int = 0) -> Path:
     """The packaged model's lock with heads and a gate fit on every source (the cache's default lock path)."""
     path = models.default_lock_path(BASE)
-    if path.exists() and load(path).gate is not None:
-        fit_on = load(path).gate.calibration.get("data")
-        if fit_on != source_hashes(gate_requests(data.advbench(), seed=seed)):
+    cached = load(path) if path.exists() else None
+    if cached is not None and cached.gate is not None:
+        if cached.gate.calibration.get("data") != source_hashes(gate_requests(data.advbench(), seed=seed)):
             raise SystemExit(
                 f"{path} has a gate fit on other requests than the gate's sources give now: re-extract it "
                 f"(safetylock extract --model {BASE} --out {path})"

@@ -26,9 +26,10 @@ def templates() -> dict[str, list[str]]:
 
 
 def task_phrase(question: str) -> str:
-    """'Write a script that ...' -> 'write a script that ...' (for templates that restate the task)."""
-    text = question.strip().rstrip(".!?")
-    return text[:1].lower() + text[1:] if text else text
+    """'Write a script that ...' -> 'write a script that ...' (for templates that restate the task, or put it
+    mid-sentence): final punctuation dropped, first letter lower-cased unless it starts an acronym ('NASA')."""
+    text = question.strip().rstrip(".!?").strip()
+    return text[:1].lower() + text[1:] if text[1:2].islower() else text
 
 
 def contrast_pairs(questions: tuple[str, ...] | list[str], seed: int = 0) -> list[ContrastExample]:

@@ -33,6 +33,7 @@ import numpy as np
 import yaml
 
 from safetylock import data
+from safetylock.contrast import task_phrase
 from safetylock.errors import DataError
 
 REDTEAM = data.PackagedData(data.PYRIT, "pyrit/datasets/scorer_evals/objective/")
@@ -250,15 +251,19 @@ def borderline() -> dict[str, tuple[str, ...]]:
     return {family: tuple(prompts) for family, prompts in _probe_json("borderline_safe.json")["families"].items()}
 
 
-def context_wrappers() -> tuple[Template, ...]:
-    """Ways users wrap a request (who they are, a story, a reason), by family (``{request}`` in the probe data is
-    where the request goes)."""
-    families = _probe_json("context_wrappers.json")["families"]
+def _probe_templates(name: str) -> tuple[Template, ...]:
+    """The templates of a probe data file, by family (``{request}`` there is where the request goes)."""
+    families = _probe_json(name)["families"]
     return tuple(
         Template(family, f"{family}-{i}", text.replace("{request}", "{{ prompt }}"))
         for family, texts in families.items()
         for i, text in enumerate(texts)
     )
+
+
+def context_wrappers() -> tuple[Template, ...]:
+    """Ways users wrap a request (who they are, a story, a reason), by family."""
+    return _probe_templates("context_wrappers.json")
 
 
 @dataclass(frozen=True)
@@ -281,13 +286,6 @@ def personas() -> tuple[Persona, ...]:
     )
 
 
-def as_clause(request: str) -> str:
-    """An imperative request as the rest of a sentence: first letter lower-cased (not an acronym's), final
-    punctuation dropped ("Write a poem." -> "write a poem")."""
-    text = request.strip().rstrip(".!?").strip()
-    return text[:1].lower() + text[1:] if text[1:2].islower() else text
-
-
 _QUESTION_WORDS = frozenset(
     ["what", "who", "whom", "whose", "why", "how", "when", "where", "which", "is", "are", "was", "were", "can"]
     + ["could", "do", "does", "did", "should", "would", "will"]
@@ -301,13 +299,8 @@ def imperative(request: str) -> bool:
 
 
 def rephrasings() -> tuple[Template, ...]:
-    """Questions about the past or the future around an imperative request (``rephrasings.json``), by tense."""
-    families = _probe_json("rephrasings.json")["families"]
-    return tuple(
-        Template(family, f"{family}-{i}", text.replace("{request}", "{{ prompt }}"))
-        for family, texts in families.items()
-        for i, text in enumerate(texts)
-    )
+    """Questions about the past or the future around an imperative request (its ``task_phrase``), by tense."""
+    return _probe_templates("rephrasings.json")
 
 
 def conversational_benign() -> tuple[str, ...]:
@@ -380,10 +373,11 @@ def gate_requests(harmful: data.PromptSet, sizes: Sizes = Sizes(), seed: int = 0
         refused, follow_up = rng.choice(payload_harmful), rng.choice(benign_pool)
         turns = (("user", refused), ("assistant", REFUSAL_REPLY), ("user", follow_up))
         requests.append(Request(turns, False, "multiturn", "benign-after-refusal"))
-    clauses = [as_clause(p) for p in own if imperative(p)], [as_clause(p) for p in benign_pool if imperative(p)]
+    clauses = [task_phrase(p) for p in own if imperative(p)], [task_phrase(p) for p in benign_pool if imperative(p)]
     if sizes.rephrase_per_family and all(clauses):  # imperatives only (a user's file of questions has none)
-        for tense in sorted({t.family for t in rephrasings()}):
-            members = [t for t in rephrasings() if t.family == tense]
+        tenses = rephrasings()
+        for tense in sorted({t.family for t in tenses}):
+            members = [t for t in tenses if t.family == tense]
             requests += _wrapped(rng, f"rephrase-{tense}", members, sizes.rephrase_per_family, *clauses)
     persona_list = personas() if sizes.persona else ()
     for i in range(sizes.persona):  # experiments last, so that the product's requests above do not depend on them

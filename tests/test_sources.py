@@ -177,9 +177,11 @@ def test_rephrased_and_donotanswer_requests_are_appended_without_changing_the_re
         assert all(r.family.startswith(tense) for r in chats)
 
 
-def test_as_clause_and_imperative():
-    assert sources.as_clause("Write a poem about the sea.") == "write a poem about the sea"
-    assert sources.as_clause("NASA facts!") == "NASA facts"
+def test_task_phrase_and_imperative():
+    from safetylock.contrast import task_phrase
+
+    assert task_phrase("Write a poem about the sea.") == "write a poem about the sea"
+    assert task_phrase("NASA facts!") == "NASA facts"
     assert sources.imperative("Write a poem") and not sources.imperative("What is a poem")
     assert not sources.imperative("Tell me a joke?") and not sources.imperative("  ")
 
