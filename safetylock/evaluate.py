@@ -18,7 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from safetylock import data, judge
-from safetylock.hf import PLAIN, Framing, Generator
+from safetylock.hf import PLAIN, Framing, Generator, Prompt, Turns
 from safetylock.lockfile import load
 from safetylock.models import cache_root, directory_digest, resolve, write_json
 from safetylock.nlsr import REPORT_NAME
@@ -27,7 +27,7 @@ from safetylock.respond import DEFAULT_RESPONSE
 from safetylock.serve.config import lock_section
 from safetylock.serve.offline import VllmGenerator
 from safetylock.serve.server import chat
-from safetylock.sources import advice, airt, donotanswer, harmbench, rephrased
+from safetylock.sources import FIRST_TURN_REPLY, advice, airt, donotanswer, harmbench, jailbreak_templates, rephrased
 
 KINDS = ("harmful", "benign", "utility")
 # Harmful sources that no lock, gate or NLSR run here is fit on (cross-source): each suite name's loader.
@@ -38,7 +38,17 @@ UNSEEN_HARMFUL = {
     "past-tense": lambda: rephrased("past"),
     "future-tense": lambda: rephrased("future"),
 }
-BUILTIN_SUITES = ("advbench-heldout", "advbench-extraction", *UNSEEN_HARMFUL, "benign", "advice", "arithmetic")
+# AdvBench's held-out requests written another way: inside jailbreak templates, as a conversation's second turn
+REWRITTEN_HELDOUT = ("jailbreak", "multiturn")
+BUILTIN_SUITES = (
+    "advbench-heldout",
+    "advbench-extraction",
+    *REWRITTEN_HELDOUT,
+    *UNSEEN_HARMFUL,
+    "benign",
+    "advice",
+    "arithmetic",
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,18 @@ class Suite:
     answers: tuple[str, ...] = ()
     provenance: dict[str, Any] = field(default_factory=dict)
     sources: tuple[str, ...] = ()  # where its prompts come from, when known (the overlap rule labels by them)
+    histories: tuple[Turns, ...] = ()  # per prompt, the chat turns before it (empty: every prompt is asked alone)
+
+    def asked(self) -> list[Prompt]:
+        """What is sent per item: the prompt alone, or its history followed by it as the user's turn."""
+        if not self.histories:
+            return list(self.prompts)
+        return [(*history, ("user", prompt)) for history, prompt in zip(self.histories, self.prompts)]
+
+    def digest(self) -> str:
+        """16 hex of what decides the answers: kind, prompts, answers and histories where there are any."""
+        content = [self.kind, self.prompts, self.answers] + ([self.histories] if self.histories else [])
+        return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
 
 
 def arithmetic_suite(count: int, seed: int) -> Suite:
@@ -96,6 +118,29 @@ def load_utility_file(path: Path) -> Suite:
     return Suite(path.stem, "utility", tuple(prompts), tuple(answers), {"source": str(path)})
 
 
+def rewritten_heldout(spec: str, count: int | None, seed: int) -> Suite:
+    """AdvBench's held-out requests (the ``advbench-heldout`` sample) written another way, each seeded per item:
+    ``jailbreak``, inside a PyRIT jailbreak template of any family; ``multiturn``, as the user's second turn after
+    a benign instruction and an assistant's reply. The gate is fit on the same forms around *extraction* requests,
+    so for a gated lock these are in-distribution forms with held-out requests (its sources say so); the probes
+    and NLSR never saw either form."""
+    heldout = load_suite("advbench-heldout", count, seed)
+    rng = random.Random(f"{spec}-{seed}")
+    provenance = {**heldout.provenance, "form": spec}
+    if spec == "jailbreak":
+        templates = jailbreak_templates()
+        chosen = [rng.choice(templates) for _ in heldout.prompts]
+        prompts = tuple(t.render(p) for t, p in zip(chosen, heldout.prompts))
+        families = sorted({f"jailbreak-{t.family}" for t in chosen})
+        provenance["templates"] = [t.name for t in chosen]
+        return Suite(spec, "harmful", prompts, provenance=provenance, sources=(*heldout.sources, *families))
+    firsts = [rng.choice(data.benign().prompts) for _ in heldout.prompts]
+    histories = tuple((("user", first), ("assistant", FIRST_TURN_REPLY)) for first in firsts)
+    return Suite(
+        spec, "harmful", heldout.prompts, provenance=provenance, sources=(*heldout.sources, "multiturn"), histories=histories
+    )
+
+
 def load_suite(spec: str, count: int | None, seed: int) -> Suite:
     """A built-in suite name, or KIND=PATH for a user file (harmful/benign: .jsonl/.csv/.txt; utility: .jsonl)."""
     if spec in ("advbench-heldout", "advbench-extraction"):
@@ -104,6 +149,8 @@ def load_suite(spec: str, count: int | None, seed: int) -> Suite:
         part = split.heldout if spec == "advbench-heldout" else split.extraction
         provenance = {**bench.provenance(), "split_seed": 0}
         return Suite(spec, "harmful", data.sample(part, count, seed), provenance=provenance, sources=(bench.name,))
+    if spec in REWRITTEN_HELDOUT:
+        return rewritten_heldout(spec, count, seed)
     if spec in UNSEEN_HARMFUL:
         objectives = UNSEEN_HARMFUL[spec]()
         chosen = data.sample(objectives.prompts, count, seed)
@@ -230,8 +277,10 @@ def evaluate(
     labels = labels or {}
     report: dict[str, Any] = {"target": target or {}, "max_tokens": max_tokens, "suites": {}}
     for suite in suites:
-        responses = generate(list(suite.prompts), max_tokens)
+        responses = generate(suite.asked(), max_tokens)
         items = [judged(suite, prompt, response, i) for i, (prompt, response) in enumerate(zip(suite.prompts, responses))]
+        for item, history in zip(items, suite.histories):
+            item["history"] = [list(turn) for turn in history]
         if judge_model is not None and suite.kind == "harmful":
             for item, complied in zip(items, judge_model(list(suite.prompts), responses)):
                 item["judge_complied"] = complied
@@ -248,7 +297,7 @@ def evaluate(
 def endpoint_generator(base_url: str, model: str, concurrency: int = 8, framing: Framing = PLAIN, **extra: Any) -> Generator:
     """Greedy chat completions from any OpenAI-compatible server, ``concurrency`` requests in flight."""
 
-    def generate(prompts: Sequence[str], max_tokens: int) -> list[str]:
+    def generate(prompts: Sequence[Prompt], max_tokens: int) -> list[str]:
         with ThreadPoolExecutor(concurrency) as pool:
             futures = [pool.submit(chat, base_url, model, framing.messages(p), max_tokens, **extra) for p in prompts]
             return [f.result() for f in tqdm(futures, desc=f"generate ({model})", unit="prompt")]
@@ -295,10 +344,6 @@ def run_inputs(model: str, count: int, max_tokens: int, settings: RunSettings, s
     """Everything that decides a cached run's answers: the served directory's content digest, the lock's
     fingerprint and α, the engine settings, the framing, and the digest of each suite's prompts and answers."""
 
-    def suite_digest(spec: str) -> str:
-        suite = load_suite(spec, count, seed)
-        return hashlib.sha256(json.dumps([suite.kind, suite.prompts, suite.answers]).encode()).hexdigest()[:16]
-
     inputs: dict[str, Any] = {"model": directory_digest(resolve(model))[:16]}
     if settings.lock is not None:
         lock = load(settings.lock)
@@ -308,7 +353,7 @@ def run_inputs(model: str, count: int, max_tokens: int, settings: RunSettings, s
         inputs |= {"response": response} if settings.gated and response != "steer" else {}  # steer runs: older keys
         inputs |= {"refusal_message": settings.refusal_message} if settings.refusal_message else {}
     inputs |= {"enforce_eager": settings.enforce_eager, "dtype": settings.dtype or "float32", **settings.framing.record()}
-    suites = {spec: suite_digest(spec) for spec in settings.suites}
+    suites = {spec: load_suite(spec, count, seed).digest() for spec in settings.suites}
     return inputs | {"suites": suites, "max_tokens": max_tokens, "seed": seed}
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-Generator = Callable[[Sequence[str], int], list[str]]  # prompts, max tokens -> answers (HF, vLLM or a server)
+Turns = tuple[tuple[str, str], ...]  # (role, content) chat turns
+Prompt = str | Turns  # one user turn, or a conversation ending with the user's turn
+Generator = Callable[[Sequence[Prompt], int], list[str]]  # prompts, max tokens -> answers (HF, vLLM or a server)
 
 
 def pad_batch(sequences: Sequence[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,9 +46,12 @@ class Framing:
     system_prompt: str | None = None
     prompt_prefix: str = ""
 
-    def messages(self, prompt: str) -> list[dict[str, str]]:
+    def messages(self, prompt: Prompt) -> list[dict[str, str]]:
+        """The chat sent for ``prompt``: the system prompt first, the prefix before the last user turn."""
+        turns: Turns = (("user", prompt),) if isinstance(prompt, str) else prompt
         head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return [*head, {"role": "user", "content": self.prompt_prefix + prompt}]
+        *earlier, (role, last) = turns
+        return [*head, *({"role": r, "content": c} for r, c in earlier), {"role": role, "content": self.prompt_prefix + last}]
 
     def record(self) -> dict[str, str]:
         """What a report's target records of it (nothing for the default)."""

@@ -35,6 +35,7 @@ import yaml
 from safetylock import data
 from safetylock.contrast import task_phrase
 from safetylock.errors import DataError
+from safetylock.hf import Turns
 
 REDTEAM = data.PackagedData(data.PYRIT, "pyrit/datasets/scorer_evals/objective/")
 AIRT = data.PackagedData(data.PYRIT, "pyrit/datasets/seed_datasets/local/airt/")
@@ -66,8 +67,6 @@ SYSTEM_PROMPTS = (
 )
 FIRST_TURN_REPLY = "Sure, here is what I can tell you about that. Let me know if you have any other questions."
 REFUSAL_REPLY = "I'm sorry, but I can't assist with that."
-
-Turns = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)

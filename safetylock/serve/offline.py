@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from safetylock.hf import PLAIN, Framing
+from safetylock.hf import PLAIN, Framing, Prompt
 from safetylock.serve.config import CONFIG_KEY
 from safetylock.serve.server import engine_settings, v1_runner_pin
 
@@ -27,7 +27,7 @@ class VllmGenerator:
         self.framing = framing
         self.llm = LLM(str(model_dir), **args)
 
-    def __call__(self, prompts: Sequence[str], max_tokens: int) -> list[str]:
+    def __call__(self, prompts: Sequence[Prompt], max_tokens: int) -> list[str]:
         from vllm import SamplingParams
 
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
