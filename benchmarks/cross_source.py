@@ -9,6 +9,11 @@ at the paper's default from ``aligned-mixed``, as ``benchmarks.nlsr`` builds it)
 realigned on safety data drawn from every source of the gate's harmful requests (``--safety-data mixed``), and at
 ``benchmarks.nlsr``'s stronger setting.
 
+``--suites jailbreak,multiturn`` asks AdvBench's held-out requests in the forms the gate is fit on (jailbreak
+templates, a conversation's second turn) but the probes and NLSR never saw: the overlap rule labels them
+in-distribution for the gated lock (its fit drew from those sources), and they show what the form alone does to
+the always-on lock and NLSR.
+
 Run: python -m benchmarks.cross_source [--variants harmful-10,harmful-10-full] [--nlsr/--no-nlsr] [--suites A,B]
 Writes benchmarks/results/cross_source.{json,png} (summaries, one table per method; answers stay in the cache).
 """
@@ -46,7 +51,8 @@ NLSR_STRONG = (0.9, 0.5)  # benchmarks.nlsr's second setting: more modules patch
     "--suites",
     default=",".join(SUITES),
     show_default=True,
-    help="Comma list of eval suites (e.g. past-tense,donotanswer,advice: more sources no lock here is fit on).",
+    help="Comma list of eval suites (e.g. past-tense,donotanswer,advice: more sources no lock here is fit on; "
+    "jailbreak,multiturn: AdvBench's held-out requests inside jailbreak templates or after a benign turn).",
 )
 @click.option("--out", default="cross_source", show_default=True)
 def main(
