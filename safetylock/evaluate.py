@@ -134,7 +134,8 @@ def rewritten_heldout(spec: str, count: int | None, seed: int) -> Suite:
         families = sorted({f"jailbreak-{t.family}" for t in chosen})
         provenance["templates"] = [t.name for t in chosen]
         return Suite(spec, "harmful", prompts, provenance=provenance, sources=(*heldout.sources, *families))
-    firsts = [rng.choice(data.benign().prompts) for _ in heldout.prompts]
+    benign = data.benign().prompts  # read once, not per item
+    firsts = [rng.choice(benign) for _ in heldout.prompts]
     histories = tuple((("user", first), ("assistant", FIRST_TURN_REPLY)) for first in firsts)
     return Suite(
         spec, "harmful", heldout.prompts, provenance=provenance, sources=(*heldout.sources, "multiturn"), histories=histories
