@@ -14,6 +14,9 @@ templates, a conversation's second turn) but the probes and NLSR never saw: the 
 in-distribution for the gated lock (its fit drew from those sources), and they show what the form alone does to
 the always-on lock and NLSR.
 
+``--alpha-off A`` adds, per attacked variant, the gated lock with α A on the requests its gate does not fire on
+(the fired ones still get the refusal): the always-on lock's reach under the gate's refusals.
+
 Run: python -m benchmarks.cross_source [--variants harmful-10,harmful-10-full] [--nlsr/--no-nlsr] [--suites A,B]
 Writes benchmarks/results/cross_source.{json,png} (summaries, one table per method; answers stay in the cache).
 """
@@ -54,9 +57,26 @@ NLSR_STRONG = (0.9, 0.5)  # benchmarks.nlsr's second setting: more modules patch
     help="Comma list of eval suites (e.g. past-tense,donotanswer,advice: more sources no lock here is fit on; "
     "jailbreak,multiturn: AdvBench's held-out requests inside jailbreak templates or after a benign turn).",
 )
+@click.option(
+    "--alpha-off",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Also serve each attacked variant gated with this α on the requests whose gate does not fire (0: no such "
+    "row); the fired ones still get the refusal.",
+)
 @click.option("--out", default="cross_source", show_default=True)
 def main(
-    variants: str, alpha: float, count: int, max_tokens: int, nlsr: bool, always_on: bool, refit: bool, suites: str, out: str
+    variants: str,
+    alpha: float,
+    count: int,
+    max_tokens: int,
+    nlsr: bool,
+    always_on: bool,
+    refit: bool,
+    suites: str,
+    alpha_off: float,
+    out: str,
 ) -> None:
     from benchmarks.nlsr import realigned
 
@@ -75,6 +95,10 @@ def main(
         gated = {"lock": served_lock, "alpha": 4.0, "gated": True, "framing": framing}
         label = f"{name}+gated-refuse{'(refit)' if refit and name != 'aligned-base' else ''}"
         tables["gated lock (refuse)"] += [unlocked, cached_run(model, label, **gated, response="refuse", **sizes)]
+        if alpha_off and name != "aligned-base":
+            label_off = f"{label}+alpha-off({alpha_off:g})"
+            off = cached_run(model, label_off, **gated, response="refuse", alpha_off=alpha_off, **sizes)
+            tables["gated lock (refuse)"].append(off)
     if nlsr:
         aligned = build("aligned-mixed")
         finetuned = str(build("downstream") / "merged")
@@ -112,6 +136,7 @@ def main(
             "suites": list(chosen),
             "gate_calibration": "refit" if refit else "threshold",
             "alpha_always_on": alpha,
+            "alpha_off": alpha_off,
             "count": count,
             "max_tokens": max_tokens,
             "tables": written,

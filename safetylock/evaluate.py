@@ -328,6 +328,7 @@ class RunSettings:
     response: str | None = None  # gated: safetylock.respond's response (None: the server's default, refuse)
 
     refusal_message: str | None = None  # the refuse response's text (None: the default)
+    alpha_off: float | None = None  # gated: α of requests whose gate does not fire (None: the server's default, 0)
 
     def section(self) -> dict[str, Any] | None:
         """The served ``safetylock`` section (None: unlocked)."""
@@ -335,6 +336,7 @@ class RunSettings:
             return None
         responding = {"response": self.response} if self.response else {}
         responding |= {"refusal_message": self.refusal_message} if self.refusal_message else {}
+        responding |= {"alpha_off": self.alpha_off} if self.alpha_off else {}  # without gated: the server refuses it
         return lock_section(self.lock, self.alpha, gated=self.gated) | responding
 
     def engine_args(self) -> dict[str, Any]:
@@ -353,6 +355,7 @@ def run_inputs(model: str, count: int, max_tokens: int, settings: RunSettings, s
         response = settings.response or DEFAULT_RESPONSE
         inputs |= {"response": response} if settings.gated and response != "steer" else {}  # steer runs: older keys
         inputs |= {"refusal_message": settings.refusal_message} if settings.refusal_message else {}
+        inputs |= {"alpha_off": settings.alpha_off} if settings.alpha_off else {}  # 0, the default: older keys
     inputs |= {"enforce_eager": settings.enforce_eager, "dtype": settings.dtype or "float32", **settings.framing.record()}
     suites = {spec: load_suite(spec, count, seed).digest() for spec in settings.suites}
     return inputs | {"suites": suites, "max_tokens": max_tokens, "seed": seed}

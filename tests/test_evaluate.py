@@ -13,7 +13,7 @@ from safetylock.data import DataError
 from safetylock.hf import load_model
 from safetylock.overlap import Fit
 
-from support import tiny_lock
+from support import small_lock, tiny_lock
 
 
 def test_arithmetic_suite_is_seeded_and_correct():
@@ -276,3 +276,27 @@ def test_comparison_labels_suites_by_what_the_lock_was_fit_on():
     assert header[1].endswith("(in-distribution)") and header[2].endswith("(source unseen by the lock)")
     header, _ = comparison_rows([run("plain", False, {})])
     assert "(" not in header[1]
+
+
+def test_run_settings_serve_alpha_off_and_key_it(tmp_path, monkeypatch):
+    from safetylock.errors import LockError
+    from safetylock.serve.config import serve_config
+
+    monkeypatch.setenv("SAFETYLOCK_CACHE", str(tmp_path / "cache"))
+    lock = tmp_path / "l.lock.safetensors"
+    small_lock().save(lock)
+    gated = evaluate.RunSettings(lock=lock, alpha=4.0, gated=True, alpha_off=2.0).section()
+    assert serve_config({"safetylock": gated}, environ={}).alpha_off == 2.0
+    assert "alpha_off" not in evaluate.RunSettings(lock=lock, alpha=4.0, gated=True).section()
+    with pytest.raises(LockError, match="alpha_off applies to gated serving only"):
+        serve_config({"safetylock": evaluate.RunSettings(lock=lock, alpha=4.0, alpha_off=2.0).section()}, environ={})
+    model = _fake_model(tmp_path / "model", b"\0" * 64)
+    util = tmp_path / "util.jsonl"
+    util.write_text('{"prompt": "1+1?", "answer": "2"}\n')
+
+    def key(**changes) -> Path:
+        settings = evaluate.RunSettings(lock=lock, alpha=4.0, gated=True, suites=(f"utility={util}",), **changes)
+        return evaluate.run_path("m", evaluate.run_inputs(str(model), 1, 8, settings))
+
+    assert key(alpha_off=0.0) == key()  # the default keeps the keys runs were cached under
+    assert key(alpha_off=2.0) != key() and key(alpha_off=2.0) != key(alpha_off=1.0)
