@@ -219,10 +219,11 @@ def main(model_name: str, layer: int, seed: int, out: str) -> None:
         scorer = fitter(x[fit], harmful[fit], refused[fit], sources[fit])
         benign = scorer(x[calibration[~harmful[calibration]]])
         limits = {f"{round(100 * f)}%": thresholds_at(benign, f) for f in REPORT_FPRS}
+        unseen_scores = {u: scorer(z) for u, z in unseen_x.items()}  # once per source, not per threshold
         results[name] = {
             "out_of_source_score": round(out_of_source_score(table), 4),
             "heldout": [row.to_dict() for row in table],
-            "unseen": {u: {k: rate(fires(scorer(z), t)) for k, t in limits.items()} for u, z in unseen_x.items()},
+            "unseen": {u: {k: rate(fires(z, t)) for k, t in limits.items()} for u, z in unseen_scores.items()},
         }
         print(name, json.dumps({k: results[name][k] for k in ("out_of_source_score", "unseen")}), flush=True)
     write_result(
