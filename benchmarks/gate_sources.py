@@ -88,11 +88,19 @@ def features_cached(model_dir: Path, requests, layers: list[int]) -> dict[int, n
     show_default=True,
     help="AdvBench requests re-asked in each tense (and as many benign ones) in the gate's data; 0: none.",
 )
+@click.option(
+    "--asks",
+    type=click.IntRange(min=0),
+    default=Sizes.asks,
+    show_default=True,
+    help="AdvBench requests asked in the first person or as a question (and as many benign ones) as one more source.",
+)
 @click.option("--out", default="gate_sources", show_default=True, help="Result name: benchmarks/results/OUT.{json,png}.")
-def main(model_name: str, seed: int, donotanswer: int, rephrase: int, out: str) -> None:
+def main(model_name: str, seed: int, donotanswer: int, rephrase: int, asks: int, out: str) -> None:
     started = time.perf_counter()
     model_dir = models.resolve(model_name)
-    requests = gate_requests(data.advbench(), Sizes(donotanswer=donotanswer, rephrase_per_family=rephrase), seed=seed)
+    sizes = Sizes(donotanswer=donotanswer, rephrase_per_family=rephrase, asks=asks)
+    requests = gate_requests(data.advbench(), sizes, seed=seed)
     from transformers import AutoConfig
 
     layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)

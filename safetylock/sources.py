@@ -302,6 +302,11 @@ def rephrasings() -> tuple[Template, ...]:
     return _probe_templates("rephrasings.json")
 
 
+def asks() -> tuple[Template, ...]:
+    """First-person asks and questions around an imperative request (its ``task_phrase``)."""
+    return _probe_templates("asks.json")
+
+
 def conversational_benign() -> tuple[str, ...]:
     """Long first-person benign requests (who the user is and why, then a harmless ask)."""
     return tuple(_probe_json("benign_conversational.json")["prompts"])
@@ -322,6 +327,7 @@ class Sizes:
     persona: int = 0  # harmful under an operator-slot persona (``personas``); as many benign. 0: the product's data
     donotanswer: int = 0  # harmful Do-Not-Answer questions, and every advice question as benign. 0: the product's data
     rephrase_per_family: int = 40  # harmful AdvBench requests re-asked in each tense (``rephrasings``); as many benign
+    asks: int = 0  # harmful AdvBench requests asked in the first person or as a question (``asks``); as many benign
 
 
 def _take(rng: random.Random, items: Sequence[str], count: int | None) -> list[str]:
@@ -389,6 +395,8 @@ def gate_requests(harmful: data.PromptSet, sizes: Sizes = Sizes(), seed: int = 0
         for p in _take(rng, declined.prompts, sizes.donotanswer):
             requests.append(single(p, True, "donotanswer", category[p]))
         requests += [single(p, False, "donotanswer") for p in advice().prompts]
+    if sizes.asks and all(clauses):  # after the rest, which then do not depend on it
+        requests += _wrapped(rng, "rephrase-ask", asks(), sizes.asks, *clauses)
     return tuple(with_system_prompts(requests, seed))
 
 

@@ -177,6 +177,14 @@ def test_rephrased_and_donotanswer_requests_are_appended_without_changing_the_re
         assert all(r.family.startswith(tense) for r in chats)
 
 
+def test_asks_are_appended_without_changing_the_rest(requests):
+    with_asks = sources.gate_requests(data.advbench(), sources.Sizes(asks=12), seed=0)
+    assert with_asks[: len(requests)] == requests and "rephrase-ask" not in {r.source for r in requests}
+    added = with_asks[len(requests) :]
+    assert {r.source for r in added} == {"rephrase-ask"} and sum(r.harmful for r in added) == 12 == len(added) // 2
+    assert all(r.family.startswith("ask-") and "{" not in r.text for r in added)
+
+
 def test_task_phrase_and_imperative():
     from safetylock.contrast import task_phrase
 
