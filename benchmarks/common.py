@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -97,13 +98,15 @@ def run_round(
     model: str,
     concurrency: int,
     requests: int,
-    prompt_words: int,
+    prompt_words: int | Sequence[int],
     max_tokens: int,
     seed: int,
     xargs: list[dict | None] | None = None,
 ) -> dict:
-    """``requests`` requests, ``concurrency`` at a time; request i carries ``xargs[i % len(xargs)]`` when given."""
-    prompts = [" ".join(WORDS[(seed + i + j) % len(WORDS)] for j in range(prompt_words)) for i in range(requests)]
+    """``requests`` requests, ``concurrency`` at a time; request i is ``prompt_words[i % len(prompt_words)]`` words
+    long (or ``prompt_words`` when one number) and carries ``xargs[i % len(xargs)]`` when given."""
+    lengths = [prompt_words] if isinstance(prompt_words, int) else list(prompt_words)
+    prompts = [" ".join(WORDS[(seed + i + j) % len(WORDS)] for j in range(lengths[i % len(lengths)])) for i in range(requests)]
     extras = [xargs[i % len(xargs)] if xargs else None for i in range(requests)]
     results: list = []
     started = time.perf_counter()
@@ -118,6 +121,7 @@ def run_round(
     wall = time.perf_counter() - started
     return {
         "ttft": statistics.median(r["ttft"] for r in results),
+        "ttft_max": max(r["ttft"] for r in results),
         "tpot": statistics.median(r["tpot"] for r in results),
         "throughput": sum(r["tokens"] for r in results) / wall,
     }
@@ -126,3 +130,18 @@ def run_round(
 def spread(values: list[float]) -> dict:
     ordered = sorted(values)
     return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1], "n": len(ordered)}
+
+
+def ratio_points(ax, rows: list[dict], metric: str, keys: Sequence[str]) -> None:
+    """On ``ax``, per row (one x tick each, labelled by its concurrency), each of ``keys``'s spread of ``metric``
+    (``spread``'s median with its min-max as error bars), side by side, and a line at 1."""
+    xs = range(len(rows))
+    for offset, key in zip((0.0, 0.12, -0.12, 0.24), keys):
+        med = [r[metric][key]["median"] for r in rows]
+        lo = [m - r[metric][key]["min"] for m, r in zip(med, rows)]
+        hi = [r[metric][key]["max"] - m for m, r in zip(med, rows)]
+        ax.errorbar([x + offset for x in xs], med, yerr=[lo, hi], fmt="o", capsize=4, label=key)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(list(xs), [str(r["concurrency"]) for r in rows])
+    ax.set_title(metric)
+    ax.set_xlabel("concurrency")

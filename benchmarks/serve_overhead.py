@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from benchmarks.common import RESULTS, run_round, spread, write_result
+from benchmarks.common import RESULTS, ratio_points, run_round, spread, write_result
 from safetylock import models
 from safetylock.serve.config import lock_section
 from safetylock.serve.server import start_server, wait_healthy
@@ -118,19 +118,9 @@ def plot(rows: list[dict], modes: list[str]) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     for ax, metric in zip(axes, METRICS):
-        xs = range(len(rows))
-        for offset, mode in zip((-0.12, 0.0, 0.12), modes):
-            key = f"{mode}_over_plain"
-            med = [r[metric][key]["median"] for r in rows]
-            lo = [m - r[metric][key]["min"] for m, r in zip(med, rows)]
-            hi = [r[metric][key]["max"] - m for m, r in zip(med, rows)]
-            ax.errorbar([x + offset for x in xs], med, yerr=[lo, hi], fmt="o", capsize=4, label=f"{mode} / plain")
+        ratio_points(ax, rows, metric, [f"{mode}_over_plain" for mode in modes])
         noise = [r[metric]["plain_over_plain"]["median"] for r in rows]
-        ax.plot(list(xs), noise, "x", color="grey", label="plain / plain (noise)")
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks(list(xs), [str(r["concurrency"]) for r in rows])
-        ax.set_title(metric)
-        ax.set_xlabel("concurrency")
+        ax.plot(range(len(rows)), noise, "x", color="grey", label="plain_over_plain (noise)")
     axes[0].set_ylabel("ratio (median, min-max)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()

@@ -7,6 +7,8 @@ variant (``calibrate-gate``); default α alternating 4 / 6, request α allowed i
 response (refuse) unless ``--response``. Prompts: AdvBench's held-out half and PyRIT's AI-red-team objectives
 (harmful), benign instructions; a fifth padded with benign context up to the model length.
 
+The engine runs with a batch budget of 256 tokens (``BUDGET_ARGS``) unless ``--vllm-arg`` says otherwise.
+
 Run: python -m benchmarks.soak [--duration 900] [--concurrency 64] [--variant harmful-10] [--response steer]
 Writes benchmarks/results/soak.{json,png}; the server's log goes to the cache (soak/server.log). Answers to
 harmful prompts are never written out.
@@ -27,6 +29,10 @@ from safetylock.models import cache_root
 from safetylock.respond import DEFAULT_REFUSAL
 from safetylock.serve.server import engine_settings, server_flag
 from safetylock.serve.soak import Prompts, SoakPlan, SoakResult, SoakTarget, recheck, soak
+
+# The batch budget a CPU server should run with: the worker's memory stays flat for an hour at 256 tokens and grows
+# 18-36 MB a minute at the engine's default, at no cost in throughput (benchmarks.batch_budget; docs/serving.md).
+BUDGET_ARGS = ("--max-num-batched-tokens=256",)
 
 
 def soak_prompts(seed: int = 0) -> Prompts:
@@ -96,7 +102,13 @@ def plot(result: SoakResult, path: Path) -> None:
 @click.option("--response", type=click.Choice(["refuse", "steer"]), default=None, help="Default: the server's.")
 @click.option("--enforce-eager/--compiled", default=False, show_default=True)
 @click.option(
-    "--vllm-arg", "vllm_args", multiple=True, help="Extra server argument, e.g. --vllm-arg=--max-num-batched-tokens=256."
+    "--vllm-arg",
+    "vllm_args",
+    multiple=True,
+    default=BUDGET_ARGS,
+    show_default=True,
+    help="Extra server argument (replaces the default; give --vllm-arg=--max-num-batched-tokens=2048 to soak the "
+    "engine's default budget).",
 )
 @click.option("--out", default="soak", show_default=True)
 def main(
