@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from safetylock.gate import feature_precision
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -27,6 +29,8 @@ def machine() -> dict[str, object]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # what ATen's kernels use (AVX2 when capped)
+        "gate_precision_auto": feature_precision(),  # bfloat16 where the CPU multiplies it natively
     }
 
 

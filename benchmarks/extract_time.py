@@ -1,7 +1,9 @@
 """Extraction wall time and peak memory of a Meta-SafetyLock on the packaged aligned model.
 
-Run: python -m benchmarks.extract_time [--model NAME_OR_DIR]   (target: <= 3 min on a 2-core CPU box)
-Writes benchmarks/results/extract_time.json and .png, and the lock to the cache for the other benchmarks.
+Run: python -m benchmarks.extract_time [--model NAME_OR_DIR] [--out NAME]   (target: <= 3 min on a 2-core CPU box)
+Writes benchmarks/results/NAME.json and .png (default ``extract_time``). Under the default name the lock goes to
+the cache's product path for the other benchmarks; under another name (another host's run, ``--out
+extract_time_avx2``) it goes to the cache's ``locks/NAME.lock.safetensors`` and the product lock is left alone.
 """
 
 from __future__ import annotations
@@ -16,14 +18,13 @@ from safetylock import data, models
 from safetylock.hf import load_model
 from safetylock.pipeline import ExtractConfig, extract_lock
 
-
-def lock_path(model_name: str):
-    return models.cache_root() / "locks" / f"{model_name.replace('/', '_')}.lock.safetensors"
+DEFAULT_OUT = "extract_time"
 
 
 @click.command()
 @click.option("--model", "model_name", default=models.DEFAULT_MODEL)
-def main(model_name: str) -> None:
+@click.option("--out", default=DEFAULT_OUT, show_default=True, help="Result name; another name keeps the product lock.")
+def main(model_name: str, out: str) -> None:
     model_dir = models.resolve(model_name)
     harmful = data.advbench()
     t0 = time.perf_counter()
@@ -33,7 +34,10 @@ def main(model_name: str) -> None:
     stages: dict[str, float] = {}
     lock = extract_lock(model, tokenizer, harmful, config, stages=stages)
     t2 = time.perf_counter()
-    out = lock.save(models.default_lock_path(model_name))
+    product = out == DEFAULT_OUT
+    lock_file = lock.save(
+        models.default_lock_path(model_name) if product else models.cache_root() / "locks" / f"{out}.lock.safetensors"
+    )
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result = {
         "model": model_name,
@@ -47,9 +51,9 @@ def main(model_name: str) -> None:
         "peak_rss_gib": round(peak_gib, 2),
         "target_seconds": 180,
         "lock_fingerprint": lock.fingerprint,
-        "lock_path": str(out),
+        "lock_path": str(lock_file),
     }
-    print(write_result("extract_time", result))
+    print(write_result(out, result))
 
     import matplotlib
 
@@ -67,7 +71,7 @@ def main(model_name: str) -> None:
     ax.set_title(f"{model_name}: {result['total_seconds']} s, peak RSS {result['peak_rss_gib']} GiB")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=4, fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "extract_time.png", dpi=120)
+    fig.savefig(RESULTS / f"{out}.png", dpi=120)
 
 
 if __name__ == "__main__":

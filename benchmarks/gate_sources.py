@@ -95,11 +95,19 @@ def features_cached(model_dir: Path, requests, layers: list[int]) -> dict[int, n
     show_default=True,
     help="AdvBench requests asked in the first person or as a question (and as many benign ones) as one more source.",
 )
+@click.option(
+    "--topics",
+    type=click.IntRange(min=0),
+    default=Sizes.topics,
+    show_default=True,
+    help="At most this many requests of each topic source (StrongREJECT, UncensorBench, refusal pairs, edgy benign "
+    "questions; safetylock.sources.topic_sources) in the gate's data; 0: the product's data.",
+)
 @click.option("--out", default="gate_sources", show_default=True, help="Result name: benchmarks/results/OUT.{json,png}.")
-def main(model_name: str, seed: int, donotanswer: int, rephrase: int, asks: int, out: str) -> None:
+def main(model_name: str, seed: int, donotanswer: int, rephrase: int, asks: int, topics: int, out: str) -> None:
     started = time.perf_counter()
     model_dir = models.resolve(model_name)
-    sizes = Sizes(donotanswer=donotanswer, rephrase_per_family=rephrase, asks=asks)
+    sizes = Sizes(donotanswer=donotanswer, rephrase_per_family=rephrase, asks=asks, topics=topics)
     requests = gate_requests(data.advbench(), sizes, seed=seed)
     from transformers import AutoConfig
 

