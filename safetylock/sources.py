@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -141,8 +142,13 @@ def _unseen(found: data.PromptSet, name: str) -> data.PromptSet:
     keep = [i for i, p in enumerate(found.prompts) if _normalized(p) not in known]
     if not keep:
         raise DataError(f"no prompts in {found.source} that the red-team source and AdvBench do not hold")
+    return dataclasses.replace(_subset(found, keep), name=name)
+
+
+def _subset(found: data.PromptSet, keep: Sequence[int]) -> data.PromptSet:
+    """``found`` with only its prompts (and their categories, where it has them) at the indices ``keep``."""
     categories = tuple(found.categories[i] for i in keep) if found.categories else ()
-    return dataclasses.replace(found, name=name, prompts=tuple(found.prompts[i] for i in keep), categories=categories)
+    return dataclasses.replace(found, prompts=tuple(found.prompts[i] for i in keep), categories=categories)
 
 
 def harmbench() -> data.PromptSet:
@@ -208,8 +214,7 @@ def airt() -> data.PromptSet:
     keep = [i for i, p in enumerate(found.prompts) if p not in seen]
     if not keep:
         raise DataError(f"no objectives in {found.source} that the red-team source does not hold")
-    pick = lambda items: tuple(items[i] for i in keep)  # noqa: E731
-    return dataclasses.replace(found, prompts=pick(found.prompts), categories=pick(found.categories))
+    return _subset(found, keep)
 
 
 def _content_words(text: str) -> frozenset[str]:
@@ -221,20 +226,26 @@ def _away_from_unseen(found: data.PromptSet) -> data.PromptSet:
     ``NEAR_SHARE`` of its content words with a prompt of a source scored as unseen (HarmBench, Do-Not-Answer and
     its advice questions, ``airt``, the tense rewrites): a fit source that keeps those unseen."""
     found = _unseen(found, found.name)
-    scored = [harmbench(), donotanswer(), advice(), airt(), *(rephrased(t) for t in TENSES)]
-    index: dict[str, list[frozenset[str]]] = {}
-    for words in {_content_words(p) for s in scored for p in s.prompts}:
-        for word in words:
-            index.setdefault(word, []).append(words)
+    index = _unseen_word_index()
 
     def near(prompt: str) -> bool:
         words = _content_words(prompt)
         candidates = {other for word in words for other in index.get(word, ())}
         return bool(words) and any(len(words & other) >= NEAR_SHARE * len(words) for other in candidates)
 
-    keep = [i for i, p in enumerate(found.prompts) if not near(p)]
-    pick = lambda items: tuple(items[i] for i in keep)  # noqa: E731
-    return dataclasses.replace(found, prompts=pick(found.prompts), categories=pick(found.categories))
+    return _subset(found, [i for i, p in enumerate(found.prompts) if not near(p)])
+
+
+@functools.cache
+def _unseen_word_index() -> dict[str, tuple[frozenset[str], ...]]:
+    """Each content word to the content-word sets of the unseen sources' prompts that hold it (built once: every
+    topic source is checked against it)."""
+    scored = [harmbench(), donotanswer(), advice(), airt(), *(rephrased(t) for t in TENSES)]
+    index: dict[str, list[frozenset[str]]] = {}
+    for words in {_content_words(p) for s in scored for p in s.prompts}:
+        for word in words:
+            index.setdefault(word, []).append(words)
+    return {word: tuple(sets) for word, sets in index.items()}
 
 
 def strongreject() -> data.PromptSet:

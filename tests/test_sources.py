@@ -194,10 +194,11 @@ def test_topic_sources_are_appended_without_changing_the_rest_and_keep_the_unsee
         labels.setdefault(request.source, set()).add(request.harmful)
     assert labels == {"strongreject": {True}, "uncensorbench": {True}, "refusal-pairs": {True, False}, "edgy-benign": {False}}
     assert len(added) == 5 * 20 and all(r.family for r in added)
-    unseen = {p for s in (sources.harmbench(), sources.donotanswer(), sources.advice(), sources.airt()) for p in s.prompts}
-    assert not {r.text for r in added} & (unseen | set(data.advbench().prompts) | set(sources.redteam().prompts))
     scored = sources.harmbench(), sources.donotanswer(), sources.advice(), sources.airt(), sources.rephrased("past")
-    scored_words = [sources._content_words(p) for s in (*scored, sources.rephrased("future")) for p in s.prompts]
+    scored = (*scored, sources.rephrased("future"))
+    unseen = {p for s in scored[:4] for p in s.prompts}
+    assert not {r.text for r in added} & (unseen | set(data.advbench().prompts) | set(sources.redteam().prompts))
+    scored_words = [sources._content_words(p) for s in scored for p in s.prompts]
     for found, _ in sources.topic_sources():  # nothing that shares most of its words with an unseen prompt
         for words in map(sources._content_words, found.prompts):
             assert all(len(words & other) < sources.NEAR_SHARE * len(words) for other in scored_words)
