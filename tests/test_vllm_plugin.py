@@ -82,7 +82,9 @@ def test_per_adapter_alpha_with_several_loras(llama_dir, lock_path, locked_refer
 def test_installed_plugin_without_config_changes_nothing(llama_dir, plain_reference, tmp_path):
     with_plugin = run_vllm(tmp_path / "with", model=str(llama_dir))
     without_plugin = run_vllm(tmp_path / "without", model=str(llama_dir), env={"VLLM_PLUGINS": ""})
-    assert with_plugin["base"] == without_plugin["base"]
+    # Two engine starts agree in every token; their logprobs may differ in the last float bits (about 1e-6: vLLM
+    # 0.24's CPU kernels do not fix the reduction order between starts). Any lock moves them by orders more.
+    assert_same_generation(with_plugin["base"], without_plugin["base"], atol=1e-5)
     assert_same_generation(with_plugin["base"], plain_reference)
     assert "safetylock:" not in with_plugin["log"]
 
