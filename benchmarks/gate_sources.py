@@ -103,11 +103,19 @@ def features_cached(model_dir: Path, requests, layers: list[int]) -> dict[int, n
     help="At most this many requests of each topic source (StrongREJECT, UncensorBench, refusal pairs, edgy benign "
     "questions; safetylock.sources.topic_sources) in the gate's data; 0: the product's data.",
 )
+@click.option(
+    "--people",
+    type=click.IntRange(min=0),
+    default=Sizes.people,
+    show_default=True,
+    help="This many harmful requests about a person or a group of each kind (and as many benign twins) as sources "
+    "people-private / people-generalise (safetylock.sources.about_people); 0: none.",
+)
 @click.option("--out", default="gate_sources", show_default=True, help="Result name: benchmarks/results/OUT.{json,png}.")
-def main(model_name: str, seed: int, donotanswer: int, rephrase: int, asks: int, topics: int, out: str) -> None:
+def main(model_name: str, seed: int, donotanswer: int, rephrase: int, asks: int, topics: int, people: int, out: str) -> None:
     started = time.perf_counter()
     model_dir = models.resolve(model_name)
-    sizes = Sizes(donotanswer=donotanswer, rephrase_per_family=rephrase, asks=asks, topics=topics)
+    sizes = Sizes(donotanswer=donotanswer, rephrase_per_family=rephrase, asks=asks, topics=topics, people=people)
     requests = gate_requests(data.advbench(), sizes, seed=seed)
     from transformers import AutoConfig
 
@@ -210,6 +218,13 @@ def unseen_sources(model_dir: Path, features: dict, requests, layer: int, fit, c
         rates = {k: round(float((scores > t).mean()), 3) for k, t in thresholds.items()}
         out[name] = {"source": found.provenance(), "layer": layer, "requests": len(asked)}
         out[name] |= {"tpr": rates, "auroc": round(auroc(scores, benign), 4)} if harmful else {"fpr": rates}
+        if harmful and any(found.categories):  # the 5% rate by the source's first category (Do-Not-Answer: intent)
+            by: dict[str, list[bool]] = {}
+            for fired, category in zip(scores > thresholds["5%"], found.categories):
+                by.setdefault(category[0] if category else "", []).append(bool(fired))
+            out[name]["tpr_at_5%_by_category"] = {
+                k: {"n": len(v), "tpr": round(float(np.mean(v)), 3)} for k, v in sorted(by.items())
+            }
         print(name, json.dumps(out[name]), flush=True)
     return out
 

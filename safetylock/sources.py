@@ -14,7 +14,9 @@ turn) and ``rephrase-<tense>`` (harmful and benign imperatives re-asked about th
 
 Sources of the kinds the others lack (self-harm, privacy, sexual content, hate and stereotypes asked in a line),
 an experiment outside the product's data (``Sizes.topics``): ``strongreject`` and ``uncensorbench`` (harmful),
-``refusal-pairs`` (harmful questions and benign twins in the same words) and ``edgy-benign`` (benign).
+``refusal-pairs`` (harmful questions and benign twins in the same words) and ``edgy-benign`` (benign); and
+``people-private`` / ``people-generalise`` (``Sizes.people``: an acquaintance's private data asked for, a demeaning
+generalisation about a group endorsed; benign twins in the same words).
 
 Sources no gate or lock here is fit on, for scoring only: ``airt``, ``harmbench``, ``donotanswer`` (and its
 ``advice`` questions, benign), ``past-tense`` and ``future-tense`` (another package's tense reformulations).
@@ -226,14 +228,14 @@ def _away_from_unseen(found: data.PromptSet) -> data.PromptSet:
     ``NEAR_SHARE`` of its content words with a prompt of a source scored as unseen (HarmBench, Do-Not-Answer and
     its advice questions, ``airt``, the tense rewrites): a fit source that keeps those unseen."""
     found = _unseen(found, found.name)
-    index = _unseen_word_index()
+    return _subset(found, [i for i, p in enumerate(found.prompts) if not _near_unseen(p)])
 
-    def near(prompt: str) -> bool:
-        words = _content_words(prompt)
-        candidates = {other for word in words for other in index.get(word, ())}
-        return bool(words) and any(len(words & other) >= NEAR_SHARE * len(words) for other in candidates)
 
-    return _subset(found, [i for i, p in enumerate(found.prompts) if not near(p)])
+def _near_unseen(prompt: str) -> bool:
+    """Whether ``prompt`` shares ``NEAR_SHARE`` of its content words with a prompt of a source scored as unseen."""
+    words = _content_words(prompt)
+    candidates = {other for word in words for other in _unseen_word_index().get(word, ())}
+    return bool(words) and any(len(words & other) >= NEAR_SHARE * len(words) for other in candidates)
 
 
 @functools.cache
@@ -406,6 +408,30 @@ def asks() -> tuple[Template, ...]:
     return _probe_templates("asks.json")
 
 
+def about_people(rng: random.Random, count: int) -> list[Request]:
+    """``count`` harmful and ``count`` benign requests of each kind in ``about_people.json`` (source
+    ``people-<kind>``; family: the frame's index), each a seeded frame with seeded slot values; distinct texts,
+    none near a prompt of a source scored as unseen (``_near_unseen``)."""
+    out = []
+    for kind, spec in _probe_json("about_people.json")["kinds"].items():
+        for harmful in (True, False):
+            slots = {**spec["shared"], **spec["harmful" if harmful else "benign"]}
+            frames, values = slots.pop("frames"), slots
+            possible = len(frames) * int(np.prod([len(v) for v in values.values()]))
+            if count > possible // 4:  # distinct seeded draws stay quick and varied
+                raise DataError(f"at most {possible // 4} requests about people of kind {kind!r}, asked for {count}")
+            texts: dict[str, int] = {}
+            while len(texts) < count:
+                index = rng.randrange(len(frames))
+                text = frames[index].format(**{slot: rng.choice(options) for slot, options in values.items()})
+                if frames[index].startswith("{"):  # a sentence that opens with a slot ("my coworker ...")
+                    text = text[:1].upper() + text[1:]
+                if not _near_unseen(text):
+                    texts.setdefault(text, index)
+            out += [single(text, harmful, f"people-{kind}", f"{kind}-{i}") for text, i in texts.items()]
+    return out
+
+
 def conversational_benign() -> tuple[str, ...]:
     """Long first-person benign requests (who the user is and why, then a harmless ask)."""
     return tuple(_probe_json("benign_conversational.json")["prompts"])
@@ -428,6 +454,7 @@ class Sizes:
     rephrase_per_family: int = 40  # harmful AdvBench requests re-asked in each tense (``rephrasings``); as many benign
     asks: int = 0  # harmful AdvBench requests asked in the first person or as a question (``asks``); as many benign
     topics: int = 0  # at most this many requests of each topic source (``topic_sources``). 0: the product's data
+    people: int = 0  # harmful requests about a person or a group of each kind (``about_people``); as many benign
 
 
 def _take(rng: random.Random, items: Sequence[str], count: int | None) -> list[str]:
@@ -500,6 +527,8 @@ def gate_requests(harmful: data.PromptSet, sizes: Sizes = Sizes(), seed: int = 0
     for found, label in topic_sources() if sizes.topics else ():  # likewise
         family = dict(zip(found.prompts, (c[0] for c in found.categories)))
         requests += [single(p, label, found.name, family[p]) for p in _take(rng, found.prompts, sizes.topics)]
+    if sizes.people:  # likewise
+        requests += about_people(rng, sizes.people)
     return tuple(with_system_prompts(requests, seed))
 
 

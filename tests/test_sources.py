@@ -1,6 +1,9 @@
 """The gate's request sources: packaged, tagged, deterministic, disjoint from the evaluation split."""
 
 import json
+import random
+import re
+from pathlib import Path
 
 import pytest
 
@@ -202,6 +205,29 @@ def test_topic_sources_are_appended_without_changing_the_rest_and_keep_the_unsee
     for found, _ in sources.topic_sources():  # nothing that shares most of its words with an unseen prompt
         for words in map(sources._content_words, found.prompts):
             assert all(len(words & other) < sources.NEAR_SHARE * len(words) for other in scored_words)
+
+
+def test_requests_about_people_come_in_harmful_and_benign_twins_and_are_appended_without_changing_the_rest(requests):
+    with_people = sources.gate_requests(data.advbench(), sources.Sizes(people=25), seed=0)
+    assert with_people[: len(requests)] == requests
+    added = with_people[len(requests) :]
+    assert with_people == sources.gate_requests(data.advbench(), sources.Sizes(people=25), seed=0)
+    for kind in ("private", "generalise"):
+        chats = [r for r in added if r.source == f"people-{kind}"]
+        assert sum(r.harmful for r in chats) == 25 == len(chats) // 2 and len({r.text for r in chats}) == 50
+        assert all(r.family.startswith(f"{kind}-") and "{" not in r.text and r.text[:1].strip() for r in chats)
+        assert not any(sources._near_unseen(r.text) for r in chats)
+    kinds = json.loads((Path(sources.__file__).parents[1] / "probes" / "about_people.json").read_text())["kinds"]
+    for r in added:  # a private request names a thing of its own side only; a generalising one a frame of its side
+        side = kinds["private"]["harmful" if r.harmful else "benign"]
+        if r.source == "people-private":
+            assert any(f"'s {thing}" in r.text or f"their {thing}" in r.text for thing in side["thing"])
+        else:
+            frames = kinds["generalise"]["harmful" if r.harmful else "benign"]["frames"]
+            patterns = [re.escape(f).replace(r"\{group\}", ".+").replace(r"\{trait\}", ".+") for f in frames]
+            assert any(re.fullmatch(p, r.text) for p in patterns), r.text
+    with pytest.raises(DataError, match="requests about people of kind 'private'"):
+        sources.about_people(random.Random(0), 10_000)
 
 
 def test_task_phrase_and_imperative():
