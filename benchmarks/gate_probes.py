@@ -14,11 +14,14 @@ Candidates:
   greedy 24-token answer to the request (vLLM, bfloat16) carries a refusal marker — instead of the source's label;
 * ``harm-or-refusal``: one linear probe, label harmful *or* refused by the base;
 * ``union``: the linear gate and the refusal probe side by side, firing when either does, both thresholds at one
-  benign quantile chosen so that together they fire on at most the target share of benign calibration requests.
+  benign quantile chosen so that together they fire on at most the target share of benign calibration requests;
+* ``per-source``: one linear probe per source with harmful requests (its harmful requests against every benign
+  one), firing when any does, thresholds as for ``union`` — a gate with one direction per kind of harm.
 
-The base's answers are generated once per model and cached in the cache's ``gate/`` (their texts stay there).
+The base's answers are generated once per model and cached in the cache's ``gate/`` (their texts stay there), and
+only when a candidate needs them (``REFUSAL_BASED``).
 
-Run: python -m benchmarks.gate_probes [--layer 16]
+Run: python -m benchmarks.gate_probes [--layer 16] [--candidates linear,per-source --out NAME]
 Writes benchmarks/results/gate_probes.{json,png} (rates only).
 """
 
@@ -117,13 +120,25 @@ def mlp(x: np.ndarray, harmful: np.ndarray, refused: np.ndarray, sources: np.nda
     return score
 
 
+def per_source(x: np.ndarray, harmful: np.ndarray, refused: np.ndarray, sources: np.ndarray, seed: int = 0) -> Scorer:
+    """One linear probe per source with harmful requests, each against every benign request: one column each."""
+    probes = []
+    for source in sorted(set(sources[harmful].tolist())):
+        rows = (harmful & (sources == source)) | ~harmful
+        probes.append(fit_linear(x[rows], harmful[rows], sources[rows], seed))
+    weights, biases = np.stack([w for w, _ in probes], axis=1), np.array([b for _, b in probes])
+    return lambda z: z @ weights + biases
+
+
 CANDIDATES: dict[str, Fitter] = {
     "linear": linear,
     "mlp": mlp,
     "refusal": refusal,
     "harm-or-refusal": harm_or_refusal,
     "union": union,
+    "per-source": per_source,
 }
+REFUSAL_BASED = {"refusal", "harm-or-refusal", "union"}  # fit on the base's own refusals: need its answers
 
 
 def thresholds_at(benign: np.ndarray, fpr: float) -> np.ndarray:
@@ -179,8 +194,14 @@ def loso(
 @click.option("--model", "model_name", default=models.DEFAULT_MODEL, show_default=True)
 @click.option("--layer", type=int, default=16, show_default=True, help="The gate layer (a candidate layer).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--candidates",
+    default=",".join(CANDIDATES),
+    show_default=True,
+    help="Comma-separated candidates to score (the base's answers are generated only for refusal-based ones).",
+)
 @click.option("--out", default="gate_probes", show_default=True)
-def main(model_name: str, layer: int, seed: int, out: str) -> None:
+def main(model_name: str, layer: int, seed: int, candidates: str, out: str) -> None:
     from transformers import AutoConfig
 
     from safetylock.evaluate import UNSEEN_HARMFUL
@@ -192,29 +213,35 @@ def main(model_name: str, layer: int, seed: int, out: str) -> None:
     layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
     if layer not in layers:
         raise click.BadParameter(f"layer {layer} is not a candidate gate layer ({layers})", param_hint="--layer")
+    chosen = [c.strip() for c in candidates.split(",") if c.strip()]
+    if not chosen or set(chosen) - set(CANDIDATES):
+        raise click.BadParameter(f"choose from {', '.join(CANDIDATES)}, got {candidates!r}", param_hint="--candidates")
     x = features_cached(model_dir, requests, layers)[layer].astype(np.float64)
     unseen = {
         name: with_system_prompts([single(p, name != "advice", found.name) for p in found.prompts], seed)
         for name, found in ((n, load()) for n, load in (*UNSEEN_HARMFUL.items(), ("advice", advice)))
     }
-    openings = base_openings(model_dir, requests + [r for asked in unseen.values() for r in asked])
-    refused = np.array([is_refusal(openings[request_key(r)]) for r in requests])
     harmful, sources = np.array([r.harmful for r in requests]), np.array([r.source for r in requests])
     fit, calibration = (np.asarray(part) for part in split(requests, seed=seed))
-    base_refusal = {
-        s: {
-            "harmful": rate(refused[(sources == s) & harmful]) if ((sources == s) & harmful).any() else None,
-            "benign": rate(refused[(sources == s) & ~harmful]) if ((sources == s) & ~harmful).any() else None,
-        }
-        for s in sorted(set(sources.tolist()))
-    }
     unseen_x = {name: features_cached(model_dir, asked, [layer])[layer].astype(np.float64) for name, asked in unseen.items()}
-    for name, asked in unseen.items():
-        base_refusal[name] = {
-            "harmful" if name != "advice" else "benign": rate(np.array([is_refusal(openings[request_key(r)]) for r in asked]))
-        }
+    openings: dict[str, str] = {}
+    refused = np.zeros(len(requests), bool)  # read only by refusal-based candidates
+    base_refusal: dict[str, dict] = {}
+    if REFUSAL_BASED & set(chosen):
+        openings = base_openings(model_dir, requests + [r for asked in unseen.values() for r in asked])
+        refused = np.array([is_refusal(openings[request_key(r)]) for r in requests])
+        for s in sorted(set(sources.tolist())):
+            mine = sources == s
+            base_refusal[s] = {
+                "harmful": rate(refused[mine & harmful]) if (mine & harmful).any() else None,
+                "benign": rate(refused[mine & ~harmful]) if (mine & ~harmful).any() else None,
+            }
+        for name, asked in unseen.items():
+            answered = np.array([is_refusal(openings[request_key(r)]) for r in asked])
+            base_refusal[name] = {"harmful" if name != "advice" else "benign": rate(answered)}
     results = {}
-    for name, fitter in CANDIDATES.items():
+    for name in chosen:
+        fitter = CANDIDATES[name]
         table = loso(fitter, x, requests, refused, fit, calibration)
         scorer = fitter(x[fit], harmful[fit], refused[fit], sources[fit])
         benign = scorer(x[calibration[~harmful[calibration]]])
@@ -237,7 +264,9 @@ def main(model_name: str, layer: int, seed: int, out: str) -> None:
             "openings": {
                 "tokens": OPENING_TOKENS,
                 "digest": hashlib.sha256(json.dumps(openings, sort_keys=True).encode()).hexdigest()[:16],
-            },
+            }
+            if openings
+            else None,
             "base_refusal": base_refusal,
             "candidates": results,
             "seconds": round(time.perf_counter() - started, 1),
