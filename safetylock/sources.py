@@ -416,14 +416,14 @@ def about_people(rng: random.Random, count: int) -> list[Request]:
     for kind, spec in _probe_json("about_people.json")["kinds"].items():
         for harmful in (True, False):
             slots = {**spec["shared"], **spec["harmful" if harmful else "benign"]}
-            frames, values = slots.pop("frames"), slots
-            possible = len(frames) * int(np.prod([len(v) for v in values.values()]))
+            frames = slots.pop("frames")
+            possible = len(frames) * int(np.prod([len(options) for options in slots.values()]))
             if count > possible // 4:  # distinct seeded draws stay quick and varied
                 raise DataError(f"at most {possible // 4} requests about people of kind {kind!r}, asked for {count}")
             texts: dict[str, int] = {}
             while len(texts) < count:
                 index = rng.randrange(len(frames))
-                text = frames[index].format(**{slot: rng.choice(options) for slot, options in values.items()})
+                text = frames[index].format(**{slot: rng.choice(options) for slot, options in slots.items()})
                 if frames[index].startswith("{"):  # a sentence that opens with a slot ("my coworker ...")
                     text = text[:1].upper() + text[1:]
                 if not _near_unseen(text):

@@ -3,7 +3,6 @@
 import json
 import random
 import re
-from pathlib import Path
 
 import pytest
 
@@ -217,8 +216,8 @@ def test_requests_about_people_come_in_harmful_and_benign_twins_and_are_appended
         assert sum(r.harmful for r in chats) == 25 == len(chats) // 2 and len({r.text for r in chats}) == 50
         assert all(r.family.startswith(f"{kind}-") and "{" not in r.text and r.text[:1].strip() for r in chats)
         assert not any(sources._near_unseen(r.text) for r in chats)
-    kinds = json.loads((Path(sources.__file__).parents[1] / "probes" / "about_people.json").read_text())["kinds"]
-    for r in added:  # a private request names a thing of its own side only; a generalising one a frame of its side
+    kinds = sources._probe_json("about_people.json")["kinds"]
+    for r in added:  # a private request names a thing of its own side; a generalising one is a frame of its side
         side = kinds["private"]["harmful" if r.harmful else "benign"]
         if r.source == "people-private":
             assert any(f"'s {thing}" in r.text or f"their {thing}" in r.text for thing in side["thing"])
