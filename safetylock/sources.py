@@ -241,7 +241,7 @@ def _near_unseen(prompt: str) -> bool:
 @functools.cache
 def _unseen_word_index() -> dict[str, tuple[frozenset[str], ...]]:
     """Each content word to the content-word sets of the unseen sources' prompts that hold it (built once: every
-    topic source is checked against it)."""
+    topic source's prompts and every drawn request about people are checked against it)."""
     scored = [harmbench(), donotanswer(), advice(), airt(), *(rephrased(t) for t in TENSES)]
     index: dict[str, list[frozenset[str]]] = {}
     for words in {_content_words(p) for s in scored for p in s.prompts}:
