@@ -24,9 +24,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-# The whole suite, real vLLM engines included, then the plugin on vLLM 0.24 (what CI runs).
+# The whole suite, real vLLM engines included, then the plugin on vLLM 0.24 (what CI runs). The slowest tests are
+# listed at the end: CI has 90 minutes, and that list says where they go.
 test: setup lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=20
 	$(MAKE) test-vllm-compat
 
 # Everything but the real-engine tier (pytest marker `engine`): under 2 minutes.
@@ -54,7 +55,7 @@ COMPAT_TESTS := tests/test_vllm_internals.py tests/test_vllm_plugin.py tests/tes
 COMPAT_DESELECT := tests/test_vllm_controls.py::test_server_policy_metrics_and_hot_swap \
 	'tests/test_vllm_plugin.py::test_plugin_equals_hf_apply_on_other_architectures[mistral]'
 test-vllm-compat: $(COMPAT_VENV)/.installed
-	$(COMPAT_PY) -m pytest -q $(COMPAT_TESTS) $(addprefix --deselect ,$(COMPAT_DESELECT))
+	$(COMPAT_PY) -m pytest -q $(COMPAT_TESTS) $(addprefix --deselect ,$(COMPAT_DESELECT)) --durations=10
 
 $(COMPAT_VENV)/.installed: pyproject.toml
 	rm -rf $(COMPAT_VENV) && python3 -m venv $(COMPAT_VENV)
