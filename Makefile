@@ -50,8 +50,8 @@ COMPAT_PY := $(COMPAT_VENV)/bin/python
 COMPAT_TESTS := tests/test_vllm_internals.py tests/test_vllm_plugin.py tests/test_vllm_controls.py \
 	tests/test_vllm_gated.py tests/test_vllm_gated_refuse.py
 # Hot swap needs vLLM's endpoint plugins (0.32 on): on 0.24 a server with an admin token refuses to start. Mistral
-# runs on 0.32 only: vLLM serves it through its Llama classes, which 0.24 runs in every other test here (one engine
-# start less, to keep CI inside its time limit).
+# runs on 0.32 only: in 0.24's source as in 0.32's, vLLM's Mistral attention subclasses Llama's and builds the same
+# o_proj the plugin folds into, and 0.24 runs Llama in every other test here (one engine start less, for CI's limit).
 COMPAT_DESELECT := tests/test_vllm_controls.py::test_server_policy_metrics_and_hot_swap \
 	'tests/test_vllm_plugin.py::test_plugin_equals_hf_apply_on_other_architectures[mistral]'
 test-vllm-compat: $(COMPAT_VENV)/.installed
