@@ -16,7 +16,10 @@ Candidates:
 * ``union``: the linear gate and the refusal probe side by side, firing when either does, both thresholds at one
   benign quantile chosen so that together they fire on at most the target share of benign calibration requests;
 * ``per-source``: one linear probe per source with harmful requests (its harmful requests against every benign
-  one), firing when any does, thresholds as for ``union`` — a gate with one direction per kind of harm.
+  one), firing when any does, thresholds as for ``union`` — a gate with one direction per kind of harm;
+* ``group-dro``: one linear probe fit for its *worst* (source, label) group rather than their average (group DRO,
+  Sagawa et al. 2020: exponentiated group weights, step 0.05; L2 0.01; Adam, 400 full-batch steps) — a gate asked
+  to hold on every kind it sees, in the hope that it then holds on kinds it does not.
 
 The base's answers are generated once per model and cached in the cache's ``gate/`` (their texts stay there), and
 only when a candidate needs them (``REFUSAL_BASED``).
@@ -130,6 +133,33 @@ def per_source(x: np.ndarray, harmful: np.ndarray, refused: np.ndarray, sources:
     return lambda z: z @ weights + biases
 
 
+def group_dro(x: np.ndarray, harmful: np.ndarray, refused: np.ndarray, sources: np.ndarray, seed: int = 0) -> Scorer:
+    import torch
+
+    torch.manual_seed(seed)
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    inputs = torch.tensor((x - mean) / scale, dtype=torch.float32)
+    targets = torch.tensor(harmful, dtype=torch.float32)
+    names = sorted({(s, bool(h)) for s, h in zip(sources.tolist(), harmful.tolist())})
+    group = torch.tensor([names.index((s, bool(h))) for s, h in zip(sources.tolist(), harmful.tolist())])
+    sizes = torch.bincount(group, minlength=len(names)).float()
+    weight = torch.zeros(x.shape[1], requires_grad=True)
+    bias = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=0.02)
+    mix = torch.full((len(names),), 1 / len(names))
+    for _ in range(400):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(inputs @ weight + bias, targets, reduction="none")
+        per_group = torch.zeros(len(names)).index_add(0, group, loss) / sizes
+        mix = mix * torch.exp(0.05 * per_group.detach())
+        mix = mix / mix.sum()
+        optimizer.zero_grad()
+        ((mix * per_group).sum() + 0.01 * (weight * weight).sum()).backward()
+        optimizer.step()
+    folded = weight.detach().double().numpy() / scale
+    offset = float(bias.detach()) - folded @ mean
+    return lambda z: (z @ folded + offset)[:, None]
+
+
 CANDIDATES: dict[str, Fitter] = {
     "linear": linear,
     "mlp": mlp,
@@ -137,6 +167,7 @@ CANDIDATES: dict[str, Fitter] = {
     "harm-or-refusal": harm_or_refusal,
     "union": union,
     "per-source": per_source,
+    "group-dro": group_dro,
 }
 REFUSAL_BASED = {"refusal", "harm-or-refusal", "union"}  # fit on the base's own refusals: need its answers
 
