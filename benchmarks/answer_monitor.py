@@ -88,14 +88,13 @@ def answers_cached(model_dir, sets: dict[str, list[Request]], max_tokens: int) -
     return answers
 
 
-def features(model_dir, requests: list[Request], answers: list[str], max_tokens: int) -> np.ndarray:
+def features(model, tokenizer, requests: list[Request], answers: list[str], max_tokens: int) -> np.ndarray:
     """[requests, layers, 1 + answer lengths, hidden]: the last prompt token, then each answer mean."""
     import torch
     from tqdm import tqdm
 
-    from safetylock.hf import chat_ids, load_model
+    from safetylock.hf import chat_ids
 
-    model, tokenizer = load_model(model_dir)
     rows = []
     for request, answer in tqdm(list(zip(requests, answers)), desc="answer features", unit="chat"):
         prompt = chat_ids(tokenizer, request.messages())
@@ -125,7 +124,10 @@ def main(variant: str, per_group: int, per_unseen: int, max_tokens: int, seed: i
     model_dir = models.resolve(models.DEFAULT_MODEL) if variant == "base" else attack.build(variant) / "merged"
     sets = request_sets(per_group, per_unseen, seed)
     answers = answers_cached(model_dir, sets, max_tokens)
-    feats = {name: features(model_dir, sets[name], answers[name], max_tokens) for name in sets}
+    from safetylock.hf import load_model
+
+    model, tokenizer = load_model(model_dir)
+    feats = {name: features(model, tokenizer, sets[name], answers[name], max_tokens) for name in sets}
     labels = np.array([r.harmful for r in sets["fit"]])
     sources = np.array([r.source for r in sets["fit"]])
     complied = {name: np.array([verdict(a, r.text) == "complied" for r, a in zip(sets[name], answers[name])]) for name in sets}
