@@ -193,9 +193,15 @@ def rate(hit: np.ndarray) -> float:
 
 
 def loso(
-    fitter: Fitter, x: np.ndarray, requests: list[Request], refused: np.ndarray, fit: np.ndarray, calibration: np.ndarray
+    fitter: Fitter,
+    x: np.ndarray,
+    requests: list[Request],
+    refused: np.ndarray,
+    fit: np.ndarray,
+    calibration: np.ndarray,
+    fprs: tuple[float, ...] = REPORT_FPRS,
 ) -> list[Heldout]:
-    """``gate.leave_one_source_out`` with any candidate (AUROC on the first probe column)."""
+    """``gate.leave_one_source_out`` with any candidate (AUROC on the first probe column), thresholds at ``fprs``."""
     harmful = np.array([r.harmful for r in requests])
     sources = np.array([r.source for r in requests])
     seen = seen_masks(requests)
@@ -205,7 +211,7 @@ def loso(
         train = fit[unseen[fit]]
         scorer = fitter(x[train], harmful[train], refused[train], sources[train])
         negatives = scorer(x[calibration[unseen[calibration] & ~harmful[calibration]]])
-        limits = {f"{round(100 * f)}%": thresholds_at(negatives, f) for f in REPORT_FPRS}
+        limits = {f"{round(100 * f)}%": thresholds_at(negatives, f) for f in fprs}
         scores = scorer(x[sources == held])
         positive, negative = scores[harmful[sources == held]], scores[~harmful[sources == held]]
         rows.append(
