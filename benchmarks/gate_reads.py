@@ -127,10 +127,19 @@ def layer_mean(x: np.ndarray, harmful: np.ndarray, refused: np.ndarray, sources:
     )[:, None]
 
 
-def score(fitter: Fitter, x: np.ndarray, unseen_x: dict[str, np.ndarray], requests: list[Request], fit, calibration) -> dict:
+def score(
+    fitter: Fitter,
+    x: np.ndarray,
+    unseen_x: dict[str, np.ndarray],
+    requests: list[Request],
+    fit: np.ndarray,
+    calibration: np.ndarray,
+    curve_sources: frozenset[str] | None = None,
+) -> dict:
     """``gate_probes``' table for one candidate at each of ``SWEEP``'s thresholds: held out by source, then unseen
     sources; ``curve`` holds, per threshold, the mean held-out TPR over harmful sources, the mean held-out firing
-    over benign ones, the mean TPR over unseen harmful sources and the firing on advice questions."""
+    over benign ones (of ``curve_sources`` only, when given), the mean TPR over unseen harmful sources and the
+    firing on advice questions."""
     harmful, sources = np.array([r.harmful for r in requests]), np.array([r.source for r in requests])
     table = loso(fitter, x, requests, np.zeros(len(requests), bool), fit, calibration, SWEEP)
     scorer = fitter(x[fit], harmful[fit], np.zeros(len(fit), bool), sources[fit])
@@ -138,11 +147,12 @@ def score(fitter: Fitter, x: np.ndarray, unseen_x: dict[str, np.ndarray], reques
     limits = {f"{round(100 * f)}%": thresholds_at(benign, f) for f in SWEEP}
     scores = {u: scorer(z) for u, z in unseen_x.items()}
     unseen = {u: {k: rate(fires(z, t)) for k, t in limits.items()} for u, z in scores.items()}
+    counted = [row for row in table if curve_sources is None or row.source in curve_sources]
     curve = [
         {
             "fpr_target": k,
-            "heldout_tpr": round(float(np.mean([row.tpr[k] for row in table if row.tpr])), 4),
-            "heldout_benign_firing": round(float(np.mean([row.fpr[k] for row in table if row.fpr])), 4),
+            "heldout_tpr": round(float(np.mean([row.tpr[k] for row in counted if row.tpr])), 4),
+            "heldout_benign_firing": round(float(np.mean([row.fpr[k] for row in counted if row.fpr])), 4),
             "unseen_tpr": round(float(np.mean([rates[k] for u, rates in unseen.items() if u != BENIGN_UNSEEN])), 4),
             "advice_firing": unseen[BENIGN_UNSEEN][k],
         }
@@ -156,7 +166,7 @@ def score(fitter: Fitter, x: np.ndarray, unseen_x: dict[str, np.ndarray], reques
     }
 
 
-def plot_curves(results: dict, path: Path) -> None:
+def plot_curves(results: dict, path: Path, title: str = "Where the gate reads") -> None:
     """Mean held-out TPR against mean held-out benign firing (left) and unseen TPR against advice firing (right),
     one line per candidate over the threshold sweep."""
     import matplotlib
@@ -179,7 +189,7 @@ def plot_curves(results: dict, path: Path) -> None:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Where the gate reads: thresholds at {', '.join(f'{round(100 * f)}%' for f in SWEEP)} of benign calibration")
+    fig.suptitle(f"{title}: thresholds at {', '.join(f'{round(100 * f)}%' for f in SWEEP)} of benign calibration")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
