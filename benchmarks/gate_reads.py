@@ -18,7 +18,7 @@ other sources' benign calibration requests, ``SWEEP``; unseen sources by the pro
 candidate is a curve of reach against benign firing rather than one point. The features are computed once per
 model (about 26 min on 2 AVX2 cores) and cached in the cache's ``gate/``.
 
-Run: python -m benchmarks.gate_reads
+Run: python -m benchmarks.gate_reads [--topics 150 --out gate_reads_topics]
 Writes benchmarks/results/gate_reads.{json,png} (rates only).
 """
 
@@ -198,13 +198,22 @@ def plot_curves(results: dict, path: Path, title: str = "Where the gate reads") 
 @click.command()
 @click.option("--model", "model_name", default=models.DEFAULT_MODEL, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--topics",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="The gate's data with the topic sources (as gate_sources --topics); held-out means then over the "
+    "product's sources only. 0: the product's data.",
+)
 @click.option("--out", default="gate_reads", show_default=True)
-def main(model_name: str, seed: int, out: str) -> None:
+def main(model_name: str, seed: int, topics: int, out: str) -> None:
     from safetylock.evaluate import UNSEEN_HARMFUL
 
     started = time.perf_counter()
     model_dir = models.resolve(model_name)
-    requests = list(gate_requests(data.advbench(), Sizes(), seed=seed))
+    requests = list(gate_requests(data.advbench(), Sizes(topics=topics), seed=seed))
+    product = frozenset(r.source for r in gate_requests(data.advbench(), Sizes(), seed=seed))
     unseen = {
         name: with_system_prompts([single(p, name != BENIGN_UNSEEN, found.name) for p in found.prompts], seed)
         for name, found in ((n, load()) for n, load in (*UNSEEN_HARMFUL.items(), (BENIGN_UNSEEN, advice)))
@@ -222,11 +231,11 @@ def main(model_name: str, seed: int, out: str) -> None:
     for layer in LAYERS:
         for view_name, view in VIEWS.items():
             name = f"{view_name}@{layer}"
-            results[name] = score(linear, *parted(view(closing[layer])), requests, fit, calibration)
+            results[name] = score(linear, *parted(view(closing[layer])), requests, fit, calibration, product)
             print(name, results[name]["out_of_source_score"], json.dumps(results[name]["curve"]), flush=True)
     stacked = np.concatenate([closing[layer][:, -1] for layer in LAYERS], axis=1)
     name = "layer-mean@" + "+".join(map(str, LAYERS))
-    results[name] = score(layer_mean, *parted(stacked), requests, fit, calibration)
+    results[name] = score(layer_mean, *parted(stacked), requests, fit, calibration, product)
     print(name, results[name]["out_of_source_score"], json.dumps(results[name]["curve"]), flush=True)
     write_result(
         out,
@@ -234,6 +243,7 @@ def main(model_name: str, seed: int, out: str) -> None:
             "model": model_name,
             "layers": list(LAYERS),
             "positions": POSITIONS,
+            "topics": topics,
             "protocol": "leave-one-source-out (thresholds at each sweep target's share of the other sources' benign "
             "calibration requests firing, held-out source scored whole); unseen sources: fit on every source's fit "
             "split, thresholds on all benign calibration requests; layer score at 5%; rates only",
