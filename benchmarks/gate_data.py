@@ -21,10 +21,10 @@ import numpy as np
 
 from benchmarks.common import RESULTS, write_result
 from benchmarks.gate_probes import linear
-from benchmarks.gate_reads import BENIGN_UNSEEN, SWEEP, plot_curves, score
-from benchmarks.gate_sources import features_cached
+from benchmarks.gate_reads import SWEEP, plot_curves, score
+from benchmarks.gate_sources import features_cached, unseen_requests
 from safetylock import data, models
-from safetylock.sources import Sizes, advice, gate_requests, single, split, with_system_prompts
+from safetylock.sources import Sizes, gate_requests, split
 
 DATA_SETS = {
     "product": Sizes(),
@@ -42,7 +42,6 @@ DATA_SETS = {
 def main(model_name: str, layer: int, seed: int, out: str) -> None:
     from transformers import AutoConfig
 
-    from safetylock.evaluate import UNSEEN_HARMFUL
     from safetylock.gate import candidate_layers
     from safetylock.geometry import head_geometry
 
@@ -51,11 +50,9 @@ def main(model_name: str, layer: int, seed: int, out: str) -> None:
     layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
     if layer not in layers:
         raise click.BadParameter(f"layer {layer} is not a candidate gate layer ({layers})", param_hint="--layer")
-    unseen = {
-        name: with_system_prompts([single(p, name != BENIGN_UNSEEN, found.name) for p in found.prompts], seed)
-        for name, found in ((n, load()) for n, load in (*UNSEEN_HARMFUL.items(), (BENIGN_UNSEEN, advice)))
+    unseen_x = {
+        u: features_cached(model_dir, asked, [layer])[layer].astype(np.float64) for u, asked in unseen_requests(seed).items()
     }
-    unseen_x = {u: features_cached(model_dir, asked, [layer])[layer].astype(np.float64) for u, asked in unseen.items()}
     product = frozenset(r.source for r in gate_requests(data.advbench(), DATA_SETS["product"], seed=seed))
     results = {}
     for name, sizes in DATA_SETS.items():

@@ -40,7 +40,7 @@ import click
 import numpy as np
 
 from benchmarks.common import RESULTS, write_result
-from benchmarks.gate_sources import features_cached, request_key
+from benchmarks.gate_sources import UNSEEN_BENIGN, features_cached, request_key, unseen_requests
 from safetylock import data, models
 from safetylock.gate import (
     REPORT_FPRS,
@@ -54,7 +54,7 @@ from safetylock.gate import (
     threshold_at,
 )
 from safetylock.judge import is_refusal
-from safetylock.sources import Request, Sizes, advice, gate_requests, single, split, with_system_prompts
+from safetylock.sources import Request, Sizes, gate_requests, split
 
 Scorer = Callable[[np.ndarray], np.ndarray]  # features [n, hidden] -> scores [n, k] (k probes; fires if any fires)
 Fitter = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], Scorer]  # (x, harmful, refused, sources)
@@ -241,7 +241,6 @@ def loso(
 def main(model_name: str, layer: int, seed: int, candidates: str, out: str) -> None:
     from transformers import AutoConfig
 
-    from safetylock.evaluate import UNSEEN_HARMFUL
     from safetylock.geometry import head_geometry
 
     started = time.perf_counter()
@@ -254,10 +253,7 @@ def main(model_name: str, layer: int, seed: int, candidates: str, out: str) -> N
     if not chosen or set(chosen) - set(CANDIDATES):
         raise click.BadParameter(f"choose from {', '.join(CANDIDATES)}, got {candidates!r}", param_hint="--candidates")
     x = features_cached(model_dir, requests, layers)[layer].astype(np.float64)
-    unseen = {
-        name: with_system_prompts([single(p, name != "advice", found.name) for p in found.prompts], seed)
-        for name, found in ((n, load()) for n, load in (*UNSEEN_HARMFUL.items(), ("advice", advice)))
-    }
+    unseen = unseen_requests(seed)
     harmful, sources = np.array([r.harmful for r in requests]), np.array([r.source for r in requests])
     fit, calibration = (np.asarray(part) for part in split(requests, seed=seed))
     unseen_x = {name: features_cached(model_dir, asked, [layer])[layer].astype(np.float64) for name, asked in unseen.items()}
@@ -275,7 +271,7 @@ def main(model_name: str, layer: int, seed: int, candidates: str, out: str) -> N
             }
         for name, asked in unseen.items():
             answered = np.array([is_refusal(openings[request_key(r)]) for r in asked])
-            base_refusal[name] = {"harmful" if name != "advice" else "benign": rate(answered)}
+            base_refusal[name] = {"harmful" if name != UNSEEN_BENIGN else "benign": rate(answered)}
     results = {}
     for name in chosen:
         fitter = CANDIDATES[name]

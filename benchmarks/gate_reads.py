@@ -38,15 +38,14 @@ from tqdm import tqdm
 
 from benchmarks.common import RESULTS, write_result
 from benchmarks.gate_probes import Fitter, Scorer, fires, linear, loso, rate, thresholds_at
-from benchmarks.gate_sources import request_key
+from benchmarks.gate_sources import UNSEEN_BENIGN, cached_by_request, unseen_requests
 from safetylock import data, models
 from safetylock.gate import attention_blocks, block_input, length_batches, out_of_source_score
 from safetylock.hf import chat_ids, load_model, pad_batch
-from safetylock.sources import Request, Sizes, advice, gate_requests, single, split, with_system_prompts
+from safetylock.sources import Request, Sizes, gate_requests, split
 
 LAYERS = (12, 16, 20)
 SWEEP = (0.01, 0.02, 0.03, 0.05, 0.08, 0.12)  # threshold targets: share of benign calibration requests firing
-BENIGN_UNSEEN = "advice"
 POSITIONS = 5  # the chat template's closing tokens: <|im_end|> \n <|im_start|> assistant \n
 View = Callable[[np.ndarray], np.ndarray]  # [n, POSITIONS, hidden] -> [n, features]
 VIEWS: dict[str, View] = {
@@ -67,50 +66,41 @@ def closing_features(model_dir: Path, requests: list[Request]) -> dict[int, np.n
     tokens of each request as served; cached per model (only missing requests are computed)."""
     key = {"model": models.directory_digest(model_dir), "layers": list(LAYERS), "positions": POSITIONS}
     path = models.cache_root() / "gate" / f"closing-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.npz"
-    store: dict[str, dict[int, np.ndarray]] = {}
-    if path.exists():
-        with np.load(path) as stored:
-            arrays = {layer: stored[str(layer)] for layer in LAYERS}
-            for row, name in enumerate(stored["keys"].tolist()):
-                store[name] = {layer: arrays[layer][row] for layer in LAYERS}
-    missing = list({request_key(r): r for r in requests if request_key(r) not in store}.values())
-    if missing:
-        model, tokenizer = load_model(model_dir)
-        ids = [chat_ids(tokenizer, r.messages()) for r in missing]
-        rows = {layer: np.zeros((len(ids), POSITIONS, model.config.hidden_size), np.float32) for layer in LAYERS}
-        current: list[int] = []
-        blocks = attention_blocks(model, model.config.num_hidden_layers)
+    return cached_by_request(path, requests, LAYERS, lambda missing: closing_forward(model_dir, missing))
 
-        def recorder(layer: int):
-            def hook(_module, args, kwargs) -> None:
-                rows[layer][current] = block_input(args, kwargs)[:, -POSITIONS:].float().numpy()
-                if layer == max(LAYERS):
-                    raise _Deepest
 
-            return hook
+def closing_forward(model_dir: Path, requests: list[Request]) -> dict[int, np.ndarray]:
+    """``closing_features`` computed: the forward of ``gate.prompt_features`` (chats of similar length batched,
+    left-padded, stopped after the deepest layer), keeping the last ``POSITIONS`` tokens instead of the last one."""
+    model, tokenizer = load_model(model_dir)
+    ids = [chat_ids(tokenizer, r.messages()) for r in requests]
+    rows = {layer: np.zeros((len(ids), POSITIONS, model.config.hidden_size), np.float32) for layer in LAYERS}
+    current: list[int] = []
+    blocks = attention_blocks(model, model.config.num_hidden_layers)
 
-        handles = [blocks[layer].register_forward_pre_hook(recorder(layer), with_kwargs=True) for layer in LAYERS]
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        try:
-            with torch.inference_mode():
-                for members in tqdm(length_batches(order, [len(i) for i in ids], 1024), desc="closing features"):
-                    current[:] = members
-                    batch, mask = pad_batch([ids[i] for i in members], pad_id, "left")
-                    positions = (mask.cumsum(1) - 1).clamp(min=0)
-                    with contextlib.suppress(_Deepest):
-                        model.model(input_ids=batch, attention_mask=mask, position_ids=positions, use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
-        for row, request in enumerate(missing):
-            store[request_key(request)] = {layer: rows[layer][row] for layer in LAYERS}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        names = sorted(store)
-        staged = path.with_suffix(".tmp.npz")
-        np.savez(staged, keys=np.array(names), **{str(layer): np.stack([store[n][layer] for n in names]) for layer in LAYERS})
-        staged.replace(path)
-    return {layer: np.stack([store[request_key(r)][layer] for r in requests]) for layer in LAYERS}
+    def recorder(layer: int):
+        def hook(_module, args, kwargs) -> None:
+            rows[layer][current] = block_input(args, kwargs)[:, -POSITIONS:].float().numpy()
+            if layer == max(LAYERS):
+                raise _Deepest
+
+        return hook
+
+    handles = [blocks[layer].register_forward_pre_hook(recorder(layer), with_kwargs=True) for layer in LAYERS]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    try:
+        with torch.inference_mode():
+            for members in tqdm(length_batches(order, [len(i) for i in ids], 1024), desc="closing features"):
+                current[:] = members
+                batch, mask = pad_batch([ids[i] for i in members], pad_id, "left")
+                positions = (mask.cumsum(1) - 1).clamp(min=0)
+                with contextlib.suppress(_Deepest):
+                    model.model(input_ids=batch, attention_mask=mask, position_ids=positions, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return rows
 
 
 def layer_mean(x: np.ndarray, harmful: np.ndarray, refused: np.ndarray, sources: np.ndarray, seed: int = 0) -> Scorer:
@@ -153,8 +143,8 @@ def score(
             "fpr_target": k,
             "heldout_tpr": round(float(np.mean([row.tpr[k] for row in counted if row.tpr])), 4),
             "heldout_benign_firing": round(float(np.mean([row.fpr[k] for row in counted if row.fpr])), 4),
-            "unseen_tpr": round(float(np.mean([rates[k] for u, rates in unseen.items() if u != BENIGN_UNSEEN])), 4),
-            "advice_firing": unseen[BENIGN_UNSEEN][k],
+            "unseen_tpr": round(float(np.mean([rates[k] for u, rates in unseen.items() if u != UNSEEN_BENIGN])), 4),
+            "advice_firing": unseen[UNSEEN_BENIGN][k],
         }
         for k in limits
     ]
@@ -208,16 +198,11 @@ def plot_curves(results: dict, path: Path, title: str = "Where the gate reads") 
 )
 @click.option("--out", default="gate_reads", show_default=True)
 def main(model_name: str, seed: int, topics: int, out: str) -> None:
-    from safetylock.evaluate import UNSEEN_HARMFUL
-
     started = time.perf_counter()
     model_dir = models.resolve(model_name)
     requests = list(gate_requests(data.advbench(), Sizes(topics=topics), seed=seed))
     product = frozenset(r.source for r in gate_requests(data.advbench(), Sizes(), seed=seed))
-    unseen = {
-        name: with_system_prompts([single(p, name != BENIGN_UNSEEN, found.name) for p in found.prompts], seed)
-        for name, found in ((n, load()) for n, load in (*UNSEEN_HARMFUL.items(), (BENIGN_UNSEEN, advice)))
-    }
+    unseen = unseen_requests(seed)
     everything = requests + [r for asked in unseen.values() for r in asked]
     closing = closing_features(model_dir, everything)
     edges = np.cumsum([len(requests)] + [len(a) for a in unseen.values()])[:-1]

@@ -37,18 +37,17 @@ from safetylock.gate import (
 )
 from safetylock.geometry import head_geometry
 from safetylock.hf import load_model
-from safetylock.sources import Sizes, gate_requests, redteam, split
+from safetylock.sources import Request, Sizes, advice, gate_requests, redteam, single, split, with_system_prompts
 
 
 def request_key(request) -> str:
     return hashlib.sha256(json.dumps(request.turns).encode()).hexdigest()[:24]
 
 
-def features_cached(model_dir: Path, requests, layers: list[int]) -> dict[int, np.ndarray]:
-    """Each request's features, computed once per model and layer set (a store keyed by each request's turns,
-    so adding a source computes only its requests)."""
-    key = {"model": models.directory_digest(model_dir), "layers": layers}
-    path = models.cache_root() / "gate" / f"features-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.npz"
+def cached_by_request(path: Path, requests, layers, compute) -> dict[int, np.ndarray]:
+    """``{layer: [requests, ...]}`` from a store at ``path`` keyed by each request's turns (``request_key``):
+    ``compute(missing)`` (``{layer: [missing, ...]}``) runs only on requests the store lacks, which are then added
+    to it, written whole through a staged file."""
     store: dict[str, dict[int, np.ndarray]] = {}
     if path.exists():
         with np.load(path) as stored:
@@ -57,8 +56,7 @@ def features_cached(model_dir: Path, requests, layers: list[int]) -> dict[int, n
                 store[name] = {layer: arrays[layer][row] for layer in layers}
     missing = list({request_key(r): r for r in requests if request_key(r) not in store}.values())
     if missing:
-        model, tokenizer = load_model(model_dir)
-        computed = prompt_features(model, tokenizer, [r.messages() for r in missing], layers, progress=True)
+        computed = compute(missing)
         for row, request in enumerate(missing):
             store[request_key(request)] = {layer: computed[layer][row] for layer in layers}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,6 +66,34 @@ def features_cached(model_dir: Path, requests, layers: list[int]) -> dict[int, n
         np.savez(staged, keys=np.array(names), **arrays)
         staged.replace(path)
     return {layer: np.stack([store[request_key(r)][layer] for r in requests]) for layer in layers}
+
+
+def features_cached(model_dir: Path, requests, layers: list[int]) -> dict[int, np.ndarray]:
+    """Each request's features, computed once per model and layer set (a store keyed by each request's turns,
+    so adding a source computes only its requests)."""
+    key = {"model": models.directory_digest(model_dir), "layers": layers}
+    path = models.cache_root() / "gate" / f"features-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.npz"
+
+    def compute(missing) -> dict[int, np.ndarray]:
+        model, tokenizer = load_model(model_dir)
+        return prompt_features(model, tokenizer, [r.messages() for r in missing], layers, progress=True)
+
+    return cached_by_request(path, requests, layers, compute)
+
+
+UNSEEN_BENIGN = "advice"  # the benign one among the unseen sources
+
+
+def unseen_requests(seed: int) -> dict[str, list[Request]]:
+    """The packaged sources that no gate here is fit on (``evaluate.UNSEEN_HARMFUL``, then the advice questions as
+    ``UNSEEN_BENIGN``), each prompt sent as the gate's single requests are (a seeded third under an operator system
+    prompt)."""
+    from safetylock.evaluate import UNSEEN_HARMFUL
+
+    return {
+        name: with_system_prompts([single(p, name != UNSEEN_BENIGN, found.name) for p in found.prompts], seed)
+        for name, found in ((n, load()) for n, load in (*UNSEEN_HARMFUL.items(), (UNSEEN_BENIGN, advice)))
+    }
 
 
 @click.command()
@@ -199,7 +225,6 @@ def unseen_sources(model_dir: Path, features: dict, requests, layer: int, fit, c
     5% of the benign calibration requests; each prompt sent as the gate's single requests are (a seeded third
     under an operator system prompt). A source that the gate's data do hold (``--donotanswer``) is skipped."""
     from safetylock.evaluate import UNSEEN_HARMFUL
-    from safetylock.sources import advice, single, with_system_prompts
 
     fitted = {r.source for r in requests}
     held_by = {"advice": "donotanswer"}  # a set that a gate source holds under another name
@@ -208,11 +233,11 @@ def unseen_sources(model_dir: Path, features: dict, requests, layer: int, fit, c
     benign = features[layer][calibration[~labels[calibration]]] @ weight + bias
     thresholds = {f"{round(100 * r)}%": threshold_at(benign, r) for r in (0.01, 0.05)}
     out = {}
-    for name, load in (*UNSEEN_HARMFUL.items(), ("advice", advice)):
+    for name, load in (*UNSEEN_HARMFUL.items(), (UNSEEN_BENIGN, advice)):
         found = load()
         if held_by.get(found.name, found.name) in fitted:
             continue
-        harmful = name != "advice"
+        harmful = name != UNSEEN_BENIGN
         asked = with_system_prompts([single(p, harmful, found.name) for p in found.prompts], seed)
         scores = features_cached(model_dir, asked, [layer])[layer] @ weight + bias
         rates = {k: round(float((scores > t).mean()), 3) for k, t in thresholds.items()}
