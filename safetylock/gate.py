@@ -19,6 +19,7 @@ token on every lock head is shifted (``early_heads="generated"``). Locks written
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -149,46 +150,78 @@ def prompt_features(
     progress: bool = False,
     framing: Framing | None = None,
     precision: str = "float32",
+    share_prefixes: bool = True,
 ) -> dict[int, np.ndarray]:
     """``{layer: [prompts, hidden]}``: each layer's attention-block input at each chat's last token (a prompt is
-    one user turn, sent as ``framing`` sends it when given, or a list of chat messages). Batches group chats of
-    similar length, up to ``batch_tokens`` padded tokens each (measured: 15% faster than 16 chats a batch); the
-    forward stops after the deepest layer asked for; ``precision`` as ``feature_precision`` resolves it (features
-    are float32 either way)."""
+    one user turn, sent as ``framing`` sends it when given, or a list of chat messages). With ``share_prefixes``,
+    chats that share a prefix (a system prompt, a jailbreak template's opening, an earlier turn) are forwarded after
+    that prefix, forwarded once (``safetylock.hf.prefix_runs``; the same features to float rounding; on the gate's
+    requests 66% of the tokens, 20-30% less time on an AVX2 CPU); the others in batches of similar length. Batches
+    hold up to ``batch_tokens`` padded tokens. The forward stops after the deepest layer asked for; ``precision``
+    as ``feature_precision`` resolves it (features are float32 either way)."""
+    from transformers import DynamicCache
+
     from safetylock.geometry import head_geometry
-    from safetylock.hf import chat_ids, pad_batch
+    from safetylock.hf import PrefixRun, chat_ids, pad_batch, prefix_runs
 
     blocks = attention_blocks(model, head_geometry(model.config).num_layers)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     chats = [framing.messages(p) if framing and isinstance(p, str) else p for p in prompts]
     ids = [chat_ids(tokenizer, chat) for chat in chats]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     rows: dict[int, np.ndarray] = {layer: np.zeros((len(ids), model.config.hidden_size), np.float32) for layer in layers}
-    current: list[int] = []
+    reading: dict[str, Any] = {"members": [], "last": None}  # the batch in the forward: rows, last real positions
     deepest = max(layers)
 
     def recorder(layer: int):
         def hook(_module, args, kwargs):
-            rows[layer][current] = block_input(args, kwargs)[:, -1].float().cpu().numpy()
+            if reading["members"]:
+                hidden = block_input(args, kwargs)
+                last = reading["last"]
+                picked = hidden[:, -1] if last is None else hidden[torch.arange(len(last)), last]
+                rows[layer][reading["members"]] = picked.float().cpu().numpy()
             if layer == deepest:
                 raise _Enough
 
         return hook
 
+    runs = prefix_runs(ids) if share_prefixes else [PrefixRun(0, list(range(len(ids))))]
+    pooled = sorted((i for run in runs if not run.prefix for i in run.members), key=lambda i: len(ids[i]))
+    work: list[tuple[int, list[int]]] = [(0, batch) for batch in length_batches(pooled, [len(i) for i in ids], batch_tokens)]
+    for run in (run for run in runs if run.prefix):
+        members = sorted(run.members, key=lambda i: len(ids[i]))
+        rest = [len(ids[i]) - run.prefix for i in members]
+        work += [(run.prefix, [members[j] for j in batch]) for batch in length_batches(range(len(members)), rest, batch_tokens)]
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     precision = feature_precision(precision)
     device = next(model.parameters()).device.type
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16")
     handles = [blocks[layer].register_forward_pre_hook(recorder(layer), with_kwargs=True) for layer in set(layers)]
-    batches = length_batches(order, [len(i) for i in ids], batch_tokens)
+    prefixes: dict[tuple[int, ...], Any] = {}
     try:
         with autocast:  # entered once: autocast casts each weight once per entry, not once per batch
-            for members in tqdm(batches, desc="gate features", disable=not progress):
-                current[:] = members
-                batch, mask = pad_batch([ids[i] for i in current], pad_id, "left")
-                positions = (mask.cumsum(1) - 1).clamp(min=0)
+            for prefix, members in tqdm(work, desc="gate features", disable=not progress):
+                if not prefix:
+                    batch, mask = pad_batch([ids[i] for i in members], pad_id, "left")
+                    reading.update(members=members, last=None)
+                    positions = (mask.cumsum(1) - 1).clamp(min=0)
+                    with contextlib.suppress(_Enough):
+                        decoder(input_ids=batch, attention_mask=mask, position_ids=positions, use_cache=False)
+                    continue
+                shared = tuple(ids[members[0]][:prefix])
+                if shared not in prefixes:  # its key/values up to the deepest layer read, once
+                    prefixes.clear()
+                    prefixes[shared] = DynamicCache(config=model.config)
+                    reading.update(members=[], last=None)
+                    with contextlib.suppress(_Enough):
+                        decoder(input_ids=torch.tensor([shared]), past_key_values=prefixes[shared], use_cache=True)
+                cache = copy.deepcopy(prefixes[shared])
+                cache.batch_repeat_interleave(len(members))
+                batch, mask = pad_batch([ids[i][prefix:] for i in members], pad_id, "right")
+                reading.update(members=members, last=mask.sum(1) - 1)
+                mask = torch.cat([torch.ones(len(members), prefix, dtype=mask.dtype), mask], 1)
+                positions = prefix + torch.arange(batch.shape[1]).expand_as(batch)
                 with contextlib.suppress(_Enough):
-                    decoder(input_ids=batch, attention_mask=mask, position_ids=positions, use_cache=False)
+                    decoder(input_ids=batch, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
     finally:
         for handle in handles:
             handle.remove()
