@@ -47,7 +47,7 @@ def prefix_runs(sequences: Sequence[Sequence[int]], run_cost: int = 64, window: 
     """``sequences`` cut into runs that share a prefix, chosen to forward the fewest tokens: sorted, a run of
     neighbours costs its shared prefix once, each member's remainder, and ``run_cost`` tokens (the overhead of one
     more forward); a run's prefix leaves each member at least its last token. Runs of at most ``window`` members.
-    Measured on the gate's 1,797 requests: 66% of their tokens forwarded, in 58 runs (every shared prefix once: 61%)."""
+    On the gate's 1,797 requests: 66% of their tokens forwarded, 51 runs with a prefix (each shared prefix once: 61%)."""
     order = sorted(range(len(sequences)), key=lambda i: list(sequences[i]))
     lengths = [len(sequences[i]) for i in order]
     shared = [common_prefix(sequences[a], sequences[b]) for a, b in zip(order, order[1:])]
