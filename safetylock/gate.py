@@ -196,7 +196,7 @@ def prompt_features(
     device = next(model.parameters()).device.type
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16")
     handles = [blocks[layer].register_forward_pre_hook(recorder(layer), with_kwargs=True) for layer in set(layers)]
-    prefixes: dict[tuple[int, ...], Any] = {}
+    held: tuple[tuple[int, ...], Any] = ((), None)  # the last shared prefix and its key/values
     try:
         with autocast:  # entered once: autocast casts each weight once per entry, not once per batch
             for prefix, members in tqdm(work, desc="gate features", disable=not progress):
@@ -208,13 +208,12 @@ def prompt_features(
                         decoder(input_ids=batch, attention_mask=mask, position_ids=positions, use_cache=False)
                     continue
                 shared = tuple(ids[members[0]][:prefix])
-                if shared not in prefixes:  # its key/values up to the deepest layer read, once
-                    prefixes.clear()
-                    prefixes[shared] = DynamicCache(config=model.config)
+                if held[0] != shared:  # its key/values up to the deepest layer read, once (a run's batches follow)
+                    held = (shared, DynamicCache(config=model.config))
                     reading.update(members=[], last=None)
                     with contextlib.suppress(_Enough):
-                        decoder(input_ids=torch.tensor([shared]), past_key_values=prefixes[shared], use_cache=True)
-                cache = copy.deepcopy(prefixes[shared])
+                        decoder(input_ids=torch.tensor([shared]), past_key_values=held[1], use_cache=True)
+                cache = copy.deepcopy(held[1])
                 cache.batch_repeat_interleave(len(members))
                 batch, mask = pad_batch([ids[i][prefix:] for i in members], pad_id, "right")
                 reading.update(members=members, last=mask.sum(1) - 1)

@@ -51,7 +51,7 @@ def prefix_runs(sequences: Sequence[Sequence[int]], run_cost: int = 64, window: 
     order = sorted(range(len(sequences)), key=lambda i: list(sequences[i]))
     lengths = [len(sequences[i]) for i in order]
     shared = [common_prefix(sequences[a], sequences[b]) for a, b in zip(order, order[1:])]
-    best, start = [0] + [0] * len(order), [0] * (len(order) + 1)
+    best, start, kept = [0] * (len(order) + 1), [0] * (len(order) + 1), [0] * (len(order) + 1)
     for end in range(1, len(order) + 1):
         prefix, tokens, best[end] = lengths[end - 1] - 1, 0, -1
         for first in range(end - 1, max(-1, end - 1 - window), -1):
@@ -61,13 +61,11 @@ def prefix_runs(sequences: Sequence[Sequence[int]], run_cost: int = 64, window: 
             count = end - first
             cost = best[first] + run_cost + (tokens if count == 1 else tokens - (count - 1) * prefix)
             if best[end] < 0 or cost < best[end]:
-                best[end], start[end] = cost, first
+                best[end], start[end], kept[end] = cost, first, prefix if count > 1 else 0
     runs: list[PrefixRun] = []
     end = len(order)
     while end > 0:
-        members = order[start[end] : end]
-        prefix = min([len(sequences[i]) - 1 for i in members] + [common_prefix(sequences[members[0]], sequences[members[-1]])])
-        runs.append(PrefixRun(prefix if len(members) > 1 else 0, members))
+        runs.append(PrefixRun(kept[end], order[start[end] : end]))
         end = start[end]
     return runs[::-1]
 
@@ -118,8 +116,7 @@ def generation_header(tokenizer) -> list[int]:
     messages = [{"role": "user", "content": "x"}]
     answering = chat_ids(tokenizer, messages)
     told = list(tokenizer.apply_chat_template(messages, add_generation_prompt=False, return_dict=True)["input_ids"])
-    shared = next((i for i, (a, b) in enumerate(zip(answering, told)) if a != b), min(len(answering), len(told)))
-    return answering[shared:]
+    return answering[common_prefix(answering, told) :]
 
 
 @torch.no_grad()
