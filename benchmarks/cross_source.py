@@ -31,6 +31,7 @@ from safetylock.attack import BASE, build, served
 from safetylock.evaluate import cached_run, without_items
 from safetylock.hf import Framing
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
+from safetylock.sources import GATE_DATA
 
 NLSR_DEFAULT = (0.5, 0.8)  # PRUNE_RATE, SPARSITY: the paper's default (benchmarks.nlsr's first setting)
 NLSR_STRONG = (0.9, 0.5)  # benchmarks.nlsr's second setting: more modules patched, denser masks
@@ -65,6 +66,13 @@ NLSR_STRONG = (0.9, 0.5)  # benchmarks.nlsr's second setting: more modules patch
     help="Also serve each attacked variant gated with this α on the requests whose gate does not fire (0: no such "
     "row); the fired ones still get the refusal.",
 )
+@click.option(
+    "--gate-data",
+    type=click.Choice(list(GATE_DATA)),
+    default="product",
+    show_default=True,
+    help="The data the gate is fit on (`extract --gate-data`): its rows are labelled with the name unless product.",
+)
 @click.option("--out", default="cross_source", show_default=True)
 def main(
     variants: str,
@@ -76,11 +84,13 @@ def main(
     refit: bool,
     suites: str,
     alpha_off: float,
+    gate_data: str,
     out: str,
 ) -> None:
     from benchmarks.nlsr import realigned
 
-    lock = product_lock()
+    lock = product_lock(gate_data=gate_data)
+    data_tag = "" if gate_data == "product" else f"[{gate_data}]"
     chosen = tuple(s for s in suites.split(",") if s)
     sizes = {"count": count, "max_tokens": max_tokens, "enforce_eager": True, "suites": chosen}
     tables: dict[str, list[dict]] = {"always-on lock": [], "gated lock (refuse)": [], "NLSR": []}
@@ -93,7 +103,7 @@ def main(
             tables["always-on lock"] += [unlocked, always]
         served_lock = lock if name == "aligned-base" else calibrated_lock(lock, name, model, framing, refit)
         gated = {"lock": served_lock, "alpha": 4.0, "gated": True, "framing": framing}
-        label = f"{name}+gated-refuse{'(refit)' if refit and name != 'aligned-base' else ''}"
+        label = f"{name}+gated{data_tag}-refuse{'(refit)' if refit and name != 'aligned-base' else ''}"
         tables["gated lock (refuse)"] += [unlocked, cached_run(model, label, **gated, response="refuse", **sizes)]
         if alpha_off and name != "aligned-base":
             label_off = f"{label}+alpha-off({alpha_off:g})"
@@ -109,7 +119,7 @@ def main(
             base,
             cached_run(str(aligned / "merged"), "aligned-mixed", **sizes),
             cached_run(finetuned, "downstream", **sizes),
-            cached_run(finetuned, f"downstream+gated-refuse{refitted}", **gated, response="refuse", **sizes),
+            cached_run(finetuned, f"downstream+gated{data_tag}-refuse{refitted}", **gated, response="refuse", **sizes),
         ]
         # NLSR's safety data: AdvBench, or every source of the gate's; and the stronger setting on AdvBench's
         for setting, safety_data in ((NLSR_DEFAULT, "advbench"), (NLSR_DEFAULT, "mixed"), (NLSR_STRONG, "advbench")):
@@ -118,7 +128,7 @@ def main(
             name += "+mixed-safety-data" if safety_data == "mixed" else ""
             tables["NLSR"].append(cached_run(str(repaired), name, **sizes))
             if name == label:
-                gated_name = f"{name}+gated-refuse{refitted}"
+                gated_name = f"{name}+gated{data_tag}-refuse{refitted}"
                 tables["NLSR"].append(cached_run(str(repaired), gated_name, **gated, response="refuse", **sizes))
     written = {}
     for method, runs in tables.items():
@@ -130,13 +140,15 @@ def main(
     write_result(
         out,
         {
-            "protocol": "vLLM + plugin, greedy, enforce-eager; lock: heads + gate fit on every source (the product "
-            f"lock), gate {'refit' if refit else 'threshold re-set'} on each variant as served; every suite but "
-            "advbench-heldout is from a source no lock, gate or NLSR run here is fit on (checked in each run)",
+            "protocol": "vLLM + plugin, greedy, enforce-eager; lock: heads + gate fit on every source of the "
+            f"{gate_data} gate data, gate {'refit' if refit else 'threshold re-set'} on each variant as served; "
+            "every suite but advbench-heldout is from a source no lock, gate or NLSR run here is fit on (checked in "
+            "each run)",
             "suites": list(chosen),
             "gate_calibration": "refit" if refit else "threshold",
             "alpha_always_on": alpha,
             "alpha_off": alpha_off,
+            "gate_data": gate_data,
             "count": count,
             "max_tokens": max_tokens,
             "tables": written,

@@ -24,11 +24,10 @@ from benchmarks.gate_probes import linear
 from benchmarks.gate_reads import SWEEP, plot_curves, score
 from benchmarks.gate_sources import features_cached, unseen_requests
 from safetylock import data, models
-from safetylock.sources import Sizes, gate_requests, split
+from safetylock.sources import GATE_DATA, Sizes, gate_requests, split
 
 DATA_SETS = {
-    "product": Sizes(),
-    "topics": Sizes(topics=150),
+    **GATE_DATA,
     "people": Sizes(people=60),
     "topics+people": Sizes(topics=150, people=60),
 }

@@ -89,19 +89,24 @@ def suite_files(count: int, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
-def gated_copy(base_lock: Path, model_dir: Path, path: Path, leave_out=None, seed: int = 0) -> Path:
-    """``base_lock`` with a gate fit (``gate_from_features`` on the cached features) on the gate's requests, less
-    those for which ``leave_out(requests)`` is true, written to ``path`` (cached)."""
+def gated_copy(
+    base_lock: Path, model_dir: Path, path: Path, leave_out=None, seed: int = 0, sizes: sources.Sizes | None = None
+) -> Path:
+    """``base_lock`` with a gate fit (``gate_from_features`` on the cached features) on the gate's requests
+    (``sizes``: the product's by default), less those for which ``leave_out(requests)`` is true, written to ``path``
+    (cached)."""
     if path.exists():
         return path
     from transformers import AutoConfig
 
-    requests = sources.gate_requests(data.advbench(), seed=seed)
+    sizes = sizes or sources.Sizes()
+    requests = sources.gate_requests(data.advbench(), sizes, seed=seed)
     layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
     features = features_cached(model_dir, requests, layers)
     dropped = leave_out(requests) if leave_out else [False] * len(requests)
     keep = [i for i, gone in enumerate(dropped) if not gone]
-    gate, _ = gate_from_features({k: v[keep] for k, v in features.items()}, [requests[i] for i in keep], seed, True)
+    kept = [requests[i] for i in keep]
+    gate, _ = gate_from_features({k: v[keep] for k, v in features.items()}, kept, seed, True, sizes)
     dataclasses.replace(load(base_lock), gate=gate).save(path)
     return path
 

@@ -28,7 +28,7 @@ from safetylock.hf import Framing
 from safetylock.judge import refusal_fit
 from safetylock.lockfile import load
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
-from safetylock.sources import gate_requests, source_hashes
+from safetylock.sources import GATE_DATA, gate_requests, recorded_sizes, source_hashes
 
 SUITES = ("advbench-heldout", "airt", "benign", "arithmetic")
 
@@ -42,19 +42,26 @@ def off_topic_share(report: dict, suite: str) -> float | None:
     return round(sum(refusal_fit(i["response"], i["prompt"]) == "off-topic" for i in refusals) / len(refusals), 4)
 
 
-def product_lock(seed: int = 0) -> Path:
-    """The packaged model's lock with heads and a gate fit on every source (the cache's default lock path)."""
+def product_lock(seed: int = 0, gate_data: str = "product") -> Path:
+    """The packaged model's lock with heads and a gate fit on every source of ``GATE_DATA[gate_data]`` (for the
+    product's data: the cache's default lock path; else beside it, tagged with the data's name)."""
     path = models.default_lock_path(BASE)
+    if gate_data != "product":
+        path = path.with_name(path.name.replace(".lock.", f".{gate_data}.lock."))
+    sizes = GATE_DATA[gate_data]
     cached = load(path) if path.exists() else None
     if cached is not None and cached.gate is not None:
-        if cached.gate.calibration.get("data") != source_hashes(gate_requests(data.advbench(), seed=seed)):
+        recorded = recorded_sizes(cached.gate.calibration)
+        if recorded != sizes or cached.gate.calibration.get("data") != source_hashes(
+            gate_requests(data.advbench(), sizes, seed=seed)
+        ):
             raise SystemExit(
-                f"{path} has a gate fit on other requests than the gate's sources give now: re-extract it "
-                f"(safetylock extract --model {BASE} --out {path})"
+                f"{path} has a gate fit on other requests than the gate's {gate_data} data give now: re-extract it "
+                f"(safetylock extract --model {BASE} --gate-data {gate_data} --out {path})"
             )
         return path
     model_dir = models.resolve(BASE)
-    return gated_copy(base_lock_path(model_dir), model_dir, path, seed=seed)
+    return gated_copy(base_lock_path(model_dir), model_dir, path, seed=seed, sizes=sizes)
 
 
 @click.command()

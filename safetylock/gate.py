@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from safetylock.errors import ExtractError, LockError
 from safetylock.overlap import containing, fingerprints
-from safetylock.sources import Request, gate_requests, source_hashes, split
+from safetylock.sources import Request, Sizes, gate_requests, sizes_record, source_hashes, split
 from safetylock.threads import one_thread_fits
 
 if TYPE_CHECKING:
@@ -391,21 +391,27 @@ def fit_gate(
     seed: int = 0,
     progress: bool = True,
     precision: str = "auto",
+    data_sizes: Sizes | None = None,
 ) -> tuple[Gate, dict[int, list[Heldout]]]:
     """The gate at the layer of ``layers`` that generalises best to held-out sources (``out_of_source_score``),
     refit on every source's fit split, threshold at ``TARGET_FPR`` of all benign calibration requests; also
-    every layer's leave-one-source-out table. Features in ``precision`` (``feature_precision``)."""
+    every layer's leave-one-source-out table. Features in ``precision`` (``feature_precision``); ``data_sizes``:
+    the ``Sizes`` that ``requests`` were built with (``gate_requests``), recorded for re-calibration."""
     if len({r.source for r in requests}) < 2 or len({r.harmful for r in requests}) < 2:
         raise ExtractError("the gate needs harmful and benign requests from at least two sources")
     precision = feature_precision(precision)
     chats = [r.messages() for r in requests]
     features = prompt_features(model, tokenizer, chats, layers, progress=progress, precision=precision)
-    gate, tables = gate_from_features(features, requests, seed, progress)
+    gate, tables = gate_from_features(features, requests, seed, progress, data_sizes)
     return replace(gate, calibration={**gate.calibration, "precision": precision}), tables
 
 
 def gate_from_features(
-    features: dict[int, np.ndarray], requests: Sequence[Request], seed: int = 0, progress: bool = False
+    features: dict[int, np.ndarray],
+    requests: Sequence[Request],
+    seed: int = 0,
+    progress: bool = False,
+    data_sizes: Sizes | None = None,
 ) -> tuple[Gate, dict[int, list[Heldout]]]:
     """``fit_gate`` on features already computed (``{layer: [requests, hidden]}``, rows in request order)."""
     layers = sorted(features)
@@ -434,6 +440,7 @@ def gate_from_features(
         "tpr": _rate(harmful_cal, threshold),
         "sizes": {"fit": len(fit_arr), "calibration": len(cal_arr), "requests": len(requests)},
         "data": source_hashes(requests),
+        **({"data_sizes": sizes_record(data_sizes)} if data_sizes is not None else {}),
         "fit_prompts": fingerprints(r.text for r in requests),  # fit and calibration alike (safetylock.overlap)
         "firing_by_source": by_source,
         "layer_selection": "leave-one-source-out: mean held-out TPR at 5% FPR minus mean held-out FPR",
@@ -479,10 +486,10 @@ def as_served(request: Request) -> Chat:
     return turns[0]["content"] if len(turns) == 1 else turns
 
 
-def benign_calibration(harmful: PromptSet, seed: int = 0) -> list[Chat]:
-    """The benign calibration requests of the gate's data (every benign kind), as served (``as_served``): what
-    ``recalibrate`` runs through a served fine-tune."""
-    requests = gate_requests(harmful, seed=seed)
+def benign_calibration(harmful: PromptSet, seed: int = 0, sizes: Sizes | None = None) -> list[Chat]:
+    """The benign calibration requests of the gate's data (every benign kind; ``sizes``: the data the gate was fit
+    on), as served (``as_served``): what ``recalibrate`` runs through a served fine-tune."""
+    requests = gate_requests(harmful, sizes or Sizes(), seed=seed)
     _, calibration = split(requests, seed=seed)
     return [as_served(requests[i]) for i in calibration if not requests[i].harmful]
 

@@ -74,9 +74,10 @@ def _gate_fit(lock) -> Fit:
     recorded = calibration.get("fit_prompts")
     if recorded is None and sources:  # older locks: the packaged requests of every source whose hash matches
         from safetylock import data
-        from safetylock.sources import gate_requests, source_hashes
+        from safetylock.sources import gate_requests, recorded_sizes, source_hashes
 
-        requests = gate_requests(data.advbench(), seed=lock.provenance.get("seed", 0))
+        sizes = recorded_sizes(calibration)
+        requests = gate_requests(data.advbench(), sizes, seed=lock.provenance.get("seed", 0))
         rebuilt = source_hashes(requests)
         if all(rebuilt.get(source) == digest for source, digest in sources.items()):
             recorded = fingerprints(r.text for r in requests if r.source in sources)

@@ -16,7 +16,7 @@ from safetylock.overlap import fingerprints
 from safetylock.probe import check_top_k, fit_probes
 from safetylock.provenance import SKETCH_SEED, hf_weight_sketch
 from safetylock.recipes import contrast_examples, recipe
-from safetylock.sources import gate_requests
+from safetylock.sources import Sizes, gate_requests
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class ExtractConfig:
     batch_size: int = 16
     gate: bool = True  # also fit the request gate (safetylock.gate) for gated serving, the product's default
     gate_precision: str = "auto"  # of the gate's feature forward (safetylock.gate.feature_precision)
+    gate_data: Sizes = Sizes()  # how many requests of each source the gate is fit on (sources.GATE_DATA)
 
 
 class Stopwatch:
@@ -76,9 +77,10 @@ def extract_lock(
     projections = output_projections(model, geometry)
     gate = None
     if config.gate:
-        requests = gate_requests(harmful, seed=config.seed)
+        requests = gate_requests(harmful, config.gate_data, seed=config.seed)
         layers = candidate_layers(geometry.num_layers)
-        gate, _ = fit_gate(model, tokenizer, requests, layers, config.seed, progress, config.gate_precision)
+        precision = config.gate_precision
+        gate, _ = fit_gate(model, tokenizer, requests, layers, config.seed, progress, precision, config.gate_data)
         clock.lap("gate")
     try:
         version = importlib.metadata.version("safetylock")

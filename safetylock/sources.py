@@ -13,10 +13,10 @@ wrapper), ``multiturn`` (a harmful second turn after a benign first one; a benig
 turn) and ``rephrase-<tense>`` (harmful and benign imperatives re-asked about the past or the future).
 
 Sources of the kinds the others lack (self-harm, privacy, sexual content, hate and stereotypes asked in a line),
-an experiment outside the product's data (``Sizes.topics``): ``strongreject`` and ``uncensorbench`` (harmful),
-``refusal-pairs`` (harmful questions and benign twins in the same words) and ``edgy-benign`` (benign); and
-``people-private`` / ``people-generalise`` (``Sizes.people``: an acquaintance's private data asked for, a demeaning
-generalisation about a group endorsed; benign twins in the same words).
+outside the product's data unless asked for (``Sizes.topics``; ``GATE_DATA["topics"]``): ``strongreject`` and
+``uncensorbench`` (harmful), ``refusal-pairs`` (harmful questions and benign twins in the same words) and
+``edgy-benign`` (benign); and ``people-private`` / ``people-generalise`` (``Sizes.people``: an acquaintance's
+private data asked for, a demeaning generalisation about a group endorsed; benign twins in the same words).
 
 Sources no gate or lock here is fit on, for scoring only: ``airt``, ``harmbench``, ``donotanswer`` (and its
 ``advice`` questions, benign), ``past-tense`` and ``future-tense`` (another package's tense reformulations).
@@ -42,7 +42,7 @@ import yaml
 
 from safetylock import data
 from safetylock.contrast import task_phrase
-from safetylock.errors import DataError
+from safetylock.errors import DataError, LockError
 from safetylock.hf import Turns
 
 REDTEAM = data.PackagedData(data.PYRIT, "pyrit/datasets/scorer_evals/objective/")
@@ -455,6 +455,40 @@ class Sizes:
     asks: int = 0  # harmful AdvBench requests asked in the first person or as a question (``asks``); as many benign
     topics: int = 0  # at most this many requests of each topic source (``topic_sources``). 0: the product's data
     people: int = 0  # harmful requests about a person or a group of each kind (``about_people``); as many benign
+
+
+GATE_DATA: dict[str, Sizes] = {
+    "product": Sizes(),
+    "topics": Sizes(topics=150),  # + the topic sources (docs/gated.md: "The curve, not the point")
+}
+"""The gate's data sets by name (``extract --gate-data``); ``product`` is the default."""
+
+
+def gate_data_name(sizes: Sizes) -> str:
+    """The name of ``sizes`` in ``GATE_DATA``, or ``custom``."""
+    return next((name for name, known in GATE_DATA.items() if known == sizes), "custom")
+
+
+def sizes_record(sizes: Sizes) -> dict[str, int | None]:
+    """``sizes`` as a lock records them (the gate's ``calibration["data_sizes"]``)."""
+    return dataclasses.asdict(sizes)
+
+
+def recorded_sizes(calibration: dict) -> Sizes:
+    """The data sizes a lock's gate was fit with (``sizes_record``); a lock from before they were recorded: the
+    product's. Anything else recorded there is a ``LockError`` naming the bad key."""
+    record = calibration.get("data_sizes")
+    if record is None:
+        return Sizes()
+    if not isinstance(record, dict):
+        raise LockError(f"gate data sizes must be an object of source counts, not {type(record).__name__}")
+    fields = {f.name for f in dataclasses.fields(Sizes)}
+    for key, value in record.items():
+        if key not in fields:
+            raise LockError(f"gate data sizes: unknown source count {key!r} (known: {', '.join(sorted(fields))})")
+        if not (value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)):
+            raise LockError(f"gate data sizes: {key} must be a count >= 0 or null, not {value!r}")
+    return Sizes(**record)
 
 
 def _take(rng: random.Random, items: Sequence[str], count: int | None) -> list[str]:

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from safetylock.cli import main
 from safetylock.lockfile import load
+from safetylock.sources import GATE_DATA, Sizes, sizes_record
 
 from support import QUESTIONS
 
@@ -54,6 +55,7 @@ def test_extract_writes_a_valid_lock(extracted):
     # The gate is fitted by default, its layer chosen with every source held out in turn.
     heldout = {row["source"] for row in lock.gate.calibration["heldout_sources"]}
     assert {"harmful", "redteam", "borderline", "multiturn"} <= heldout and lock.gate.early_heads == "generated"
+    assert lock.gate.calibration["data_sizes"] == sizes_record(GATE_DATA["product"])  # calibrate-gate rebuilds them
 
 
 def test_inspect_prints_table_and_writes_heatmap(extracted, tmp_path):
@@ -87,6 +89,7 @@ def test_generate_shows_both(extracted, llama_dir):
         (["eval", "--model", "m", "--gated"], "--gated needs --lock"),
         (["calibrate-gate", "--lock", "missing.safetensors", "--out", "x"], "lock file missing.safetensors does not exist"),
         (["extract", "--out", "x", "--recipe", "own"], "Invalid value for '--recipe'"),
+        (["extract", "--out", "x", "--gate-data", "all"], "Invalid value for '--gate-data'"),
     ],
 )
 def test_bad_input_is_one_clear_error(args, message, tmp_path, monkeypatch):
@@ -171,6 +174,24 @@ def test_calibrate_gate_refits_by_default_on_the_lock_s_own_questions(extracted,
     assert served.calibration["refit_on"] == f"served model {llama_dir}" and served.layer == base.layer
     assert not torch.equal(served.weight, base.weight)  # fit again on the model as served (no system prompt)
     assert served.calibration["precision"] in ("float32", "bfloat16")
+
+
+def test_calibrate_gate_rebuilds_the_data_the_lock_s_gate_was_fit_on(extracted, llama_dir, tmp_path):
+    from safetylock import data
+    from safetylock.gate import benign_calibration
+
+    questions = data.load_prompt_file(extracted.parent / "harmful.jsonl")
+    lock = load(extracted)
+    topics = Sizes(topics=20)
+    calibration = {**lock.gate.calibration, "data_sizes": sizes_record(topics)}
+    with_topics = dataclasses.replace(lock, gate=dataclasses.replace(lock.gate, calibration=calibration))
+    path = with_topics.save(tmp_path / "topics.lock.safetensors")
+    out = tmp_path / "served.lock.safetensors"
+    args = ["calibrate-gate", "--model", str(llama_dir), "--lock", str(path), "--out", str(out), "--threshold-only"]
+    result = CliRunner().invoke(main, [*args, "--harmful", str(extracted.parent / "harmful.jsonl")])
+    assert result.exit_code == 0, result.output
+    benign = len(benign_calibration(questions, sizes=topics))
+    assert benign > len(benign_calibration(questions)) and load(out).gate.calibration["served_benign"] == benign
 
 
 def test_eval_refuses_a_suite_that_shares_prompts_with_the_lock_before_starting_an_engine(extracted, llama_dir, tmp_path):

@@ -73,3 +73,20 @@ def test_same_inputs_give_identical_lock_bytes(llama_dir):
     assert tiny_lock(model, tok, seed=1).to_bytes() != first.to_bytes()
     assert first.metadata()["format_version"] == 2  # no gate: version 2 bytes (format 3 adds the gate)
     assert first.metadata()["provenance"]["seed"] == 0
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ([150], "gate data sizes must be an object of source counts, not list"),
+        ({"topicz": 150}, "gate data sizes: unknown source count 'topicz'"),
+        ({"topics": -1}, "gate data sizes: topics must be a count >= 0 or null, not -1"),
+        ({"topics": "150"}, "gate data sizes: topics must be a count >= 0 or null, not '150'"),
+    ],
+)
+def test_a_gate_with_unreadable_data_sizes_is_refused(sizes, message):
+    from safetylock.gate import Gate
+
+    gate = Gate(1, torch.ones(128), 0.0, 0.5, {"data_sizes": sizes})
+    with pytest.raises(LockError, match=message):
+        small_lock(gate=gate)

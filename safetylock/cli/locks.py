@@ -19,6 +19,7 @@ from safetylock.cli.common import (
     user_errors,
 )
 from safetylock.gate import PRECISIONS
+from safetylock.sources import GATE_DATA
 
 
 @main.group("models")
@@ -87,6 +88,14 @@ def models_fetch(name: str) -> None:
     help="Fit the request gate for gated serving (harmful vs benign requests from several sources; minutes more).",
 )
 @click.option(
+    "--gate-data",
+    type=click.Choice(list(GATE_DATA)),
+    default="product",
+    show_default=True,
+    help="The gate's data: the product's sources, or with the topic sources too (self-harm, privacy, sexual "
+    "content, hate asked in a line; 40% more requests: docs/gated.md).",
+)
+@click.option(
     "--gate-precision",
     type=click.Choice(PRECISIONS),
     default="auto",
@@ -107,6 +116,7 @@ def extract(
     harmful: Path | None,
     alpha: float,
     gate: bool,
+    gate_data: str,
     gate_precision: str,
     seed: int,
     batch_size: int,
@@ -130,6 +140,7 @@ def extract(
         batch_size=batch_size,
         gate=gate,
         gate_precision=gate_precision,
+        gate_data=GATE_DATA[gate_data],
     )
     lock = extract_lock(model, tokenizer, prompts, config)
     out = lock.save(out or models.default_lock_path(model_name))
@@ -223,7 +234,7 @@ def calibrate_gate(
     from safetylock import gate as gates
     from safetylock.hf import Framing, load_model
     from safetylock.lockfile import load
-    from safetylock.sources import gate_requests
+    from safetylock.sources import gate_requests, recorded_sizes
 
     lock = load(lock_path)
     if lock.gate is None:
@@ -238,11 +249,12 @@ def calibrate_gate(
     model, tokenizer = load_model(models.resolve(model_name))
     framing = Framing(system_prompt, prompt_prefix)
     served = f"served model {model_name}"
+    seed, sizes = lock.provenance.get("seed", 0), recorded_sizes(lock.gate.calibration)  # the data it was fit on
     if refit:
-        requests = gate_requests(prompts, seed=lock.provenance.get("seed", 0))
+        requests = gate_requests(prompts, sizes, seed=seed)
         gate = gates.refit(model, tokenizer, lock.gate, requests, fpr, served=served, framing=framing)
     else:
-        benign = gates.benign_calibration(prompts, seed=lock.provenance.get("seed", 0))
+        benign = gates.benign_calibration(prompts, seed=seed, sizes=sizes)
         gate = gates.recalibrate(model, tokenizer, lock.gate, benign, fpr, served=served, framing=framing)
     written = dataclasses.replace(lock, gate=gate).save(out)
     what = "refit, threshold" if refit else "threshold"
