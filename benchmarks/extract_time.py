@@ -8,6 +8,7 @@ extract_time_avx2``) it goes to the cache's ``locks/NAME.lock.safetensors`` and 
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 
@@ -17,6 +18,7 @@ from benchmarks.common import RESULTS, write_result
 from safetylock import data, models
 from safetylock.hf import load_model
 from safetylock.pipeline import ExtractConfig, extract_lock
+from safetylock.sources import GATE_DATA
 
 DEFAULT_OUT = "extract_time"
 
@@ -24,13 +26,14 @@ DEFAULT_OUT = "extract_time"
 @click.command()
 @click.option("--model", "model_name", default=models.DEFAULT_MODEL)
 @click.option("--out", default=DEFAULT_OUT, show_default=True, help="Result name; another name keeps the product lock.")
-def main(model_name: str, out: str) -> None:
+@click.option("--gate-data", type=click.Choice(list(GATE_DATA)), default="product", show_default=True)
+def main(model_name: str, out: str, gate_data: str) -> None:
     model_dir = models.resolve(model_name)
     harmful = data.advbench()
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_dir)
     t1 = time.perf_counter()
-    config = ExtractConfig()
+    config = ExtractConfig(gate_data=GATE_DATA[gate_data])
     stages: dict[str, float] = {}
     lock = extract_lock(model, tokenizer, harmful, config, stages=stages)
     t2 = time.perf_counter()
@@ -41,7 +44,8 @@ def main(model_name: str, out: str) -> None:
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result = {
         "model": model_name,
-        "config": config.__dict__,
+        "config": dataclasses.asdict(config),
+        "gate_data": gate_data,
         "load_seconds": round(t1 - t0, 1),
         "extract_seconds": round(t2 - t1, 1),
         "stages": stages,
