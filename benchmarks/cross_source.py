@@ -31,7 +31,7 @@ from safetylock.attack import BASE, build, served
 from safetylock.evaluate import cached_run, without_items
 from safetylock.hf import Framing
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
-from safetylock.sources import GATE_DATA
+from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA
 
 NLSR_DEFAULT = (0.5, 0.8)  # PRUNE_RATE, SPARSITY: the paper's default (benchmarks.nlsr's first setting)
 NLSR_STRONG = (0.9, 0.5)  # benchmarks.nlsr's second setting: more modules patched, denser masks
@@ -69,9 +69,9 @@ NLSR_STRONG = (0.9, 0.5)  # benchmarks.nlsr's second setting: more modules patch
 @click.option(
     "--gate-data",
     type=click.Choice(list(GATE_DATA)),
-    default="product",
+    default=DEFAULT_GATE_DATA,
     show_default=True,
-    help="The data the gate is fit on (`extract --gate-data`): its rows are labelled with the name unless product.",
+    help="The data the gate is fit on (`extract --gate-data`): its rows are labelled with the name unless the default.",
 )
 @click.option("--out", default="cross_source", show_default=True)
 def main(
@@ -90,7 +90,7 @@ def main(
     from benchmarks.nlsr import realigned
 
     lock = product_lock(gate_data=gate_data)
-    data_tag = "" if gate_data == "product" else f"[{gate_data}]"
+    data_tag = "" if gate_data == DEFAULT_GATE_DATA else f"[{gate_data}]"
     chosen = tuple(s for s in suites.split(",") if s)
     sizes = {"count": count, "max_tokens": max_tokens, "enforce_eager": True, "suites": chosen}
     tables: dict[str, list[dict]] = {"always-on lock": [], "gated lock (refuse)": [], "NLSR": []}

@@ -18,7 +18,7 @@ from benchmarks.common import RESULTS, write_result
 from safetylock import data, models
 from safetylock.hf import load_model
 from safetylock.pipeline import ExtractConfig, extract_lock
-from safetylock.sources import GATE_DATA
+from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA
 
 DEFAULT_OUT = "extract_time"
 
@@ -26,7 +26,7 @@ DEFAULT_OUT = "extract_time"
 @click.command()
 @click.option("--model", "model_name", default=models.DEFAULT_MODEL)
 @click.option("--out", default=DEFAULT_OUT, show_default=True, help="Result name; another name keeps the product lock.")
-@click.option("--gate-data", type=click.Choice(list(GATE_DATA)), default="product", show_default=True)
+@click.option("--gate-data", type=click.Choice(list(GATE_DATA)), default=DEFAULT_GATE_DATA, show_default=True)
 def main(model_name: str, out: str, gate_data: str) -> None:
     model_dir = models.resolve(model_name)
     harmful = data.advbench()
@@ -37,7 +37,7 @@ def main(model_name: str, out: str, gate_data: str) -> None:
     stages: dict[str, float] = {}
     lock = extract_lock(model, tokenizer, harmful, config, stages=stages)
     t2 = time.perf_counter()
-    product = out == DEFAULT_OUT
+    product = out == DEFAULT_OUT and gate_data == DEFAULT_GATE_DATA
     lock_file = lock.save(
         models.default_lock_path(model_name) if product else models.cache_root() / "locks" / f"{out}.lock.safetensors"
     )

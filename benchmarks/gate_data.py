@@ -27,7 +27,8 @@ from safetylock import data, models
 from safetylock.sources import GATE_DATA, Sizes, gate_requests, split
 
 DATA_SETS = {
-    **GATE_DATA,
+    "product": GATE_DATA["core"],
+    "topics": GATE_DATA["topics"],
     "people": Sizes(people=60),
     "topics+people": Sizes(topics=150, people=60),
 }

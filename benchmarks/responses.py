@@ -28,7 +28,7 @@ from safetylock.hf import Framing
 from safetylock.judge import refusal_fit
 from safetylock.lockfile import load
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
-from safetylock.sources import GATE_DATA, gate_requests, recorded_sizes, source_hashes
+from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA, gate_requests, recorded_sizes, source_hashes
 
 SUITES = ("advbench-heldout", "airt", "benign", "arithmetic")
 
@@ -42,11 +42,11 @@ def off_topic_share(report: dict, suite: str) -> float | None:
     return round(sum(refusal_fit(i["response"], i["prompt"]) == "off-topic" for i in refusals) / len(refusals), 4)
 
 
-def product_lock(seed: int = 0, gate_data: str = "product") -> Path:
+def product_lock(seed: int = 0, gate_data: str = DEFAULT_GATE_DATA) -> Path:
     """The packaged model's lock with heads and a gate fit on every source of ``GATE_DATA[gate_data]`` (for the
-    product's data: the cache's default lock path; else beside it, tagged with the data's name)."""
+    default data: the cache's default lock path; else beside it, tagged with the data's name)."""
     path = models.default_lock_path(BASE)
-    if gate_data != "product":
+    if gate_data != DEFAULT_GATE_DATA:
         path = path.with_name(path.name.replace(".lock.", f".{gate_data}.lock."))
     sizes = GATE_DATA[gate_data]
     cached = load(path) if path.exists() else None

@@ -16,7 +16,7 @@ from safetylock.overlap import fingerprints
 from safetylock.probe import check_top_k, fit_probes
 from safetylock.provenance import SKETCH_SEED, hf_weight_sketch
 from safetylock.recipes import contrast_examples, recipe
-from safetylock.sources import Sizes, gate_requests
+from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA, Sizes, gate_requests
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class ExtractConfig:
     batch_size: int = 16
     gate: bool = True  # also fit the request gate (safetylock.gate) for gated serving, the product's default
     gate_precision: str = "auto"  # of the gate's feature forward (safetylock.gate.feature_precision)
-    gate_data: Sizes = Sizes()  # how many requests of each source the gate is fit on (sources.GATE_DATA)
+    gate_data: Sizes = GATE_DATA[DEFAULT_GATE_DATA]  # how many requests of each source the gate is fit on
 
 
 class Stopwatch:

@@ -458,10 +458,11 @@ class Sizes:
 
 
 GATE_DATA: dict[str, Sizes] = {
-    "product": Sizes(),
-    "topics": Sizes(topics=150),  # + the topic sources (docs/gated.md: "The curve, not the point")
+    "core": Sizes(),  # the sources above the topic sources
+    "topics": Sizes(topics=150),  # core + the topic sources (docs/gated.md: "The curve, not the point")
 }
-"""The gate's data sets by name (``extract --gate-data``); ``product`` is the default."""
+"""The gate's data sets by name (``extract --gate-data``)."""
+DEFAULT_GATE_DATA = "core"
 
 
 def gate_data_name(sizes: Sizes) -> str:
@@ -476,10 +477,10 @@ def sizes_record(sizes: Sizes) -> dict[str, int | None]:
 
 def recorded_sizes(calibration: dict) -> Sizes:
     """The data sizes a lock's gate was fit with (``sizes_record``); a lock from before they were recorded: the
-    product's. Anything else recorded there is a ``LockError`` naming the bad key."""
+    core data's (all there was). Anything else recorded there is a ``LockError`` naming the bad key."""
     record = calibration.get("data_sizes")
     if record is None:
-        return Sizes()
+        return GATE_DATA["core"]
     if not isinstance(record, dict):
         raise LockError(f"gate data sizes must be an object of source counts, not {type(record).__name__}")
     fields = {f.name for f in dataclasses.fields(Sizes)}

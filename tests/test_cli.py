@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from safetylock.cli import main
 from safetylock.lockfile import load
-from safetylock.sources import GATE_DATA, Sizes, sizes_record
+from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA, Sizes, sizes_record
 
 from support import QUESTIONS
 
@@ -55,7 +55,7 @@ def test_extract_writes_a_valid_lock(extracted):
     # The gate is fitted by default, its layer chosen with every source held out in turn.
     heldout = {row["source"] for row in lock.gate.calibration["heldout_sources"]}
     assert {"harmful", "redteam", "borderline", "multiturn"} <= heldout and lock.gate.early_heads == "generated"
-    assert lock.gate.calibration["data_sizes"] == sizes_record(GATE_DATA["product"])  # calibrate-gate rebuilds them
+    assert lock.gate.calibration["data_sizes"] == sizes_record(GATE_DATA[DEFAULT_GATE_DATA])  # calibrate-gate rebuilds them
 
 
 def test_inspect_prints_table_and_writes_heatmap(extracted, tmp_path):

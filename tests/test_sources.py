@@ -244,9 +244,9 @@ def test_a_harmful_file_of_questions_gets_no_rephrased_requests():
     assert not [r for r in requests if r.source.startswith("rephrase-")] and any(r.source == "mine" for r in requests)
 
 
-def test_recorded_gate_data_sizes_round_trip_and_older_locks_read_as_the_product_s():
+def test_recorded_gate_data_sizes_round_trip_and_older_locks_read_as_the_core_data():
     for name, sizes in sources.GATE_DATA.items():
         assert sources.recorded_sizes({"data_sizes": sources.sizes_record(sizes)}) == sizes
         assert sources.gate_data_name(sizes) == name
-    assert sources.recorded_sizes({}) == sources.GATE_DATA["product"] == sources.Sizes()
+    assert sources.recorded_sizes({}) == sources.GATE_DATA["core"] == sources.Sizes()
     assert sources.gate_data_name(sources.Sizes(topics=7)) == "custom"

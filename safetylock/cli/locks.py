@@ -19,7 +19,7 @@ from safetylock.cli.common import (
     user_errors,
 )
 from safetylock.gate import PRECISIONS
-from safetylock.sources import GATE_DATA
+from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA
 
 
 @main.group("models")
@@ -90,9 +90,9 @@ def models_fetch(name: str) -> None:
 @click.option(
     "--gate-data",
     type=click.Choice(list(GATE_DATA)),
-    default="product",
+    default=DEFAULT_GATE_DATA,
     show_default=True,
-    help="The gate's data: the product's sources, or with the topic sources too (self-harm, privacy, sexual "
+    help="The gate's data: the core sources, or with the topic sources too (self-harm, privacy, sexual "
     "content, hate asked in a line; 40% more requests: docs/gated.md).",
 )
 @click.option(
