@@ -93,7 +93,7 @@ def gated_copy(
     base_lock: Path, model_dir: Path, path: Path, leave_out=None, seed: int = 0, sizes: sources.Sizes | None = None
 ) -> Path:
     """``base_lock`` with a gate fit (``gate_from_features`` on the cached features) on the gate's requests
-    (``sizes``: the product's by default), less those for which ``leave_out(requests)`` is true, written to ``path``
+    (``sizes``: the core data by default), less those for which ``leave_out(requests)`` is true, written to ``path``
     (cached)."""
     if path.exists():
         return path
