@@ -465,11 +465,6 @@ GATE_DATA: dict[str, Sizes] = {
 DEFAULT_GATE_DATA = "core"
 
 
-def gate_data_name(sizes: Sizes) -> str:
-    """The name of ``sizes`` in ``GATE_DATA``, or ``custom``."""
-    return next((name for name, known in GATE_DATA.items() if known == sizes), "custom")
-
-
 def sizes_record(sizes: Sizes) -> dict[str, int | None]:
     """``sizes`` as a lock records them (the gate's ``calibration["data_sizes"]``)."""
     return dataclasses.asdict(sizes)
