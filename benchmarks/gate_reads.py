@@ -2,23 +2,26 @@
 
 The product gate reads the attention-block input at the chat's *last* prompt token at one layer (16 of
 Qwen2.5-Coder-0.5B-Instruct's 24). Every served chat ends with the same template tokens
-(``<|im_end|>\\n<|im_start|>assistant\\n``: ``POSITIONS`` of them), each of which has read the whole request; this
-benchmark asks whether another of them, their mean, or several layers read together recognise more kinds of
-request. Candidates, each a linear probe (``gate.fit_linear``) at layers 12, 16 and 20:
+(``<|im_end|>\\n<|im_start|>assistant\\n``), each of which has read the whole request, and before them stands the
+last token of the user's own message, where a model is reported to hold whether a request is harmful apart from
+whether it will refuse it (Zhao et al. 2025, "LLMs Encode Harmfulness and Refusal Separately"). This benchmark asks
+whether another of those ``POSITIONS``, their mean, or several layers read together recognise more kinds of
+request. Candidates, each a linear probe (``gate.fit_linear``) at each of ``--layers``:
 
 * ``last``: the product's read (position −1);
+* ``inst``: the last token of the user's message (position −6);
 * ``im-end``: the end-of-turn token that closes the user's message (position −5);
 * ``mean``: the mean over the five template tokens;
-* ``im-end+last``, ``header+last``: positions side by side (−5 and −1; −3, −2 and −1);
-* ``layer-mean``: the last token at each of the three layers, one probe per layer, their standardised scores
-  averaged (an ensemble, not one probe on the layers side by side, which ``gate_sources`` tried).
+* ``inst+last``, ``im-end+last``, ``header+last``: positions side by side (−6 and −1; −5 and −1; −3, −2 and −1);
+* ``layer-mean``: the last token at 12, 16 and 20, one probe per layer, their standardised scores averaged (an
+  ensemble, not one probe on the layers side by side, which ``gate_sources`` tried).
 
 Scored as ``benchmarks.gate_probes`` scores its candidates (leave-one-source-out, thresholds at 1–12% of the
 other sources' benign calibration requests, ``SWEEP``; unseen sources by the probe fit on every source), so each
 candidate is a curve of reach against benign firing rather than one point. The features are computed once per
 model (about 26 min on 2 AVX2 cores) and cached in the cache's ``gate/``.
 
-Run: python -m benchmarks.gate_reads [--topics 150 --out gate_reads_topics]
+Run: python -m benchmarks.gate_reads [--layers 8,12,16,20] [--topics 150 --out gate_reads_topics]
 Writes benchmarks/results/gate_reads.{json,png} (rates only).
 """
 
@@ -44,16 +47,18 @@ from safetylock.gate import attention_blocks, block_input, length_batches, out_o
 from safetylock.hf import chat_ids, load_model, pad_batch
 from safetylock.sources import Request, Sizes, gate_requests, split
 
-LAYERS = (12, 16, 20)
+LAYERS = (12, 16, 20)  # the default --layers, and the layer ensemble's
 SWEEP = (0.01, 0.02, 0.03, 0.05, 0.08, 0.12)  # threshold targets: share of benign calibration requests firing
-POSITIONS = 5  # the chat template's closing tokens: <|im_end|> \n <|im_start|> assistant \n
+POSITIONS = 6  # the user's message's last token, then the template's <|im_end|> \n <|im_start|> assistant \n
 View = Callable[[np.ndarray], np.ndarray]  # [n, POSITIONS, hidden] -> [n, features]
 VIEWS: dict[str, View] = {
     "last": lambda a: a[:, -1],
-    "im-end": lambda a: a[:, 0],
-    "mean": lambda a: a.mean(1),
-    "im-end+last": lambda a: np.concatenate([a[:, 0], a[:, -1]], 1),
-    "header+last": lambda a: np.concatenate([a[:, 2], a[:, 3], a[:, -1]], 1),
+    "inst": lambda a: a[:, -6],
+    "im-end": lambda a: a[:, -5],
+    "mean": lambda a: a[:, -5:].mean(1),
+    "inst+last": lambda a: np.concatenate([a[:, -6], a[:, -1]], 1),
+    "im-end+last": lambda a: np.concatenate([a[:, -5], a[:, -1]], 1),
+    "header+last": lambda a: np.concatenate([a[:, -3], a[:, -2], a[:, -1]], 1),
 }
 
 
@@ -61,32 +66,32 @@ class _Deepest(Exception):
     """Raised at the deepest layer asked for: the rest of the forward is not needed."""
 
 
-def closing_features(model_dir: Path, requests: list[Request]) -> dict[int, np.ndarray]:
+def closing_features(model_dir: Path, requests: list[Request], layers: tuple[int, ...] = LAYERS) -> dict[int, np.ndarray]:
     """``{layer: [n, POSITIONS, hidden]}``: each layer's attention-block input at the last ``POSITIONS`` prompt
-    tokens of each request as served; cached per model (only missing requests are computed)."""
-    key = {"model": models.directory_digest(model_dir), "layers": list(LAYERS), "positions": POSITIONS}
+    tokens of each request as served; cached per model and layers (only missing requests are computed)."""
+    key = {"model": models.directory_digest(model_dir), "layers": list(layers), "positions": POSITIONS}
     path = models.cache_root() / "gate" / f"closing-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.npz"
-    return cached_by_request(path, requests, LAYERS, lambda missing: closing_forward(model_dir, missing))
+    return cached_by_request(path, requests, layers, lambda missing: closing_forward(model_dir, missing, layers))
 
 
-def closing_forward(model_dir: Path, requests: list[Request]) -> dict[int, np.ndarray]:
+def closing_forward(model_dir: Path, requests: list[Request], layers: tuple[int, ...] = LAYERS) -> dict[int, np.ndarray]:
     """``closing_features`` computed: the forward of ``gate.prompt_features`` (chats of similar length batched,
     left-padded, stopped after the deepest layer), keeping the last ``POSITIONS`` tokens instead of the last one."""
     model, tokenizer = load_model(model_dir)
     ids = [chat_ids(tokenizer, r.messages()) for r in requests]
-    rows = {layer: np.zeros((len(ids), POSITIONS, model.config.hidden_size), np.float32) for layer in LAYERS}
+    rows = {layer: np.zeros((len(ids), POSITIONS, model.config.hidden_size), np.float32) for layer in layers}
     current: list[int] = []
     blocks = attention_blocks(model, model.config.num_hidden_layers)
 
     def recorder(layer: int):
         def hook(_module, args, kwargs) -> None:
             rows[layer][current] = block_input(args, kwargs)[:, -POSITIONS:].float().numpy()
-            if layer == max(LAYERS):
+            if layer == max(layers):
                 raise _Deepest
 
         return hook
 
-    handles = [blocks[layer].register_forward_pre_hook(recorder(layer), with_kwargs=True) for layer in LAYERS]
+    handles = [blocks[layer].register_forward_pre_hook(recorder(layer), with_kwargs=True) for layer in layers]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     try:
@@ -101,6 +106,17 @@ def closing_forward(model_dir: Path, requests: list[Request]) -> dict[int, np.nd
         for handle in handles:
             handle.remove()
     return rows
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """``--layers``' comma list, checked: distinct non-negative layer indices, in order."""
+    try:
+        layers = tuple(sorted({int(part) for part in text.split(",")}))
+    except ValueError:
+        raise click.BadParameter(f"layers must be comma-separated integers, not {text!r}") from None
+    if not layers or layers[0] < 0:
+        raise click.BadParameter(f"layers must be non-negative, not {text!r}")
+    return layers
 
 
 def layer_mean(x: np.ndarray, harmful: np.ndarray, refused: np.ndarray, sources: np.ndarray, seed: int = 0) -> Scorer:
@@ -196,15 +212,22 @@ def plot_curves(results: dict, path: Path, title: str = "Where the gate reads") 
     help="The gate's data with the topic sources (as gate_sources --topics); held-out means then over the "
     "product's sources only. 0: the product's data.",
 )
+@click.option(
+    "--layers",
+    default=",".join(map(str, LAYERS)),
+    show_default=True,
+    help="Comma-separated layers to read every position at (the layer ensemble reads 12, 16 and 20 either way).",
+)
 @click.option("--out", default="gate_reads", show_default=True)
-def main(model_name: str, seed: int, topics: int, out: str) -> None:
+def main(model_name: str, seed: int, topics: int, layers: str, out: str) -> None:
     started = time.perf_counter()
     model_dir = models.resolve(model_name)
     requests = list(gate_requests(data.advbench(), Sizes(topics=topics), seed=seed))
     product = frozenset(r.source for r in gate_requests(data.advbench(), Sizes(), seed=seed))
     unseen = unseen_requests(seed)
     everything = requests + [r for asked in unseen.values() for r in asked]
-    closing = closing_features(model_dir, everything)
+    read_at = parse_layers(layers)
+    closing = closing_features(model_dir, everything, tuple(sorted(set(read_at) | set(LAYERS))))
     edges = np.cumsum([len(requests)] + [len(a) for a in unseen.values()])[:-1]
     fit, calibration = (np.asarray(part) for part in split(requests, seed=seed))
 
@@ -213,7 +236,7 @@ def main(model_name: str, seed: int, topics: int, out: str) -> None:
         return pieces[0], dict(zip(unseen, pieces[1:]))
 
     results = {}
-    for layer in LAYERS:
+    for layer in read_at:
         for view_name, view in VIEWS.items():
             name = f"{view_name}@{layer}"
             results[name] = score(linear, *parted(view(closing[layer])), requests, fit, calibration, product)
@@ -226,7 +249,7 @@ def main(model_name: str, seed: int, topics: int, out: str) -> None:
         out,
         {
             "model": model_name,
-            "layers": list(LAYERS),
+            "layers": list(read_at),
             "positions": POSITIONS,
             "topics": topics,
             "protocol": "leave-one-source-out (thresholds at each sweep target's share of the other sources' benign "
@@ -237,8 +260,8 @@ def main(model_name: str, seed: int, topics: int, out: str) -> None:
             "seconds": round(time.perf_counter() - started, 1),
         },
     )
-    shown = ["last@16", "mean@16", "im-end+last@16", "header+last@16", "last@12", "last@20", "layer-mean@12+16+20"]
-    plot_curves({k: results[k] for k in shown}, RESULTS / f"{out}.png")
+    shown = ["last@16", "inst@16", "inst+last@16", "mean@16", "im-end+last@16", "last@12", "last@20"]
+    plot_curves({k: results[k] for k in [*shown, name] if k in results}, RESULTS / f"{out}.png")
 
 
 if __name__ == "__main__":
