@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from safetylock.errors import ExtractError, LockError
 from safetylock.overlap import containing, fingerprints
-from safetylock.sources import Request, Sizes, gate_requests, sizes_record, source_hashes, split
+from safetylock.sources import Request, Sizes, gate_requests, operator_record, sizes_record, source_hashes, split
 from safetylock.threads import one_thread_fits
 
 if TYPE_CHECKING:
@@ -392,17 +392,19 @@ def fit_gate(
     progress: bool = True,
     precision: str = "auto",
     data_sizes: Sizes | None = None,
+    operator: Sequence[Request] = (),
 ) -> tuple[Gate, dict[int, list[Heldout]]]:
     """The gate at the layer of ``layers`` that generalises best to held-out sources (``out_of_source_score``),
     refit on every source's fit split, threshold at ``TARGET_FPR`` of all benign calibration requests; also
-    every layer's leave-one-source-out table. Features in ``precision`` (``feature_precision``); ``data_sizes``:
-    the ``Sizes`` that ``requests`` were built with (``gate_requests``), recorded for re-calibration."""
+    every layer's leave-one-source-out table. Features in ``precision`` (``feature_precision``); ``data_sizes``
+    and ``operator``: the ``Sizes`` and operator requests that ``requests`` were built with (``gate_requests``),
+    recorded for re-calibration."""
     if len({r.source for r in requests}) < 2 or len({r.harmful for r in requests}) < 2:
         raise ExtractError("the gate needs harmful and benign requests from at least two sources")
     precision = feature_precision(precision)
     chats = [r.messages() for r in requests]
     features = prompt_features(model, tokenizer, chats, layers, progress=progress, precision=precision)
-    gate, tables = gate_from_features(features, requests, seed, progress, data_sizes)
+    gate, tables = gate_from_features(features, requests, seed, progress, data_sizes, operator)
     return replace(gate, calibration={**gate.calibration, "precision": precision}), tables
 
 
@@ -412,6 +414,7 @@ def gate_from_features(
     seed: int = 0,
     progress: bool = False,
     data_sizes: Sizes | None = None,
+    operator: Sequence[Request] = (),
 ) -> tuple[Gate, dict[int, list[Heldout]]]:
     """``fit_gate`` on features already computed (``{layer: [requests, hidden]}``, rows in request order)."""
     layers = sorted(features)
@@ -441,6 +444,7 @@ def gate_from_features(
         "sizes": {"fit": len(fit_arr), "calibration": len(cal_arr), "requests": len(requests)},
         "data": source_hashes(requests),
         **({"data_sizes": sizes_record(data_sizes)} if data_sizes is not None else {}),
+        **({"operator_requests": operator_record(operator)} if operator else {}),
         "fit_prompts": fingerprints(r.text for r in requests),  # fit and calibration alike (safetylock.overlap)
         "firing_by_source": by_source,
         "layer_selection": "leave-one-source-out: mean held-out TPR at 5% FPR minus mean held-out FPR",
@@ -486,10 +490,12 @@ def as_served(request: Request) -> Chat:
     return turns[0]["content"] if len(turns) == 1 else turns
 
 
-def benign_calibration(harmful: PromptSet, seed: int = 0, sizes: Sizes | None = None) -> list[Chat]:
-    """The benign calibration requests of the gate's data (every benign kind; ``sizes``: the data the gate was fit
-    on), as served (``as_served``): what ``recalibrate`` runs through a served fine-tune."""
-    requests = gate_requests(harmful, sizes or Sizes(), seed=seed)
+def benign_calibration(
+    harmful: PromptSet, seed: int = 0, sizes: Sizes | None = None, operator: Sequence[Request] = ()
+) -> list[Chat]:
+    """The benign calibration requests of the gate's data (every benign kind; ``sizes`` and ``operator``: the data
+    the gate was fit on), as served (``as_served``): what ``recalibrate`` runs through a served fine-tune."""
+    requests = gate_requests(harmful, sizes or Sizes(), seed=seed, operator=operator)
     _, calibration = split(requests, seed=seed)
     return [as_served(requests[i]) for i in calibration if not requests[i].harmful]
 

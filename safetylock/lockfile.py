@@ -20,7 +20,7 @@ from safetylock.alpha import DEFAULT_ALPHA, check_alpha
 from safetylock.errors import LockError
 from safetylock.gate import Gate
 from safetylock.geometry import HeadGeometry
-from safetylock.sources import recorded_sizes
+from safetylock.sources import recorded_operator, recorded_sizes
 
 FORMAT = "safetylock.meta-lock"
 FORMAT_VERSION = 3  # 2: optional base weight sketch (provenance); 3: optional gate; older files still load
@@ -178,6 +178,7 @@ def validate_gate(gate: Gate, geo: HeadGeometry, lock_layers: list[int]) -> None
     if not any(gate.shifts_when_generating(layer) for layer in lock_layers):
         raise LockError(f"no locked head lies after the gate layer {gate.layer}: a gated lock would shift nothing")
     recorded_sizes(gate.calibration)  # the data its calibration is rebuilt from (calibrate-gate)
+    recorded_operator(gate.calibration)  # and the operator's requests among them
 
 
 def _gate(meta: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> Gate | None:

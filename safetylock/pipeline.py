@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from safetylock import data
 from safetylock.alpha import DEFAULT_ALPHA
 from safetylock.capture import capture
+from safetylock.errors import ExtractError
 from safetylock.gate import candidate_layers, feature_precision, fit_gate
 from safetylock.geometry import head_geometry, output_projections, projection_fingerprint
 from safetylock.lockfile import SafetyLock, from_probes
@@ -16,7 +18,7 @@ from safetylock.overlap import fingerprints
 from safetylock.probe import check_top_k, fit_probes
 from safetylock.provenance import SKETCH_SEED, hf_weight_sketch
 from safetylock.recipes import contrast_examples, recipe
-from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA, Sizes, gate_requests
+from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA, Request, Sizes, gate_requests
 
 
 @dataclass(frozen=True)
@@ -56,13 +58,18 @@ def extract_lock(
     config: ExtractConfig = ExtractConfig(),
     progress: bool = True,
     stages: dict[str, float] | None = None,
+    operator: Sequence[Request] = (),
 ) -> SafetyLock:
-    """Capture → probe → lock on the extraction split of ``harmful`` (and the gate); ``stages``, when given,
-    receives each stage's wall seconds."""
+    """Capture → probe → lock on the extraction split of ``harmful`` (and the gate, fit with the ``operator``'s own
+    requests too when given); ``stages``, when given, receives each stage's wall seconds."""
+    if operator and not config.gate:
+        raise ExtractError("operator gate requests need the gate: extract without --no-gate")
     clock = Stopwatch(stages)
     geometry = head_geometry(model.config)
     check_top_k(geometry, config.top_k)  # before the minutes of capture, not after
     feature_precision(config.gate_precision)  # likewise
+    requests = gate_requests(harmful, config.gate_data, seed=config.seed, operator=operator) if config.gate else ()
+    clock.lap("gate requests")  # built first: a bad operator file fails before the minutes of capture
     split = data.split_harmful(harmful, seed=config.seed)
     questions = data.sample(split.extraction, config.questions, config.seed)
     skip = recipe(config.recipe).skip
@@ -77,10 +84,9 @@ def extract_lock(
     projections = output_projections(model, geometry)
     gate = None
     if config.gate:
-        requests = gate_requests(harmful, config.gate_data, seed=config.seed)
         layers = candidate_layers(geometry.num_layers)
         precision = config.gate_precision
-        gate, _ = fit_gate(model, tokenizer, requests, layers, config.seed, progress, precision, config.gate_data)
+        gate, _ = fit_gate(model, tokenizer, requests, layers, config.seed, progress, precision, config.gate_data, operator)
         clock.lap("gate")
     try:
         version = importlib.metadata.version("safetylock")

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -487,6 +488,47 @@ def recorded_sizes(calibration: dict) -> Sizes:
     return Sizes(**record)
 
 
+def operator_record(requests: Sequence[Request]) -> dict[str, Any]:
+    """An operator's gate requests as a lock records them (the gate's ``calibration["operator_requests"]``): how
+    many, their sources, and a sha256 of their turns, labels and sources, against which they are checked when the
+    gate is calibrated again."""
+    rows = [[r.turns, r.harmful, r.source] for r in requests]
+    digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    return {"count": len(rows), "sources": sorted({r.source for r in requests}), "sha256": digest}
+
+
+def recorded_operator(calibration: dict) -> dict[str, Any] | None:
+    """The operator requests a lock's gate was fit with (``operator_record``), ``None`` without; a malformed record
+    is a ``LockError``."""
+    record = calibration.get("operator_requests")
+    if record is None:
+        return None
+    count, sources, digest = (record.get(k) if isinstance(record, dict) else None for k in ("count", "sources", "sha256"))
+    named = isinstance(sources, list) and all(isinstance(source, str) for source in sources)
+    if not (isinstance(count, int) and count > 0 and named and isinstance(digest, str) and len(digest) == 64):
+        raise LockError("gate operator requests must record a count > 0, a list of sources and a sha256")
+    return record
+
+
+def operator_requests_for(calibration: dict, given: Sequence[Request], lock_name: str) -> tuple[Request, ...]:
+    """``given`` (the operator requests a user passes to re-calibrate a gate), checked against those the gate was fit
+    with: the same requests, or none on both sides; anything else is a ``DataError`` saying what to pass."""
+    record = recorded_operator(calibration)
+    if record is None and given:
+        raise DataError(f"{lock_name}'s gate was fit without operator requests: drop --gate-requests")
+    if record is not None and not given:
+        raise DataError(
+            f"{lock_name}'s gate was fit with {record['count']} operator requests ({', '.join(record['sources'])}): "
+            "pass the same file with --gate-requests"
+        )
+    if record is not None and operator_record(given)["sha256"] != record["sha256"]:
+        raise DataError(
+            f"--gate-requests holds other requests than the {record['count']} {lock_name}'s gate was fit with "
+            f"(sha256 {record['sha256'][:12]})"
+        )
+    return tuple(given)
+
+
 def _take(rng: random.Random, items: Sequence[str], count: int | None) -> list[str]:
     items = list(items)
     return items if count is None or count >= len(items) else rng.sample(items, count)
@@ -505,10 +547,14 @@ def _wrapped(
     return out
 
 
-def gate_requests(harmful: data.PromptSet, sizes: Sizes = Sizes(), seed: int = 0) -> tuple[Request, ...]:
+def gate_requests(
+    harmful: data.PromptSet, sizes: Sizes = Sizes(), seed: int = 0, operator: Sequence[Request] = ()
+) -> tuple[Request, ...]:
     """The gate's requests from every source (deterministic for a seed). Harmful requests come from the
     extraction split of ``harmful`` (never its held-out half) and the red-team objectives; benign ones from
-    the instructions outside every evaluation sample, the borderline and conversational probe data."""
+    the instructions outside every evaluation sample, the borderline and conversational probe data; then the
+    ``operator``'s own requests (``load_requests``: kinds of its policy, harmful and benign, under their own
+    source names), which the packaged requests do not depend on."""
     rng = random.Random(seed)
     own = list(data.split_harmful(harmful, seed=seed).extraction)
     objectives = list(redteam().prompts)
@@ -559,7 +605,10 @@ def gate_requests(harmful: data.PromptSet, sizes: Sizes = Sizes(), seed: int = 0
         requests += [single(p, label, found.name, family[p]) for p in _take(rng, found.prompts, sizes.topics)]
     if sizes.people:  # likewise
         requests += about_people(rng, sizes.people)
-    return tuple(with_system_prompts(requests, seed))
+    clash = sorted({r.source for r in operator} & {r.source for r in requests})
+    if clash:
+        raise DataError(f"operator gate requests use the gate's own source name {clash[0]!r}: name their source otherwise")
+    return tuple(with_system_prompts([*requests, *operator], seed))
 
 
 def with_system_prompts(requests: Iterable[Request], seed: int, share: float = 1 / 3) -> list[Request]:
@@ -601,7 +650,8 @@ def split(requests: Sequence[Request], calibration_share: float = 0.25, seed: in
 
 def load_requests(path: str | Path) -> tuple[Request, ...]:
     """Requests from a user's .jsonl file: one object per line with ``messages`` (or ``prompt``), ``harmful``
-    (bool) and ``source`` — held-out sets to score a gate on."""
+    (bool) and ``source`` — held-out sets to score a gate on, or an operator's own requests to fit it on
+    (``extract --gate-requests``)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"request file {path} does not exist")

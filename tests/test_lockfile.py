@@ -90,3 +90,11 @@ def test_a_gate_with_unreadable_data_sizes_is_refused(sizes, message):
     gate = Gate(1, torch.ones(128), 0.0, 0.5, {"data_sizes": sizes})
     with pytest.raises(LockError, match=message):
         small_lock(gate=gate)
+
+
+def test_a_gate_with_an_unreadable_operator_record_is_refused():
+    from safetylock.gate import Gate
+
+    gate = Gate(1, torch.ones(128), 0.0, 0.5, {"operator_requests": {"count": 2, "sources": ["x"], "sha256": "ab"}})
+    with pytest.raises(LockError, match="gate operator requests must record a count > 0, a list of sources and a sha256"):
+        small_lock(gate=gate)

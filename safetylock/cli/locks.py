@@ -96,6 +96,13 @@ def models_fetch(name: str) -> None:
     "content, hate asked in a line; 40% more requests: docs/gated.md).",
 )
 @click.option(
+    "--gate-requests",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The operator's own requests to fit the gate on too (.jsonl: 'prompt' or 'messages', 'harmful' true/false, "
+    "'source' a name of yours): kinds of your policy the packaged sources lack, with benign ones of the same kinds.",
+)
+@click.option(
     "--gate-precision",
     type=click.Choice(PRECISIONS),
     default="auto",
@@ -117,6 +124,7 @@ def extract(
     alpha: float,
     gate: bool,
     gate_data: str,
+    gate_requests: Path | None,
     gate_precision: str,
     seed: int,
     batch_size: int,
@@ -125,9 +133,13 @@ def extract(
     from safetylock import data
     from safetylock.hf import load_model
     from safetylock.pipeline import ExtractConfig, extract_lock
+    from safetylock.sources import load_requests
 
+    if gate_requests and not gate:
+        raise click.UsageError("--gate-requests fits the gate: drop --no-gate")
     model_dir = models.resolve(model_name)
     prompts = data.load_prompt_file(harmful) if harmful else data.advbench()
+    operator = load_requests(gate_requests) if gate_requests else ()
     started = time.perf_counter()
     model, tokenizer = load_model(model_dir)
     config = ExtractConfig(
@@ -142,7 +154,7 @@ def extract(
         gate_precision=gate_precision,
         gate_data=GATE_DATA[gate_data],
     )
-    lock = extract_lock(model, tokenizer, prompts, config)
+    lock = extract_lock(model, tokenizer, prompts, config, operator=operator)
     out = lock.save(out or models.default_lock_path(model_name))
     click.echo(
         f"wrote {out}: {lock.num_heads_locked} heads, fingerprint {lock.fingerprint}, {time.perf_counter() - started:.0f} s"
@@ -206,6 +218,12 @@ def inspect(lock_path: Path | None, model_name: str, plot: Path | None) -> None:
     help="The harmful questions the lock was extracted with, when not AdvBench (checked against the lock's hash).",
 )
 @click.option(
+    "--gate-requests",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The operator requests the lock's gate was fit with (extract --gate-requests; checked against its hash).",
+)
+@click.option(
     "--refit/--threshold-only",
     default=True,
     show_default=True,
@@ -222,6 +240,7 @@ def calibrate_gate(
     system_prompt: str | None,
     prompt_prefix: str,
     harmful: Path | None,
+    gate_requests: Path | None,
     refit: bool,
 ) -> None:
     """Calibrate a gated lock's gate on MODEL as it is served (with its system prompt and prefix, when given): by
@@ -234,7 +253,8 @@ def calibrate_gate(
     from safetylock import gate as gates
     from safetylock.hf import Framing, load_model
     from safetylock.lockfile import load
-    from safetylock.sources import gate_requests, recorded_sizes
+    from safetylock.sources import gate_requests as build_requests
+    from safetylock.sources import load_requests, operator_requests_for, recorded_sizes
 
     lock = load(lock_path)
     if lock.gate is None:
@@ -246,15 +266,17 @@ def calibrate_gate(
             f"{lock_path} was extracted with harmful questions {extracted_with.get('name')!r} "
             f"(sha256 {str(extracted_with.get('sha256'))[:12]}), not {prompts.name!r}: pass them with --harmful"
         )
+    given = load_requests(gate_requests) if gate_requests else ()
+    operator = operator_requests_for(lock.gate.calibration, given, str(lock_path))
     model, tokenizer = load_model(models.resolve(model_name))
     framing = Framing(system_prompt, prompt_prefix)
     served = f"served model {model_name}"
     seed, sizes = lock.provenance.get("seed", 0), recorded_sizes(lock.gate.calibration)  # the data it was fit on
     if refit:
-        requests = gate_requests(prompts, sizes, seed=seed)
+        requests = build_requests(prompts, sizes, seed=seed, operator=operator)
         gate = gates.refit(model, tokenizer, lock.gate, requests, fpr, served=served, framing=framing)
     else:
-        benign = gates.benign_calibration(prompts, seed=seed, sizes=sizes)
+        benign = gates.benign_calibration(prompts, seed=seed, sizes=sizes, operator=operator)
         gate = gates.recalibrate(model, tokenizer, lock.gate, benign, fpr, served=served, framing=framing)
     written = dataclasses.replace(lock, gate=gate).save(out)
     what = "refit, threshold" if refit else "threshold"
