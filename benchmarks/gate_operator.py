@@ -1,0 +1,181 @@
+"""An operator teaches the gate a kind it misses: its own requests of that kind in the gate's data.
+
+A platform's red team finds a kind of harmful request the gate lets through (here: a packaged source no gate in
+this project is fit on) and adds examples of it, with benign requests of the same kind where it has them, to the
+gate's data (``safetylock extract --gate-requests FILE``). Each scenario gives the operator a seeded share of one
+unseen source's requests under a source name of its own and fits the gate exactly as ``extract`` does
+(``gate.gate_from_features``: the layer chosen leave-one-source-out among every source, the operator's included;
+the threshold at 5% of every benign calibration request). **Fit vs scored**: the rest of that source is scored
+*in distribution* (same source, other requests); the other unseen sources stay unseen; the packaged sources'
+held-out rates come from the chosen layer's leave-one-source-out table, so the cost on other kinds is measured on
+kinds held out of the fit.
+
+Features are the product gate's (``gate.prompt_features``, float32, the last prompt token at every candidate
+layer), cached as ``benchmarks.gate_sources`` caches them.
+
+Run: python -m benchmarks.gate_operator
+Writes benchmarks/results/gate_operator.{json,png} (rates only).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+from transformers import AutoConfig
+
+from benchmarks.common import RESULTS, write_result
+from benchmarks.gate_sources import UNSEEN_BENIGN, features_cached, unseen_requests
+from safetylock import data, models
+from safetylock.gate import candidate_layers, gate_from_features
+from safetylock.geometry import head_geometry
+from safetylock.sources import Request, Sizes, gate_requests
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """The operator's share: ``harmful`` requests of the source ``kind``, ``benign`` advice questions."""
+
+    name: str
+    kind: str = ""
+    harmful: int = 0
+    benign: int = 0
+
+
+SCENARIOS = (
+    Scenario("none"),
+    Scenario("donotanswer 50", "donotanswer", 50),
+    Scenario("donotanswer 50 + advice 20", "donotanswer", 50, 20),
+    Scenario("donotanswer 250 + advice 44", "donotanswer", 250, 44),
+    Scenario("past-tense 100", "past-tense", 100),
+    Scenario("airt 20", "airt", 20),
+)
+
+
+def operator_share(scenario: Scenario, unseen: dict[str, list[Request]], seed: int) -> tuple[list[Request], dict]:
+    """The operator's requests (under the source name ``operator``) and, per unseen source, the indices left to
+    score."""
+    rng = random.Random(seed)
+    rest = {name: list(range(len(asked))) for name, asked in unseen.items()}
+    operator: list[Request] = []
+    for name, count, label in ((scenario.kind, scenario.harmful, True), (UNSEEN_BENIGN, scenario.benign, False)):
+        if not count:
+            continue
+        taken = set(rng.sample(rest[name], count))
+        rest[name] = [i for i in rest[name] if i not in taken]
+        operator += [Request(unseen[name][i].turns, label, "operator", name) for i in sorted(taken)]
+    return operator, rest
+
+
+def evaluate(scenario: Scenario, packaged: list[Request], unseen: dict[str, list[Request]], features, seed: int) -> dict:
+    """The gate fit with the scenario's operator requests, scored on what is left of every unseen source."""
+    operator, rest = operator_share(scenario, unseen, seed)
+    requests = gate_requests(data.advbench(), Sizes(), seed=seed, operator=operator)
+    assert list(requests[: len(packaged)]) == packaged  # the packaged requests do not move
+    layers = sorted(features["unseen"])
+    own = (
+        features["operator"](requests[len(packaged) :])
+        if operator
+        else {layer: x[:0] for layer, x in features["packaged"].items()}
+    )
+    x = {layer: np.concatenate([features["packaged"][layer], own[layer]]) for layer in layers}
+    gate, tables = gate_from_features(x, requests, seed, operator=operator)
+    weight = gate.weight.numpy().astype(np.float64)
+    fired = {}
+    for name, indices in rest.items():
+        scores = features["unseen"][gate.layer][name][indices] @ weight + gate.bias
+        fired[name] = round(float(np.mean(scores > gate.threshold)), 4)
+    packaged_sources = {r.source for r in packaged}
+    heldout = [row.to_dict() for row in tables[gate.layer] if row.source in packaged_sources]
+    harmful_rows = [row["tpr"]["5%"] for row in heldout if row["tpr"]]
+    benign_rows = [row["fpr"]["5%"] for row in heldout if row["fpr"]]
+    return {
+        "operator": {"harmful": scenario.harmful, "benign": scenario.benign, "kind": scenario.kind},
+        "layer": gate.layer,
+        "scored_in_distribution": scenario.kind or None,
+        "fires_on_the_rest": fired,
+        "scored": {name: len(indices) for name, indices in rest.items()},
+        "heldout_packaged": heldout,
+        "heldout_packaged_mean": {
+            "tpr_at_5": round(float(np.mean(harmful_rows)), 4),
+            "benign_firing_at_5": round(float(np.mean(benign_rows)), 4),
+        },
+        "calibration": {k: gate.calibration[k] for k in ("auroc", "fpr", "tpr")},
+    }
+
+
+def plot(results: dict, path: Path) -> None:
+    """Per scenario: the gate's firing on each unseen source's rest (bars), the operator's kind marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    sources = list(next(iter(results.values()))["fires_on_the_rest"])
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(12, 5))
+    for i, name in enumerate(names):
+        rates = [results[name]["fires_on_the_rest"][s] for s in sources]
+        ax.bar(np.arange(len(sources)) + i * width, rates, width, label=name)
+    ax.set_xticks(np.arange(len(sources)) + 0.4 - width / 2)
+    ax.set_xticklabels([f"{s}\n(benign)" if s == UNSEEN_BENIGN else s for s in sources])
+    ax.set_ylabel("gate fires on the source's rest (threshold: 5% of benign calibration)")
+    ax.set_ylim(0, 1.3)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=3, loc="upper center", title="operator's requests in the gate's data")
+    ax.set_title("An operator's own requests of a missed kind (in distribution for that kind; the others unseen)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@click.command()
+@click.option("--model", "model_name", default=models.DEFAULT_MODEL, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", default="gate_operator", show_default=True)
+def main(model_name: str, seed: int, out: str) -> None:
+    started = time.perf_counter()
+    model_dir = models.resolve(model_name)
+    layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
+    packaged = list(gate_requests(data.advbench(), Sizes(), seed=seed))
+    unseen = unseen_requests(seed)
+    everything = packaged + [r for asked in unseen.values() for r in asked]
+    cached = features_cached(model_dir, everything, layers)
+    edges = np.cumsum([len(packaged)] + [len(a) for a in unseen.values()])[:-1]
+    pieces = {layer: np.split(cached[layer].astype(np.float64), edges) for layer in layers}
+    features = {
+        "packaged": {layer: pieces[layer][0] for layer in layers},
+        "unseen": {layer: dict(zip(unseen, pieces[layer][1:])) for layer in layers},
+        # the operator's requests as served (a third under an operator system prompt, as every gate request)
+        "operator": lambda requests: {
+            layer: x.astype(np.float64) for layer, x in features_cached(model_dir, list(requests), layers).items()
+        },
+    }
+    results = {}
+    for scenario in SCENARIOS:
+        results[scenario.name] = evaluate(scenario, packaged, unseen, features, seed)
+        row = results[scenario.name]
+        print(scenario.name, row["layer"], row["fires_on_the_rest"], row["heldout_packaged_mean"], flush=True)
+    write_result(
+        out,
+        {
+            "model": model_name,
+            "protocol": "operator's share of one unseen source (seeded) in the gate's data; gate fit as extract fits "
+            "it (layer leave-one-source-out, threshold at 5% of every benign calibration request); scored on the "
+            "rest of every unseen source (in distribution for the operator's source only) and, for the packaged "
+            "sources, leave-one-source-out at the chosen layer; rates only",
+            "scenarios": results,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    )
+    plot(results, RESULTS / f"{out}.png")
+
+
+if __name__ == "__main__":
+    main()
