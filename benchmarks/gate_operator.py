@@ -14,11 +14,14 @@ Features are the product gate's (``gate.prompt_features``, float32, the last pro
 layer), cached as ``benchmarks.gate_sources`` caches them.
 
 Run: python -m benchmarks.gate_operator
-Writes benchmarks/results/gate_operator.{json,png} (rates only).
+Writes benchmarks/results/gate_operator.{json,png} (rates only). ``--files DIR`` instead writes the served check's
+inputs (``SERVED``'s share as an operator file, ``dna.jsonl``, and the rest as eval suites, ``dna_rest.txt`` and
+``advice_rest.txt``) into DIR, which belongs in the cache, never in the repo; docs/gated.md has the commands.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -54,6 +57,21 @@ SCENARIOS = (
     Scenario("past-tense 100", "past-tense", 100),
     Scenario("airt 20", "airt", 20),
 )
+
+
+SERVED = SCENARIOS[3]  # the share the served check extracts a lock with
+
+
+def write_files(scenario: Scenario, unseen: dict[str, list[Request]], seed: int, folder: Path) -> None:
+    """``scenario``'s operator share as ``extract --gate-requests`` reads it, and the rest of its two sources as
+    one-prompt-per-line eval suites (the user's text; the operator system prompts are the gate's own framing)."""
+    operator, rest = operator_share(scenario, unseen, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"prompt": r.turns[-1][1], "harmful": r.harmful, "source": "ours-dna"} for r in operator]
+    (folder / "dna.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for name, file in ((scenario.kind, "dna_rest.txt"), (UNSEEN_BENIGN, "advice_rest.txt")):
+        texts = [unseen[name][i].turns[-1][1].replace("\n", " ") for i in rest[name]]
+        (folder / file).write_text("".join(text + "\n" for text in texts))
 
 
 def operator_share(scenario: Scenario, unseen: dict[str, list[Request]], seed: int) -> tuple[list[Request], dict]:
@@ -139,8 +157,18 @@ def plot(results: dict, path: Path) -> None:
 @click.option("--model", "model_name", default=models.DEFAULT_MODEL, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", default="gate_operator", show_default=True)
-def main(model_name: str, seed: int, out: str) -> None:
+@click.option(
+    "--files",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write the served check's operator file and eval suites into this folder (the cache, not the repo), then stop.",
+)
+def main(model_name: str, seed: int, out: str, files: Path | None) -> None:
     started = time.perf_counter()
+    if files is not None:
+        write_files(SERVED, unseen_requests(seed), seed, files)
+        click.echo(f"wrote {files}/dna.jsonl, dna_rest.txt, advice_rest.txt")
+        return
     model_dir = models.resolve(model_name)
     layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
     packaged = list(gate_requests(data.advbench(), Sizes(), seed=seed))
