@@ -89,25 +89,22 @@ def operator_share(scenario: Scenario, unseen: dict[str, list[Request]], seed: i
     return operator, rest
 
 
-def evaluate(scenario: Scenario, packaged: list[Request], unseen: dict[str, list[Request]], features, seed: int) -> dict:
-    """The gate fit with the scenario's operator requests, scored on what is left of every unseen source."""
+def evaluate(
+    scenario: Scenario, unseen: dict[str, list[Request]], unseen_x: dict, model_dir: Path, layers: list[int], seed: int
+) -> dict:
+    """The gate fit with the scenario's operator requests, scored on what is left of every unseen source
+    (``unseen_x``: their features by layer and source)."""
     operator, rest = operator_share(scenario, unseen, seed)
-    requests = gate_requests(data.advbench(), Sizes(), seed=seed, operator=operator)
-    assert list(requests[: len(packaged)]) == packaged  # the packaged requests do not move
-    layers = sorted(features["unseen"])
-    own = (
-        features["operator"](requests[len(packaged) :])
-        if operator
-        else {layer: x[:0] for layer, x in features["packaged"].items()}
-    )
-    x = {layer: np.concatenate([features["packaged"][layer], own[layer]]) for layer in layers}
+    requests = list(gate_requests(data.advbench(), Sizes(), seed=seed, operator=operator))
+    # the operator's requests as served (a third under an operator system prompt, as every gate request)
+    x = {layer: v.astype(np.float64) for layer, v in features_cached(model_dir, requests, layers).items()}
     gate, tables = gate_from_features(x, requests, seed, operator=operator)
     weight = gate.weight.numpy().astype(np.float64)
     fired = {}
     for name, indices in rest.items():
-        scores = features["unseen"][gate.layer][name][indices] @ weight + gate.bias
+        scores = unseen_x[gate.layer][name][indices] @ weight + gate.bias
         fired[name] = round(float(np.mean(scores > gate.threshold)), 4)
-    packaged_sources = {r.source for r in packaged}
+    packaged_sources = {r.source for r in requests} - {r.source for r in operator}
     heldout = [row.to_dict() for row in tables[gate.layer] if row.source in packaged_sources]
     harmful_rows = [row["tpr"]["5%"] for row in heldout if row["tpr"]]
     benign_rows = [row["fpr"]["5%"] for row in heldout if row["fpr"]]
@@ -176,18 +173,10 @@ def main(model_name: str, seed: int, out: str, files: Path | None) -> None:
     everything = packaged + [r for asked in unseen.values() for r in asked]
     cached = features_cached(model_dir, everything, layers)
     edges = np.cumsum([len(packaged)] + [len(a) for a in unseen.values()])[:-1]
-    pieces = {layer: np.split(cached[layer].astype(np.float64), edges) for layer in layers}
-    features = {
-        "packaged": {layer: pieces[layer][0] for layer in layers},
-        "unseen": {layer: dict(zip(unseen, pieces[layer][1:])) for layer in layers},
-        # the operator's requests as served (a third under an operator system prompt, as every gate request)
-        "operator": lambda requests: {
-            layer: x.astype(np.float64) for layer, x in features_cached(model_dir, list(requests), layers).items()
-        },
-    }
+    unseen_x = {layer: dict(zip(unseen, np.split(cached[layer].astype(np.float64), edges)[1:])) for layer in layers}
     results = {}
     for scenario in SCENARIOS:
-        results[scenario.name] = evaluate(scenario, packaged, unseen, features, seed)
+        results[scenario.name] = evaluate(scenario, unseen, unseen_x, model_dir, layers, seed)
         row = results[scenario.name]
         print(scenario.name, row["layer"], row["fires_on_the_rest"], row["heldout_packaged_mean"], flush=True)
     write_result(
