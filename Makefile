@@ -69,7 +69,7 @@ $(COMPAT_VENV)/.installed: pyproject.toml
 	$(COMPAT_PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-# The GPU kit (docs/gpu.md): vLLM 0.24 and every wheel the GPU image lacks, as pieces of <= 58 MiB under .gpu/,
+# The GPU kit (docs/gpu.md): vLLM 0.24 and every wheel the GPU image lacks, as pieces of <= 46 MiB under .gpu/,
 # joined again and checked against their sha256 here.
 gpu-kit: setup
 	$(PY) -m benchmarks.gpu_kit

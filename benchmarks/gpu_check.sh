@@ -27,14 +27,36 @@ install() {
   "$PY" -c "import vllm, torch, safetylock_vllm; print('vllm', vllm.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 }
 
+# The compiled engine tests, gated first, on vLLM's V1 model runner (which the dynamic and gated modes need), and
+# what the V2 runner does with a static and a dynamic lock (docs/gpu.md). Each runs in its own pytest process with
+# its own log, junit XML and vLLM cache; on a GPU all at once (small engines: 128 MiB of KV cache each), on a CPU
+# one after another (PARALLEL=0/1 overrides). A test past TEST_TIMEOUT is killed; its log says how far it got.
+TESTS=${TESTS:-"tests/test_vllm_gated.py
+tests/test_vllm_plugin.py::test_compiled_graph_is_locked_and_keyed_by_the_lock
+tests/test_vllm_controls.py::test_mixed_alpha_batch_equals_solo_runs_compiled
+tests/test_vllm_plugin.py::test_v2_model_runner_serves_static_locks_and_refuses_dynamic_ones"}
+TEST_TIMEOUT=${TEST_TIMEOUT:-420}
+
+one_test() {
+  local name=$1 target=$2
+  VLLM_USE_V2_MODEL_RUNNER=0 VLLM_CACHE_ROOT="$OUT/vllm-cache-$name" timeout "$TEST_TIMEOUT" \
+    "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider --junitxml="$OUT/$name.xml" "$target" >"$OUT/$name.log" 2>&1
+}
+
 tests() {
-  # The three compiled engine tests on vLLM's V1 model runner, which the dynamic and gated modes need, and what
-  # the V2 runner does with a static and a dynamic lock (docs/gpu.md).
-  VLLM_USE_V2_MODEL_RUNNER=0 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/engine-tests.xml" \
-    "tests/test_vllm_plugin.py::test_compiled_graph_is_locked_and_keyed_by_the_lock" \
-    "tests/test_vllm_plugin.py::test_v2_model_runner_serves_static_locks_and_refuses_dynamic_ones" \
-    "tests/test_vllm_controls.py::test_mixed_alpha_batch_equals_solo_runs_compiled" \
-    tests/test_vllm_gated.py 2>&1 | tee "$OUT/engine-tests.log" | tail -25
+  local parallel=${PARALLEL:-0} i=0 status=0 pids=() names=()
+  "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" && parallel=${PARALLEL:-1}
+  while read -r target; do
+    [ -n "$target" ] || continue
+    i=$((i + 1)); names+=("t$i-$(basename "${target%%::*}" .py)")
+    echo "${names[-1]}: $target"
+    if [ $parallel = 1 ]; then one_test "${names[-1]}" "$target" & pids+=($!); else one_test "${names[-1]}" "$target" || status=1; fi
+  done <<<"$TESTS"
+  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+  for name in "${names[@]}"; do  # the summary and every failure's short traceback, per test
+    echo "== $name"; grep -E "^(FAILED|ERROR|E  |[a-z_/]+\.py:[0-9]+:)|passed|failed|error" "$OUT/$name.log" | tail -15
+  done
+  return $status
 }
 
 overhead() {

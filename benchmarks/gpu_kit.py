@@ -2,7 +2,8 @@
 
 The image has Python 3.12 and torch 2.11 (CUDA 13) but no vLLM and no network; a call carries at most 64 MiB.
 The kit holds vLLM 0.24.0 (the release built for torch 2.11), the wheels in ``benchmarks/gpu_wheels.txt`` and
-safetylock's own wheel built from this tree, as one tar cut into pieces of at most 58 MiB, one piece per folder
+safetylock's own wheel built from this tree, as one tar cut into pieces of at most 46 MiB (a call carries 64 MiB, the
+working tree included), one piece per folder
 (``.gpu/p01``, ``.gpu/p02``, ...; the tar's sha256 beside the first). docs/gpu.md gives the calls that carry them
 and ``benchmarks/gpu_check.sh`` assembles, checks and installs them there.
 
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KIT = ROOT / ".gpu"
 WHEELS_LIST = Path(__file__).with_name("gpu_wheels.txt")
 VLLM = "vllm==0.24.0"
-PIECE_BYTES = 58 * 2**20
+PIECE_BYTES = 46 * 2**20  # with the working tree (13 MiB) a call stays under its 64 MiB
 TAR, SHA = "kit.tar", "kit.sha256"
 # The GPU image: CPython 3.12 on x86_64 glibc; the tags pip may take for it.
 TAGS = ("manylinux_2_28", "manylinux_2_17", "manylinux2014", "manylinux_2_31")
