@@ -29,8 +29,9 @@ install() {
 
 # The compiled engine tests, gated first, on vLLM's V1 model runner (which the dynamic and gated modes need), and
 # what the V2 runner does with a static and a dynamic lock (docs/gpu.md). Each runs in its own pytest process with
-# its own log, junit XML and vLLM cache; on a GPU all at once (small engines: 128 MiB of KV cache each), on a CPU
-# one after another (PARALLEL=0/1 overrides). A test past TEST_TIMEOUT is killed; its log says how far it got.
+# its own log and junit XML (in $OUT, which comes back) and its own vLLM cache (under /tmp, which does not); on a GPU
+# all at once (small engines: 128 MiB of KV cache each), on a CPU one after another (PARALLEL=0/1 overrides). A test
+# past TEST_TIMEOUT is killed; its log says how far it got.
 TESTS=${TESTS:-"tests/test_vllm_gated.py
 tests/test_vllm_plugin.py::test_compiled_graph_is_locked_and_keyed_by_the_lock
 tests/test_vllm_controls.py::test_mixed_alpha_batch_equals_solo_runs_compiled
@@ -39,7 +40,7 @@ TEST_TIMEOUT=${TEST_TIMEOUT:-420}
 
 one_test() {
   local name=$1 target=$2
-  VLLM_USE_V2_MODEL_RUNNER=0 VLLM_CACHE_ROOT="$OUT/vllm-cache-$name" timeout "$TEST_TIMEOUT" \
+  VLLM_USE_V2_MODEL_RUNNER=0 VLLM_CACHE_ROOT="${TMPDIR:-/tmp}/gpu-check-vllm-cache-$name" timeout "$TEST_TIMEOUT" \
     "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider --junitxml="$OUT/$name.xml" "$target" >"$OUT/$name.log" 2>&1
 }
 
