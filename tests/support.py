@@ -312,7 +312,8 @@ def assert_same_generation(got: list[dict], want: list[dict], atol: float = 2e-3
     how much (the GPU slot gets its log back, nothing else)."""
     assert len(got) == len(want), f"{len(got)} generations, {len(want)} expected"
     for i, (g, w) in enumerate(zip(got, want)):
-        differ = next((t for t, (a, b) in enumerate(zip(g["tokens"], w["tokens"])) if a != b), len(w["tokens"]))
+        shared = min(len(g["tokens"]), len(w["tokens"]))  # where one ends, if the other only runs on
+        differ = next((t for t, (a, b) in enumerate(zip(g["tokens"], w["tokens"])) if a != b), shared)
         assert g["tokens"] == w["tokens"], f"prompt {i}: tokens differ from step {differ}"
     gaps = [
         (abs(a - b), i, t)
