@@ -51,6 +51,7 @@ LAYERS = (12, 16, 20)  # the default --layers, and the layer ensemble's
 SWEEP = (0.01, 0.02, 0.03, 0.05, 0.08, 0.12)  # threshold targets: share of benign calibration requests firing
 POSITIONS = 6  # the user's message's last token, then the template's <|im_end|> \n <|im_start|> assistant \n
 View = Callable[[np.ndarray], np.ndarray]  # [n, POSITIONS, hidden] -> [n, features]
+Recorder = Callable[[int, torch.Tensor, list[int]], None]  # (layer, block input [batch, tokens, hidden], requests)
 VIEWS: dict[str, View] = {
     "last": lambda a: a[:, -1],
     "inst": lambda a: a[:, -6],
@@ -80,12 +81,23 @@ def closing_forward(model_dir: Path, requests: list[Request], layers: tuple[int,
     model, tokenizer = load_model(model_dir)
     ids = [chat_ids(tokenizer, r.messages()) for r in requests]
     rows = {layer: np.zeros((len(ids), POSITIONS, model.config.hidden_size), np.float32) for layer in layers}
+
+    def keep(layer: int, hidden: torch.Tensor, members: list[int]) -> None:
+        rows[layer][members] = hidden[:, -POSITIONS:].float().numpy()
+
+    recorded_forward(model, tokenizer, ids, layers, keep, "closing features")
+    return rows
+
+
+def recorded_forward(model, tokenizer, ids: list[list[int]], layers: tuple[int, ...], keep: Recorder, desc: str) -> None:
+    """Forward every chat of ``ids`` (similar lengths batched, left-padded, stopped after the deepest of
+    ``layers``), handing each layer's attention-block input and the batch's members to ``keep``."""
     current: list[int] = []
     blocks = attention_blocks(model, model.config.num_hidden_layers)
 
     def recorder(layer: int):
         def hook(_module, args, kwargs) -> None:
-            rows[layer][current] = block_input(args, kwargs)[:, -POSITIONS:].float().numpy()
+            keep(layer, block_input(args, kwargs), list(current))
             if layer == max(layers):
                 raise _Deepest
 
@@ -96,7 +108,7 @@ def closing_forward(model_dir: Path, requests: list[Request], layers: tuple[int,
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     try:
         with torch.inference_mode():
-            for members in tqdm(length_batches(order, [len(i) for i in ids], 1024), desc="closing features"):
+            for members in tqdm(length_batches(order, [len(i) for i in ids], 1024), desc=desc):
                 current[:] = members
                 batch, mask = pad_batch([ids[i] for i in members], pad_id, "left")
                 positions = (mask.cumsum(1) - 1).clamp(min=0)
@@ -105,7 +117,6 @@ def closing_forward(model_dir: Path, requests: list[Request], layers: tuple[int,
     finally:
         for handle in handles:
             handle.remove()
-    return rows
 
 
 def parse_layers(text: str) -> tuple[int, ...]:

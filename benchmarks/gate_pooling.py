@@ -1,0 +1,286 @@
+"""Pooling the gate's read over the request's tokens: does a probe that looks at every token recognise more kinds?
+
+The product gate reads one position (the chat's last prompt token at layer 16 of Qwen2.5-Coder-0.5B-Instruct's 24);
+``benchmarks.gate_reads`` found no other single position, mean or layer set above its curve, and a mean over the
+user's turn below it. A mean dilutes a request's one harmful phrase ("… my classmate's Social Security number?")
+with everything around it; probes that *select* tokens do not (McKenzie et al. 2025, "Detecting High-Stakes
+Interactions with Activation Probes": max and attention pooling over token-level scores beat last-token and mean
+probes off their training distribution). Candidates, each one linear token score ``s_t = w·h_t`` over the tokens
+after the system turn (the user's turns, earlier assistant turns and the closing template), fit end to end on the
+request's label (Adam, 300 full-batch steps, standardised features, L2 ``L2``, every (source, label) alike as
+``gate.balanced_weights`` weighs them):
+
+* ``product``: the product gate itself (``gate.fit_linear`` on the last prompt token's features): the reference;
+* ``last``: ``s`` at the last prompt token — the product's read, fit end to end as the others are (what the
+  fitting alone changes);
+* ``mean``: the mean of ``s`` over the tokens;
+* ``max``: the largest ``s`` (multiple-instance learning: the request is harmful if one of its tokens is);
+* ``rolling-max``: the largest mean of ``s`` over ``WINDOW`` consecutive tokens (one phrase, not one token);
+* ``attention``: ``Σ softmax(q·h)_t s_t`` with a learnt query ``q`` (an attention probe);
+* ``last+attention`` / ``last+max``: ``s`` at the last token plus a second direction's score pooled by attention /
+  its largest;
+* ``product|attention``: the product's and the attention probe's scores, each standardised on the fit data,
+  averaged (two reads that catch different requests at the same rate).
+
+Scored as ``benchmarks.gate_reads`` scores its reads (leave-one-source-out, thresholds at 1–12% of the other
+sources' benign calibration requests; unseen sources by the probe fit on every source's fit split), so each is a
+curve of reach against benign firing. Features: every token's attention-block input at ``--layers`` in float16,
+computed once per model (float32 forward) and cached in the cache's ``gate/``.
+
+Run: python -m benchmarks.gate_pooling [--layers 16] [--candidates last,max,...] [--out gate_pooling]
+Writes benchmarks/results/gate_pooling.{json,png} (rates only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from benchmarks.common import RESULTS, write_result
+from benchmarks.gate_reads import parse_layers, plot_curves, recorded_forward, score
+from benchmarks.gate_sources import request_key, unseen_requests
+from safetylock import data, models
+from safetylock.gate import balanced_weights, fit_linear
+from safetylock.hf import chat_ids, load_model
+from safetylock.sources import Request, Sizes, gate_requests, split
+
+WINDOW = 8  # tokens per window of ``rolling-max``
+STEPS = 300  # full-batch Adam steps per fit
+L2 = 0.01  # on the standardised token-score weights (sklearn's C 0.05 at this data's size is about 0.011)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Every request's token features at one layer, concatenated: request ``i`` owns rows
+    ``offsets[i]:offsets[i + 1]`` of ``rows`` (float16); its last row is the last prompt token."""
+
+    rows: np.ndarray
+    offsets: np.ndarray
+
+    def take(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens of ``indices`` (float32) and, per token, its position in ``indices``."""
+        spans = [np.arange(self.offsets[i], self.offsets[i + 1]) for i in indices]
+        rows = torch.from_numpy(self.rows[np.concatenate(spans)].astype(np.float32))
+        owner = torch.repeat_interleave(torch.arange(len(spans)), torch.tensor([len(s) for s in spans]))
+        return rows, owner
+
+
+def first_after_system(ids: list[int], end_of_turn: int) -> int:
+    """Index of the first token after the system turn (ChatML: after the first ``<|im_end|>`` and its newline)."""
+    return ids.index(end_of_turn) + 2 if end_of_turn in ids else 0
+
+
+def token_features(model_dir: Path, requests: list[Request], layers: tuple[int, ...]) -> dict[int, Tokens]:
+    """``{layer: Tokens}`` for ``requests``, cached per model and layers (the whole store is recomputed when a
+    request is missing: this benchmark's requests are fixed by seed)."""
+    keys = [request_key(r) for r in requests]
+    ident = {"model": models.directory_digest(model_dir), "layers": list(layers), "read": "after-system"}
+    path = models.cache_root() / "gate" / f"tokens-{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]}.npz"
+    if path.exists():
+        with np.load(path) as stored:
+            known = {k: i for i, k in enumerate(stored["keys"].tolist())}
+            if all(k in known for k in keys):
+                offsets = stored["offsets"]
+                found = {layer: stored[str(layer)] for layer in layers}
+                order = [known[k] for k in keys]
+                spans = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in order])
+                lengths = np.array([offsets[i + 1] - offsets[i] for i in order])
+                mine = np.concatenate([[0], np.cumsum(lengths)])
+                return {layer: Tokens(found[layer][spans], mine) for layer in layers}
+    computed = token_forward(model_dir, requests, layers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_suffix(".tmp.npz")
+    np.savez(staged, keys=np.array(keys), offsets=computed[layers[0]].offsets, **{str(k): v.rows for k, v in computed.items()})
+    staged.replace(path)
+    return computed
+
+
+def token_forward(model_dir: Path, requests: list[Request], layers: tuple[int, ...]) -> dict[int, Tokens]:
+    """``token_features`` computed by ``gate_reads.recorded_forward`` (float32), keeping every token after the
+    system turn."""
+    model, tokenizer = load_model(model_dir)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = [chat_ids(tokenizer, r.messages()) for r in requests]
+    kept_lengths = [len(i) - first_after_system(i, end_of_turn) for i in ids]
+    kept: dict[int, list[np.ndarray]] = {layer: [np.empty(0)] * len(ids) for layer in layers}
+
+    def keep(layer: int, hidden: torch.Tensor, members: list[int]) -> None:
+        for row, index in enumerate(members):
+            kept[layer][index] = hidden[row, -kept_lengths[index] :].to(torch.float16).numpy()
+
+    recorded_forward(model, tokenizer, ids, layers, keep, "token features")
+    offsets = np.concatenate([[0], np.cumsum(kept_lengths)])
+    return {layer: Tokens(np.concatenate(kept[layer]), offsets) for layer in layers}
+
+
+def averaged(scorers: list, x: np.ndarray):
+    """One scorer: the mean of ``scorers``' scores, each standardised on the fit requests ``x``."""
+    fitted = [(s, s(x)[:, 0].mean(), s(x)[:, 0].std() + 1e-9) for s in scorers]
+    return lambda z: np.mean([(s(z)[:, 0] - m) / sd for s, m, sd in fitted], axis=0)[:, None]
+
+
+def product_scorer(tokens: Tokens, x: np.ndarray, harmful: np.ndarray, sources: np.ndarray, seed: int):
+    """The product gate's probe (``gate.fit_linear``) on the last prompt token of the requests ``x[:, 0]``."""
+    last = tokens.offsets[1:] - 1
+    weight, bias = fit_linear(tokens.rows[last[x[:, 0].astype(int)]].astype(np.float64), harmful, sources, seed)
+    return lambda z: (tokens.rows[last[z[:, 0].astype(int)]].astype(np.float64) @ weight + bias)[:, None]
+
+
+def segment_max(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.full((n,), -torch.inf).scatter_reduce(0, owner, values, "amax", include_self=True)
+
+
+def segment_mean(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    counts = torch.bincount(owner, minlength=n).float()
+    return torch.zeros(n).index_add(0, owner, values) / counts
+
+
+def last_of(owner: torch.Tensor, n: int) -> torch.Tensor:
+    """Row of each request's last token."""
+    return torch.zeros(n, dtype=torch.long).scatter_reduce(0, owner, torch.arange(len(owner)), "amax", include_self=False)
+
+
+def rolling_means(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """Each token's mean with the ``WINDOW - 1`` tokens before it, within its request."""
+    total = torch.cat([torch.zeros(1), values.cumsum(0)])
+    index = torch.arange(len(values))
+    first = torch.zeros(n, dtype=torch.long).scatter_reduce(0, owner, index, "amin", include_self=False)
+    begin = torch.maximum(index - WINDOW + 1, first[owner])
+    return (total[index + 1] - total[begin]) / (index - begin + 1).float()
+
+
+def pooled(kind: str, scores: torch.Tensor, gates: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """The request logits of pooling ``kind`` (bias excluded) from token scores ``[t, 2]`` and attention logits."""
+    first = scores[:, 0]
+    if kind == "last":
+        return first[last_of(owner, n)]
+    if kind == "mean":
+        return segment_mean(first, owner, n)
+    if kind == "max":
+        return segment_max(first, owner, n)
+    if kind == "rolling-max":
+        return segment_max(rolling_means(first, owner, n), owner, n)
+    if kind == "attention":
+        top = segment_max(gates.detach(), owner, n)
+        weights = torch.exp(gates - top[owner])
+        return segment_mean(weights * first, owner, n) / segment_mean(weights, owner, n)
+    if kind == "last+max":
+        return first[last_of(owner, n)] + segment_max(scores[:, 1], owner, n)
+    if kind == "last+attention":
+        top = segment_max(gates.detach(), owner, n)
+        weights = torch.exp(gates - top[owner])
+        attended = segment_mean(weights * scores[:, 1], owner, n) / segment_mean(weights, owner, n)
+        return first[last_of(owner, n)] + attended
+    raise ValueError(f"unknown pooling {kind!r}")
+
+
+POOLINGS = (
+    "product",
+    "last",
+    "mean",
+    "max",
+    "rolling-max",
+    "attention",
+    "last+attention",
+    "last+max",
+    "product|attention",
+)
+
+
+def pooling_fitter(kind: str, tokens: Tokens, seed: int = 0):
+    """A ``gate_probes.Fitter`` over request indices (``x[:, 0]``) that fits pooling ``kind`` on their tokens."""
+    if kind == "product":
+        return lambda x, harmful, refused, sources: product_scorer(tokens, x, harmful, sources, seed)
+    if kind == "product|attention":
+        return lambda x, harmful, refused, sources: averaged(
+            [pooling_fitter(k, tokens, seed)(x, harmful, refused, sources) for k in ("product", "attention")], x
+        )
+
+    def fit(x: np.ndarray, harmful: np.ndarray, refused: np.ndarray, sources: np.ndarray):
+        torch.manual_seed(seed)
+        rows, owner = tokens.take(x[:, 0].astype(int))
+        n = len(x)
+        mean, scale = rows.mean(0), rows.std(0) + 1e-3
+        inputs = (rows - mean) / scale
+        weight = torch.zeros(rows.shape[1], 2, requires_grad=True)
+        query = torch.zeros(rows.shape[1], requires_grad=True)
+        bias = torch.zeros(1, requires_grad=True)
+        targets = torch.tensor(harmful, dtype=torch.float32)
+        sample = torch.tensor(balanced_weights(harmful, sources), dtype=torch.float32)
+        optimizer = torch.optim.Adam([weight, query, bias], lr=0.01)
+        for _ in range(STEPS):
+            optimizer.zero_grad()
+            logits = pooled(kind, inputs @ weight, inputs @ query, owner, n) + bias
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+            ((loss * sample).mean() + L2 * ((weight * weight).sum() + (query * query).sum())).backward()
+            optimizer.step()
+
+        def scorer(z: np.ndarray) -> np.ndarray:
+            found, owners = tokens.take(z[:, 0].astype(int))
+            with torch.no_grad():
+                normed = (found - mean) / scale
+                return (pooled(kind, normed @ weight, normed @ query, owners, len(z)) + bias).numpy()[:, None]
+
+        return scorer
+
+    return fit
+
+
+@click.command()
+@click.option("--model", "model_name", default=models.DEFAULT_MODEL, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--layers", default="16", show_default=True, help="Comma-separated layers to read the tokens at.")
+@click.option("--candidates", default=",".join(POOLINGS), show_default=True, help="Comma-separated poolings.")
+@click.option("--out", default="gate_pooling", show_default=True)
+def main(model_name: str, seed: int, layers: str, candidates: str, out: str) -> None:
+    started = time.perf_counter()
+    kinds = [c for c in candidates.split(",") if c]
+    unknown = sorted(set(kinds) - set(POOLINGS))
+    if unknown:
+        raise click.BadParameter(f"unknown pooling(s) {', '.join(unknown)}; choose from {', '.join(POOLINGS)}")
+    model_dir = models.resolve(model_name)
+    requests = list(gate_requests(data.advbench(), Sizes(), seed=seed))
+    product = frozenset(r.source for r in requests)
+    unseen = unseen_requests(seed)
+    everything = requests + [r for asked in unseen.values() for r in asked]
+    read_at = parse_layers(layers)
+    tokens = token_features(model_dir, everything, read_at)
+    index = np.arange(len(everything), dtype=np.float64)[:, None]
+    edges = np.cumsum([len(requests)] + [len(a) for a in unseen.values()])[:-1]
+    pieces = np.split(index, edges)
+    fit, calibration = (np.asarray(part) for part in split(requests, seed=seed))
+    results = {}
+    for layer in read_at:
+        for kind in kinds:
+            name = f"{kind}@{layer}"
+            fitter = pooling_fitter(kind, tokens[layer], seed)
+            results[name] = score(fitter, pieces[0], dict(zip(unseen, pieces[1:])), requests, fit, calibration, product)
+            print(name, results[name]["out_of_source_score"], json.dumps(results[name]["curve"]), flush=True)
+    write_result(
+        out,
+        {
+            "model": model_name,
+            "layers": list(read_at),
+            "read": "every token after the system turn",
+            "window": WINDOW,
+            "steps": STEPS,
+            "l2": L2,
+            "protocol": "leave-one-source-out (thresholds at each sweep target's share of the other sources' benign "
+            "calibration requests firing, held-out source scored whole); unseen sources: fit on every source's fit "
+            "split, thresholds on all benign calibration requests; layer score at 5%; rates only",
+            "candidates": results,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    )
+    plot_curves(results, RESULTS / f"{out}.png", title="Pooling the gate's read over the request's tokens")
+
+
+if __name__ == "__main__":
+    main()
