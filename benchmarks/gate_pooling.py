@@ -20,7 +20,8 @@ request's label (Adam, 300 full-batch steps, standardised features, L2 ``L2``, e
 * ``last+attention`` / ``last+max``: ``s`` at the last token plus a second direction's score pooled by attention /
   its largest;
 * ``product|attention``: the product's and the attention probe's scores, each standardised on the fit data,
-  averaged (two reads that catch different requests at the same rate).
+  averaged (two reads that catch different requests at the same rate); ``product|last``, the same with the
+  end-to-end fit of the last token instead: the control (two fits of one read).
 
 Scored as ``benchmarks.gate_reads`` scores its reads (leave-one-source-out, thresholds at 1–12% of the other
 sources' benign calibration requests; unseen sources by the probe fit on every source's fit split), so each is a
@@ -191,6 +192,7 @@ POOLINGS = (
     "last+attention",
     "last+max",
     "product|attention",
+    "product|last",
 )
 
 
@@ -198,9 +200,9 @@ def pooling_fitter(kind: str, tokens: Tokens, seed: int = 0):
     """A ``gate_probes.Fitter`` over request indices (``x[:, 0]``) that fits pooling ``kind`` on their tokens."""
     if kind == "product":
         return lambda x, harmful, refused, sources: product_scorer(tokens, x, harmful, sources, seed)
-    if kind == "product|attention":
+    if "|" in kind:
         return lambda x, harmful, refused, sources: averaged(
-            [pooling_fitter(k, tokens, seed)(x, harmful, refused, sources) for k in ("product", "attention")], x
+            [pooling_fitter(k, tokens, seed)(x, harmful, refused, sources) for k in kind.split("|")], x
         )
 
     def fit(x: np.ndarray, harmful: np.ndarray, refused: np.ndarray, sources: np.ndarray):
