@@ -28,8 +28,8 @@ sources' benign calibration requests; unseen sources by the probe fit on every s
 curve of reach against benign firing. Features: every token's attention-block input at ``--layers`` in float16,
 computed once per model (float32 forward) and cached in the cache's ``gate/``.
 
-Run: python -m benchmarks.gate_pooling [--layers 16] [--candidates last,max,...] [--out gate_pooling]
-Writes benchmarks/results/gate_pooling.{json,png} (rates only).
+Run: python -m benchmarks.gate_pooling [--layers 16] [--candidates 'product,attention,product|attention'] [--out NAME]
+Writes benchmarks/results/NAME.{json,png} (rates only; default NAME gate_pooling).
 """
 
 from __future__ import annotations
