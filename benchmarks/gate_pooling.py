@@ -45,10 +45,11 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, write_result
+from benchmarks.gate_probes import linear
 from benchmarks.gate_reads import parse_layers, plot_curves, recorded_forward, score
 from benchmarks.gate_sources import request_key, unseen_requests
 from safetylock import data, models
-from safetylock.gate import balanced_weights, fit_linear
+from safetylock.gate import balanced_weights
 from safetylock.hf import chat_ids, load_model
 from safetylock.sources import Request, Sizes, gate_requests, split
 
@@ -123,15 +124,19 @@ def token_forward(model_dir: Path, requests: list[Request], layers: tuple[int, .
 
 def averaged(scorers: list, x: np.ndarray):
     """One scorer: the mean of ``scorers``' scores, each standardised on the fit requests ``x``."""
-    fitted = [(s, s(x)[:, 0].mean(), s(x)[:, 0].std() + 1e-9) for s in scorers]
+    fitted = [(s, scores.mean(), scores.std() + 1e-9) for s in scorers for scores in [s(x)[:, 0]]]
     return lambda z: np.mean([(s(z)[:, 0] - m) / sd for s, m, sd in fitted], axis=0)[:, None]
 
 
 def product_scorer(tokens: Tokens, x: np.ndarray, harmful: np.ndarray, sources: np.ndarray, seed: int):
     """The product gate's probe (``gate.fit_linear``) on the last prompt token of the requests ``x[:, 0]``."""
     last = tokens.offsets[1:] - 1
-    weight, bias = fit_linear(tokens.rows[last[x[:, 0].astype(int)]].astype(np.float64), harmful, sources, seed)
-    return lambda z: (tokens.rows[last[z[:, 0].astype(int)]].astype(np.float64) @ weight + bias)[:, None]
+
+    def features(z: np.ndarray) -> np.ndarray:
+        return tokens.rows[last[z[:, 0].astype(int)]].astype(np.float64)
+
+    scorer = linear(features(x), harmful, np.zeros(len(x), bool), sources, seed)
+    return lambda z: scorer(features(z))
 
 
 def segment_max(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
@@ -157,6 +162,12 @@ def rolling_means(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Te
     return (total[index + 1] - total[begin]) / (index - begin + 1).float()
 
 
+def attended(values: torch.Tensor, gates: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """Each request's mean of ``values`` weighted by the softmax of its tokens' attention logits ``gates``."""
+    weights = torch.exp(gates - segment_max(gates.detach(), owner, n)[owner])
+    return segment_mean(weights * values, owner, n) / segment_mean(weights, owner, n)
+
+
 def pooled(kind: str, scores: torch.Tensor, gates: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
     """The request logits of pooling ``kind`` (bias excluded) from token scores ``[t, 2]`` and attention logits."""
     first = scores[:, 0]
@@ -169,16 +180,11 @@ def pooled(kind: str, scores: torch.Tensor, gates: torch.Tensor, owner: torch.Te
     if kind == "rolling-max":
         return segment_max(rolling_means(first, owner, n), owner, n)
     if kind == "attention":
-        top = segment_max(gates.detach(), owner, n)
-        weights = torch.exp(gates - top[owner])
-        return segment_mean(weights * first, owner, n) / segment_mean(weights, owner, n)
+        return attended(first, gates, owner, n)
     if kind == "last+max":
         return first[last_of(owner, n)] + segment_max(scores[:, 1], owner, n)
     if kind == "last+attention":
-        top = segment_max(gates.detach(), owner, n)
-        weights = torch.exp(gates - top[owner])
-        attended = segment_mean(weights * scores[:, 1], owner, n) / segment_mean(weights, owner, n)
-        return first[last_of(owner, n)] + attended
+        return first[last_of(owner, n)] + attended(scores[:, 1], gates, owner, n)
     raise ValueError(f"unknown pooling {kind!r}")
 
 
