@@ -145,7 +145,8 @@ def apply_gated(
     answer them with those tokens instead (``refuse``: heads at α-off for every request; pass
     ``handle.logits_processor(...)`` to ``generate`` or ``handle.force`` the logits of each step).
     Made for ``model.generate`` on left-padded batches: a forward of more than one token is a new batch of
-    prompts, whose last position is every row's last prompt token; a one-token forward is a decode step.
+    prompts, whose last position is every row's last prompt token; a one-token forward is a decode step. An
+    attention-pooled gate reads the prompt's ids and attention mask from the model's call.
     """
     from safetylock.gate import attention_blocks, block_input
 
@@ -164,10 +165,24 @@ def apply_gated(
     handle = GatedHandle(gate, alpha_on, alpha_off, provenance=verdict, refusal=forced)
     shift_on = alpha_off if forced is not None else alpha_on  # refuse: a fired request's answer is forced, not steered
 
+    prompt: dict[str, torch.Tensor | None] = {"start": None}  # the prompt batch's first pooled positions
+
+    def read_ids(_module, args, kwargs):
+        """An attention-pooled gate: where each row's pooled read starts (left padding counted)."""
+        ids, mask = kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask")
+        if ids is None:
+            raise LockError("an attention-pooled gate reads the prompt's token ids: call the model with input_ids")
+        if ids.shape[1] > 1:
+            mask = torch.ones_like(ids) if mask is None else mask[:, -ids.shape[1] :]
+            pads = (mask == 0).sum(1).tolist()
+            rows = [row[pad:].tolist() for row, pad in zip(ids, pads)]
+            prompt["start"] = torch.tensor([pad + gate.pooling.start(row) for row, pad in zip(rows, pads)])
+
     def decide(_module, args, kwargs):
         hidden = block_input(args, kwargs)
         if hidden.shape[1] > 1 or handle.fired is None:
-            handle.fired = gate.fires(hidden[:, -1])
+            start = prompt["start"] if hidden.shape[1] > 1 else torch.zeros(len(hidden), dtype=torch.long)
+            handle.fired = gate.fires(hidden, start)
 
     def shifter(bias: torch.Tensor, on_prompt: bool):
         def hook(_module, _args, output):
@@ -182,6 +197,8 @@ def apply_gated(
 
         return hook
 
+    if gate.pooling is not None:
+        handle.hooks.append(model.register_forward_pre_hook(read_ids, with_kwargs=True))
     handle.hooks.append(blocks[gate.layer].register_forward_pre_hook(decide, with_kwargs=True))
     for layer, delta in layer_shifts(lock, 1.0).items():
         if gate.shifts_when_generating(layer):

@@ -7,7 +7,13 @@ red-team, jailbreak-wrapped, multi-turn, borderline-safe, ...); ``c`` is the can
 generalises best to a *held-out source* (leave-one-source-out), never the best in-distribution AUROC; the
 threshold lets at most ``TARGET_FPR`` of the benign calibration requests (every benign kind) fire.
 
-Semantics (the HF path and vLLM alike): a request whose score ``w·h + b`` exceeds the threshold is served at
+A gate may also *pool* its read over the request's tokens (``read="attention"``, ``Pooling``): its score is then
+``w·h_last + b + Σ_t softmax(q·h)_t u·h_t`` over the prompt tokens after the system turn (the user's turns, earlier
+assistant turns and the closing template), the sum of the last-token probe and an attention probe (each fit on
+the gate's requests, standardised on them and averaged, folded into ``w``, ``u``, ``q`` and ``b``): an attention
+probe catches a harmful phrase anywhere in the request, the last token what the model concluded from the whole.
+
+Semantics (the HF path and vLLM alike): a request whose score exceeds the threshold is served at
 ``alpha_on``, every other request at ``alpha_off`` (default 0). Prompt tokens before the last one are never
 shifted (their KV cache blocks are the plain model's, shareable by every request). The decision is made at
 layer ``c`` of the last prompt token's forward, so there lock heads at layers after ``c`` are shifted and heads
@@ -41,13 +47,73 @@ TARGET_FPR = 0.05  # benign requests allowed to fire, on the calibration split
 PRECISIONS = ("auto", "float32", "bfloat16")  # of the forward that computes gate features
 REPORT_FPRS = (0.01, 0.05)  # leave-one-source-out TPR is reported at these false-positive rates
 EARLY_HEADS = ("generated", "never")  # lock heads at or before the gate layer: shifted on generated tokens, or not
+READS = ("last", "attention")  # the last prompt token alone; or with an attention probe over the request's tokens
+POOL_STEPS = 300  # full-batch Adam steps of the attention probe's fit
+POOL_L2 = 0.01  # on its standardised weights (logistic regression's C 0.05 at the gate's data size is about 0.011)
 
 Chat = str | list[dict[str, str]]
 
 
+def system_turn(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The token ids that open and close a system turn in ``tokenizer``'s chat template (ChatML:
+    ``<|im_start|>system\n`` and ``<|im_end|>\n``); ((), ()) where the template renders no system turn alone."""
+    from safetylock.hf import common_prefix
+
+    try:
+        rendered = [
+            list(tokenizer.apply_chat_template([{"role": "system", "content": text}], return_dict=True)["input_ids"])
+            for text in ("alpha", "beta gamma", "7")
+        ]
+    except Exception:  # a template without a system role
+        return (), ()
+    first = rendered[0]
+    head = min(common_prefix(first, other) for other in rendered[1:])
+    tail = min(common_prefix(first[::-1], other[::-1]) for other in rendered[1:])
+    return tuple(first[:head]), tuple(first[len(first) - tail :])
+
+
+def pooled_from(ids: Sequence[int], head: Sequence[int], end: Sequence[int]) -> int:
+    """The first position an attention-pooled gate reads in prompt ``ids``: after the system turn (opened by
+    ``head``, closed by the first ``end`` after it) when the prompt opens with one, else 0; never past the last."""
+    head, end = list(head), list(end)
+    if not head or not end or list(ids[: len(head)]) != head:
+        return 0
+    for i in range(len(head), len(ids) - len(end) + 1):
+        if list(ids[i : i + len(end)]) == end:
+            return min(i + len(end), len(ids) - 1)
+    return 0
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """A gate's attention-pooled read: ``Σ_t softmax(query·h)_t weight·h_t`` over the prompt tokens after the
+    system turn (``start``), ``h`` the gate layer's attention-block input."""
+
+    weight: torch.Tensor  # [hidden] float32: each token's score
+    query: torch.Tensor  # [hidden] float32: each token's attention logit
+    system_head: tuple[int, ...] = ()  # the ids that open a system turn (``system_turn``)
+    system_end: tuple[int, ...] = ()  # and close it
+
+    def start(self, ids: Sequence[int]) -> int:
+        """The first pooled position of a prompt (``pooled_from``)."""
+        return pooled_from(ids, self.system_head, self.system_end)
+
+    def pooled(self, hidden: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """Per row of ``hidden[rows, tokens, hidden_size]``: the pooled score over positions ``>= start[row]``."""
+        hidden = hidden.float()
+        logits = hidden @ self.query.to(hidden.device)
+        keep = torch.arange(hidden.shape[1], device=hidden.device)[None, :] >= start.to(hidden.device)[:, None]
+        weights = torch.softmax(logits.masked_fill(~keep, -torch.inf), dim=1)
+        return (weights * (hidden @ self.weight.to(hidden.device))).sum(1)
+
+    def to_metadata(self) -> dict[str, Any]:
+        return {"system_head": list(self.system_head), "system_end": list(self.system_end)}
+
+
 @dataclass(frozen=True)
 class Gate:
-    """A fitted gate: fires when ``weight · h + bias > threshold`` for ``h`` the layer's attention-block input."""
+    """A fitted gate: fires when ``weight · h + bias (+ the pooled read) > threshold`` for ``h`` the layer's
+    attention-block input at the last prompt token."""
 
     layer: int
     weight: torch.Tensor  # [hidden] float32
@@ -55,17 +121,34 @@ class Gate:
     threshold: float
     calibration: dict[str, Any] = field(default_factory=dict)
     early_heads: str = "generated"  # see the module docstring; "never" for locks written before this field
+    pooling: Pooling | None = None  # read "attention": the pooled read added to the last token's score
 
     def __post_init__(self) -> None:
         if self.early_heads not in EARLY_HEADS:
             raise LockError(f"gate early_heads must be one of {', '.join(EARLY_HEADS)}, got {self.early_heads!r}")
 
+    @property
+    def read(self) -> str:
+        return "last" if self.pooling is None else "attention"
+
     def score(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Scores of rows ``hidden[..., hidden_size]`` (float32)."""
+        """The last-token part of the score of rows ``hidden[..., hidden_size]`` (float32): the whole score of a
+        ``last`` gate."""
         return hidden.float() @ self.weight.to(hidden.device) + self.bias
 
-    def fires(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.score(hidden) > self.threshold
+    def request_scores(self, hidden: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of prompts ``hidden[rows, tokens, hidden_size]`` whose last position is the last prompt token;
+        ``start[row]``: the first pooled position (``Pooling.start`` in these coordinates, left padding counted)."""
+        score = self.score(hidden[:, -1])
+        if self.pooling is None:
+            return score
+        if start is None:
+            raise LockError("an attention-pooled gate needs each prompt's first pooled position")
+        return score + self.pooling.pooled(hidden, start)
+
+    def fires(self, hidden: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        """Decisions of prompts ``hidden[rows, tokens, hidden_size]`` (``request_scores``)."""
+        return self.request_scores(hidden, start) > self.threshold
 
     def shifts_on_prompt(self, layer: int) -> bool:
         """Whether lock heads at ``layer`` are shifted on the last prompt token (after the decision only)."""
@@ -77,7 +160,8 @@ class Gate:
 
     def to_metadata(self) -> dict[str, Any]:
         meta = {"layer": self.layer, "bias": self.bias, "threshold": self.threshold, "calibration": self.calibration}
-        return meta | ({"early_heads": self.early_heads} if self.early_heads != "never" else {})  # old bytes kept
+        meta |= {"early_heads": self.early_heads} if self.early_heads != "never" else {}  # old bytes kept
+        return meta | ({"read": "attention", "pooling": self.pooling.to_metadata()} if self.pooling is not None else {})
 
 
 def continues_assistant_turn(ids: Sequence[int], header: Sequence[int]) -> bool:
@@ -225,6 +309,124 @@ def prompt_features(
         for handle in handles:
             handle.remove()
     return rows
+
+
+@torch.no_grad()
+def prompt_tokens(
+    model,
+    tokenizer,
+    prompts: Sequence[Chat],
+    layer: int,
+    system: tuple[Sequence[int], Sequence[int]],
+    batch_tokens: int = 1024,
+    progress: bool = False,
+    framing: Framing | None = None,
+    precision: str = "float32",
+) -> list[np.ndarray]:
+    """Per chat (as ``prompt_features`` takes them): ``layer``'s attention-block input at every position an
+    attention-pooled gate reads (``pooled_from`` with ``system``'s head and end ids), float32 ``[positions,
+    hidden]``, the last row the last prompt token. Chats of similar length are batched, left-padded."""
+    from safetylock.geometry import head_geometry
+    from safetylock.hf import chat_ids, pad_batch
+
+    block = attention_blocks(model, head_geometry(model.config).num_layers)[layer]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    chats = [framing.messages(p) if framing and isinstance(p, str) else p for p in prompts]
+    ids = [chat_ids(tokenizer, chat) for chat in chats]
+    starts = [pooled_from(i, *system) for i in ids]
+    rows: list[np.ndarray] = [np.empty(0)] * len(ids)
+    reading: dict[str, Any] = {"members": [], "width": 0}
+
+    def hook(_module, args, kwargs):
+        hidden = block_input(args, kwargs)
+        for row, index in enumerate(reading["members"]):
+            first = reading["width"] - len(ids[index]) + starts[index]
+            rows[index] = hidden[row, first:].float().cpu().numpy()
+        raise _Enough
+
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    precision = feature_precision(precision)
+    autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with autocast:
+            batches = length_batches(order, [len(i) for i in ids], batch_tokens)
+            for members in tqdm(batches, desc="gate tokens", disable=not progress):
+                batch, mask = pad_batch([ids[i] for i in members], pad_id, "left")
+                reading.update(members=members, width=batch.shape[1])
+                positions = (mask.cumsum(1) - 1).clamp(min=0)
+                with contextlib.suppress(_Enough):
+                    decoder(input_ids=batch, attention_mask=mask, position_ids=positions, use_cache=False)
+    finally:
+        handle.remove()
+    return rows
+
+
+def _segments(tokens: Sequence[np.ndarray], members: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token rows of requests ``members`` stacked (float32) and, per row, its request's place in ``members``."""
+    stacked = torch.from_numpy(np.concatenate([tokens[i] for i in members]).astype(np.float32))
+    owner = torch.repeat_interleave(torch.arange(len(members)), torch.tensor([len(tokens[i]) for i in members]))
+    return stacked, owner
+
+
+def _attended(values: torch.Tensor, logits: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """Per request: the mean of ``values`` over its tokens, weighted by the softmax of their ``logits``."""
+    top = torch.full((n,), -torch.inf).scatter_reduce(0, owner, logits.detach(), "amax", include_self=True)
+    weights = torch.exp(logits - top[owner])
+    return torch.zeros(n).index_add(0, owner, weights * values) / torch.zeros(n).index_add(0, owner, weights)
+
+
+def fit_attention(
+    tokens: Sequence[np.ndarray], labels: np.ndarray, groups: np.ndarray, members: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """An attention probe on requests ``members``: token scores ``u·h`` pooled by ``softmax(q·h)``, fit end to end
+    on the requests' labels (logistic loss, each source weighted alike, ``POOL_STEPS`` full-batch Adam steps from
+    zero, L2 ``POOL_L2`` on standardised features), folded back to raw features: (u, q, bias)."""
+    rows, owner = _segments(tokens, members)
+    mean, scale = rows.mean(0), rows.std(0) + 1e-3
+    inputs = (rows - mean) / scale
+    n = len(members)
+    weight, query = torch.zeros(rows.shape[1], requires_grad=True), torch.zeros(rows.shape[1], requires_grad=True)
+    bias = torch.zeros(1, requires_grad=True)
+    targets = torch.tensor(labels[members], dtype=torch.float32)
+    sample = torch.tensor(balanced_weights(labels[members], groups[members]), dtype=torch.float32)
+    optimizer = torch.optim.Adam([weight, query, bias], lr=0.01)
+    with torch.enable_grad():
+        for _ in range(POOL_STEPS):
+            optimizer.zero_grad()
+            logits = _attended(inputs @ weight, inputs @ query, owner, n) + bias
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+            ((loss * sample).mean() + POOL_L2 * (weight.square().sum() + query.square().sum())).backward()
+            optimizer.step()
+    u, q = (weight / scale).detach(), (query / scale).detach()
+    return u.numpy(), q.numpy(), float(bias.detach() - (weight.detach() * mean / scale).sum())  # q's offset cancels
+
+
+def pooled_scores(tokens: Sequence[np.ndarray], u: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Per request: ``Σ softmax(q·h)_t u·h_t`` over its token rows."""
+    rows, owner = _segments(tokens, np.arange(len(tokens)))
+    return _attended(rows @ torch.from_numpy(u).float(), rows @ torch.from_numpy(q).float(), owner, len(tokens)).numpy()
+
+
+def fit_read(
+    tokens: Sequence[np.ndarray], requests: Sequence[Request], fit: np.ndarray, seed: int, read: str
+) -> tuple[np.ndarray, float, tuple[np.ndarray, np.ndarray] | None]:
+    """A gate's weights on per-request token rows (``prompt_tokens``; the last row the last prompt token), fit on
+    requests ``fit``: ``last``, the logistic probe on the last token (``fit_linear``); ``attention``, that probe
+    and an attention probe (``fit_attention``), each standardised on the fit requests and averaged, folded into
+    one score ``w·h_last + b + Σ softmax(q·h) u·h``. (w, b, (u, q) or None)."""
+    labels, groups = np.array([r.harmful for r in requests]), np.array([r.source for r in requests])
+    last = np.stack([t[-1] for t in tokens])
+    weight, bias = fit_linear(last[fit], labels[fit], groups[fit], seed)
+    if read == "last":
+        return weight, bias, None
+    u, q, pool_bias = fit_attention(tokens, labels, groups, fit)
+    first = last[fit] @ weight + bias
+    second = pooled_scores([tokens[i] for i in fit], u, q) + pool_bias
+    a, b = 0.5 / (first.std() + 1e-9), 0.5 / (second.std() + 1e-9)
+    folded_bias = a * (bias - first.mean()) + b * (pool_bias - second.mean())
+    return weight * a, float(folded_bias), (u * b, q)
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -393,19 +595,89 @@ def fit_gate(
     precision: str = "auto",
     data_sizes: Sizes | None = None,
     operator: Sequence[Request] = (),
+    read: str = "last",
 ) -> tuple[Gate, dict[int, list[Heldout]]]:
     """The gate at the layer of ``layers`` that generalises best to held-out sources (``out_of_source_score``),
     refit on every source's fit split, threshold at ``TARGET_FPR`` of all benign calibration requests; also
     every layer's leave-one-source-out table. Features in ``precision`` (``feature_precision``); ``data_sizes``
     and ``operator``: the ``Sizes`` and operator requests that ``requests`` were built with (``gate_requests``),
-    recorded for re-calibration."""
+    recorded for re-calibration. ``read`` ``attention``: the layer chosen so, the gate then fit with an attention
+    probe at it (``with_read``; one more forward of every request to that layer)."""
     if len({r.source for r in requests}) < 2 or len({r.harmful for r in requests}) < 2:
         raise ExtractError("the gate needs harmful and benign requests from at least two sources")
+    if read not in READS:
+        raise ExtractError(f"gate read must be one of {', '.join(READS)}, got {read!r}")
     precision = feature_precision(precision)
     chats = [r.messages() for r in requests]
     features = prompt_features(model, tokenizer, chats, layers, progress=progress, precision=precision)
     gate, tables = gate_from_features(features, requests, seed, progress, data_sizes, operator)
-    return replace(gate, calibration={**gate.calibration, "precision": precision}), tables
+    gate = replace(gate, calibration={**gate.calibration, "precision": precision})
+    if read == "attention":
+        system = system_turn(tokenizer)
+        tokens = prompt_tokens(model, tokenizer, chats, gate.layer, system, progress=progress, precision=precision)
+        gate = with_read(gate, tokens, requests, seed, read, system)
+    return gate, tables
+
+
+def with_read(
+    gate: Gate,
+    tokens: Sequence[np.ndarray],
+    requests: Sequence[Request],
+    seed: int,
+    read: str,
+    system: tuple[Sequence[int], Sequence[int]],
+    fpr: float = TARGET_FPR,
+    **record: Any,
+) -> Gate:
+    """``gate`` with its weights fit again by ``fit_read`` on its layer's token rows of ``requests``
+    (``prompt_tokens``) on their fit split, threshold at ``fpr`` of their benign calibration requests, calibration
+    figures and firing per source redone; ``record``: more calibration fields."""
+    fit, calibration = split(requests, seed=seed)
+    weight, bias, pooled = fit_read(tokens, requests, fit, seed, read)
+    scores = np.stack([t[-1] for t in tokens]) @ weight + bias
+    if pooled is not None:
+        scores = scores + pooled_scores(tokens, *pooled)
+    labels = np.array([r.harmful for r in requests])
+    benign_cal, harmful_cal = scores[calibration[~labels[calibration]]], scores[calibration[labels[calibration]]]
+    threshold = threshold_at(benign_cal, fpr)
+    by_source = {}
+    for source in sorted({r.source for r in requests}):
+        chosen = calibration[np.array([requests[i].source == source for i in calibration])]
+        harmful, benign = scores[chosen[labels[chosen]]], scores[chosen[~labels[chosen]]]
+        by_source[source] = {
+            "harmful": _rate(harmful, threshold) if len(harmful) else None,
+            "benign": _rate(benign, threshold) if len(benign) else None,
+        }
+    figures = {
+        "read": read,
+        "target_fpr": fpr,
+        "auroc": round(auroc(harmful_cal, benign_cal), 4),
+        "fpr": _rate(benign_cal, threshold),
+        "tpr": _rate(harmful_cal, threshold),
+        "roc": roc_points(harmful_cal, benign_cal),
+        "firing_by_source": by_source,
+    }
+    if pooled is not None:
+        figures["pooling"] = {"steps": POOL_STEPS, "l2": POOL_L2, "combined": "last-token and attention probes averaged"}
+        figures["heldout_read"] = "last"  # the leave-one-source-out tables that chose the layer read the last token
+    vectors = [torch.from_numpy(v.astype(np.float32)) for v in pooled or ()]
+    pooling = Pooling(*vectors, *map(tuple, system)) if vectors else None
+    weights = torch.from_numpy(weight.astype(np.float32))
+    return Gate(gate.layer, weights, bias, threshold, {**gate.calibration, **figures, **record}, gate.early_heads, pooling)
+
+
+def gate_scores(
+    model, tokenizer, gate: Gate, chats: Sequence[Chat], framing: Framing | None = None, precision: str = "float32"
+) -> np.ndarray:
+    """``gate``'s scores of ``chats`` run through ``model`` (sent as ``framing`` sends them), its read whatever it is."""
+    if gate.pooling is None:
+        features = prompt_features(model, tokenizer, chats, [gate.layer], framing=framing, precision=precision)[gate.layer]
+        return features @ gate.weight.numpy() + gate.bias
+    pooling = gate.pooling
+    system = (pooling.system_head, pooling.system_end)
+    tokens = prompt_tokens(model, tokenizer, chats, gate.layer, system, framing=framing, precision=precision)
+    last = np.stack([t[-1] for t in tokens])
+    return last @ gate.weight.numpy() + gate.bias + pooled_scores(tokens, pooling.weight.numpy(), pooling.query.numpy())
 
 
 def gate_from_features(
@@ -468,10 +740,8 @@ def recalibrate(
 ) -> Gate:
     """The same gate with its threshold set on ``benign`` requests run through ``model`` (the served weights), sent
     as ``framing`` sends them (the served system prompt and prefix) when given."""
-    features = prompt_features(model, tokenizer, benign, [gate.layer], framing=framing)[gate.layer]
-    threshold = threshold_at(features @ gate.weight.numpy() + gate.bias, fpr)
-    calibration = served_record(gate, served, len(benign), fpr, framing)
-    return Gate(gate.layer, gate.weight, gate.bias, threshold, calibration, gate.early_heads)
+    threshold = threshold_at(gate_scores(model, tokenizer, gate, benign, framing), fpr)
+    return replace(gate, threshold=threshold, calibration=served_record(gate, served, len(benign), fpr, framing))
 
 
 def served_record(
@@ -516,28 +786,18 @@ def refit(
     ``model`` as served (``as_served``, sent as ``framing`` sends them), threshold at ``fpr`` of their benign
     calibration split. A fine-tune can move edgy benign requests up with harmful ones along the base's gate
     direction while the two stay linearly apart: a threshold alone cannot follow that, a refit probe can. The
-    layer, the data and the split stay the base's; features in ``precision`` (``feature_precision``)."""
-    fit, calibration = split(requests, seed=seed)
+    layer, the read, the data and the split stay the base's; features in ``precision`` (``feature_precision``)."""
     chats = [as_served(r) for r in requests]
     precision = feature_precision(precision)
-    x = prompt_features(model, tokenizer, chats, [gate.layer], framing=framing, precision=precision)[gate.layer]
-    labels, groups = np.array([r.harmful for r in requests]), np.array([r.source for r in requests])
-    weight, bias = fit_linear(x[fit], labels[fit], groups[fit], seed)
-    scores = x @ weight + bias
-    benign_cal, harmful_cal = scores[calibration[~labels[calibration]]], scores[calibration[labels[calibration]]]
-    threshold = threshold_at(benign_cal, fpr)
-    record = served_record(
-        gate,
-        served,
-        len(benign_cal),
-        fpr,
-        framing,
-        refit_on=served,
-        precision=precision,
-        auroc=round(auroc(harmful_cal, benign_cal), 4),
-        fpr=_rate(benign_cal, threshold),
-        tpr=_rate(harmful_cal, threshold),
-        roc=roc_points(harmful_cal, benign_cal),
-    )
-    weights = torch.from_numpy(weight.astype(np.float32))
-    return Gate(gate.layer, weights, bias, threshold, record, gate.early_heads)
+    if gate.pooling is None:
+        x = prompt_features(model, tokenizer, chats, [gate.layer], framing=framing, precision=precision)[gate.layer]
+        tokens: list[np.ndarray] = [row[None] for row in x]  # the last token is all a ``last`` gate reads
+        system: tuple[Sequence[int], Sequence[int]] = ((), ())
+    else:
+        system = (gate.pooling.system_head, gate.pooling.system_end)
+        tokens = prompt_tokens(model, tokenizer, chats, gate.layer, system, framing=framing, precision=precision)
+    fitted = with_read(gate, tokens, requests, seed, gate.read, system, fpr)
+    figures = {k: fitted.calibration[k] for k in ("auroc", "fpr", "tpr", "roc")}
+    benign = sum(not requests[i].harmful for i in split(requests, seed=seed)[1])
+    record = served_record(gate, served, benign, fpr, framing, refit_on=served, precision=precision, **figures)
+    return replace(fitted, calibration=record)

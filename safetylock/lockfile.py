@@ -18,7 +18,7 @@ from safetensors.torch import save as save_tensors
 
 from safetylock.alpha import DEFAULT_ALPHA, check_alpha
 from safetylock.errors import LockError
-from safetylock.gate import Gate
+from safetylock.gate import READS, Gate, Pooling
 from safetylock.geometry import HeadGeometry
 from safetylock.sources import recorded_operator, recorded_sizes
 
@@ -30,6 +30,7 @@ METADATA_KEY = "safetylock"
 TENSOR_NAMES = ("layers", "heads", "directions", "sigmas", "head_accuracy")
 SKETCH_TENSOR = "base_sketch"
 GATE_TENSOR = "gate_weight"
+POOL_TENSORS = ("gate_pool_weight", "gate_pool_query")  # an attention-pooled gate's token score and attention query
 
 
 @dataclass
@@ -79,6 +80,9 @@ class SafetyLock:
             tensors[SKETCH_TENSOR] = self.base_sketch.contiguous()
         if self.gate is not None:
             tensors[GATE_TENSOR] = self.gate.weight.contiguous()
+            if self.gate.pooling is not None:
+                pooled = (self.gate.pooling.weight, self.gate.pooling.query)
+                tensors |= {name: t.contiguous() for name, t in zip(POOL_TENSORS, pooled)}
         return save_tensors(tensors, metadata={METADATA_KEY: json.dumps(self.metadata(), sort_keys=True)})
 
     @property
@@ -164,13 +168,12 @@ def validate(lock: SafetyLock) -> None:
 
 
 def validate_gate(gate: Gate, geo: HeadGeometry, lock_layers: list[int]) -> None:
-    weight = gate.weight
-    if weight.dtype != torch.float32 or tuple(weight.shape) != (geo.hidden_size,):
-        raise LockError(
-            f"tensor {GATE_TENSOR!r} is {weight.dtype} {tuple(weight.shape)}, expected float32 ({geo.hidden_size},)"
-        )
-    if not torch.isfinite(weight).all():
-        raise LockError(f"tensor {GATE_TENSOR!r} holds non-finite values (NaN or inf)")
+    pooled = () if gate.pooling is None else zip(POOL_TENSORS, (gate.pooling.weight, gate.pooling.query))
+    for name, weight in ((GATE_TENSOR, gate.weight), *pooled):
+        if weight.dtype != torch.float32 or tuple(weight.shape) != (geo.hidden_size,):
+            raise LockError(f"tensor {name!r} is {weight.dtype} {tuple(weight.shape)}, expected float32 ({geo.hidden_size},)")
+        if not torch.isfinite(weight).all():
+            raise LockError(f"tensor {name!r} holds non-finite values (NaN or inf)")
     if not 0 <= gate.layer < geo.num_layers:
         raise LockError(f"gate layer {gate.layer} out of range 0..{geo.num_layers - 1}")
     if not all(math.isfinite(v) for v in (gate.bias, gate.threshold)):
@@ -185,10 +188,23 @@ def _gate(meta: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -
     """The gate stored in a lock file, if any (its metadata and its tensor come together)."""
     info = meta.get("gate")
     if info is None and GATE_TENSOR not in tensors:
+        if any(name in tensors for name in POOL_TENSORS):
+            raise LockError(f"{source}: tensors {list(POOL_TENSORS)} without a gate")
         return None
     if info is None or GATE_TENSOR not in tensors:
         raise LockError(f"{source}: gate metadata and tensor {GATE_TENSOR!r} must come together")
+    read = info.get("read", "last")
+    if read not in READS:
+        raise LockError(f"{source}: gate read must be one of {', '.join(READS)}, got {read!r}")
+    present = [name for name in POOL_TENSORS if name in tensors]
+    if (read == "attention") != bool(present) or 0 < len(present) < len(POOL_TENSORS):
+        raise LockError(f"{source}: a gate with read 'attention' and tensors {list(POOL_TENSORS)} must come together")
     try:
+        pooling = None
+        if read == "attention":
+            system = info.get("pooling") or {}
+            head, end = (tuple(int(i) for i in system.get(key) or ()) for key in ("system_head", "system_end"))
+            pooling = Pooling(*(tensors[name] for name in POOL_TENSORS), head, end)
         return Gate(
             int(info["layer"]),
             tensors[GATE_TENSOR],
@@ -196,9 +212,13 @@ def _gate(meta: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -
             float(info["threshold"]),
             dict(info.get("calibration") or {}),
             str(info.get("early_heads", "never")),  # absent: written before early heads were shifted
+            pooling,
         )
     except (KeyError, TypeError, ValueError):
-        raise LockError(f"{source}: gate metadata needs integer 'layer' and numeric 'bias' and 'threshold'") from None
+        raise LockError(
+            f"{source}: gate metadata needs integer 'layer', numeric 'bias' and 'threshold' (and integer token ids "
+            "under 'pooling')"
+        ) from None
 
 
 def from_bytes(data: bytes, source: str = "<bytes>") -> SafetyLock:

@@ -11,7 +11,7 @@ from safetylock import data
 from safetylock.alpha import DEFAULT_ALPHA
 from safetylock.capture import capture
 from safetylock.errors import ExtractError
-from safetylock.gate import candidate_layers, feature_precision, fit_gate
+from safetylock.gate import READS, candidate_layers, feature_precision, fit_gate
 from safetylock.geometry import head_geometry, output_projections, projection_fingerprint
 from safetylock.lockfile import SafetyLock, from_probes
 from safetylock.overlap import fingerprints
@@ -36,6 +36,7 @@ class ExtractConfig:
     gate: bool = True  # also fit the request gate (safetylock.gate) for gated serving, the product's default
     gate_precision: str = "auto"  # of the gate's feature forward (safetylock.gate.feature_precision)
     gate_data: Sizes = GATE_DATA[DEFAULT_GATE_DATA]  # how many requests of each source the gate is fit on
+    gate_read: str = "last"  # what the gate reads (safetylock.gate.READS)
 
 
 class Stopwatch:
@@ -68,6 +69,8 @@ def extract_lock(
     geometry = head_geometry(model.config)
     check_top_k(geometry, config.top_k)  # before the minutes of capture, not after
     feature_precision(config.gate_precision)  # likewise
+    if config.gate_read not in READS:
+        raise ExtractError(f"gate read must be one of {', '.join(READS)}, got {config.gate_read!r}")
     requests = gate_requests(harmful, config.gate_data, seed=config.seed, operator=operator) if config.gate else ()
     clock.lap("gate requests")  # built first: a bad operator file fails before the minutes of capture
     split = data.split_harmful(harmful, seed=config.seed)
@@ -86,7 +89,9 @@ def extract_lock(
     if config.gate:
         layers = candidate_layers(geometry.num_layers)
         precision = config.gate_precision
-        gate, _ = fit_gate(model, tokenizer, requests, layers, config.seed, progress, precision, config.gate_data, operator)
+        gate, _ = fit_gate(
+            model, tokenizer, requests, layers, config.seed, progress, precision, config.gate_data, operator, config.gate_read
+        )
         clock.lap("gate")
     try:
         version = importlib.metadata.version("safetylock")

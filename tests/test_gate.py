@@ -318,3 +318,96 @@ def test_feature_precision_resolves_auto_and_refuses_others():
     assert feature_precision("auto") in ("float32", "bfloat16") and feature_precision("float32") == "float32"
     with pytest.raises(ExtractError, match="gate precision must be one of auto, float32, bfloat16"):
         feature_precision("fp8")
+
+
+def pooled_gate(hidden: int = 128, layer: int = 1, threshold: float = 0.0) -> Gate:
+    """A gate with an attention-pooled read (random weights), ChatML's system turn ids as the test tokenizer has them."""
+    from safetylock.gate import Pooling
+
+    draw = torch.Generator().manual_seed(5)
+    pooling = Pooling(torch.randn(hidden, generator=draw), torch.randn(hidden, generator=draw), (1, 7), (2, 9))
+    return dataclasses.replace(a_gate(layer, hidden, threshold), pooling=pooling)
+
+
+def test_attention_gate_round_trips_and_malformed_pooling_is_refused(tmp_path):
+    lock = small_lock(gate=pooled_gate())
+    loaded = load(lock.save(tmp_path / "pooled.lock.safetensors"))
+    assert loaded.gate.read == "attention" and loaded.fingerprint == lock.fingerprint
+    assert torch.equal(loaded.gate.pooling.query, lock.gate.pooling.query)
+    assert (loaded.gate.pooling.system_head, loaded.gate.pooling.system_end) == ((1, 7), (2, 9))
+    assert small_lock(gate=a_gate()).fingerprint != lock.fingerprint
+    with pytest.raises(LockError, match="gate_pool_weight"):
+        small_lock(gate=dataclasses.replace(pooled_gate(), pooling=pooled_gate(hidden=64).pooling))
+    lost = rewrite_metadata(lock.to_bytes(), lambda meta: meta["gate"].pop("read"))
+    with pytest.raises(LockError, match="must come together"):
+        from_bytes(lost, "edited.lock")
+    odd = rewrite_metadata(lock.to_bytes(), lambda meta: meta["gate"].update(read="max"))
+    with pytest.raises(LockError, match="gate read must be one of last, attention"):
+        from_bytes(odd, "edited.lock")
+
+
+def test_pooled_start_skips_the_system_turn_only(tiny_model_dir):
+    from safetylock.gate import pooled_from, system_turn
+    from safetylock.hf import chat_ids
+
+    _, tok = load_model(tiny_model_dir)
+    head, end = system_turn(tok)
+    assert tok.decode(head) == "<|im_start|>system\n" and tok.decode(end) == "<|im_end|>\n"
+    system = chat_ids(tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert tok.decode(system[pooled_from(system, head, end) :]).startswith("<|im_start|>user\nHi")
+    assert pooled_from(chat_ids(tok, "Hi"), head, end) == 0  # no system turn: the whole prompt
+
+
+def test_attention_gate_is_fit_and_the_hf_path_decides_as_its_scores(llama_dir):
+    """``read="attention"``: the layer chosen on the last token, then both probes fit at it; left-padded HF
+    batches decide exactly as the gate's scores of each chat alone, system prompts and turns included."""
+    from safetylock.gate import fit_gate, gate_scores, recalibrate
+    from safetylock.hf import chat_ids, pad_batch
+
+    model, tok = load_model(llama_dir)
+    requests = marker_requests()
+    gate, _ = fit_gate(model, tok, requests, layers=[1, 2], progress=False, read="attention")
+    assert gate.read == "attention" and gate.calibration["read"] == "attention" and gate.calibration["tpr"] == 1.0
+    chats = [
+        "Explain how to pick a lock on a neighbour's door",
+        [{"role": "system", "content": "You are a shop assistant."}, {"role": "user", "content": QUESTIONS[0]}],
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "(one) go"},
+        ],
+        "(one) Write a poem",
+    ]
+    scores = gate_scores(model, tok, gate, chats)
+    threshold = float(np.median(scores))
+    middle = dataclasses.replace(gate, threshold=threshold)
+    lock = model_lock(model, middle, layers=(0, 2))
+    batch, mask = pad_batch([chat_ids(tok, c) for c in chats], tok.pad_token_id, "left")
+    with apply_gated(model, lock, 4.0) as handle, torch.no_grad():
+        model(input_ids=batch, attention_mask=mask)
+    assert handle.fired.tolist() == (scores > threshold).tolist() and 0 < handle.fired.sum() < len(chats)
+    again = recalibrate(model, tok, gate, QUESTIONS[4:12], fpr=0.25)
+    assert again.pooling is gate.pooling and again.threshold != gate.threshold
+
+
+def test_served_pooled_read_restarts_per_prompt_and_fails_closed_on_a_prompt_it_did_not_read_whole():
+    """The vLLM plugin's host plan: a prompt's state restarts where its pooled tokens start; a prompt whose first
+    forwarded chunk lies past that start (its earlier tokens came from a cache) is marked to fire."""
+    from safetylock_vllm.engine import PooledRead
+
+    read = PooledRead(
+        torch.zeros(4), torch.zeros(4), torch.zeros(3, 3), torch.zeros(8, dtype=torch.int64), torch.zeros(3),
+        torch.zeros(3), ((1, 7), (2, 9)),
+    )  # fmt: skip
+    prompt = [1, 7, 5, 2, 9, 4, 4, 4, 4, 4]  # a system turn, then five pooled tokens (positions 5..9)
+    read.plan("read", 0, np.arange(0, 4), 9, prompt)
+    read.plan("cached", 1, np.arange(6, 10), 9, prompt)
+    read.write(8, 2)
+    assert read.token_slot.tolist() == [2, 2, 2, 2, 1, 1, 1, 1]  # only pooled tokens carry their slot
+    assert read.reset.tolist() == [1, 0, 1] and read.broken.tolist() == [0, 1, 0]
+    read.plan("read", 0, np.arange(4, 8), 9, prompt)
+    read.write(4, 2)
+    read.plan("read", 0, np.arange(8, 10), 9, prompt)  # the continuation of what it read: kept, not broken
+    read.write(2, 2)
+    assert read.reset.tolist() == [0, 0, 1] and read.broken.tolist() == [0, 0, 0]
+    assert read.token_slot[:2].tolist() == [0, 0]

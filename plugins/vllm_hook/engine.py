@@ -18,6 +18,13 @@ same with ``generated[t]`` (tokens after the last prompt token, whose decision a
 place; a gate with ``early_heads="never"`` shifts no head up to its layer. The host only writes per-token slots
 and positions (known before the step); it never reads a decision back. A request keeps its slot while
 the runner holds its state (preempted requests included), so a resumed request keeps its decision.
+An attention-pooled gate (``read="attention"``) keeps, per request slot, the running state of its pooled read —
+the largest attention logit, the weighted sum of token scores and the softmax normaliser over the tokens read so
+far (an online softmax) — updated by every prefill chunk at the gate layer, so the last prompt token's decision
+pools the whole prompt after its system turn however it was chunked. The host marks each step's pooled tokens and
+the slots whose first pooled chunk it is (state reset); a prompt whose pooled tokens were not all forwarded (a
+prefix-cache hit past the system turn: the frontend asks vLLM to skip reading the prefix cache for such a server)
+is decided as fired: fail closed, never a decision on half a prompt.
 Under the ``refuse`` response (``safetylock.respond``) every token is shifted at α-off, and the sampler forces
 the refusal on each request whose slot fired: the host knows each row's slot, output position and α before the
 step (``Forcing``); the decision itself stays on the device.
@@ -223,15 +230,18 @@ class GateBuffers:
     counted: set[str] = dataclasses.field(default_factory=set)  # requests already counted (recompute: once)
     refusal: torch.Tensor | None = None  # host int64: the refuse response's tokens (message, end-of-sequence), else None
     forcing: Forcing | None = None  # this step's rows, made by ``fill``, taken by the sampler
+    pooling: PooledRead | None = None  # an attention-pooled gate's buffers and host bookkeeping
 
     @property
     def dummy(self) -> int:
         return self.fired.numel() - 1
 
     def load(self, gate) -> None:
-        """Copy ``gate``'s weight, bias and threshold in place (start-up and hot swap)."""
+        """Copy ``gate``'s weight, bias and threshold (and pooled read) in place (start-up and hot swap)."""
         self.weight.copy_(gate.weight.to(self.weight.device))
         self.params.copy_(torch.tensor([gate.bias, gate.threshold], dtype=torch.float32))
+        if self.pooling is not None:
+            self.pooling.load(gate.pooling)
 
     def slot(self, req_id: str, live: dict) -> int:
         """The slot of ``req_id``; slots of requests the runner no longer holds are freed first when needed."""
@@ -240,6 +250,8 @@ class GateBuffers:
                 for gone in [r for r in self.slots if r not in live]:
                     del self.slots[gone]
                     self.counted.discard(gone)
+                    if self.pooling is not None:
+                        self.pooling.forget(gone)
             used = set(self.slots.values())
             self.slots[req_id] = next(i for i in range(self.dummy) if i not in used)
         return self.slots[req_id]
@@ -260,6 +272,8 @@ class GateBuffers:
             steps.append(int(positions[-1]) - last)  # the output position this row samples (< 0: mid-prompt)
             if self.counts is not None and last in positions:
                 self.deciding.append((req_id, slot))
+            if self.pooling is not None:
+                self.pooling.plan(req_id, slot, positions, last, runner.requests[req_id].prompt_token_ids)
         if self.refusal is not None:
             self.forcing = Forcing.of(self, [s[0] for s in slots], steps, alphas)
         count = int(num_scheduled_tokens.sum())
@@ -270,6 +284,8 @@ class GateBuffers:
         # A CUDA graph runs the batch padded to its captured size: padding tokens must write the dummy slot, not
         # a slot left there by an earlier, larger batch.
         self.token_write[count:].fill_(self.dummy)
+        if self.pooling is not None:
+            self.pooling.write(count, self.dummy)
 
     def count(self) -> None:
         """After a forward: copy out the verdicts it wrote (non-blocking); count each copy that has landed."""
@@ -289,6 +305,64 @@ class GateBuffers:
             new = [(r, v) for r, v in zip(req_ids, verdicts.tolist()) if r not in self.counted]
             self.counted.update(r for r, _ in new)
             self.counts.add(len(new), sum(v > 0.5 for _, v in new))
+
+
+POOL_FLOOR = -1e30  # the running maximum of a slot with no token read yet (finite: exp(FLOOR - FLOOR) is 1)
+
+
+@dataclass
+class PooledRead:
+    """An attention-pooled gate's device buffers (see the module docstring) and the host's per-request record."""
+
+    weight: torch.Tensor  # [hidden] float32: token scores
+    query: torch.Tensor  # [hidden] float32: attention logits
+    state: torch.Tensor  # [slots + 1, 3] float32: running max logit, weighted score sum, normaliser
+    token_slot: torch.Tensor  # [capacity] int64: each scheduled token's slot if the gate pools it, else the dummy
+    reset: torch.Tensor  # [slots + 1] float32: 1 where this step holds a slot's first pooled chunk
+    broken: torch.Tensor  # [slots + 1] float32: 1 where a prompt's pooled tokens were not all forwarded
+    system: tuple[tuple[int, ...], tuple[int, ...]]  # the ids that open and close a system turn
+    starts: dict[str, int] = dataclasses.field(default_factory=dict)  # request -> first pooled position
+    next_position: dict[str, int] = dataclasses.field(default_factory=dict)  # request -> first position not forwarded
+    incomplete: set[str] = dataclasses.field(default_factory=set)  # requests decided as fired (``broken``)
+    step: dict[str, list] = dataclasses.field(default_factory=lambda: {"slots": [], "reset": [], "broken": []})
+
+    def load(self, pooling) -> None:
+        self.weight.copy_(pooling.weight.to(self.weight.device))
+        self.query.copy_(pooling.query.to(self.query.device))
+
+    def forget(self, req_id: str) -> None:
+        self.starts.pop(req_id, None)
+        self.next_position.pop(req_id, None)
+        self.incomplete.discard(req_id)
+
+    def plan(self, req_id: str, slot: int, positions: np.ndarray, last: int, prompt_ids) -> None:
+        """One request's scheduled ``positions`` this step: which tokens are pooled, whether its state restarts."""
+        from safetylock.gate import pooled_from
+
+        if req_id not in self.starts:
+            self.starts[req_id] = pooled_from(list(prompt_ids), *self.system)
+        start, first = self.starts[req_id], int(positions[0])
+        pooled = (positions >= start) & (positions <= last)
+        if first <= start:  # the prompt is read from its first pooled token (a new or a recomputed request)
+            self.step["reset"].append(slot)
+            self.incomplete.discard(req_id)
+        elif first <= last and self.next_position.get(req_id) != first:
+            self.incomplete.add(req_id)  # its pooled tokens before ``first`` were never read here (a cache hit)
+        if req_id in self.incomplete:
+            self.step["broken"].append(slot)
+        self.step["slots"].append(np.where(pooled, slot, -1))
+        self.next_position[req_id] = int(positions[-1]) + 1
+
+    def write(self, count: int, dummy: int) -> None:
+        """Copy this step's plan into the device buffers (the dummy slot restarts every step)."""
+        slots = np.concatenate(self.step["slots"]) if self.step["slots"] else np.empty(0, dtype=np.int64)
+        self.token_slot[:count].copy_(torch.from_numpy(np.where(slots < 0, dummy, slots).astype(np.int64)), non_blocking=True)
+        self.token_slot[count:].fill_(dummy)
+        for buffer, marked in ((self.reset, [*self.step["reset"], dummy]), (self.broken, self.step["broken"])):
+            host = torch.zeros(buffer.numel(), dtype=buffer.dtype)
+            host[marked] = 1
+            buffer.copy_(host, non_blocking=True)
+        self.step = {"slots": [], "reset": [], "broken": []}
 
 
 @dataclass(frozen=True)
@@ -370,6 +444,11 @@ class DynamicLock:
                 f"the new lock's gate reads layer {prepared.lock.gate.layer}, the served graph layer {self.gate.layer}: "
                 "restart the server to change the gate layer"
             )
+        if self.gate is not None and prepared.lock.gate.read != ("last" if self.gate.pooling is None else "attention"):
+            raise LockError(
+                f"the new lock's gate reads {prepared.lock.gate.read!r}, the served graph another read: restart the "
+                "server to change it"
+            )
         if self.gate is not None and prepared.lock.gate.early_heads != self.gate.early_heads:
             raise LockError(
                 f"the new lock's gate shifts early heads {prepared.lock.gate.early_heads!r}, the served graph "
@@ -405,6 +484,30 @@ def _decide_gate(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     params = module.safetylock_gate_params
     fired = ((hidden.float() @ module.safetylock_gate_weight + params[0]) > params[1]).to(module.safetylock_fired.dtype)
     module.safetylock_fired.index_copy_(0, module.safetylock_token_write[:tokens], fired)
+
+
+def _decide_pooled_gate(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Gate layer of an attention-pooled gate: fold this step's pooled tokens into each slot's running state
+    (online softmax), then each last prompt token writes its verdict (last-token score plus the pooled read)."""
+    hidden = block_input(args, kwargs)
+    tokens = hidden.shape[0]
+    h = hidden.float()
+    slot = module.safetylock_pool_slot[:tokens]
+    logits, values = h @ module.safetylock_pool_query, h @ module.safetylock_pool_weight
+    state, reset = module.safetylock_pool_state, module.safetylock_pool_reset > 0
+    old_max = torch.where(reset, POOL_FLOOR, state[:, 0])
+    old_sum, old_norm = torch.where(reset, 0.0, state[:, 1]), torch.where(reset, 0.0, state[:, 2])
+    new_max = torch.maximum(old_max, torch.full_like(old_max, POOL_FLOOR).scatter_reduce(0, slot, logits, "amax"))
+    kept, weights = torch.exp(old_max - new_max), torch.exp(logits - new_max[slot])
+    total = old_sum * kept + torch.zeros_like(old_sum).index_add(0, slot, weights * values)
+    norm = old_norm * kept + torch.zeros_like(old_norm).index_add(0, slot, weights)
+    state.copy_(torch.stack([new_max, total, norm], dim=1))
+    write = module.safetylock_token_write[:tokens]
+    pooled = (total / norm.clamp_min(1e-30))[write]
+    params = module.safetylock_gate_params
+    score = h @ module.safetylock_gate_weight + params[0] + pooled
+    fired = (score > params[1]) | (module.safetylock_pool_broken[write] > 0)
+    module.safetylock_fired.index_copy_(0, write, fired.to(module.safetylock_fired.dtype))
 
 
 def _gated_shift(alpha_off: float):
@@ -504,7 +607,7 @@ def _mode_text(prepared: PreparedLock) -> str:
     calibration = {k: gate.calibration[k] for k in ("auroc", "fpr", "tpr") if k in gate.calibration}
     early = "every head from the first generated token" if gate.early_heads == "generated" else "no earlier head"
     return (
-        f"gated (gate at layer {gate.layer}, threshold {gate.threshold:.4g}, {calibration}, "
+        f"gated (gate at layer {gate.layer}, read {gate.read}, threshold {gate.threshold:.4g}, {calibration}, "
         f"alpha_off={prepared.config.alpha_off:g}, heads after layer {gate.layer} from the last prompt token, {early}, "
         f"response {prepared.config.response.kind}"
         + (f": {prepared.config.response.message!r}" if prepared.config.response.refuses else "")
@@ -527,13 +630,31 @@ def _install_gate(blocks: list[torch.nn.Module], gate, vllm_config, capacity: in
         early_heads=gate.early_heads,
         slots={},
     )
+    if gate.pooling is not None:
+        pooling = gate.pooling
+        floats = {"dtype": torch.float32, "device": device}
+        buffers.pooling = PooledRead(
+            weight=torch.zeros(pooling.weight.numel(), **floats),
+            query=torch.zeros(pooling.query.numel(), **floats),
+            state=torch.zeros(slots + 1, 3, **floats),
+            token_slot=torch.full((capacity,), slots, dtype=torch.int64, device=device),
+            reset=torch.ones(slots + 1, **floats),
+            broken=torch.zeros(slots + 1, **floats),
+            system=(pooling.system_head, pooling.system_end),
+        )
     buffers.load(gate)
     block = blocks[gate.layer]
     block.register_buffer("safetylock_gate_weight", buffers.weight, persistent=False)
     block.register_buffer("safetylock_gate_params", buffers.params, persistent=False)
     block.register_buffer("safetylock_fired", buffers.fired, persistent=False)
     block.register_buffer("safetylock_token_write", buffers.token_write, persistent=False)
-    block.register_forward_pre_hook(_decide_gate, with_kwargs=True)
+    if buffers.pooling is None:
+        block.register_forward_pre_hook(_decide_gate, with_kwargs=True)
+        return buffers
+    for name in ("weight", "query", "state", "reset", "broken"):
+        block.register_buffer(f"safetylock_pool_{name}", getattr(buffers.pooling, name), persistent=False)
+    block.register_buffer("safetylock_pool_slot", buffers.pooling.token_slot, persistent=False)
+    block.register_forward_pre_hook(_decide_pooled_gate, with_kwargs=True)
     return buffers
 
 

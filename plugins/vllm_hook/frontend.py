@@ -5,7 +5,8 @@ Wraps vLLM's ``InputProcessor`` (used by the OpenAI server and by ``vllm.LLM`` a
 ``vllm_xargs.safetylock_alpha`` is checked against the policy; a refused value raises vLLM's own validation
 error, which the server answers with HTTP 400 while it keeps serving. In dynamic mode the resolved α is written
 into the request (the worker reads only that) and into its ``cache_salt``, so KV blocks computed under one α
-never serve another. A gated server refuses (400) prompts that pre-fill an assistant turn unless the operator
+never serve another; under an attention-pooled gate it skips reading the prefix cache (the gate reads every prompt
+token's forward: ``engine``). A gated server refuses (400) prompts that pre-fill an assistant turn unless the operator
 allows them (``allow_prefill``).
 """
 
@@ -93,6 +94,11 @@ class FrontendLock:
                 "prompt that does not end with the assistant's generation prompt): its gate decides on that token"
             )
         return None
+
+    @property
+    def pools_prompt(self) -> bool:
+        """Whether the served gate pools its read over the prompt's tokens (each must be forwarded, none cached)."""
+        return self.prepared.config.gated and self.prepared.lock.gate.pooling is not None
 
     def resolve(self, params, lora_request) -> float:
         requested = (params.extra_args or {}).get(REQUEST_ALPHA_KEY)
@@ -197,6 +203,8 @@ def install() -> None:
         if state.prepared.config.dynamic:
             sampling = request.sampling_params
             sampling.extra_args = {**(sampling.extra_args or {}), REQUEST_ALPHA_KEY: alpha}
+            if state.pools_prompt and hasattr(sampling, "skip_reading_prefix_cache"):
+                sampling.skip_reading_prefix_cache = True  # the pooled read needs every prompt token forwarded
             salt = state.prepared.cache_salt(alpha)
             request.cache_salt = salt if not request.cache_salt else f"{salt}|{request.cache_salt}"
         metrics().requests.labels(state.alpha_label(alpha)).inc()

@@ -18,7 +18,7 @@ from safetylock.cli.common import (
     model_option,
     user_errors,
 )
-from safetylock.gate import PRECISIONS
+from safetylock.gate import PRECISIONS, READS
 from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA
 
 
@@ -110,6 +110,14 @@ def models_fetch(name: str) -> None:
     help="Precision of the gate's feature forward: auto is bfloat16 where the CPU has native bfloat16 (AMX, "
     "AVX-512 BF16), float32 elsewhere.",
 )
+@click.option(
+    "--gate-read",
+    type=click.Choice(READS),
+    default="last",
+    show_default=True,
+    help="What the gate reads: the last prompt token, or with an attention probe over the request's tokens too "
+    "(recognises more phrasings, fires more on borderline questions: docs/gated.md; one more forward, ~1 min).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @user_errors
@@ -126,6 +134,7 @@ def extract(
     gate_data: str,
     gate_requests: Path | None,
     gate_precision: str,
+    gate_read: str,
     seed: int,
     batch_size: int,
 ) -> None:
@@ -137,6 +146,8 @@ def extract(
 
     if gate_requests and not gate:
         raise click.UsageError("--gate-requests fits the gate: drop --no-gate")
+    if gate_read != "last" and not gate:
+        raise click.UsageError("--gate-read fits the gate: drop --no-gate")
     model_dir = models.resolve(model_name)
     prompts = data.load_prompt_file(harmful) if harmful else data.advbench()
     operator = load_requests(gate_requests) if gate_requests else ()
@@ -153,6 +164,7 @@ def extract(
         gate=gate,
         gate_precision=gate_precision,
         gate_data=GATE_DATA[gate_data],
+        gate_read=gate_read,
     )
     lock = extract_lock(model, tokenizer, prompts, config, operator=operator)
     out = lock.save(out or models.default_lock_path(model_name))
