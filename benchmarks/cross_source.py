@@ -29,6 +29,7 @@ from benchmarks.common import RESULTS, calibrated_lock, write_result
 from benchmarks.responses import SUITES, product_lock
 from safetylock.attack import BASE, build, served
 from safetylock.evaluate import cached_run, without_items
+from safetylock.gate import READS
 from safetylock.hf import Framing
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
 from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA
@@ -73,6 +74,13 @@ NLSR_STRONG = (0.9, 0.5)  # benchmarks.nlsr's second setting: more modules patch
     show_default=True,
     help="The data the gate is fit on (`extract --gate-data`): its rows are labelled with the name unless the default.",
 )
+@click.option(
+    "--gate-read",
+    type=click.Choice(READS),
+    default="last",
+    show_default=True,
+    help="What the gate reads (`extract --gate-read`): its rows are labelled with the read unless the last token.",
+)
 @click.option("--out", default="cross_source", show_default=True)
 def main(
     variants: str,
@@ -85,12 +93,13 @@ def main(
     suites: str,
     alpha_off: float,
     gate_data: str,
+    gate_read: str,
     out: str,
 ) -> None:
     from benchmarks.nlsr import realigned
 
-    lock = product_lock(gate_data=gate_data)
-    data_tag = "" if gate_data == DEFAULT_GATE_DATA else f"[{gate_data}]"
+    lock = product_lock(gate_data=gate_data, read=gate_read)
+    data_tag = ("" if gate_data == DEFAULT_GATE_DATA else f"[{gate_data}]") + ("" if gate_read == "last" else f"[{gate_read}]")
     chosen = tuple(s for s in suites.split(",") if s)
     sizes = {"count": count, "max_tokens": max_tokens, "enforce_eager": True, "suites": chosen}
     tables: dict[str, list[dict]] = {"always-on lock": [], "gated lock (refuse)": [], "NLSR": []}
@@ -149,6 +158,7 @@ def main(
             "alpha_always_on": alpha,
             "alpha_off": alpha_off,
             "gate_data": gate_data,
+            "gate_read": gate_read,
             "count": count,
             "max_tokens": max_tokens,
             "tables": written,

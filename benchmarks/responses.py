@@ -15,6 +15,8 @@ refusal message, per run the share of refusals that deflect to another topic; an
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -42,10 +44,19 @@ def off_topic_share(report: dict, suite: str) -> float | None:
     return round(sum(refusal_fit(i["response"], i["prompt"]) == "off-topic" for i in refusals) / len(refusals), 4)
 
 
-def product_lock(seed: int = 0, gate_data: str = DEFAULT_GATE_DATA) -> Path:
+def product_lock(seed: int = 0, gate_data: str = DEFAULT_GATE_DATA, read: str = "last") -> Path:
     """The packaged model's lock with heads and a gate fit on every source of ``GATE_DATA[gate_data]`` (for the
-    default data: the cache's default lock path; else beside it, tagged with the data's name)."""
+    default data: the cache's default lock path; else beside it, tagged with the data's name); ``read``
+    ``attention``: the default data's lock extracted with ``--gate-read attention``, beside it (cached)."""
     path = models.default_lock_path(BASE)
+    if read != "last":
+        if gate_data != DEFAULT_GATE_DATA:
+            raise SystemExit("an attention-read gate is extracted on the default gate data only")
+        path = path.with_name(path.name.replace(".lock.", f".{read}.lock."))
+        if not path.exists():
+            command = ["extract", "--model", BASE, "--gate-read", read, "--seed", str(seed), "--out", str(path)]
+            subprocess.run([sys.executable, "-m", "safetylock.cli", *command], check=True)
+        return path
     if gate_data != DEFAULT_GATE_DATA:
         path = path.with_name(path.name.replace(".lock.", f".{gate_data}.lock."))
     sizes = GATE_DATA[gate_data]

@@ -224,7 +224,6 @@ def length_batches(order: Sequence[int], lengths: Sequence[int], batch_tokens: i
     return batches
 
 
-@torch.no_grad()
 def prompt_features(
     model,
     tokenizer,
@@ -243,6 +242,44 @@ def prompt_features(
     requests 66% of the tokens, 20-30% less time on an AVX2 CPU); the others in batches of similar length. Batches
     hold up to ``batch_tokens`` padded tokens. The forward stops after the deepest layer asked for; ``precision``
     as ``feature_precision`` resolves it (features are float32 either way)."""
+    args = (model, tokenizer, prompts, layers, None, batch_tokens, progress, framing, precision, share_prefixes)
+    return prompt_reads(*args)[0]
+
+
+def prompt_tokens(
+    model,
+    tokenizer,
+    prompts: Sequence[Chat],
+    layer: int,
+    system: tuple[Sequence[int], Sequence[int]],
+    progress: bool = False,
+    framing: Framing | None = None,
+    precision: str = "float32",
+) -> list[np.ndarray]:
+    """Per chat: ``layer``'s attention-block input at every position an attention-pooled gate reads
+    (``pooled_from`` with ``system``'s head and end ids), ``[positions, hidden]``, the last row the last prompt
+    token (``prompt_reads``)."""
+    return prompt_reads(model, tokenizer, prompts, [layer], system, progress=progress, framing=framing, precision=precision)[1][
+        layer
+    ]
+
+
+@torch.no_grad()
+def prompt_reads(
+    model,
+    tokenizer,
+    prompts: Sequence[Chat],
+    layers: Sequence[int],
+    system: tuple[Sequence[int], Sequence[int]] | None = None,
+    batch_tokens: int = 1024,
+    progress: bool = False,
+    framing: Framing | None = None,
+    precision: str = "float32",
+    share_prefixes: bool = True,
+) -> tuple[dict[int, np.ndarray], dict[int, list[np.ndarray]]]:
+    """``prompt_features``, and with ``system`` (a system turn's head and end ids) in the same forward each chat's
+    rows at every position an attention-pooled gate reads (``pooled_from``; float16, the last row the last prompt
+    token): ``{layer: [positions, hidden] per chat}``, {} without ``system``."""
     from transformers import DynamicCache
 
     from safetylock.geometry import head_geometry
@@ -253,16 +290,34 @@ def prompt_features(
     chats = [framing.messages(p) if framing and isinstance(p, str) else p for p in prompts]
     ids = [chat_ids(tokenizer, chat) for chat in chats]
     rows: dict[int, np.ndarray] = {layer: np.zeros((len(ids), model.config.hidden_size), np.float32) for layer in layers}
-    reading: dict[str, Any] = {"members": [], "last": None}  # the batch in the forward: rows, last real positions
+    starts = [pooled_from(i, *system) for i in ids] if system is not None else None
+    tokens: dict[int, list[np.ndarray]] = {layer: [np.empty(0)] * len(ids) for layer in layers} if starts else {}
+    # the batch in the forward: its requests, their last real positions (right padding), the shared prefix's length
+    reading: dict[str, Any] = {"members": [], "last": None, "prefix": 0, "prefix_rows": {}}
     deepest = max(layers)
+
+    def keep_tokens(layer: int, hidden: torch.Tensor) -> None:
+        members, prefix = reading["members"], reading["prefix"]
+        if not members and prefix:  # the shared prefix's own forward: its rows, for the members that follow
+            reading["prefix_rows"][layer] = hidden[0].to(torch.float16).cpu()
+        for row, index in enumerate(members):
+            first = starts[index]
+            if not prefix:  # left padding
+                kept = hidden[row, hidden.shape[1] - len(ids[index]) + first :]
+            else:
+                own = hidden[row, max(0, first - prefix) : len(ids[index]) - prefix]
+                kept = torch.cat([reading["prefix_rows"][layer][first:prefix].to(own.device, own.dtype), own])
+            tokens[layer][index] = kept.to(torch.float16).cpu().numpy()
 
     def recorder(layer: int):
         def hook(_module, args, kwargs):
+            hidden = block_input(args, kwargs)
             if reading["members"]:
-                hidden = block_input(args, kwargs)
                 last = reading["last"]
                 picked = hidden[:, -1] if last is None else hidden[torch.arange(len(last)), last]
                 rows[layer][reading["members"]] = picked.float().cpu().numpy()
+            if tokens:
+                keep_tokens(layer, hidden)
             if layer == deepest:
                 raise _Enough
 
@@ -286,7 +341,7 @@ def prompt_features(
             for prefix, members in tqdm(work, desc="gate features", disable=not progress):
                 if not prefix:
                     batch, mask = pad_batch([ids[i] for i in members], pad_id, "left")
-                    reading.update(members=members, last=None)
+                    reading.update(members=members, last=None, prefix=0)
                     positions = (mask.cumsum(1) - 1).clamp(min=0)
                     with contextlib.suppress(_Enough):
                         decoder(input_ids=batch, attention_mask=mask, position_ids=positions, use_cache=False)
@@ -294,13 +349,13 @@ def prompt_features(
                 shared = tuple(ids[members[0]][:prefix])
                 if held[0] != shared:  # its key/values up to the deepest layer read, once (a run's batches follow)
                     held = (shared, DynamicCache(config=model.config))
-                    reading.update(members=[], last=None)
+                    reading.update(members=[], last=None, prefix=prefix)
                     with contextlib.suppress(_Enough):
                         decoder(input_ids=torch.tensor([shared]), past_key_values=held[1], use_cache=True)
                 cache = copy.deepcopy(held[1])
                 cache.batch_repeat_interleave(len(members))
                 batch, mask = pad_batch([ids[i][prefix:] for i in members], pad_id, "right")
-                reading.update(members=members, last=mask.sum(1) - 1)
+                reading.update(members=members, last=mask.sum(1) - 1, prefix=prefix)
                 mask = torch.cat([torch.ones(len(members), prefix, dtype=mask.dtype), mask], 1)
                 positions = prefix + torch.arange(batch.shape[1]).expand_as(batch)
                 with contextlib.suppress(_Enough):
@@ -308,59 +363,7 @@ def prompt_features(
     finally:
         for handle in handles:
             handle.remove()
-    return rows
-
-
-@torch.no_grad()
-def prompt_tokens(
-    model,
-    tokenizer,
-    prompts: Sequence[Chat],
-    layer: int,
-    system: tuple[Sequence[int], Sequence[int]],
-    batch_tokens: int = 1024,
-    progress: bool = False,
-    framing: Framing | None = None,
-    precision: str = "float32",
-) -> list[np.ndarray]:
-    """Per chat (as ``prompt_features`` takes them): ``layer``'s attention-block input at every position an
-    attention-pooled gate reads (``pooled_from`` with ``system``'s head and end ids), float32 ``[positions,
-    hidden]``, the last row the last prompt token. Chats of similar length are batched, left-padded."""
-    from safetylock.geometry import head_geometry
-    from safetylock.hf import chat_ids, pad_batch
-
-    block = attention_blocks(model, head_geometry(model.config).num_layers)[layer]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    chats = [framing.messages(p) if framing and isinstance(p, str) else p for p in prompts]
-    ids = [chat_ids(tokenizer, chat) for chat in chats]
-    starts = [pooled_from(i, *system) for i in ids]
-    rows: list[np.ndarray] = [np.empty(0)] * len(ids)
-    reading: dict[str, Any] = {"members": [], "width": 0}
-
-    def hook(_module, args, kwargs):
-        hidden = block_input(args, kwargs)
-        for row, index in enumerate(reading["members"]):
-            first = reading["width"] - len(ids[index]) + starts[index]
-            rows[index] = hidden[row, first:].float().cpu().numpy()
-        raise _Enough
-
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    precision = feature_precision(precision)
-    autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with autocast:
-            batches = length_batches(order, [len(i) for i in ids], batch_tokens)
-            for members in tqdm(batches, desc="gate tokens", disable=not progress):
-                batch, mask = pad_batch([ids[i] for i in members], pad_id, "left")
-                reading.update(members=members, width=batch.shape[1])
-                positions = (mask.cumsum(1) - 1).clamp(min=0)
-                with contextlib.suppress(_Enough):
-                    decoder(input_ids=batch, attention_mask=mask, position_ids=positions, use_cache=False)
-    finally:
-        handle.remove()
-    return rows
+    return rows, tokens
 
 
 def _segments(tokens: Sequence[np.ndarray], members: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -602,20 +605,20 @@ def fit_gate(
     every layer's leave-one-source-out table. Features in ``precision`` (``feature_precision``); ``data_sizes``
     and ``operator``: the ``Sizes`` and operator requests that ``requests`` were built with (``gate_requests``),
     recorded for re-calibration. ``read`` ``attention``: the layer chosen so, the gate then fit with an attention
-    probe at it (``with_read``; one more forward of every request to that layer)."""
+    probe at it (``with_read``) on every token it reads, recorded in the same forward (float16, every candidate
+    layer: about 1.3 GB on the default model's gate data)."""
     if len({r.source for r in requests}) < 2 or len({r.harmful for r in requests}) < 2:
         raise ExtractError("the gate needs harmful and benign requests from at least two sources")
     if read not in READS:
         raise ExtractError(f"gate read must be one of {', '.join(READS)}, got {read!r}")
     precision = feature_precision(precision)
     chats = [r.messages() for r in requests]
-    features = prompt_features(model, tokenizer, chats, layers, progress=progress, precision=precision)
+    system = system_turn(tokenizer) if read == "attention" else None
+    features, tokens = prompt_reads(model, tokenizer, chats, layers, system, progress=progress, precision=precision)
     gate, tables = gate_from_features(features, requests, seed, progress, data_sizes, operator)
     gate = replace(gate, calibration={**gate.calibration, "precision": precision})
-    if read == "attention":
-        system = system_turn(tokenizer)
-        tokens = prompt_tokens(model, tokenizer, chats, gate.layer, system, progress=progress, precision=precision)
-        gate = with_read(gate, tokens, requests, seed, read, system)
+    if system is not None:
+        gate = with_read(gate, tokens[gate.layer], requests, seed, read, system)
     return gate, tables
 
 

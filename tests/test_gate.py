@@ -411,3 +411,22 @@ def test_served_pooled_read_restarts_per_prompt_and_fails_closed_on_a_prompt_it_
     read.write(2, 2)
     assert read.reset.tolist() == [0, 0, 1] and read.broken.tolist() == [0, 0, 0]
     assert read.token_slot[:2].tolist() == [0, 0]
+
+
+def test_pooled_tokens_of_chats_sharing_prefixes_equal_each_chat_forwarded_alone(llama_dir):
+    """The rows an attention-pooled gate reads come out of the shared-prefix forward as out of batches of whole
+    chats (the system turn left out, earlier turns kept), at every layer read."""
+    from safetylock.gate import prompt_reads, system_turn
+
+    model, tok = load_model(llama_dir)
+    system = {"role": "system", "content": "You are a shop assistant."}
+    chats = [[system, {"role": "user", "content": q}] for q in QUESTIONS[:4]]
+    chats += [[*chats[0], {"role": "assistant", "content": "No."}, {"role": "user", "content": QUESTIONS[5]}], QUESTIONS[6]]
+    shared = prompt_reads(model, tok, chats, [1, 2], system_turn(tok))
+    alone = prompt_reads(model, tok, chats, [1, 2], system_turn(tok), share_prefixes=False)
+    for layer in (1, 2):
+        assert np.allclose(shared[0][layer], alone[0][layer], atol=1e-4)
+        for index, (a, b) in enumerate(zip(shared[1][layer], alone[1][layer])):
+            assert a.shape == b.shape and np.allclose(a, b, atol=2e-2)
+            assert np.allclose(a[-1], shared[0][layer][index], atol=2e-2)  # the last row is the last prompt token
+    assert len(shared[1][1][4]) > len(shared[1][1][0]) + 8  # the earlier turn is read, the system turn is not
