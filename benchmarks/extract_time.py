@@ -1,6 +1,7 @@
 """Extraction wall time and peak memory of a Meta-SafetyLock on the packaged aligned model.
 
-Run: python -m benchmarks.extract_time [--model NAME_OR_DIR] [--out NAME]   (target: <= 3 min on a 2-core CPU box)
+Run: python -m benchmarks.extract_time [--model NAME_OR_DIR] [--out NAME] [--gate-read attention]
+(target: <= 3 min on a 2-core CPU box)
 Writes benchmarks/results/NAME.json and .png (default ``extract_time``). Under the default name the lock goes to
 the cache's product path for the other benchmarks; under another name (another host's run, ``--out
 extract_time_avx2``) it goes to the cache's ``locks/NAME.lock.safetensors`` and the product lock is left alone.
@@ -16,6 +17,7 @@ import click
 
 from benchmarks.common import RESULTS, write_result
 from safetylock import data, models
+from safetylock.gate import READS
 from safetylock.hf import load_model
 from safetylock.pipeline import ExtractConfig, extract_lock
 from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA
@@ -27,17 +29,18 @@ DEFAULT_OUT = "extract_time"
 @click.option("--model", "model_name", default=models.DEFAULT_MODEL)
 @click.option("--out", default=DEFAULT_OUT, show_default=True, help="Result name; another name keeps the product lock.")
 @click.option("--gate-data", type=click.Choice(list(GATE_DATA)), default=DEFAULT_GATE_DATA, show_default=True)
-def main(model_name: str, out: str, gate_data: str) -> None:
+@click.option("--gate-read", type=click.Choice(READS), default="last", show_default=True)
+def main(model_name: str, out: str, gate_data: str, gate_read: str) -> None:
     model_dir = models.resolve(model_name)
     harmful = data.advbench()
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_dir)
     t1 = time.perf_counter()
-    config = ExtractConfig(gate_data=GATE_DATA[gate_data])
+    config = ExtractConfig(gate_data=GATE_DATA[gate_data], gate_read=gate_read)
     stages: dict[str, float] = {}
     lock = extract_lock(model, tokenizer, harmful, config, stages=stages)
     t2 = time.perf_counter()
-    product = out == DEFAULT_OUT and gate_data == DEFAULT_GATE_DATA
+    product = out == DEFAULT_OUT and gate_data == DEFAULT_GATE_DATA and gate_read == "last"
     lock_file = lock.save(
         models.default_lock_path(model_name) if product else models.cache_root() / "locks" / f"{out}.lock.safetensors"
     )
@@ -46,6 +49,7 @@ def main(model_name: str, out: str, gate_data: str) -> None:
         "model": model_name,
         "config": dataclasses.asdict(config),
         "gate_data": gate_data,
+        "gate_read": gate_read,
         "load_seconds": round(t1 - t0, 1),
         "extract_seconds": round(t2 - t1, 1),
         "stages": stages,

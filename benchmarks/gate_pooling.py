@@ -49,7 +49,7 @@ from benchmarks.gate_probes import linear
 from benchmarks.gate_reads import parse_layers, plot_curves, recorded_forward, score
 from benchmarks.gate_sources import request_key, unseen_requests
 from safetylock import data, models
-from safetylock.gate import balanced_weights
+from safetylock.gate import attended, balanced_weights
 from safetylock.hf import chat_ids, load_model
 from safetylock.sources import Request, Sizes, gate_requests, split
 
@@ -160,12 +160,6 @@ def rolling_means(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Te
     first = torch.zeros(n, dtype=torch.long).scatter_reduce(0, owner, index, "amin", include_self=False)
     begin = torch.maximum(index - WINDOW + 1, first[owner])
     return (total[index + 1] - total[begin]) / (index - begin + 1).float()
-
-
-def attended(values: torch.Tensor, gates: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
-    """Each request's mean of ``values`` weighted by the softmax of its tokens' attention logits ``gates``."""
-    weights = torch.exp(gates - segment_max(gates.detach(), owner, n)[owner])
-    return segment_mean(weights * values, owner, n) / segment_mean(weights, owner, n)
 
 
 def pooled(kind: str, scores: torch.Tensor, gates: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:

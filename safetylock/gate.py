@@ -373,7 +373,7 @@ def _segments(tokens: Sequence[np.ndarray], members: np.ndarray) -> tuple[torch.
     return stacked, owner
 
 
-def _attended(values: torch.Tensor, logits: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+def attended(values: torch.Tensor, logits: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
     """Per request: the mean of ``values`` over its tokens, weighted by the softmax of their ``logits``."""
     top = torch.full((n,), -torch.inf).scatter_reduce(0, owner, logits.detach(), "amax", include_self=True)
     weights = torch.exp(logits - top[owner])
@@ -398,7 +398,7 @@ def fit_attention(
     with torch.enable_grad():
         for _ in range(POOL_STEPS):
             optimizer.zero_grad()
-            logits = _attended(inputs @ weight, inputs @ query, owner, n) + bias
+            logits = attended(inputs @ weight, inputs @ query, owner, n) + bias
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
             ((loss * sample).mean() + POOL_L2 * (weight.square().sum() + query.square().sum())).backward()
             optimizer.step()
@@ -409,7 +409,7 @@ def fit_attention(
 def pooled_scores(tokens: Sequence[np.ndarray], u: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Per request: ``Σ softmax(q·h)_t u·h_t`` over its token rows."""
     rows, owner = _segments(tokens, np.arange(len(tokens)))
-    return _attended(rows @ torch.from_numpy(u).float(), rows @ torch.from_numpy(q).float(), owner, len(tokens)).numpy()
+    return attended(rows @ torch.from_numpy(u).float(), rows @ torch.from_numpy(q).float(), owner, len(tokens)).numpy()
 
 
 def fit_read(
