@@ -48,7 +48,7 @@ test-avx2: setup lint
 COMPAT_VENV ?= .venv-vllm024
 COMPAT_PY := $(COMPAT_VENV)/bin/python
 COMPAT_TESTS := tests/test_vllm_internals.py tests/test_vllm_plugin.py tests/test_vllm_controls.py \
-	tests/test_vllm_gated.py tests/test_vllm_gated_refuse.py
+	tests/test_vllm_gated.py tests/test_vllm_gated_refuse.py tests/test_vllm_gated_pooled.py
 # Hot swap needs vLLM's endpoint plugins (0.32 on): on 0.24 a server with an admin token refuses to start. Mistral
 # runs on 0.32 only: in 0.24's source as in 0.32's, vLLM's Mistral attention subclasses Llama's and builds the same
 # o_proj the plugin folds into, and 0.24 runs Llama in every other test here (one engine start less, for CI's limit).
