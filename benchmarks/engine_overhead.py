@@ -3,11 +3,12 @@ per-token scale) engines side by side in one process, on a random-weight model o
 
 vLLM builds the weights itself (``load_format="dummy"``) from a config alone and takes token-id prompts
 (``skip_tokenizer_init``), so nothing large is written or carried. The lock is synthetic but has the product's
-form: ``--heads`` random heads with unit directions, and for the gated engine a gate at the middle layer that fires on
-about half of the requests. Every engine runs compiled (torch.compile; CUDA graphs on a GPU) on vLLM's V1 model
-runner (the gated mode needs it: docs/gpu.md). Each round times one batch on every engine, in an order rotated round
-by round, and pairs each mode's time with plain's of the same round, so drift hits all alike; the JSON gives each
-workload's median paired ratio and its 10th–90th percentile band.
+form: ``--heads`` random heads with unit directions, and for the gated engines a gate at the middle layer that fires
+on about half of the requests, reading the last prompt token or also attention over every prompt token. Every
+engine runs compiled (torch.compile; CUDA graphs on a GPU) on vLLM's V1 model runner (the gated mode needs it:
+docs/gpu.md). Each round times one batch on every engine, in an order rotated round by round, and pairs each mode's
+time with plain's of the same round, so drift hits all alike; the JSON gives each workload's median paired ratio
+and its 10th–90th percentile band.
 
 Run: python -m benchmarks.engine_overhead --shape llama-8b --out DIR    (the GPU slot: docs/gpu.md)
      python -m benchmarks.engine_overhead --shape tiny --rounds 3 --out DIR   (the CPU rehearsal)
@@ -15,6 +16,7 @@ Run: python -m benchmarks.engine_overhead --shape llama-8b --out DIR    (the GPU
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -25,7 +27,7 @@ import click
 import numpy as np
 import torch
 
-from safetylock.gate import Gate
+from safetylock.gate import Gate, Pooling
 from safetylock.geometry import HeadGeometry, head_geometry
 from safetylock.lockfile import SafetyLock
 from safetylock.serve.config import lock_section
@@ -53,7 +55,7 @@ WORKLOADS = {  # name -> (batch, prompt tokens, output tokens)
     "batch 32 (256 in / 128 out)": (32, 256, 128),
     "batch 128 (512 in / 64 out)": (128, 512, 64),
 }
-MODES = ("plain", "static", "gated")
+MODES = ("plain", "static", "gated", "gated-attention")
 
 
 def write_config(shape: str, directory: Path):
@@ -72,6 +74,8 @@ def synthetic_locks(geometry: HeadGeometry, heads: int, directory: Path, seed: i
     heads = len(picked)
     gate_layer = geometry.num_layers // 2
     gate = Gate(gate_layer, torch.randn(geometry.hidden_size, generator=generator) / geometry.hidden_size**0.5, 0.0, 0.0)
+    pooled = (torch.randn(geometry.hidden_size, generator=generator) / geometry.hidden_size**0.5 for _ in range(2))
+    pooling = Pooling(*pooled, (1,), (2,))  # the attention read over every prompt token (no system turn here)
     fields = dict(
         layers=picked // geometry.num_heads,
         heads=picked % geometry.num_heads,
@@ -88,6 +92,9 @@ def synthetic_locks(geometry: HeadGeometry, heads: int, directory: Path, seed: i
     return {
         "static": SafetyLock(**fields).save(directory / "static.lock.safetensors"),
         "gated": SafetyLock(**fields, gate=gate).save(directory / "gated.lock.safetensors"),
+        "gated-attention": SafetyLock(**fields, gate=dataclasses.replace(gate, pooling=pooling)).save(
+            directory / "gated-attention.lock.safetensors"
+        ),
     }
 
 
@@ -98,8 +105,9 @@ def engines(model_dir: Path, locks: dict[str, Path], alpha: float, gpu: bool) ->
         "plain": None,
         "static": lock_section(locks["static"], alpha),
         "gated": lock_section(locks["gated"], alpha, gated=True, response="steer"),
+        "gated-attention": lock_section(locks["gated-attention"], alpha, gated=True, response="steer"),
     }
-    memory = {"gpu_memory_utilization": 0.26} if gpu else {"kv_cache_memory_bytes": 1 << 28}
+    memory = {"gpu_memory_utilization": 0.78 / len(MODES)} if gpu else {"kv_cache_memory_bytes": 1 << 28}
     built = {}
     for mode in MODES:
         extra = {"additional_config": {"safetylock": sections[mode]}} if sections[mode] else {}
@@ -165,13 +173,14 @@ def plot(result: dict, path: Path) -> None:
 
     names = list(result["workloads"])
     fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.35
+    width = 0.8 / (len(MODES) - 1)
     for i, mode in enumerate(MODES[1:]):
         ratios = [result["workloads"][n]["ratio_to_plain"][mode] for n in names]
         medians = np.array([(r["median"] - 1) * 100 for r in ratios])
         low = medians - np.array([(r["p10"] - 1) * 100 for r in ratios])
         high = np.array([(r["p90"] - 1) * 100 for r in ratios]) - medians
-        ax.bar(np.arange(len(names)) + (i - 0.5) * width, medians, width, yerr=[low, high], capsize=4, label=mode)
+        place = np.arange(len(names)) + (i - (len(MODES) - 2) / 2) * width
+        ax.bar(place, medians, width, yerr=[low, high], capsize=4, label=mode)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.axhline(1, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xticks(np.arange(len(names)), names, fontsize=8)
