@@ -267,9 +267,8 @@ def prompt_tokens(
     """Per chat: ``layer``'s attention-block input at every position an attention-pooled gate reads
     (``pooled_from`` with ``system``'s head and end ids), ``[positions, hidden]``, the last row the last prompt
     token (``prompt_reads``)."""
-    return prompt_reads(model, tokenizer, prompts, [layer], system, progress=progress, framing=framing, precision=precision)[1][
-        layer
-    ]
+    reads = prompt_reads(model, tokenizer, prompts, [layer], system, progress=progress, framing=framing, precision=precision)
+    return reads[1][layer]
 
 
 @torch.no_grad()
@@ -638,11 +637,10 @@ def with_read(
     read: str,
     system: tuple[Sequence[int], Sequence[int]],
     fpr: float = TARGET_FPR,
-    **record: Any,
 ) -> Gate:
     """``gate`` with its weights fit again by ``fit_read`` on its layer's token rows of ``requests``
     (``prompt_tokens``) on their fit split, threshold at ``fpr`` of their benign calibration requests, calibration
-    figures and firing per source redone; ``record``: more calibration fields."""
+    figures and firing per source redone."""
     fit, calibration = split(requests, seed=seed)
     weight, bias, pooled = fit_read(tokens, requests, fit, seed, read)
     scores = np.stack([t[-1] for t in tokens]) @ weight + bias
@@ -651,14 +649,6 @@ def with_read(
     labels = np.array([r.harmful for r in requests])
     benign_cal, harmful_cal = scores[calibration[~labels[calibration]]], scores[calibration[labels[calibration]]]
     threshold = threshold_at(benign_cal, fpr)
-    by_source = {}
-    for source in sorted({r.source for r in requests}):
-        chosen = calibration[np.array([requests[i].source == source for i in calibration])]
-        harmful, benign = scores[chosen[labels[chosen]]], scores[chosen[~labels[chosen]]]
-        by_source[source] = {
-            "harmful": _rate(harmful, threshold) if len(harmful) else None,
-            "benign": _rate(benign, threshold) if len(benign) else None,
-        }
     figures = {
         "read": read,
         "target_fpr": fpr,
@@ -666,7 +656,7 @@ def with_read(
         "fpr": _rate(benign_cal, threshold),
         "tpr": _rate(harmful_cal, threshold),
         "roc": roc_points(harmful_cal, benign_cal),
-        "firing_by_source": by_source,
+        "firing_by_source": firing_by_source(scores, requests, calibration, threshold),
     }
     if pooled is not None:
         figures["pooling"] = {"steps": POOL_STEPS, "l2": POOL_L2, "combined": "last-token and attention probes averaged"}
@@ -674,7 +664,23 @@ def with_read(
     vectors = [torch.from_numpy(v.astype(np.float32)) for v in pooled or ()]
     pooling = Pooling(*vectors, *map(tuple, system)) if vectors else None
     weights = torch.from_numpy(weight.astype(np.float32))
-    return Gate(gate.layer, weights, bias, threshold, {**gate.calibration, **figures, **record}, gate.early_heads, pooling)
+    return Gate(gate.layer, weights, bias, threshold, {**gate.calibration, **figures}, gate.early_heads, pooling)
+
+
+def firing_by_source(
+    scores: np.ndarray, requests: Sequence[Request], calibration: np.ndarray, threshold: float
+) -> dict[str, dict[str, float | None]]:
+    """Per source: the share of its harmful and of its benign calibration requests scoring above ``threshold``."""
+    labels = np.array([r.harmful for r in requests])
+    out = {}
+    for source in sorted({r.source for r in requests}):
+        chosen = calibration[np.array([requests[i].source == source for i in calibration])]
+        harmful, benign = scores[chosen[labels[chosen]]], scores[chosen[~labels[chosen]]]
+        out[source] = {
+            "harmful": _rate(harmful, threshold) if len(harmful) else None,
+            "benign": _rate(benign, threshold) if len(benign) else None,
+        }
+    return out
 
 
 def gate_scores(
@@ -714,11 +720,7 @@ def gate_from_features(
     scores = x @ weight + bias
     benign_cal, harmful_cal = scores[cal_arr[~labels[cal_arr]]], scores[cal_arr[labels[cal_arr]]]
     threshold = threshold_at(benign_cal, TARGET_FPR)
-    by_source = {}
-    for source in sorted({r.source for r in requests}):
-        chosen = cal_arr[np.array([requests[i].source == source for i in cal_arr])]
-        by_source[source] = {"harmful": _rate(scores[chosen[labels[chosen]]], threshold) if labels[chosen].any() else None}
-        by_source[source]["benign"] = _rate(scores[chosen[~labels[chosen]]], threshold) if (~labels[chosen]).any() else None
+    by_source = firing_by_source(scores, requests, cal_arr, threshold)
     calibration = {
         "auroc": round(auroc(harmful_cal, benign_cal), 4),
         "target_fpr": TARGET_FPR,
