@@ -303,3 +303,30 @@ def test_extract_fits_the_gate_on_operator_requests_too_and_calibrate_gate_asks_
     with_ours = len(benign_calibration(prompts, operator=load_requests(mine)))
     assert with_ours == len(benign_calibration(prompts)) + 2  # a quarter of the 8 benign ones
     assert load(out).gate.calibration["served_benign"] == with_ours
+
+
+def test_extract_with_an_attention_read_and_calibrate_gate_keep_the_read(llama_dir, tmp_path):
+    """``--gate-read attention``: the lock's gate pools over the request's tokens, ``inspect`` says so, and the
+    gate refit on a served model (``calibrate-gate``) keeps the read; ``--no-gate`` with it is a usage error."""
+    questions = tmp_path / "harmful.jsonl"
+    questions.write_text("\n".join(json.dumps({"prompt": q}) for q in QUESTIONS) + "\n")
+    lock_path = tmp_path / "pooled.lock.safetensors"
+    base = ["--model", str(llama_dir), "--harmful", str(questions)]
+    args = ["extract", *base, "--out", str(lock_path), "--questions", "8", "--top-k", "2", "--tokens", "3"]
+    result = CliRunner().invoke(main, [*args, "--no-gate", "--gate-read", "attention"])
+    assert result.exit_code == 2 and "--gate-read fits the gate: drop --no-gate" in result.output
+    result = CliRunner().invoke(main, [*args, "--gate-read", "attention"])
+    assert result.exit_code == 0, result.output
+    lock = load(lock_path)
+    assert lock.gate.read == "attention" and lock.gate.calibration["precision"] == "float32"
+    shown = CliRunner().invoke(main, ["inspect", str(lock_path), "--plot", str(tmp_path / "heat.png")])
+    assert "gate read   last token + attention over the request's tokens" in shown.output
+    out = tmp_path / "served.lock.safetensors"
+    result = CliRunner().invoke(main, ["calibrate-gate", *base, "--lock", str(lock_path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    refit = load(out).gate
+    assert (
+        refit.read == "attention"
+        and refit.calibration["refit_on"]
+        and not torch.equal(refit.pooling.query, lock.gate.pooling.query)
+    )

@@ -209,12 +209,9 @@ def inspect(lock_path: Path | None, model_name: str, plot: Path | None) -> None:
         gate, calibration = lock.gate, lock.gate.calibration
         figures = {k: calibration[k] for k in ("auroc", "fpr", "tpr") if k in calibration}
         where = calibration.get("set_on", "")
-        read = "last token" if gate.pooling is None else "last token + attention over the request's tokens"
-        click.echo(
-            f"gate        layer {gate.layer}, reads {read}, threshold {gate.threshold:.4g}, {json.dumps(figures)} ({where})"
-        )
+        click.echo(f"gate        layer {gate.layer}, threshold {gate.threshold:.4g}, {json.dumps(figures)} ({where})")
         if gate.pooling is not None:
-            click.echo("  held out  (the last-token probe's, which chose the layer)")
+            click.echo("gate read   last token + attention over the request's tokens (held out: the last token's probe)")
         for row in calibration.get("heldout_sources", []):  # leave-one-source-out at the chosen layer
             rates = ", ".join(f"{k} {row[k]['5%']:.0%}" for k in ("tpr", "fpr") if row[k])
             click.echo(f"  held out  {row['source']:<24} {rates} (at 5% FPR on the other sources)")
