@@ -340,7 +340,7 @@ class PooledRead:
         from safetylock.gate import pooled_from
 
         if req_id not in self.starts:
-            self.starts[req_id] = pooled_from(list(prompt_ids), *self.system)
+            self.starts[req_id] = pooled_from(list(prompt_ids or ()), *self.system)  # embeddings alone: from 0
         start, first = self.starts[req_id], int(positions[0])
         pooled = (positions >= start) & (positions <= last)
         if first <= start:  # the prompt is read from its first pooled token (a new or a recomputed request)
