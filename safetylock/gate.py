@@ -208,6 +208,12 @@ def feature_precision(requested: str = "auto") -> str:
     return "bfloat16" if any(check() for check in native) else "float32"
 
 
+def check_read(read: str) -> None:
+    """ExtractError unless ``read`` is one of ``READS``."""
+    if read not in READS:
+        raise ExtractError(f"gate read must be one of {', '.join(READS)}, got {read!r}")
+
+
 def read_precision(requested: str, read: str) -> str:
     """The precision a gate with ``read`` is fit in: ``feature_precision``'s, but ``auto`` is float32 for the
     attention read, whose end-to-end fit follows bfloat16's rounding (fit on bfloat16 features of the default
@@ -616,8 +622,7 @@ def fit_gate(
     layer: about 1.3 GB on the default model's gate data)."""
     if len({r.source for r in requests}) < 2 or len({r.harmful for r in requests}) < 2:
         raise ExtractError("the gate needs harmful and benign requests from at least two sources")
-    if read not in READS:
-        raise ExtractError(f"gate read must be one of {', '.join(READS)}, got {read!r}")
+    check_read(read)
     precision = read_precision(precision, read)
     chats = [r.messages() for r in requests]
     system = system_turn(tokenizer) if read == "attention" else None
@@ -643,9 +648,7 @@ def with_read(
     figures and firing per source redone."""
     fit, calibration = split(requests, seed=seed)
     weight, bias, pooled = fit_read(tokens, requests, fit, seed, read)
-    scores = np.stack([t[-1] for t in tokens]) @ weight + bias
-    if pooled is not None:
-        scores = scores + pooled_scores(tokens, *pooled)
+    scores = read_scores(tokens, weight, bias, pooled)
     labels = np.array([r.harmful for r in requests])
     benign_cal, harmful_cal = scores[calibration[~labels[calibration]]], scores[calibration[labels[calibration]]]
     threshold = threshold_at(benign_cal, fpr)
@@ -683,18 +686,33 @@ def firing_by_source(
     return out
 
 
+def read_scores(
+    tokens: Sequence[np.ndarray], weight: np.ndarray, bias: float, pooled: tuple[np.ndarray, np.ndarray] | None
+) -> np.ndarray:
+    """Per request: ``weight · h_last + bias`` on its token rows' last, plus the pooled read of ``pooled`` (u, q)."""
+    scores = np.stack([t[-1] for t in tokens]) @ weight + bias
+    return scores if pooled is None else scores + pooled_scores(tokens, *pooled)
+
+
+def gate_rows(
+    model, tokenizer, gate: Gate, chats: Sequence[Chat], framing: Framing | None = None, precision: str = "float32"
+) -> list[np.ndarray]:
+    """Per chat run through ``model`` (sent as ``framing`` sends them): the rows ``gate`` reads at its layer — the
+    last prompt token alone for a ``last`` gate, every pooled token (``prompt_tokens``) for an attention read."""
+    if gate.pooling is None:
+        features = prompt_features(model, tokenizer, chats, [gate.layer], framing=framing, precision=precision)[gate.layer]
+        return [row[None] for row in features]
+    system = (gate.pooling.system_head, gate.pooling.system_end)
+    return prompt_tokens(model, tokenizer, chats, gate.layer, system, framing=framing, precision=precision)
+
+
 def gate_scores(
     model, tokenizer, gate: Gate, chats: Sequence[Chat], framing: Framing | None = None, precision: str = "float32"
 ) -> np.ndarray:
     """``gate``'s scores of ``chats`` run through ``model`` (sent as ``framing`` sends them), its read whatever it is."""
-    if gate.pooling is None:
-        features = prompt_features(model, tokenizer, chats, [gate.layer], framing=framing, precision=precision)[gate.layer]
-        return features @ gate.weight.numpy() + gate.bias
-    pooling = gate.pooling
-    system = (pooling.system_head, pooling.system_end)
-    tokens = prompt_tokens(model, tokenizer, chats, gate.layer, system, framing=framing, precision=precision)
-    last = np.stack([t[-1] for t in tokens])
-    return last @ gate.weight.numpy() + gate.bias + pooled_scores(tokens, pooling.weight.numpy(), pooling.query.numpy())
+    tokens = gate_rows(model, tokenizer, gate, chats, framing, precision)
+    pooled = None if gate.pooling is None else (gate.pooling.weight.numpy(), gate.pooling.query.numpy())
+    return read_scores(tokens, gate.weight.numpy(), gate.bias, pooled)
 
 
 def gate_from_features(
@@ -802,13 +820,8 @@ def refit(
     layer, the read, the data and the split stay the base's; features in ``precision`` (``read_precision``)."""
     chats = [as_served(r) for r in requests]
     precision = read_precision(precision, gate.read)
-    if gate.pooling is None:
-        x = prompt_features(model, tokenizer, chats, [gate.layer], framing=framing, precision=precision)[gate.layer]
-        tokens: list[np.ndarray] = [row[None] for row in x]  # the last token is all a ``last`` gate reads
-        system: tuple[Sequence[int], Sequence[int]] = ((), ())
-    else:
-        system = (gate.pooling.system_head, gate.pooling.system_end)
-        tokens = prompt_tokens(model, tokenizer, chats, gate.layer, system, framing=framing, precision=precision)
+    tokens = gate_rows(model, tokenizer, gate, chats, framing, precision)
+    system = ((), ()) if gate.pooling is None else (gate.pooling.system_head, gate.pooling.system_end)
     fitted = with_read(gate, tokens, requests, seed, gate.read, system, fpr)
     figures = {k: fitted.calibration[k] for k in ("auroc", "fpr", "tpr", "roc")}
     benign = sum(not requests[i].harmful for i in split(requests, seed=seed)[1])

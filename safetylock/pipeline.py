@@ -11,7 +11,7 @@ from safetylock import data
 from safetylock.alpha import DEFAULT_ALPHA
 from safetylock.capture import capture
 from safetylock.errors import ExtractError
-from safetylock.gate import READS, candidate_layers, feature_precision, fit_gate
+from safetylock.gate import candidate_layers, check_read, feature_precision, fit_gate
 from safetylock.geometry import head_geometry, output_projections, projection_fingerprint
 from safetylock.lockfile import SafetyLock, from_probes
 from safetylock.overlap import fingerprints
@@ -69,8 +69,7 @@ def extract_lock(
     geometry = head_geometry(model.config)
     check_top_k(geometry, config.top_k)  # before the minutes of capture, not after
     feature_precision(config.gate_precision)  # likewise
-    if config.gate_read not in READS:
-        raise ExtractError(f"gate read must be one of {', '.join(READS)}, got {config.gate_read!r}")
+    check_read(config.gate_read)  # likewise
     requests = gate_requests(harmful, config.gate_data, seed=config.seed, operator=operator) if config.gate else ()
     clock.lap("gate requests")  # built first: a bad operator file fails before the minutes of capture
     split = data.split_harmful(harmful, seed=config.seed)
