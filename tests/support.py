@@ -253,6 +253,22 @@ def run_vllm(workdir: Path, env: dict[str, str] | None = None, may_fail: bool = 
     return json.loads(out_path.read_text()) | {"log": done.stdout + done.stderr}
 
 
+def run_gated_steer(workdir: Path, model_dir: Path, prompts: list[list[int]], lock_path: Path, alpha: float) -> dict:
+    """``prompts`` served gated (steer at ``alpha``) by one compiled engine that prefills in chunks of 32 tokens with
+    prefix caching on: the whole list as one batch, then each prompt alone (``run_vllm``'s mixed run)."""
+    from safetylock.serve.config import lock_section
+
+    return run_vllm(
+        workdir,
+        model=str(model_dir),
+        prompts=prompts,
+        additional_config={"safetylock": lock_section(lock_path, alpha, gated=True, response="steer")},
+        enforce_eager=False,
+        engine_args={"max_num_batched_tokens": 32, "max_num_seqs": 4, "block_size": 32, "enable_prefix_caching": True},
+        mixed=[[index, None] for index in range(len(prompts))],
+    )
+
+
 @torch.no_grad()
 def hf_greedy(model, prompts=PROMPTS, max_tokens=MAX_TOKENS) -> list[dict]:
     """Greedy continuation with per-step logprobs, recomputing the full prefix each step (fp32 reference)."""

@@ -12,14 +12,13 @@ continues: the decision is the last turn's, never the cached prefix's.
 import pytest
 
 from safetylock.hf import chat_ids, load_model
-from safetylock.serve.config import lock_section
 
 from support import (
     PROMPTS,
     assert_same_generation,
     hf_gated_greedy,
     hf_greedy,
-    run_vllm,
+    run_gated_steer,
     saved_gated_lock,
 )
 
@@ -51,15 +50,7 @@ def gated_prompts(tokenizer):
 def gated(llama_dir, gated_prompts, tmp_path_factory):
     model, _ = load_model(llama_dir)
     lock, path = saved_gated_lock(model, gated_prompts, FIRES, tmp_path_factory.mktemp("gated"))
-    out = run_vllm(
-        tmp_path_factory.mktemp("gated-run"),
-        model=str(llama_dir),
-        prompts=gated_prompts,
-        additional_config={"safetylock": lock_section(path, ALPHA_ON, gated=True, response="steer")},
-        enforce_eager=False,
-        engine_args={"max_num_batched_tokens": 32, "max_num_seqs": 4, "block_size": 32, "enable_prefix_caching": True},
-        mixed=[[index, None] for index in range(len(gated_prompts))],
-    )
+    out = run_gated_steer(tmp_path_factory.mktemp("gated-run"), llama_dir, gated_prompts, path, ALPHA_ON)
     return model, lock, out
 
 

@@ -12,9 +12,8 @@ import torch
 
 from safetylock.gate import Gate, Pooling, attention_blocks, block_input, system_turn
 from safetylock.hf import chat_ids, load_model
-from safetylock.serve.config import lock_section
 
-from support import PROMPTS, assert_same_generation, hf_gated_greedy, hf_greedy, model_lock, run_vllm
+from support import PROMPTS, assert_same_generation, hf_gated_greedy, hf_greedy, model_lock, run_gated_steer
 
 pytestmark = [pytest.mark.engine, pytest.mark.filterwarnings("ignore:lock has no weight sketch")]
 
@@ -64,15 +63,7 @@ def pooled(llama_dir, tokenizer, pooled_prompts, tmp_path_factory):
     gate = Gate(1, gate.weight, 0.0, float(scores[widest : widest + 2].mean()), pooling=pooling)
     lock = model_lock(model, gate, layers=(0, 2))
     path = lock.save(tmp_path_factory.mktemp("pooled") / "pooled.lock.safetensors")
-    out = run_vllm(
-        tmp_path_factory.mktemp("pooled-run"),
-        model=str(llama_dir),
-        prompts=pooled_prompts,
-        additional_config={"safetylock": lock_section(path, ALPHA_ON, gated=True, response="steer")},
-        enforce_eager=False,
-        engine_args={"max_num_batched_tokens": 32, "max_num_seqs": 4, "block_size": 32, "enable_prefix_caching": True},
-        mixed=[[index, None] for index in range(len(pooled_prompts))],
-    )
+    out = run_gated_steer(tmp_path_factory.mktemp("pooled-run"), llama_dir, pooled_prompts, path, ALPHA_ON)
     return model, lock, out
 
 
