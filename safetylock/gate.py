@@ -50,6 +50,13 @@ EARLY_HEADS = ("generated", "never")  # lock heads at or before the gate layer: 
 READS = ("last", "attention")  # the last prompt token alone; or with an attention probe over the request's tokens
 POOL_STEPS = 300  # full-batch Adam steps of the attention probe's fit
 POOL_L2 = 0.01  # on its standardised weights (logistic regression's C 0.05 at the gate's data size is about 0.011)
+# One such fit is unstable: on the default model's gate data, its token rows jittered by 1% (bfloat16's rounding is
+# about that) move its vectors to cosine 0.57-0.91 of the unjittered fit's, and its firing on unseen past-tense
+# requests over 63-80%, on advice questions over 18-30%. The attention probe is the mean of POOL_DRAWS fits, each on
+# the rows jittered by POOL_JITTER (seeded): two such means agree at cosine 0.94-0.96, past tense 74-78%, advice
+# 14-23% (benchmarks/results/gate_attention_stability.json).
+POOL_DRAWS = 4
+POOL_JITTER = 0.01  # relative, Gaussian
 
 Chat = str | list[dict[str, str]]
 
@@ -212,14 +219,6 @@ def check_read(read: str) -> None:
     """ExtractError unless ``read`` is one of ``READS``."""
     if read not in READS:
         raise ExtractError(f"gate read must be one of {', '.join(READS)}, got {read!r}")
-
-
-def read_precision(requested: str, read: str) -> str:
-    """The precision a gate with ``read`` is fit in: ``feature_precision``'s, but ``auto`` is float32 for the
-    attention read, whose end-to-end fit follows bfloat16's rounding (fit on bfloat16 features of the default
-    model, it fires on 66% of unseen past-tense requests served in float32, fit on float32 features 79%, at the
-    same 18-25% of advice questions: docs/gated.md)."""
-    return "float32" if read == "attention" and requested == "auto" else feature_precision(requested)
 
 
 class _Enough(Exception):
@@ -394,29 +393,52 @@ def attended(values: torch.Tensor, logits: torch.Tensor, owner: torch.Tensor, n:
 
 
 def fit_attention(
-    tokens: Sequence[np.ndarray], labels: np.ndarray, groups: np.ndarray, members: np.ndarray
+    tokens: Sequence[np.ndarray],
+    labels: np.ndarray,
+    groups: np.ndarray,
+    members: np.ndarray,
+    seed: int = 0,
+    draws: int = POOL_DRAWS,
+    jitter: float = POOL_JITTER,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """An attention probe on requests ``members``: token scores ``u·h`` pooled by ``softmax(q·h)``, fit end to end
-    on the requests' labels (logistic loss, each source weighted alike, ``POOL_STEPS`` full-batch Adam steps from
-    zero, L2 ``POOL_L2`` on standardised features), folded back to raw features: (u, q, bias)."""
+    on the requests' labels (``fit_attention_once``), the mean of ``draws`` such fits on the rows jittered by
+    ``jitter`` (seeded by ``seed``; one fit with no jitter is the plain fit): (u, q, bias) on raw features."""
     rows, owner = _segments(tokens, members)
+    generator = torch.Generator().manual_seed(seed)
+    fits = []
+    for _ in range(draws):
+        jittered = rows * (1 + jitter * torch.randn(rows.shape, generator=generator)) if jitter else rows
+        fits.append(fit_attention_once(jittered, owner, labels[members], groups[members]))
+    u, q, bias = (np.mean(part, axis=0) for part in zip(*fits))
+    return u, q, float(bias)
+
+
+def fit_attention_once(
+    rows: torch.Tensor, owner: torch.Tensor, labels: np.ndarray, groups: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """One attention probe on token ``rows`` owned by requests (``owner``: each row's request; ``labels``,
+    ``groups`` per request): logistic loss, each source weighted alike, ``POOL_STEPS`` full-batch Adam steps from
+    zero, L2 ``POOL_L2`` on standardised features, folded back to raw features: (u, q, bias)."""
     mean, scale = rows.mean(0), rows.std(0) + 1e-3
     inputs = (rows - mean) / scale
-    n = len(members)
-    weight, query = torch.zeros(rows.shape[1], requires_grad=True), torch.zeros(rows.shape[1], requires_grad=True)
+    n = len(labels)
+    vectors = torch.zeros(rows.shape[1], 2, requires_grad=True)  # token score u, attention query q (one product)
     bias = torch.zeros(1, requires_grad=True)
-    targets = torch.tensor(labels[members], dtype=torch.float32)
-    sample = torch.tensor(balanced_weights(labels[members], groups[members]), dtype=torch.float32)
-    optimizer = torch.optim.Adam([weight, query, bias], lr=0.01)
+    targets = torch.tensor(labels, dtype=torch.float32)
+    sample = torch.tensor(balanced_weights(labels, groups), dtype=torch.float32)
+    optimizer = torch.optim.Adam([vectors, bias], lr=0.01)
     with torch.enable_grad():
         for _ in range(POOL_STEPS):
             optimizer.zero_grad()
-            logits = attended(inputs @ weight, inputs @ query, owner, n) + bias
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-            ((loss * sample).mean() + POOL_L2 * (weight.square().sum() + query.square().sum())).backward()
+            values, logits = (inputs @ vectors).unbind(1)
+            pooled = attended(values, logits, owner, n) + bias
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(pooled, targets, reduction="none")
+            ((loss * sample).mean() + POOL_L2 * vectors.square().sum()).backward()
             optimizer.step()
-    u, q = (weight / scale).detach(), (query / scale).detach()
-    return u.numpy(), q.numpy(), float(bias.detach() - (weight.detach() * mean / scale).sum())  # q's offset cancels
+    weight, query = vectors.detach().unbind(1)
+    u, q = weight / scale, query / scale
+    return u.numpy(), q.numpy(), float(bias.detach() - (weight * mean / scale).sum())  # q's offset cancels
 
 
 def pooled_scores(tokens: Sequence[np.ndarray], u: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -426,7 +448,13 @@ def pooled_scores(tokens: Sequence[np.ndarray], u: np.ndarray, q: np.ndarray) ->
 
 
 def fit_read(
-    tokens: Sequence[np.ndarray], requests: Sequence[Request], fit: np.ndarray, seed: int, read: str
+    tokens: Sequence[np.ndarray],
+    requests: Sequence[Request],
+    fit: np.ndarray,
+    seed: int,
+    read: str,
+    draws: int = POOL_DRAWS,
+    jitter: float = POOL_JITTER,
 ) -> tuple[np.ndarray, float, tuple[np.ndarray, np.ndarray] | None]:
     """A gate's weights on per-request token rows (``prompt_tokens``; the last row the last prompt token), fit on
     requests ``fit``: ``last``, the logistic probe on the last token (``fit_linear``); ``attention``, that probe
@@ -437,7 +465,7 @@ def fit_read(
     weight, bias = fit_linear(last[fit], labels[fit], groups[fit], seed)
     if read == "last":
         return weight, bias, None
-    u, q, pool_bias = fit_attention(tokens, labels, groups, fit)
+    u, q, pool_bias = fit_attention(tokens, labels, groups, fit, seed, draws, jitter)
     first = last[fit] @ weight + bias
     second = pooled_scores([tokens[i] for i in fit], u, q) + pool_bias
     a, b = 0.5 / (first.std() + 1e-9), 0.5 / (second.std() + 1e-9)
@@ -615,7 +643,7 @@ def fit_gate(
 ) -> tuple[Gate, dict[int, list[Heldout]]]:
     """The gate at the layer of ``layers`` that generalises best to held-out sources (``out_of_source_score``),
     refit on every source's fit split, threshold at ``TARGET_FPR`` of all benign calibration requests; also
-    every layer's leave-one-source-out table. Features in ``precision`` (``read_precision``); ``data_sizes``
+    every layer's leave-one-source-out table. Features in ``precision`` (``feature_precision``); ``data_sizes``
     and ``operator``: the ``Sizes`` and operator requests that ``requests`` were built with (``gate_requests``),
     recorded for re-calibration. ``read`` ``attention``: the layer chosen so, the gate then fit with an attention
     probe at it (``with_read``) on every token it reads, recorded in the same forward (float16, every candidate
@@ -623,7 +651,7 @@ def fit_gate(
     if len({r.source for r in requests}) < 2 or len({r.harmful for r in requests}) < 2:
         raise ExtractError("the gate needs harmful and benign requests from at least two sources")
     check_read(read)
-    precision = read_precision(precision, read)
+    precision = feature_precision(precision)
     chats = [r.messages() for r in requests]
     system = system_turn(tokenizer) if read == "attention" else None
     features, tokens = prompt_reads(model, tokenizer, chats, layers, system, progress=progress, precision=precision)
@@ -662,7 +690,13 @@ def with_read(
         "firing_by_source": firing_by_source(scores, requests, calibration, threshold),
     }
     if pooled is not None:
-        figures["pooling"] = {"steps": POOL_STEPS, "l2": POOL_L2, "combined": "last-token and attention probes averaged"}
+        figures["pooling"] = {
+            "steps": POOL_STEPS,
+            "l2": POOL_L2,
+            "draws": POOL_DRAWS,
+            "jitter": POOL_JITTER,
+            "combined": "last-token and attention probes averaged",
+        }
         figures["heldout_read"] = "last"  # the leave-one-source-out tables that chose the layer read the last token
     vectors = [torch.from_numpy(v.astype(np.float32)) for v in pooled or ()]
     pooling = Pooling(*vectors, *map(tuple, system)) if vectors else None
@@ -817,9 +851,9 @@ def refit(
     ``model`` as served (``as_served``, sent as ``framing`` sends them), threshold at ``fpr`` of their benign
     calibration split. A fine-tune can move edgy benign requests up with harmful ones along the base's gate
     direction while the two stay linearly apart: a threshold alone cannot follow that, a refit probe can. The
-    layer, the read, the data and the split stay the base's; features in ``precision`` (``read_precision``)."""
+    layer, the read, the data and the split stay the base's; features in ``precision`` (``feature_precision``)."""
     chats = [as_served(r) for r in requests]
-    precision = read_precision(precision, gate.read)
+    precision = feature_precision(precision)
     tokens = gate_rows(model, tokenizer, gate, chats, framing, precision)
     system = ((), ()) if gate.pooling is None else (gate.pooling.system_head, gate.pooling.system_end)
     fitted = with_read(gate, tokens, requests, seed, gate.read, system, fpr)

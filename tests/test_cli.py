@@ -308,6 +308,8 @@ def test_extract_fits_the_gate_on_operator_requests_too_and_calibrate_gate_asks_
 def test_extract_with_an_attention_read_and_calibrate_gate_keep_the_read(llama_dir, tmp_path):
     """``--gate-read attention``: the lock's gate pools over the request's tokens, ``inspect`` says so, and the
     gate refit on a served model (``calibrate-gate``) keeps the read; ``--no-gate`` with it is a usage error."""
+    from safetylock.gate import POOL_DRAWS, feature_precision
+
     questions = tmp_path / "harmful.jsonl"
     questions.write_text("\n".join(json.dumps({"prompt": q}) for q in QUESTIONS) + "\n")
     lock_path = tmp_path / "pooled.lock.safetensors"
@@ -318,7 +320,8 @@ def test_extract_with_an_attention_read_and_calibrate_gate_keep_the_read(llama_d
     result = CliRunner().invoke(main, [*args, "--gate-read", "attention"])
     assert result.exit_code == 0, result.output
     lock = load(lock_path)
-    assert lock.gate.read == "attention" and lock.gate.calibration["precision"] == "float32"
+    assert lock.gate.read == "attention" and lock.gate.calibration["precision"] == feature_precision("auto")
+    assert lock.gate.calibration["pooling"]["draws"] == POOL_DRAWS  # the mean of jittered fits (gate.fit_attention)
     shown = CliRunner().invoke(main, ["inspect", str(lock_path), "--plot", str(tmp_path / "heat.png")])
     assert "gate read   last token + attention over the request's tokens" in shown.output
     out = tmp_path / "served.lock.safetensors"

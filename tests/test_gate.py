@@ -390,6 +390,33 @@ def test_attention_gate_is_fit_and_the_hf_path_decides_as_its_scores(llama_dir):
     assert again.pooling is gate.pooling and again.threshold != gate.threshold
 
 
+def test_attention_probe_is_the_seeded_mean_of_jittered_fits_and_steadier_than_one():
+    """``fit_attention``: the same seed gives the same probe; one unjittered draw is the plain fit; on requests
+    whose label is one token's direction among noise tokens, two means of four jittered fits (different seeds)
+    agree more closely than two single jittered fits do."""
+    from safetylock.gate import _segments, fit_attention, fit_attention_once
+
+    rng = np.random.default_rng(0)
+    direction = rng.standard_normal(64)
+    tokens, labels = [], np.arange(120) % 2 == 0
+    for harmful in labels:  # a weak signal in few requests: an ill-conditioned fit, as on real gate data
+        rows = rng.standard_normal((int(rng.integers(4, 12)), 64)).astype(np.float32)
+        rows[int(rng.integers(len(rows)))] += (0.3 if harmful else 0.0) * direction
+        tokens.append(rows.astype(np.float16))
+    groups, members = np.array(["a", "b"] * 60), np.arange(120)
+
+    def agreement(draws: int) -> float:
+        (u1, q1, _), (u2, q2, _) = (fit_attention(tokens, labels, groups, members, seed, draws) for seed in (1, 2))
+        return float(np.dot(q1, q2) / np.linalg.norm(q1) / np.linalg.norm(q2))
+
+    first, again = (fit_attention(tokens, labels, groups, members, seed=3) for _ in range(2))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    plain = fit_attention(tokens, labels, groups, members, draws=1, jitter=0.0)
+    rows, owner = _segments(tokens, members)
+    assert all(np.allclose(a, b) for a, b in zip(plain, fit_attention_once(rows, owner, labels, groups)))
+    assert agreement(4) > agreement(1) + 0.02  # measured: 0.98 against 0.93
+
+
 def test_served_pooled_read_restarts_per_prompt_and_fails_closed_on_a_prompt_it_did_not_read_whole():
     """The vLLM plugin's host plan: a prompt's state restarts where its pooled tokens start; a prompt whose first
     forwarded chunk lies past that start (its earlier tokens came from a cache) is marked to fire."""

@@ -108,7 +108,7 @@ def models_fetch(name: str) -> None:
     default="auto",
     show_default=True,
     help="Precision of the gate's feature forward: auto is bfloat16 where the CPU has native bfloat16 (AMX, "
-    "AVX-512 BF16), float32 elsewhere and for --gate-read attention (its fit follows bfloat16's rounding).",
+    "AVX-512 BF16), float32 elsewhere.",
 )
 @click.option(
     "--gate-read",
