@@ -54,10 +54,13 @@ def product_lock(seed: int = 0, gate_data: str = DEFAULT_GATE_DATA, read: str = 
         if gate_data != DEFAULT_GATE_DATA:
             raise SystemExit("an attention-read gate is extracted on the default gate data only")
         path = path.with_name(path.name.replace(".lock.", f".{read}.lock."))
-        fit = load(path).gate.calibration.get("pooling", {}) if path.exists() else {}
-        if path.exists() and (fit.get("draws"), fit.get("jitter")) != (POOL_DRAWS, POOL_JITTER):
-            raise SystemExit(f"{path} has an attention probe fit otherwise than extract fits it now: delete it to re-extract")
-        if not path.exists():
+        if path.exists():
+            fit = load(path).gate.calibration.get("pooling", {})
+            if (fit.get("draws"), fit.get("jitter")) != (POOL_DRAWS, POOL_JITTER):
+                raise SystemExit(
+                    f"{path}: its attention probe was fit otherwise than extract fits it now; delete it to re-extract"
+                )
+        else:
             command = ["extract", "--model", BASE, "--gate-read", read, "--seed", str(seed), "--out", str(path)]
             subprocess.run([sys.executable, "-m", "safetylock.cli", *command], check=True)
         return path
