@@ -29,7 +29,7 @@ from benchmarks.common import RESULTS, calibrated_lock, write_result
 from benchmarks.responses import SUITES, product_lock
 from safetylock.attack import BASE, build, served
 from safetylock.evaluate import cached_run, without_items
-from safetylock.gate import READS
+from safetylock.gate import DEFAULT_READ, READS
 from safetylock.hf import Framing
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
 from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA
@@ -77,9 +77,9 @@ NLSR_STRONG = (0.9, 0.5)  # benchmarks.nlsr's second setting: more modules patch
 @click.option(
     "--gate-read",
     type=click.Choice(READS),
-    default="last",
+    default=DEFAULT_READ,
     show_default=True,
-    help="What the gate reads (`extract --gate-read`): its rows are labelled with the read unless the last token.",
+    help="What the gate reads (`extract --gate-read`): its rows are labelled with the read unless the default.",
 )
 @click.option("--out", default="cross_source", show_default=True)
 def main(
@@ -99,7 +99,8 @@ def main(
     from benchmarks.nlsr import realigned
 
     lock = product_lock(gate_data=gate_data, read=gate_read)
-    data_tag = ("" if gate_data == DEFAULT_GATE_DATA else f"[{gate_data}]") + ("" if gate_read == "last" else f"[{gate_read}]")
+    tags = ([gate_data] if gate_data != DEFAULT_GATE_DATA else []) + ([gate_read] if gate_read != DEFAULT_READ else [])
+    data_tag = "".join(f"[{tag}]" for tag in tags)
     chosen = tuple(s for s in suites.split(",") if s)
     sizes = {"count": count, "max_tokens": max_tokens, "enforce_eager": True, "suites": chosen}
     tables: dict[str, list[dict]] = {"always-on lock": [], "gated lock (refuse)": [], "NLSR": []}

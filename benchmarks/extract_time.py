@@ -17,7 +17,7 @@ import click
 
 from benchmarks.common import RESULTS, write_result
 from safetylock import data, models
-from safetylock.gate import READS
+from safetylock.gate import DEFAULT_READ, READS
 from safetylock.hf import load_model
 from safetylock.pipeline import ExtractConfig, extract_lock
 from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA
@@ -29,7 +29,7 @@ DEFAULT_OUT = "extract_time"
 @click.option("--model", "model_name", default=models.DEFAULT_MODEL)
 @click.option("--out", default=DEFAULT_OUT, show_default=True, help="Result name; another name keeps the product lock.")
 @click.option("--gate-data", type=click.Choice(list(GATE_DATA)), default=DEFAULT_GATE_DATA, show_default=True)
-@click.option("--gate-read", type=click.Choice(READS), default="last", show_default=True)
+@click.option("--gate-read", type=click.Choice(READS), default=DEFAULT_READ, show_default=True)
 def main(model_name: str, out: str, gate_data: str, gate_read: str) -> None:
     model_dir = models.resolve(model_name)
     harmful = data.advbench()
@@ -40,7 +40,7 @@ def main(model_name: str, out: str, gate_data: str, gate_read: str) -> None:
     stages: dict[str, float] = {}
     lock = extract_lock(model, tokenizer, harmful, config, stages=stages)
     t2 = time.perf_counter()
-    product = out == DEFAULT_OUT and gate_data == DEFAULT_GATE_DATA and gate_read == "last"
+    product = out == DEFAULT_OUT and gate_data == DEFAULT_GATE_DATA and gate_read == DEFAULT_READ
     lock_file = lock.save(
         models.default_lock_path(model_name) if product else models.cache_root() / "locks" / f"{out}.lock.safetensors"
     )

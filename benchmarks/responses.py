@@ -22,11 +22,11 @@ from pathlib import Path
 import click
 
 from benchmarks.common import RESULTS, calibrated_lock, write_result
-from benchmarks.gate_heldout import base_lock_path, forced_share, gated_copy
+from benchmarks.gate_heldout import forced_share
 from safetylock import data, models
 from safetylock.attack import BASE, served
 from safetylock.evaluate import cached_run, without_items
-from safetylock.gate import POOL_DRAWS, POOL_JITTER
+from safetylock.gate import DEFAULT_READ, POOL_DRAWS, POOL_START
 from safetylock.hf import Framing
 from safetylock.judge import refusal_fit
 from safetylock.lockfile import load
@@ -45,41 +45,33 @@ def off_topic_share(report: dict, suite: str) -> float | None:
     return round(sum(refusal_fit(i["response"], i["prompt"]) == "off-topic" for i in refusals) / len(refusals), 4)
 
 
-def product_lock(seed: int = 0, gate_data: str = DEFAULT_GATE_DATA, read: str = "last") -> Path:
-    """The packaged model's lock with heads and a gate fit on every source of ``GATE_DATA[gate_data]`` (for the
-    default data: the cache's default lock path; else beside it, tagged with the data's name); ``read``
-    ``attention``: the default data's lock extracted with ``--gate-read attention``, beside it (cached)."""
+def product_lock(seed: int = 0, gate_data: str = DEFAULT_GATE_DATA, read: str = DEFAULT_READ) -> Path:
+    """The packaged model's lock as ``extract`` writes it with the gate fit on ``GATE_DATA[gate_data]`` and reading
+    ``read``: for the defaults the cache's default lock path, else beside it, tagged with the data's name and the
+    read; extracted when absent, refused when cached but fit on other requests or otherwise than ``extract`` fits
+    its gate now."""
     path = models.default_lock_path(BASE)
-    if read != "last":
-        if gate_data != DEFAULT_GATE_DATA:
-            raise SystemExit("an attention-read gate is extracted on the default gate data only")
-        path = path.with_name(path.name.replace(".lock.", f".{read}.lock."))
-        if path.exists():
-            fit = load(path).gate.calibration.get("pooling", {})
-            if (fit.get("draws"), fit.get("jitter")) != (POOL_DRAWS, POOL_JITTER):
-                raise SystemExit(
-                    f"{path}: its attention probe was fit otherwise than extract fits it now; delete it to re-extract"
-                )
-        else:
-            command = ["extract", "--model", BASE, "--gate-read", read, "--seed", str(seed), "--out", str(path)]
-            subprocess.run([sys.executable, "-m", "safetylock.cli", *command], check=True)
+    tags = ([gate_data] if gate_data != DEFAULT_GATE_DATA else []) + ([read] if read != DEFAULT_READ else [])
+    if tags:
+        path = path.with_name(path.name.replace(".lock.", "." + ".".join(tags) + ".lock."))
+    command = ["extract", "--model", BASE, "--gate-data", gate_data, "--gate-read", read, "--seed", str(seed)]
+    if not path.exists():
+        subprocess.run([sys.executable, "-m", "safetylock.cli", *command, "--out", str(path)], check=True)
         return path
-    if gate_data != DEFAULT_GATE_DATA:
-        path = path.with_name(path.name.replace(".lock.", f".{gate_data}.lock."))
+    gate = load(path).gate
     sizes = GATE_DATA[gate_data]
-    cached = load(path) if path.exists() else None
-    if cached is not None and cached.gate is not None:
-        recorded = recorded_sizes(cached.gate.calibration)
-        if recorded != sizes or cached.gate.calibration.get("data") != source_hashes(
-            gate_requests(data.advbench(), sizes, seed=seed)
-        ):
-            raise SystemExit(
-                f"{path} has a gate fit on other requests than the gate's {gate_data} data give now: re-extract it "
-                f"(safetylock extract --model {BASE} --gate-data {gate_data} --out {path})"
-            )
+    pooling = {} if gate is None else gate.calibration.get("pooling", {})
+    if gate is None or gate.read != read:
+        problem = f"its gate does not read '{read}'"
+    elif recorded_sizes(gate.calibration) != sizes or gate.calibration.get("data") != source_hashes(
+        gate_requests(data.advbench(), sizes, seed=seed)
+    ):
+        problem = f"its gate was fit on other requests than the gate's {gate_data} data give now"
+    elif read == "attention" and (pooling.get("draws"), pooling.get("start")) != (POOL_DRAWS, POOL_START):
+        problem = "its attention probe was fit otherwise than extract fits it now"
+    else:
         return path
-    model_dir = models.resolve(BASE)
-    return gated_copy(base_lock_path(model_dir), model_dir, path, seed=seed, sizes=sizes)
+    raise SystemExit(f"{path}: {problem}: re-extract it (safetylock {' '.join(command)} --out {path})")
 
 
 @click.command()

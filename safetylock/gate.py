@@ -48,15 +48,17 @@ PRECISIONS = ("auto", "float32", "bfloat16")  # of the forward that computes gat
 REPORT_FPRS = (0.01, 0.05)  # leave-one-source-out TPR is reported at these false-positive rates
 EARLY_HEADS = ("generated", "never")  # lock heads at or before the gate layer: shifted on generated tokens, or not
 READS = ("last", "attention")  # the last prompt token alone; or with an attention probe over the request's tokens
+DEFAULT_READ = "attention"  # reaches more unseen phrasings at an over-refusal within bounds (docs/gated.md)
 POOL_STEPS = 300  # full-batch Adam steps of the attention probe's fit
 POOL_L2 = 0.01  # on its standardised weights (logistic regression's C 0.05 at the gate's data size is about 0.011)
 # One such fit is unstable: on the default model's gate data, its token rows jittered by 1% (bfloat16's rounding is
-# about that) move its vectors to cosine 0.57-0.91 of the unjittered fit's, and its firing on unseen past-tense
-# requests over 63-80%, on advice questions over 18-30%. The attention probe is the mean of POOL_DRAWS fits, each on
-# the rows jittered by POOL_JITTER (seeded): two such means agree at cosine 0.94-0.96, past tense 74-78%, advice
-# 14-23% (benchmarks/results/gate_attention_stability.json).
-POOL_DRAWS = 4
-POOL_JITTER = 0.01  # relative, Gaussian
+# about that), or a random start instead of zero, move its vectors to cosine 0.42-0.92 of the plain fit's, and its
+# firing on unseen past-tense requests over 63-80%, on advice questions over 18-34%. The attention probe is the mean
+# of POOL_DRAWS fits from seeded random starts (Gaussian, POOL_START on standardised weights), run side by side in one
+# product with the token rows (read once a step for all of them: 16 draws cost about what one does); two such means
+# agree at cosine 0.94-0.96 (benchmarks/results/gate_attention_stability.json).
+POOL_DRAWS = 16
+POOL_START = 0.01
 
 Chat = str | list[dict[str, str]]
 
@@ -386,10 +388,13 @@ def _segments(tokens: Sequence[np.ndarray], members: np.ndarray) -> tuple[torch.
 
 
 def attended(values: torch.Tensor, logits: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
-    """Per request: the mean of ``values`` over its tokens, weighted by the softmax of their ``logits``."""
-    top = torch.full((n,), -torch.inf).scatter_reduce(0, owner, logits.detach(), "amax", include_self=True)
+    """Per request: the mean of ``values`` over its tokens, weighted by the softmax of their ``logits`` (rows are
+    tokens; further columns, if any, are pooled side by side)."""
+    shape = (n, *values.shape[1:])
+    index = owner.view(-1, *(1,) * (values.dim() - 1)).expand_as(logits)
+    top = torch.full(shape, -torch.inf).scatter_reduce(0, index, logits.detach(), "amax", include_self=True)
     weights = torch.exp(logits - top[owner])
-    return torch.zeros(n).index_add(0, owner, weights * values) / torch.zeros(n).index_add(0, owner, weights)
+    return torch.zeros(shape).index_add(0, owner, weights * values) / torch.zeros(shape).index_add(0, owner, weights)
 
 
 def fit_attention(
@@ -399,47 +404,46 @@ def fit_attention(
     members: np.ndarray,
     seed: int = 0,
     draws: int = POOL_DRAWS,
-    jitter: float = POOL_JITTER,
+    start: float = POOL_START,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """An attention probe on requests ``members``: token scores ``u·h`` pooled by ``softmax(q·h)``, fit end to end
-    on the requests' labels (``fit_attention_once``), the mean of ``draws`` such fits on the rows jittered by
-    ``jitter`` (seeded by ``seed``; one fit with no jitter is the plain fit): (u, q, bias) on raw features."""
+    on the requests' labels, the mean of ``draws`` fits (``fit_attention_draws``) from Gaussian starts of scale
+    ``start`` (seeded by ``seed``; one draw from zero is the plain fit): (u, q, bias) on raw features."""
     rows, owner = _segments(tokens, members)
     generator = torch.Generator().manual_seed(seed)
-    fits = []
-    for _ in range(draws):
-        # rows * (1 + jitter * noise), the same operations in one buffer (the rows are 0.5 GB on the default model)
-        jittered = torch.randn(rows.shape, generator=generator).mul_(jitter).add_(1).mul_(rows) if jitter else rows
-        fits.append(fit_attention_once(jittered, owner, labels[members], groups[members]))
-    u, q, bias = (np.mean(part, axis=0) for part in zip(*fits))
-    return u, q, float(bias)
+    starts = torch.randn(rows.shape[1], 2, draws, generator=generator).mul_(start)
+    u, q, bias = fit_attention_draws(rows, owner, labels[members], groups[members], starts)
+    return u.mean(1), q.mean(1), float(bias.mean())
 
 
-def fit_attention_once(
-    rows: torch.Tensor, owner: torch.Tensor, labels: np.ndarray, groups: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """One attention probe on token ``rows`` owned by requests (``owner``: each row's request; ``labels``,
-    ``groups`` per request): logistic loss, each source weighted alike, ``POOL_STEPS`` full-batch Adam steps from
-    zero, L2 ``POOL_L2`` on standardised features, folded back to raw features: (u, q, bias)."""
+def fit_attention_draws(
+    rows: torch.Tensor, owner: torch.Tensor, labels: np.ndarray, groups: np.ndarray, starts: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Attention probes on token ``rows`` owned by requests (``owner``: each row's request; ``labels``, ``groups``
+    per request), one per draw of ``starts`` (standardised ``[feature, (u, q), draw]``), each fit as if alone:
+    logistic loss, each source weighted alike, ``POOL_STEPS`` full-batch Adam steps, L2 ``POOL_L2`` on standardised
+    features, folded back to raw features: (u, q, bias), a column per draw. The draws share one product with the
+    rows a step (the fit is memory-bound on reading them)."""
     mean, scale = rows.mean(0), rows.std(0) + 1e-3
     inputs = (rows - mean) / scale
-    n = len(labels)
-    vectors = torch.zeros(rows.shape[1], 2, requires_grad=True)  # token score u, attention query q (one product)
-    bias = torch.zeros(1, requires_grad=True)
-    targets = torch.tensor(labels, dtype=torch.float32)
-    sample = torch.tensor(balanced_weights(labels, groups), dtype=torch.float32)
-    optimizer = torch.optim.Adam([vectors, bias], lr=0.01)
+    n, draws = len(labels), starts.shape[2]
+    vectors = starts.reshape(len(mean), 2 * draws).clone().requires_grad_(True)  # columns: (u, q) of each draw
+    bias = torch.zeros(draws, requires_grad=True)
+    targets = torch.tensor(labels, dtype=torch.float32)[:, None].expand(n, draws)
+    sample = torch.tensor(balanced_weights(labels, groups), dtype=torch.float32)[:, None]
+    optimizer = torch.optim.Adam([vectors, bias], lr=0.01)  # per-element steps: each draw's as if fit alone
     with torch.enable_grad():
         for _ in range(POOL_STEPS):
             optimizer.zero_grad()
-            values, logits = (inputs @ vectors).unbind(1)
+            values, logits = (inputs @ vectors).view(-1, 2, draws).unbind(1)
             pooled = attended(values, logits, owner, n) + bias
             loss = torch.nn.functional.binary_cross_entropy_with_logits(pooled, targets, reduction="none")
-            ((loss * sample).mean() + POOL_L2 * vectors.square().sum()).backward()
+            ((loss * sample).mean(0).sum() + POOL_L2 * vectors.square().sum()).backward()
             optimizer.step()
-    weight, query = vectors.detach().unbind(1)
-    u, q = weight / scale, query / scale
-    return u.numpy(), q.numpy(), float(bias.detach() - (weight * mean / scale).sum())  # q's offset cancels
+    weight, query = vectors.detach().view(-1, 2, draws).unbind(1)
+    u, q = weight / scale[:, None], query / scale[:, None]
+    offset = bias.detach() - (weight * (mean / scale)[:, None]).sum(0)  # q's offset cancels in the softmax
+    return u.numpy(), q.numpy(), offset.numpy()
 
 
 def pooled_scores(tokens: Sequence[np.ndarray], u: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -455,7 +459,7 @@ def fit_read(
     seed: int,
     read: str,
     draws: int = POOL_DRAWS,
-    jitter: float = POOL_JITTER,
+    start: float = POOL_START,
 ) -> tuple[np.ndarray, float, tuple[np.ndarray, np.ndarray] | None]:
     """A gate's weights on per-request token rows (``prompt_tokens``; the last row the last prompt token), fit on
     requests ``fit``: ``last``, the logistic probe on the last token (``fit_linear``); ``attention``, that probe
@@ -466,7 +470,7 @@ def fit_read(
     weight, bias = fit_linear(last[fit], labels[fit], groups[fit], seed)
     if read == "last":
         return weight, bias, None
-    u, q, pool_bias = fit_attention(tokens, labels, groups, fit, seed, draws, jitter)
+    u, q, pool_bias = fit_attention(tokens, labels, groups, fit, seed, draws, start)
     first = last[fit] @ weight + bias
     second = pooled_scores([tokens[i] for i in fit], u, q) + pool_bias
     a, b = 0.5 / (first.std() + 1e-9), 0.5 / (second.std() + 1e-9)
@@ -695,7 +699,7 @@ def with_read(
             "steps": POOL_STEPS,
             "l2": POOL_L2,
             "draws": POOL_DRAWS,
-            "jitter": POOL_JITTER,
+            "start": POOL_START,
             "combined": "last-token and attention probes averaged",
         }
         figures["heldout_read"] = "last"  # the leave-one-source-out tables that chose the layer read the last token

@@ -11,7 +11,7 @@ from safetylock import data
 from safetylock.alpha import DEFAULT_ALPHA
 from safetylock.capture import capture
 from safetylock.errors import ExtractError
-from safetylock.gate import candidate_layers, check_read, feature_precision, fit_gate
+from safetylock.gate import DEFAULT_READ, candidate_layers, check_read, feature_precision, fit_gate
 from safetylock.geometry import head_geometry, output_projections, projection_fingerprint
 from safetylock.lockfile import SafetyLock, from_probes
 from safetylock.overlap import fingerprints
@@ -36,7 +36,7 @@ class ExtractConfig:
     gate: bool = True  # also fit the request gate (safetylock.gate) for gated serving, the product's default
     gate_precision: str = "auto"  # of the gate's feature forward (safetylock.gate.feature_precision)
     gate_data: Sizes = GATE_DATA[DEFAULT_GATE_DATA]  # how many requests of each source the gate is fit on
-    gate_read: str = "last"  # what the gate reads (safetylock.gate.READS)
+    gate_read: str = DEFAULT_READ  # what the gate reads (safetylock.gate.READS)
 
 
 class Stopwatch:

@@ -7,6 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from safetylock.cli import main
+from safetylock.gate import POOL_DRAWS, feature_precision
 from safetylock.lockfile import load
 from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA, Sizes, sizes_record
 
@@ -46,6 +47,7 @@ def test_inspect_prints_the_gate_held_out_table(extracted, tmp_path):
     assert result.exit_code == 0, result.output
     held = [line for line in result.output.splitlines() if line.startswith("  held out  ")]
     assert any("redteam" in line and "tpr" in line for line in held) and any("borderline" in line for line in held)
+    assert "gate read   last token + attention over the request's tokens" in result.output  # the default read
 
 
 def test_extract_writes_a_valid_lock(extracted):
@@ -55,6 +57,9 @@ def test_extract_writes_a_valid_lock(extracted):
     # The gate is fitted by default, its layer chosen with every source held out in turn.
     heldout = {row["source"] for row in lock.gate.calibration["heldout_sources"]}
     assert {"harmful", "redteam", "borderline", "multiturn"} <= heldout and lock.gate.early_heads == "generated"
+    # It reads the last token and, by default, an attention probe over the request's tokens (the mean of seeded fits).
+    assert lock.gate.read == "attention" and lock.gate.calibration["pooling"]["draws"] == POOL_DRAWS
+    assert lock.gate.calibration["precision"] == feature_precision("auto")
     assert lock.gate.calibration["data_sizes"] == sizes_record(GATE_DATA[DEFAULT_GATE_DATA])  # calibrate-gate rebuilds them
 
 
@@ -173,6 +178,7 @@ def test_calibrate_gate_refits_by_default_on_the_lock_s_own_questions(extracted,
     base, served = load(extracted).gate, load(out).gate
     assert served.calibration["refit_on"] == f"served model {llama_dir}" and served.layer == base.layer
     assert not torch.equal(served.weight, base.weight)  # fit again on the model as served (no system prompt)
+    assert served.read == "attention" and not torch.equal(served.pooling.query, base.pooling.query)  # both probes
     assert served.calibration["precision"] in ("float32", "bfloat16")
 
 
@@ -248,7 +254,7 @@ def test_extract_that_cannot_write_leaves_no_partial_lock(extracted, llama_dir, 
     assert extracted.stat().st_size > 4096  # the limit cuts the write in the middle
     questions = extracted.parent / "harmful.jsonl"
     args = ["extract", "--model", str(llama_dir), "--out", str(out), "--harmful", str(questions)]
-    args += ["--questions", "16", "--top-k", "2", "--tokens", "3", "--alpha", "3"]
+    args += ["--questions", "16", "--top-k", "2", "--tokens", "3", "--alpha", "3", "--gate-read", "last"]  # quicker
     result = subprocess.run(
         [sys.executable, "-m", "safetylock.cli", *args],
         capture_output=True,
@@ -305,31 +311,24 @@ def test_extract_fits_the_gate_on_operator_requests_too_and_calibrate_gate_asks_
     assert load(out).gate.calibration["served_benign"] == with_ours
 
 
-def test_extract_with_an_attention_read_and_calibrate_gate_keep_the_read(llama_dir, tmp_path):
-    """``--gate-read attention``: the lock's gate pools over the request's tokens, ``inspect`` says so, and the
-    gate refit on a served model (``calibrate-gate``) keeps the read; ``--no-gate`` with it is a usage error."""
-    from safetylock.gate import POOL_DRAWS, feature_precision
-
+def test_extract_with_the_last_token_read_and_calibrate_gate_keep_the_read(llama_dir, tmp_path):
+    """``--gate-read last``: the lock's gate reads the last prompt token alone, ``inspect`` says so, and the gate
+    refit on a served model (``calibrate-gate``) keeps the read; ``--no-gate`` with it is a usage error."""
     questions = tmp_path / "harmful.jsonl"
     questions.write_text("\n".join(json.dumps({"prompt": q}) for q in QUESTIONS) + "\n")
-    lock_path = tmp_path / "pooled.lock.safetensors"
+    lock_path = tmp_path / "last.lock.safetensors"
     base = ["--model", str(llama_dir), "--harmful", str(questions)]
     args = ["extract", *base, "--out", str(lock_path), "--questions", "8", "--top-k", "2", "--tokens", "3"]
-    result = CliRunner().invoke(main, [*args, "--no-gate", "--gate-read", "attention"])
+    result = CliRunner().invoke(main, [*args, "--no-gate", "--gate-read", "last"])
     assert result.exit_code == 2 and "--gate-read fits the gate: drop --no-gate" in result.output
-    result = CliRunner().invoke(main, [*args, "--gate-read", "attention"])
+    result = CliRunner().invoke(main, [*args, "--gate-read", "last"])
     assert result.exit_code == 0, result.output
     lock = load(lock_path)
-    assert lock.gate.read == "attention" and lock.gate.calibration["precision"] == feature_precision("auto")
-    assert lock.gate.calibration["pooling"]["draws"] == POOL_DRAWS  # the mean of jittered fits (gate.fit_attention)
+    assert lock.gate.read == "last" and lock.gate.pooling is None and "pooling" not in lock.gate.calibration
     shown = CliRunner().invoke(main, ["inspect", str(lock_path), "--plot", str(tmp_path / "heat.png")])
-    assert "gate read   last token + attention over the request's tokens" in shown.output
+    assert "gate read   the last prompt token" in shown.output
     out = tmp_path / "served.lock.safetensors"
     result = CliRunner().invoke(main, ["calibrate-gate", *base, "--lock", str(lock_path), "--out", str(out)])
     assert result.exit_code == 0, result.output
     refit = load(out).gate
-    assert (
-        refit.read == "attention"
-        and refit.calibration["refit_on"]
-        and not torch.equal(refit.pooling.query, lock.gate.pooling.query)
-    )
+    assert refit.read == "last" and refit.pooling is None and refit.calibration["refit_on"]

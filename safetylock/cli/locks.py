@@ -18,7 +18,7 @@ from safetylock.cli.common import (
     model_option,
     user_errors,
 )
-from safetylock.gate import PRECISIONS, READS
+from safetylock.gate import DEFAULT_READ, PRECISIONS, READS
 from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA
 
 
@@ -113,10 +113,10 @@ def models_fetch(name: str) -> None:
 @click.option(
     "--gate-read",
     type=click.Choice(READS),
-    default="last",
-    show_default=True,
+    default=None,
+    show_default=DEFAULT_READ,
     help="What the gate reads: the last prompt token, or with an attention probe over the request's tokens too "
-    "(recognises more phrasings, fires more on borderline questions: docs/gated.md; one more forward, ~1 min).",
+    "(recognises more unseen phrasings, fires somewhat more on advice questions: docs/gated.md; ~1 min more).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
@@ -134,7 +134,7 @@ def extract(
     gate_data: str,
     gate_requests: Path | None,
     gate_precision: str,
-    gate_read: str,
+    gate_read: str | None,
     seed: int,
     batch_size: int,
 ) -> None:
@@ -146,7 +146,7 @@ def extract(
 
     if gate_requests and not gate:
         raise click.UsageError("--gate-requests fits the gate: drop --no-gate")
-    if gate_read != "last" and not gate:
+    if gate_read is not None and not gate:
         raise click.UsageError("--gate-read fits the gate: drop --no-gate")
     model_dir = models.resolve(model_name)
     prompts = data.load_prompt_file(harmful) if harmful else data.advbench()
@@ -164,7 +164,7 @@ def extract(
         gate=gate,
         gate_precision=gate_precision,
         gate_data=GATE_DATA[gate_data],
-        gate_read=gate_read,
+        gate_read=gate_read or DEFAULT_READ,
     )
     lock = extract_lock(model, tokenizer, prompts, config, operator=operator)
     out = lock.save(out or models.default_lock_path(model_name))
@@ -212,6 +212,8 @@ def inspect(lock_path: Path | None, model_name: str, plot: Path | None) -> None:
         click.echo(f"gate        layer {gate.layer}, threshold {gate.threshold:.4g}, {json.dumps(figures)} ({where})")
         if gate.pooling is not None:
             click.echo("gate read   last token + attention over the request's tokens (held out: the last token's probe)")
+        else:
+            click.echo("gate read   the last prompt token")
         for row in calibration.get("heldout_sources", []):  # leave-one-source-out at the chosen layer
             rates = ", ".join(f"{k} {row[k]['5%']:.0%}" for k in ("tpr", "fpr") if row[k])
             click.echo(f"  held out  {row['source']:<24} {rates} (at 5% FPR on the other sources)")
@@ -321,10 +323,17 @@ def generate(model_name: str, lock_path: Path, alpha: float | None, max_new_toke
 
 
 def cached_lock(lock_path: Path | None, model_name: str) -> Path:
-    """``lock_path``, else the model's lock in the cache, extracted first when absent."""
+    """``lock_path``, else the model's lock in the cache, extracted first when absent or when its gate is not the
+    one ``extract`` fits by default (a lock extracted by an earlier version: its gate read the last token only)."""
     if lock_path is not None:
         return lock_path
+    from safetylock.lockfile import load
+
     path = models.default_lock_path(model_name)
-    if not path.exists():
+    cached = load(path) if path.exists() else None
+    if cached is not None and (cached.gate is None or cached.gate.read != DEFAULT_READ):
+        click.echo(f"{path}: its gate is not extract's default ({DEFAULT_READ} read): extracting it again", err=True)
+        cached = None
+    if cached is None:
         click.get_current_context().invoke(extract, model_name=model_name, out=path)
     return path
