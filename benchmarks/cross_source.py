@@ -26,7 +26,7 @@ from __future__ import annotations
 import click
 
 from benchmarks.common import RESULTS, calibrated_lock, write_result
-from benchmarks.responses import SUITES, product_lock
+from benchmarks.responses import SUITES, lock_tags, product_lock
 from safetylock.attack import BASE, build, served
 from safetylock.evaluate import cached_run, without_items
 from safetylock.gate import DEFAULT_READ, READS
@@ -99,8 +99,7 @@ def main(
     from benchmarks.nlsr import realigned
 
     lock = product_lock(gate_data=gate_data, read=gate_read)
-    tags = ([gate_data] if gate_data != DEFAULT_GATE_DATA else []) + ([gate_read] if gate_read != DEFAULT_READ else [])
-    data_tag = "".join(f"[{tag}]" for tag in tags)
+    data_tag = "".join(f"[{tag}]" for tag in lock_tags(gate_data, gate_read))
     chosen = tuple(s for s in suites.split(",") if s)
     sizes = {"count": count, "max_tokens": max_tokens, "enforce_eager": True, "suites": chosen}
     tables: dict[str, list[dict]] = {"always-on lock": [], "gated lock (refuse)": [], "NLSR": []}

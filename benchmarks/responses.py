@@ -45,13 +45,18 @@ def off_topic_share(report: dict, suite: str) -> float | None:
     return round(sum(refusal_fit(i["response"], i["prompt"]) == "off-topic" for i in refusals) / len(refusals), 4)
 
 
+def lock_tags(gate_data: str, read: str) -> list[str]:
+    """What sets a lock apart from the product's: its gate data and its gate read, each where not the default."""
+    return ([gate_data] if gate_data != DEFAULT_GATE_DATA else []) + ([read] if read != DEFAULT_READ else [])
+
+
 def product_lock(seed: int = 0, gate_data: str = DEFAULT_GATE_DATA, read: str = DEFAULT_READ) -> Path:
     """The packaged model's lock as ``extract`` writes it with the gate fit on ``GATE_DATA[gate_data]`` and reading
     ``read``: for the defaults the cache's default lock path, else beside it, tagged with the data's name and the
     read; extracted when absent, refused when cached but fit on other requests or otherwise than ``extract`` fits
     its gate now."""
     path = models.default_lock_path(BASE)
-    tags = ([gate_data] if gate_data != DEFAULT_GATE_DATA else []) + ([read] if read != DEFAULT_READ else [])
+    tags = lock_tags(gate_data, read)
     if tags:
         path = path.with_name(path.name.replace(".lock.", "." + ".".join(tags) + ".lock."))
     command = ["extract", "--model", BASE, "--gate-data", gate_data, "--gate-read", read, "--seed", str(seed)]
