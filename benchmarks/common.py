@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from safetylock.gate import feature_precision
+from safetylock.hf import forward_precision
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -30,7 +30,7 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # what ATen's kernels use (AVX2 when capped)
-        "gate_precision_auto": feature_precision(),  # bfloat16 where the CPU multiplies it natively
+        "precision_auto": forward_precision(),  # extraction's forwards: bfloat16 where the CPU multiplies it natively
     }
 
 

@@ -26,12 +26,12 @@ from benchmarks.gate_heldout import forced_share
 from safetylock import data, models
 from safetylock.attack import BASE, served
 from safetylock.evaluate import cached_run, without_items
-from safetylock.gate import DEFAULT_READ, POOL_DRAWS, POOL_START
+from safetylock.gate import DEFAULT_READ, differs_from_extract
 from safetylock.hf import Framing
 from safetylock.judge import refusal_fit
 from safetylock.lockfile import load
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
-from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA, gate_requests, recorded_sizes, source_hashes
+from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA
 
 SUITES = ("advbench-heldout", "airt", "benign", "arithmetic")
 
@@ -63,18 +63,8 @@ def product_lock(seed: int = 0, gate_data: str = DEFAULT_GATE_DATA, read: str = 
     if not path.exists():
         subprocess.run([sys.executable, "-m", "safetylock.cli", *command, "--out", str(path)], check=True)
         return path
-    gate = load(path).gate
-    sizes = GATE_DATA[gate_data]
-    pooling = {} if gate is None else gate.calibration.get("pooling", {})
-    if gate is None or gate.read != read:
-        problem = f"its gate does not read '{read}'"
-    elif recorded_sizes(gate.calibration) != sizes or gate.calibration.get("data") != source_hashes(
-        gate_requests(data.advbench(), sizes, seed=seed)
-    ):
-        problem = f"its gate was fit on other requests than the gate's {gate_data} data give now"
-    elif read == "attention" and (pooling.get("draws"), pooling.get("start")) != (POOL_DRAWS, POOL_START):
-        problem = "its attention probe was fit otherwise than extract fits it now"
-    else:
+    problem = differs_from_extract(load(path).gate, read, GATE_DATA[gate_data], data.advbench(), seed)
+    if problem is None:
         return path
     raise SystemExit(f"{path}: {problem}: re-extract it (safetylock {' '.join(command)} --out {path})")
 

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from safetylock.contrast import ContrastExample
 from safetylock.errors import ExtractError
 from safetylock.geometry import HeadGeometry, head_geometry, output_projections
-from safetylock.hf import pad_batch
+from safetylock.hf import autocast, pad_batch
 
 
 @dataclass
@@ -59,9 +59,11 @@ def capture(
     padding_side: str = "right",
     progress: bool = True,
     skip: int = 0,
+    precision: str = "float32",
 ) -> HeadActivations:
     """Record every head's output at the last ``tokens`` tokens of each example, or at the ``tokens`` before its
-    last ``skip`` (inside a full answer rather than at its end).
+    last ``skip`` (inside a full answer rather than at its end); the forward in ``precision``
+    (``safetylock.hf.forward_precision``), the record float32 either way.
 
     Those are the response's own tokens; an example with an empty response is recorded at the end of its
     generation prompt, where the model decides how to answer.
@@ -78,7 +80,7 @@ def capture(
     device = next(model.parameters()).device
     out = torch.empty((len(examples), tokens, geometry.num_layers, geometry.num_heads, geometry.head_dim), dtype=torch.float32)
     positions: torch.Tensor | None = None
-    batch_rows = slice(0, 0)
+    batch_rows = torch.zeros(0, dtype=torch.long)
 
     def recorder(layer: int):
         def hook(_module, args):
@@ -91,19 +93,21 @@ def capture(
     handles = [proj.register_forward_pre_hook(recorder(i)) for i, proj in enumerate(projections)]
     backbone = _backbone(model)
     try:
-        starts = range(0, len(examples), batch_size)
-        for start in tqdm(starts, desc="capture", unit="batch", disable=not progress):
-            chunk = [ids for ids, _ in rendered[start : start + batch_size]]
-            input_ids, mask = pad_batch(chunk, pad_id, padding_side)
-            positions = last_token_positions(mask, tokens, skip)
-            batch_rows = slice(start, start + len(chunk))
-            position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-            backbone(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=position_ids.to(device),
-                use_cache=False,
-            )
+        with autocast(model, precision):
+            order = sorted(range(len(examples)), key=lambda i: len(rendered[i][0]))  # batches of like length: less padding
+            starts = range(0, len(examples), batch_size)
+            for start in tqdm(starts, desc="capture", unit="batch", disable=not progress):
+                batch_rows = torch.tensor(order[start : start + batch_size])
+                chunk = [rendered[i][0] for i in batch_rows.tolist()]
+                input_ids, mask = pad_batch(chunk, pad_id, padding_side)
+                positions = last_token_positions(mask, tokens, skip)
+                position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+                backbone(
+                    input_ids=input_ids.to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=position_ids.to(device),
+                    use_cache=False,
+                )
     finally:
         for handle in handles:
             handle.remove()

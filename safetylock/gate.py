@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +36,18 @@ import torch
 from tqdm import tqdm
 
 from safetylock.errors import ExtractError, LockError
+from safetylock.hf import autocast, forward_precision
 from safetylock.overlap import containing, fingerprints
-from safetylock.sources import Request, Sizes, gate_requests, operator_record, sizes_record, source_hashes, split
+from safetylock.sources import (
+    Request,
+    Sizes,
+    gate_requests,
+    operator_record,
+    recorded_sizes,
+    sizes_record,
+    source_hashes,
+    split,
+)
 from safetylock.threads import one_thread_fits
 
 if TYPE_CHECKING:
@@ -44,7 +55,6 @@ if TYPE_CHECKING:
     from safetylock.hf import Framing
 
 TARGET_FPR = 0.05  # benign requests allowed to fire, on the calibration split
-PRECISIONS = ("auto", "float32", "bfloat16")  # of the forward that computes gate features
 REPORT_FPRS = (0.01, 0.05)  # leave-one-source-out TPR is reported at these false-positive rates
 EARLY_HEADS = ("generated", "never")  # lock heads at or before the gate layer: shifted on generated tokens, or not
 READS = ("last", "attention")  # the last prompt token alone; or with an attention probe over the request's tokens
@@ -205,18 +215,6 @@ def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return max((a for a in args if isinstance(a, torch.Tensor)), key=lambda a: a.dim())  # vLLM: (positions, hidden)
 
 
-def feature_precision(requested: str = "auto") -> str:
-    """The precision gate features are computed in: ``auto`` is bfloat16 where the CPU multiplies it natively (AMX
-    or AVX-512 BF16; three times faster than float32 on an AMX host, decisions equal to float32 features' on 99% of
-    the gate's requests) and float32 elsewhere, where bfloat16 is emulated and slower."""
-    if requested not in PRECISIONS:
-        raise ExtractError(f"gate precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
-    if requested != "auto":
-        return requested
-    native = [getattr(torch.cpu, name, lambda: False) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return "bfloat16" if any(check() for check in native) else "float32"
-
-
 def check_read(read: str) -> None:
     """ExtractError unless ``read`` is one of ``READS``."""
     if read not in READS:
@@ -256,7 +254,7 @@ def prompt_features(
     that prefix, forwarded once (``safetylock.hf.prefix_runs``; the same features to float rounding; on the gate's
     requests 66% of the tokens, 20-30% less time on an AVX2 CPU); the others in batches of similar length. Batches
     hold up to ``batch_tokens`` padded tokens. The forward stops after the deepest layer asked for; ``precision``
-    as ``feature_precision`` resolves it (features are float32 either way)."""
+    as ``forward_precision`` resolves it (features are float32 either way)."""
     args = (model, tokenizer, prompts, layers, None, batch_tokens, progress, framing, precision, share_prefixes)
     return prompt_reads(*args)[0]
 
@@ -345,13 +343,10 @@ def prompt_reads(
         rest = [len(ids[i]) - run.prefix for i in members]
         work += [(run.prefix, [members[j] for j in batch]) for batch in length_batches(range(len(members)), rest, batch_tokens)]
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    precision = feature_precision(precision)
-    device = next(model.parameters()).device.type
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16")
     handles = [blocks[layer].register_forward_pre_hook(recorder(layer), with_kwargs=True) for layer in set(layers)]
     held: tuple[tuple[int, ...], Any] = ((), None)  # the last shared prefix and its key/values
     try:
-        with autocast:  # entered once: autocast casts each weight once per entry, not once per batch
+        with autocast(model, precision):
             for prefix, members in tqdm(work, desc="gate features", disable=not progress):
                 if not prefix:
                     batch, mask = pad_batch([ids[i] for i in members], pad_id, "left")
@@ -648,7 +643,7 @@ def fit_gate(
 ) -> tuple[Gate, dict[int, list[Heldout]]]:
     """The gate at the layer of ``layers`` that generalises best to held-out sources (``out_of_source_score``),
     refit on every source's fit split, threshold at ``TARGET_FPR`` of all benign calibration requests; also
-    every layer's leave-one-source-out table. Features in ``precision`` (``feature_precision``); ``data_sizes``
+    every layer's leave-one-source-out table. Features in ``precision`` (``forward_precision``); ``data_sizes``
     and ``operator``: the ``Sizes`` and operator requests that ``requests`` were built with (``gate_requests``),
     recorded for re-calibration. ``read`` ``attention``: the layer chosen so, the gate then fit with an attention
     probe at it (``with_read``) on every token it reads, recorded in the same forward (float16, every candidate
@@ -656,7 +651,7 @@ def fit_gate(
     if len({r.source for r in requests}) < 2 or len({r.harmful for r in requests}) < 2:
         raise ExtractError("the gate needs harmful and benign requests from at least two sources")
     check_read(read)
-    precision = feature_precision(precision)
+    precision = forward_precision(precision)
     chats = [r.messages() for r in requests]
     system = system_turn(tokenizer) if read == "attention" else None
     features, tokens = prompt_reads(model, tokenizer, chats, layers, system, progress=progress, precision=precision)
@@ -766,10 +761,18 @@ def gate_from_features(
     layers = sorted(features)
     fit_arr, cal_arr = split(requests, seed=seed)
     seen = seen_masks(requests)
-    tables = {
-        layer: leave_one_source_out(features[layer], requests, fit_arr, cal_arr, seed, seen)
-        for layer in tqdm(layers, desc="gate layers (leave one source out)", disable=not progress)
-    }
+    # the layers side by side, a thread per core: each fit single-threaded, as alone (the same tables, twice as fast on
+    # 2 cores); scikit-learn imported first, here: imported by the threads at once, it made the first pool slower than one
+    import sklearn.linear_model  # noqa: F401
+
+    workers = max(1, torch.get_num_threads())  # read before one_thread_fits, which sets torch's to 1 too
+    with one_thread_fits(), ThreadPoolExecutor(workers) as pool:
+        args = (requests, fit_arr, cal_arr, seed, seen)
+        jobs = {layer: pool.submit(leave_one_source_out, features[layer], *args) for layer in layers}
+        tables = {
+            layer: job.result()
+            for layer, job in tqdm(jobs.items(), desc="gate layers (leave one source out)", disable=not progress)
+        }
     best = max(layers, key=lambda layer: (round(out_of_source_score(tables[layer]), 6), layer))
     x = features[best]
     labels, groups = np.array([r.harmful for r in requests]), np.array([r.source for r in requests])
@@ -840,6 +843,22 @@ def benign_calibration(
     return [as_served(requests[i]) for i in calibration if not requests[i].harmful]
 
 
+def differs_from_extract(gate: Gate | None, read: str, sizes: Sizes, harmful: PromptSet, seed: int = 0) -> str | None:
+    """Why ``gate`` (a cached lock's) is not the gate ``extract`` fits now reading ``read`` on ``sizes`` of the
+    gate's sources built from ``harmful`` with ``seed`` — another read, other requests, another attention fit —
+    or None when it is that gate."""
+    if gate is None or gate.read != read:
+        return f"its gate does not read '{read}'"
+    if recorded_sizes(gate.calibration) != sizes or gate.calibration.get("data") != source_hashes(
+        gate_requests(harmful, sizes, seed=seed)
+    ):
+        return "its gate was fit on other requests than the gate's data give now"
+    pooling = gate.calibration.get("pooling", {})
+    if read == "attention" and (pooling.get("draws"), pooling.get("start")) != (POOL_DRAWS, POOL_START):
+        return "its attention probe was fit otherwise than extract fits it now"
+    return None
+
+
 def refit(
     model,
     tokenizer,
@@ -856,9 +875,9 @@ def refit(
     ``model`` as served (``as_served``, sent as ``framing`` sends them), threshold at ``fpr`` of their benign
     calibration split. A fine-tune can move edgy benign requests up with harmful ones along the base's gate
     direction while the two stay linearly apart: a threshold alone cannot follow that, a refit probe can. The
-    layer, the read, the data and the split stay the base's; features in ``precision`` (``feature_precision``)."""
+    layer, the read, the data and the split stay the base's; features in ``precision`` (``forward_precision``)."""
     chats = [as_served(r) for r in requests]
-    precision = feature_precision(precision)
+    precision = forward_precision(precision)
     tokens = gate_rows(model, tokenizer, gate, chats, framing, precision)
     system = ((), ()) if gate.pooling is None else (gate.pooling.system_head, gate.pooling.system_end)
     fitted = with_read(gate, tokens, requests, seed, gate.read, system, fpr)

@@ -1,6 +1,6 @@
 """HF transformers helpers every layer above uses: load a local model, render a chat, generate greedily.
 
-The bottom of the package: it imports nothing from ``safetylock``.
+The bottom of the package: it imports nothing from ``safetylock`` but its error types.
 """
 
 from __future__ import annotations
@@ -12,9 +12,32 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from safetylock.errors import ExtractError
+
 Turns = tuple[tuple[str, str], ...]  # (role, content) chat turns
 Prompt = str | Turns  # one user turn, or a conversation ending with the user's turn
 Generator = Callable[[Sequence[Prompt], int], list[str]]  # prompts, max tokens -> answers (HF, vLLM or a server)
+PRECISIONS = ("auto", "float32", "bfloat16")  # of the forwards that extraction records activations from
+
+
+def forward_precision(requested: str = "auto") -> str:
+    """The precision extraction's forwards run in (the head capture and the gate's features; what they record is
+    float32 either way): ``auto`` is bfloat16 where the CPU multiplies it natively (AMX or AVX-512 BF16; three times
+    faster than float32 on an AMX host; the same heads, directions at cosine 0.99996, σ within 0.5%, gate decisions
+    equal on 99% of the gate's requests) and float32 elsewhere, where bfloat16 is emulated and slower."""
+    if requested not in PRECISIONS:
+        raise ExtractError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    native = [getattr(torch.cpu, name, lambda: False) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return "bfloat16" if any(check() for check in native) else "float32"
+
+
+def autocast(model: torch.nn.Module, precision: str) -> torch.autocast:
+    """A forward of ``model`` in ``precision`` (``forward_precision``; float32 leaves it as it is). Enter it once
+    around all batches: autocast casts each weight once per entry."""
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=forward_precision(precision) == "bfloat16")
 
 
 def pad_batch(sequences: Sequence[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:

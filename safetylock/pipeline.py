@@ -11,8 +11,9 @@ from safetylock import data
 from safetylock.alpha import DEFAULT_ALPHA
 from safetylock.capture import capture
 from safetylock.errors import ExtractError
-from safetylock.gate import DEFAULT_READ, candidate_layers, check_read, feature_precision, fit_gate
+from safetylock.gate import DEFAULT_READ, candidate_layers, check_read, fit_gate
 from safetylock.geometry import head_geometry, output_projections, projection_fingerprint
+from safetylock.hf import forward_precision
 from safetylock.lockfile import SafetyLock, from_probes
 from safetylock.overlap import fingerprints
 from safetylock.probe import check_top_k, fit_probes
@@ -34,7 +35,7 @@ class ExtractConfig:
     default_alpha: float = DEFAULT_ALPHA
     batch_size: int = 16
     gate: bool = True  # also fit the request gate (safetylock.gate) for gated serving, the product's default
-    gate_precision: str = "auto"  # of the gate's feature forward (safetylock.gate.feature_precision)
+    precision: str = "auto"  # of the head capture's and the gate's forwards (safetylock.hf.forward_precision)
     gate_data: Sizes = GATE_DATA[DEFAULT_GATE_DATA]  # how many requests of each source the gate is fit on
     gate_read: str = DEFAULT_READ  # what the gate reads (safetylock.gate.READS)
 
@@ -68,7 +69,7 @@ def extract_lock(
     clock = Stopwatch(stages)
     geometry = head_geometry(model.config)
     check_top_k(geometry, config.top_k)  # before the minutes of capture, not after
-    feature_precision(config.gate_precision)  # likewise
+    precision = forward_precision(config.precision)  # likewise
     check_read(config.gate_read)  # likewise
     requests = gate_requests(harmful, config.gate_data, seed=config.seed, operator=operator) if config.gate else ()
     clock.lap("gate requests")  # built first: a bad operator file fails before the minutes of capture
@@ -77,7 +78,9 @@ def extract_lock(
     skip = recipe(config.recipe).skip
     examples = contrast_examples(config.recipe, model, tokenizer, questions, config.tokens, config.seed, progress)
     clock.lap("contrast examples")
-    acts = capture(model, tokenizer, examples, tokens=config.tokens, batch_size=config.batch_size, progress=progress, skip=skip)
+    acts = capture(
+        model, tokenizer, examples, config.tokens, config.batch_size, progress=progress, skip=skip, precision=precision
+    )
     clock.lap("head capture")
     result = fit_probes(
         acts, top_k=config.top_k, validation_fraction=config.validation_fraction, seed=config.seed, progress=progress
@@ -87,7 +90,6 @@ def extract_lock(
     gate = None
     if config.gate:
         layers = candidate_layers(geometry.num_layers)
-        precision = config.gate_precision
         gate, _ = fit_gate(
             model, tokenizer, requests, layers, config.seed, progress, precision, config.gate_data, operator, config.gate_read
         )
@@ -127,6 +129,7 @@ def extract_lock(
                 "ranking": "validation accuracy, then validation log-loss",
             },
             "seed": config.seed,
+            "precision": precision,  # of the forwards (the head capture's and the gate's)
             "safetylock_version": version,
         },
         gate=gate,

@@ -88,3 +88,13 @@ def test_empty_response_records_the_generation_prompt(tiny_model_dir):
         torch.testing.assert_close(
             acts.values[row], expected.view(2, geo.num_layers, geo.num_heads, geo.head_dim), atol=2e-4, rtol=1e-4
         )
+
+
+def test_capture_in_bfloat16_records_float32_near_the_float32_capture(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    examples = contrast_pairs(QUESTIONS[:3], seed=3)
+    full = capture(model, tok, examples, tokens=2, batch_size=4, progress=False)
+    half = capture(model, tok, examples, tokens=2, batch_size=4, progress=False, precision="bfloat16")
+    assert half.values.dtype == torch.float32 and not torch.equal(half.values, full.values)  # the forward was bfloat16
+    assert ((half.values - full.values).norm() / full.values.norm()).item() < 0.03
+    assert next(model.parameters()).dtype == torch.float32  # the model is left as it was

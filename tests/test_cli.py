@@ -7,7 +7,8 @@ import torch
 from click.testing import CliRunner
 
 from safetylock.cli import main
-from safetylock.gate import POOL_DRAWS, feature_precision
+from safetylock.gate import POOL_DRAWS
+from safetylock.hf import forward_precision
 from safetylock.lockfile import load
 from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA, Sizes, sizes_record
 
@@ -59,7 +60,7 @@ def test_extract_writes_a_valid_lock(extracted):
     assert {"harmful", "redteam", "borderline", "multiturn"} <= heldout and lock.gate.early_heads == "generated"
     # It reads the last token and, by default, an attention probe over the request's tokens (the mean of seeded fits).
     assert lock.gate.read == "attention" and lock.gate.calibration["pooling"]["draws"] == POOL_DRAWS
-    assert lock.gate.calibration["precision"] == feature_precision("auto")
+    assert lock.gate.calibration["precision"] == lock.provenance["precision"] == forward_precision("auto")  # both forwards
     assert lock.gate.calibration["data_sizes"] == sizes_record(GATE_DATA[DEFAULT_GATE_DATA])  # calibrate-gate rebuilds them
 
 
@@ -95,6 +96,7 @@ def test_generate_shows_both(extracted, llama_dir):
         (["calibrate-gate", "--lock", "missing.safetensors", "--out", "x"], "lock file missing.safetensors does not exist"),
         (["extract", "--out", "x", "--recipe", "own"], "Invalid value for '--recipe'"),
         (["extract", "--out", "x", "--gate-data", "all"], "Invalid value for '--gate-data'"),
+        (["extract", "--out", "x", "--precision", "fp8"], "Invalid value for '--precision'"),
     ],
 )
 def test_bad_input_is_one_clear_error(args, message, tmp_path, monkeypatch):
@@ -321,10 +323,11 @@ def test_extract_with_the_last_token_read_and_calibrate_gate_keep_the_read(llama
     args = ["extract", *base, "--out", str(lock_path), "--questions", "8", "--top-k", "2", "--tokens", "3"]
     result = CliRunner().invoke(main, [*args, "--no-gate", "--gate-read", "last"])
     assert result.exit_code == 2 and "--gate-read fits the gate: drop --no-gate" in result.output
-    result = CliRunner().invoke(main, [*args, "--gate-read", "last"])
+    result = CliRunner().invoke(main, [*args, "--gate-read", "last", "--precision", "float32"])
     assert result.exit_code == 0, result.output
     lock = load(lock_path)
     assert lock.gate.read == "last" and lock.gate.pooling is None and "pooling" not in lock.gate.calibration
+    assert lock.provenance["precision"] == lock.gate.calibration["precision"] == "float32"
     shown = CliRunner().invoke(main, ["inspect", str(lock_path), "--plot", str(tmp_path / "heat.png")])
     assert "gate read   the last prompt token" in shown.output
     out = tmp_path / "served.lock.safetensors"

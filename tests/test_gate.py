@@ -311,13 +311,13 @@ def test_length_batches_keep_order_and_the_token_budget():
     assert [4] in batches  # longer than the budget: a batch of its own
 
 
-def test_feature_precision_resolves_auto_and_refuses_others():
+def test_forward_precision_resolves_auto_and_refuses_others():
     from safetylock.errors import ExtractError
-    from safetylock.gate import feature_precision
+    from safetylock.hf import forward_precision
 
-    assert feature_precision("auto") in ("float32", "bfloat16") and feature_precision("float32") == "float32"
-    with pytest.raises(ExtractError, match="gate precision must be one of auto, float32, bfloat16"):
-        feature_precision("fp8")
+    assert forward_precision("auto") in ("float32", "bfloat16") and forward_precision("float32") == "float32"
+    with pytest.raises(ExtractError, match="precision must be one of auto, float32, bfloat16"):
+        forward_precision("fp8")
 
 
 def pooled_gate(hidden: int = 128, layer: int = 1, threshold: float = 0.0) -> Gate:
@@ -460,3 +460,29 @@ def test_pooled_tokens_of_chats_sharing_prefixes_equal_each_chat_forwarded_alone
             assert a.shape == b.shape and np.allclose(a, b, atol=2e-2)
             assert np.allclose(a[-1], shared[0][layer][index], atol=2e-2)  # the last row is the last prompt token
     assert len(shared[1][1][4]) > len(shared[1][1][0]) + 8  # the earlier turn is read, the system turn is not
+
+
+def test_a_cached_gate_differs_from_extract_by_read_requests_or_attention_fit():
+    """What ``cached_lock`` and the benchmarks' ``product_lock`` check a cached lock's gate against."""
+    from safetylock import data
+    from safetylock.gate import POOL_DRAWS, POOL_START, Gate, Pooling, differs_from_extract
+    from safetylock.sources import Sizes, gate_requests, sizes_record, source_hashes
+
+    harmful = data.advbench()
+    sizes = Sizes(advbench=8, redteam=8, jailbreak_per_family=2, context_per_family=2, benign=8, multiturn=4,
+                  rephrase_per_family=2)  # fmt: skip
+    calibration = {
+        "data": source_hashes(gate_requests(harmful, sizes, seed=0)),
+        "data_sizes": sizes_record(sizes),
+        "pooling": {"draws": POOL_DRAWS, "start": POOL_START},
+    }
+    pooling = Pooling(torch.ones(4), torch.zeros(4))
+    gate = Gate(1, torch.ones(4), 0.0, 0.0, calibration, pooling=pooling)
+    assert differs_from_extract(gate, "attention", sizes, harmful) is None
+    assert "does not read 'last'" in differs_from_extract(gate, "last", sizes, harmful)
+    assert "does not read" in differs_from_extract(None, "attention", sizes, harmful)
+    other = dataclasses.replace(sizes, advbench=9)
+    assert "other requests" in differs_from_extract(gate, "attention", other, harmful)
+    assert "other requests" in differs_from_extract(gate, "attention", sizes, harmful, seed=1)
+    jittered = dataclasses.replace(gate, calibration={**calibration, "pooling": {"draws": 4, "jitter": 0.01}})
+    assert "attention probe was fit otherwise" in differs_from_extract(jittered, "attention", sizes, harmful)

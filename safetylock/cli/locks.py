@@ -18,7 +18,8 @@ from safetylock.cli.common import (
     model_option,
     user_errors,
 )
-from safetylock.gate import DEFAULT_READ, PRECISIONS, READS
+from safetylock.gate import DEFAULT_READ, READS, differs_from_extract
+from safetylock.hf import PRECISIONS
 from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA
 
 
@@ -103,12 +104,14 @@ def models_fetch(name: str) -> None:
     "'source' a name of yours): kinds of your policy the packaged sources lack, with benign ones of the same kinds.",
 )
 @click.option(
+    "--precision",
     "--gate-precision",
+    "precision",
     type=click.Choice(PRECISIONS),
     default="auto",
     show_default=True,
-    help="Precision of the gate's feature forward: auto is bfloat16 where the CPU has native bfloat16 (AMX, "
-    "AVX-512 BF16), float32 elsewhere.",
+    help="Precision of the head capture's and the gate's forwards: auto is bfloat16 where the CPU has native "
+    "bfloat16 (AMX, AVX-512 BF16), float32 elsewhere.",
 )
 @click.option(
     "--gate-read",
@@ -133,7 +136,7 @@ def extract(
     gate: bool,
     gate_data: str,
     gate_requests: Path | None,
-    gate_precision: str,
+    precision: str,
     gate_read: str | None,
     seed: int,
     batch_size: int,
@@ -162,7 +165,7 @@ def extract(
         default_alpha=alpha,
         batch_size=batch_size,
         gate=gate,
-        gate_precision=gate_precision,
+        precision=precision,
         gate_data=GATE_DATA[gate_data],
         gate_read=gate_read or DEFAULT_READ,
     )
@@ -323,17 +326,18 @@ def generate(model_name: str, lock_path: Path, alpha: float | None, max_new_toke
 
 
 def cached_lock(lock_path: Path | None, model_name: str) -> Path:
-    """``lock_path``, else the model's lock in the cache, extracted first when absent or when its gate is not the
-    one ``extract`` fits by default (a lock extracted by an earlier version: its gate read the last token only)."""
+    """``lock_path``, else the model's lock in the cache, extracted first when absent or when it is not the lock
+    ``extract`` writes by default now (``gate.differs_from_extract``: a lock of an earlier version)."""
     if lock_path is not None:
         return lock_path
+    from safetylock import data
     from safetylock.lockfile import load
 
     path = models.default_lock_path(model_name)
-    cached = load(path) if path.exists() else None
-    if cached is not None and (cached.gate is None or cached.gate.read != DEFAULT_READ):
-        click.echo(f"{path}: its gate is not extract's default ({DEFAULT_READ} read): extracting it again", err=True)
-        cached = None
-    if cached is None:
-        click.get_current_context().invoke(extract, model_name=model_name, out=path)
+    if path.exists():
+        problem = differs_from_extract(load(path).gate, DEFAULT_READ, GATE_DATA[DEFAULT_GATE_DATA], data.advbench())
+        if problem is None:
+            return path
+        click.echo(f"{path}: {problem}: extracting it again", err=True)
+    click.get_current_context().invoke(extract, model_name=model_name, out=path)
     return path
