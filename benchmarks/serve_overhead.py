@@ -1,10 +1,11 @@
 """Plain vs locked vLLM OpenAI servers: TTFT, time per output token and throughput, interleaved rounds.
 
-Run: python -m benchmarks.serve_overhead [--model NAME_OR_DIR --lock LOCK] [--modes static,gated] [--rounds 6]
-One plain server and one per mode — ``static`` (the lock folded into ``o_proj``), ``gated`` (the gated copy of the
-lock from ``python -m benchmarks.gate``, α_on ``--gated-alpha``), ``dynamic`` (per-request α allowed) — run side by
+Run: python -m benchmarks.serve_overhead [--model NAME_OR_DIR --lock LOCK] [--modes static,gated] [--rounds 6] [--out NAME]
+One plain server and one per mode — ``static`` (the lock folded into ``o_proj``), ``gated`` (the lock served gated
+as the product serves it: its gate, the refusal response), ``gated-last`` (the same with the packaged model's
+last-token-gate lock, ``extract --gate-read last``), ``dynamic`` (per-request α allowed) — run side by
 side on loopback; each round visits every server once, in an order rotated round by round, so drift hits all alike,
-and each round's mode/plain ratio is paired within the round. Writes benchmarks/results/serve_overhead.json and .png.
+and each round's mode/plain ratio is paired within the round. Writes benchmarks/results/NAME.json and .png.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from safetylock.serve.server import start_server, wait_healthy
 METRICS = ("ttft", "tpot", "throughput")
 
 
-def sections(lock: Path, gated_lock: Path, gated_alpha: float) -> dict[str, dict]:
+def sections(lock: Path, gated_alpha: float) -> dict[str, dict]:
     """The ``safetylock`` section of each locked mode's server."""
+    from benchmarks.responses import product_lock
+
     return {
         "static": lock_section(lock),
-        "gated": lock_section(gated_lock, gated_alpha, gated=True, response="steer"),
+        "gated": lock_section(lock, gated_alpha, gated=True, response="refuse"),  # the product's default serving
+        "gated-last": lock_section(product_lock(read="last"), gated_alpha, gated=True, response="refuse"),
         "dynamic": lock_section(lock, allow_request_alpha=True),
     }
 
@@ -35,7 +39,7 @@ def sections(lock: Path, gated_lock: Path, gated_alpha: float) -> dict[str, dict
 @click.option("--model", "model_name", default=models.DEFAULT_MODEL)
 @click.option("--lock", "lock", type=click.Path(exists=True, path_type=Path), default=None)
 @click.option("--modes", default="static,gated", help="Locked servers to compare with the plain one.")
-@click.option("--gated-alpha", type=float, default=4.0, help="α_on of the gated server.")
+@click.option("--gated-alpha", type=float, default=4.0, help="α_on of the gated servers.")
 @click.option("--concurrency", default="1,8,32")
 @click.option("--rounds", type=int, default=6, help="Rounds per concurrency; each visits every server once.")
 @click.option("--max-tokens", type=int, default=32)
@@ -45,13 +49,12 @@ def sections(lock: Path, gated_lock: Path, gated_alpha: float) -> dict[str, dict
     default="--dtype float32 --max-model-len 1024 --kv-cache-memory-bytes 1073741824",
     help="Extra vLLM arguments for every server (add CUDA-graph settings on GPU).",
 )
-def main(model_name, lock, modes, gated_alpha, concurrency, rounds, max_tokens, prompt_words, server_args):
-    from benchmarks.gate import gated_lock_path
-
+@click.option("--out", default="serve_overhead", show_default=True, help="Result name under benchmarks/results.")
+def main(model_name, lock, modes, gated_alpha, concurrency, rounds, max_tokens, prompt_words, server_args, out):
     model_dir = models.resolve(model_name)
     lock = lock or models.default_lock_path(model_name)
     chosen = [m for m in modes.split(",") if m]
-    available = sections(lock, gated_lock_path(model_name), gated_alpha)
+    available = sections(lock, gated_alpha)
     unknown = [m for m in chosen if m not in available]
     if unknown:
         raise click.BadParameter(f"unknown mode(s) {unknown}; known: {', '.join(available)}", param_hint="--modes")
@@ -101,8 +104,8 @@ def main(model_name, lock, modes, gated_alpha, concurrency, rounds, max_tokens, 
         "server_args": server_args,
         "rows": rows,
     }
-    print(write_result("serve_overhead", result))
-    plot(rows, chosen)
+    print(write_result(out, result))
+    plot(rows, chosen, out)
 
 
 def _startup_line(log: Path) -> str:
@@ -110,7 +113,7 @@ def _startup_line(log: Path) -> str:
     return lines[-1].split("safetylock: ", 1)[1] if lines else "(no start-up line)"
 
 
-def plot(rows: list[dict], modes: list[str]) -> None:
+def plot(rows: list[dict], modes: list[str], out: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +127,7 @@ def plot(rows: list[dict], modes: list[str]) -> None:
     axes[0].set_ylabel("ratio (median, min-max)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "serve_overhead.png", dpi=120)
+    fig.savefig(RESULTS / f"{out}.png", dpi=120)
 
 
 if __name__ == "__main__":
