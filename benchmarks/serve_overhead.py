@@ -23,16 +23,21 @@ from safetylock.serve.server import start_server, wait_healthy
 METRICS = ("ttft", "tpot", "throughput")
 
 
-def sections(lock: Path, gated_alpha: float) -> dict[str, dict]:
-    """The ``safetylock`` section of each locked mode's server."""
-    from benchmarks.responses import product_lock
+MODES = ("static", "gated", "gated-last", "dynamic")
 
-    return {
-        "static": lock_section(lock),
-        "gated": lock_section(lock, gated_alpha, gated=True, response="refuse"),  # the product's default serving
-        "gated-last": lock_section(product_lock(read="last"), gated_alpha, gated=True, response="refuse"),
-        "dynamic": lock_section(lock, allow_request_alpha=True),
-    }
+
+def section(mode: str, lock: Path, gated_alpha: float) -> dict:
+    """The ``safetylock`` section of a locked mode's server (the last-token lock found, or extracted, only when asked
+    for)."""
+    if mode == "static":
+        return lock_section(lock)
+    if mode == "gated":  # the product's default serving
+        return lock_section(lock, gated_alpha, gated=True, response="refuse")
+    if mode == "gated-last":
+        from benchmarks.responses import product_lock
+
+        return lock_section(product_lock(read="last"), gated_alpha, gated=True, response="refuse")
+    return lock_section(lock, allow_request_alpha=True)
 
 
 @click.command()
@@ -54,11 +59,10 @@ def main(model_name, lock, modes, gated_alpha, concurrency, rounds, max_tokens, 
     model_dir = models.resolve(model_name)
     lock = lock or models.default_lock_path(model_name)
     chosen = [m for m in modes.split(",") if m]
-    available = sections(lock, gated_alpha)
-    unknown = [m for m in chosen if m not in available]
+    unknown = [m for m in chosen if m not in MODES]
     if unknown:
-        raise click.BadParameter(f"unknown mode(s) {unknown}; known: {', '.join(available)}", param_hint="--modes")
-    servers = {"plain": (8101, None)} | {m: (8102 + i, available[m]) for i, m in enumerate(chosen)}
+        raise click.BadParameter(f"unknown mode(s) {unknown}; known: {', '.join(MODES)}", param_hint="--modes")
+    servers = {"plain": (8101, None)} | {m: (8102 + i, section(m, lock, gated_alpha)) for i, m in enumerate(chosen)}
     extra = server_args.split()
     logs = Path(tempfile.mkdtemp(prefix="serve_overhead-"))
     procs = {

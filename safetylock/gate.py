@@ -36,7 +36,16 @@ import torch
 from tqdm import tqdm
 
 from safetylock.errors import ExtractError, LockError
-from safetylock.hf import autocast, forward_precision
+from safetylock.hf import (
+    Framing,
+    PrefixRun,
+    autocast,
+    chat_ids,
+    common_prefix,
+    forward_precision,
+    pad_batch,
+    prefix_runs,
+)
 from safetylock.overlap import containing, fingerprints
 from safetylock.sources import (
     Request,
@@ -52,7 +61,6 @@ from safetylock.threads import one_thread_fits
 
 if TYPE_CHECKING:
     from safetylock.data import PromptSet
-    from safetylock.hf import Framing
 
 TARGET_FPR = 0.05  # benign requests allowed to fire, on the calibration split
 REPORT_FPRS = (0.01, 0.05)  # leave-one-source-out TPR is reported at these false-positive rates
@@ -76,8 +84,6 @@ Chat = str | list[dict[str, str]]
 def system_turn(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The token ids that open and close a system turn in ``tokenizer``'s chat template (ChatML:
     ``<|im_start|>system\n`` and ``<|im_end|>\n``); ((), ()) where the template renders no system turn alone."""
-    from safetylock.hf import common_prefix
-
     try:
         rendered = [
             list(tokenizer.apply_chat_template([{"role": "system", "content": text}], return_dict=True)["input_ids"])
@@ -295,7 +301,6 @@ def prompt_reads(
     from transformers import DynamicCache
 
     from safetylock.geometry import head_geometry
-    from safetylock.hf import PrefixRun, chat_ids, pad_batch, prefix_runs
 
     blocks = attention_blocks(model, head_geometry(model.config).num_layers)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
