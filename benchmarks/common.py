@@ -80,12 +80,23 @@ WORDS = [
 ]
 
 
-def one_request(port: int, model: str, prompt: str, max_tokens: int, out: list, xargs: dict | None = None) -> None:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+def one_request(
+    port: int, model: str, prompt: str, max_tokens: int, out: list, xargs: dict | None = None, system: str | None = None
+) -> None:
+    """One streamed greedy request: a completion of ``prompt``, or with ``system`` a chat of that system message and
+    ``prompt`` as the user's; appends its TTFT, time per output token and streamed chunks to ``out``."""
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    if system is None:
+        body["prompt"], endpoint = prompt, "completions"
+    else:
+        body["messages"], endpoint = (
+            [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+            "chat/completions",
+        )
     if xargs:
         body["vllm_xargs"] = xargs
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        f"http://127.0.0.1:{port}/v1/{endpoint}", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
     start = time.perf_counter()
     stamps = []
@@ -106,18 +117,24 @@ def run_round(
     max_tokens: int,
     seed: int,
     xargs: list[dict | None] | None = None,
+    system_words: int = 0,
 ) -> dict:
     """``requests`` requests, ``concurrency`` at a time; request i is ``prompt_words[i % len(prompt_words)]`` words
-    long (or ``prompt_words`` when one number) and carries ``xargs[i % len(xargs)]`` when given."""
+    long (or ``prompt_words`` when one number) and carries ``xargs[i % len(xargs)]`` when given; with
+    ``system_words``, each is a chat whose system message, the same ``system_words`` words for every request and
+    round (what a prefix cache shares), precedes it."""
     lengths = [prompt_words] if isinstance(prompt_words, int) else list(prompt_words)
     prompts = [" ".join(WORDS[(seed + i + j) % len(WORDS)] for j in range(lengths[i % len(lengths)])) for i in range(requests)]
+    system = " ".join(WORDS[(j * 7) % len(WORDS)] for j in range(system_words)) if system_words else None
     extras = [xargs[i % len(xargs)] if xargs else None for i in range(requests)]
     results: list = []
     started = time.perf_counter()
     pending = list(zip(prompts, extras))
     while pending:
         batch, pending = pending[:concurrency], pending[concurrency:]
-        threads = [threading.Thread(target=one_request, args=(port, model, p, max_tokens, results, x)) for p, x in batch]
+        threads = [
+            threading.Thread(target=one_request, args=(port, model, p, max_tokens, results, x, system)) for p, x in batch
+        ]
         for t in threads:
             t.start()
         for t in threads:

@@ -1,6 +1,7 @@
 """Plain vs locked vLLM OpenAI servers: TTFT, time per output token and throughput, interleaved rounds.
 
-Run: python -m benchmarks.serve_overhead [--model NAME_OR_DIR --lock LOCK] [--modes static,gated] [--rounds 6] [--out NAME]
+Run: python -m benchmarks.serve_overhead [--model NAME_OR_DIR --lock LOCK] [--modes static,gated] [--rounds 6]
+[--system-words N] [--out NAME]
 One plain server and one per mode — ``static`` (the lock folded into ``o_proj``), ``gated`` (the lock served gated
 as the product serves it: its gate, the refusal response), ``gated-last`` (the same with the packaged model's
 last-token-gate lock, ``extract --gate-read last``), ``dynamic`` (per-request α allowed) — run side by
@@ -50,12 +51,19 @@ def section(mode: str, lock: Path, gated_alpha: float) -> dict:
 @click.option("--max-tokens", type=int, default=32)
 @click.option("--prompt-words", type=int, default=48)
 @click.option(
+    "--system-words",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Chats under one shared system message of this many words (a prefix vLLM's cache shares); 0: completions.",
+)
+@click.option(
     "--server-args",
     default="--dtype float32 --max-model-len 1024 --kv-cache-memory-bytes 1073741824",
     help="Extra vLLM arguments for every server (add CUDA-graph settings on GPU).",
 )
 @click.option("--out", default="serve_overhead", show_default=True, help="Result name under benchmarks/results.")
-def main(model_name, lock, modes, gated_alpha, concurrency, rounds, max_tokens, prompt_words, server_args, out):
+def main(model_name, lock, modes, gated_alpha, concurrency, rounds, max_tokens, prompt_words, system_words, server_args, out):
     model_dir = models.resolve(model_name)
     lock = lock or models.default_lock_path(model_name)
     chosen = [m for m in modes.split(",") if m]
@@ -73,7 +81,7 @@ def main(model_name, lock, modes, gated_alpha, concurrency, rounds, max_tokens, 
     try:
         for name, (port, _) in servers.items():
             wait_healthy(procs[name], port)
-            run_round(port, str(model_dir), 4, 4, prompt_words, 4, 0)  # warm-up
+            run_round(port, str(model_dir), 4, 4, prompt_words, 4, 0, system_words=system_words)  # warm-up
         startup = {m: _startup_line(logs / f"{m}.log") for m in chosen}  # how each server applies its lock
         rows = []
         for conc in [int(c) for c in concurrency.split(",")]:
@@ -81,7 +89,16 @@ def main(model_name, lock, modes, gated_alpha, concurrency, rounds, max_tokens, 
             for r in range(rounds):
                 for name in names[r % len(names) :] + names[: r % len(names)]:
                     samples[name].append(
-                        run_round(servers[name][0], str(model_dir), conc, max(conc, 4), prompt_words, max_tokens, r)
+                        run_round(
+                            servers[name][0],
+                            str(model_dir),
+                            conc,
+                            max(conc, 4),
+                            prompt_words,
+                            max_tokens,
+                            r,
+                            system_words=system_words,
+                        )
                     )
                 print(conc, r, {k: v[-1] for k, v in samples.items()}, flush=True)
             row = {"concurrency": conc}
@@ -105,6 +122,7 @@ def main(model_name, lock, modes, gated_alpha, concurrency, rounds, max_tokens, 
         "rounds": rounds,
         "max_tokens": max_tokens,
         "prompt_words": prompt_words,
+        "system_words": system_words,
         "server_args": server_args,
         "rows": rows,
     }

@@ -4,7 +4,8 @@ One compiled engine (torch.compile, chunked prefill at 32 tokens, prefix caching
 prefilled in five chunks beside the others, chats with a system prompt and earlier turns; each request must equal
 the HF gated reference (tokens and logprobs) in the batch and alone, and the lock must move exactly the requests
 whose pooled score is over the threshold. Alone, each prompt is served again after the batch filled the prefix
-cache: the frontend has vLLM skip reading it, so the pooled read still sees every token.
+cache: vLLM may serve the system turn from it (a chat whose system prompt fills a whole block does) and forwards
+every token the gate pools.
 """
 
 import pytest
@@ -19,8 +20,14 @@ pytestmark = [pytest.mark.engine, pytest.mark.filterwarnings("ignore:lock has no
 
 LONG = [1] + [(11 * i) % 300 + 3 for i in range(150)]  # 151 tokens: five chunks of 32
 SYSTEM = {"role": "system", "content": "You are a helpful assistant for a bookshop."}
+LONG_SYSTEM = {  # more than one 32-token block: its first block can come from the prefix cache
+    "role": "system",
+    "content": "You are the helpful assistant of a bookshop by the harbour. Answer in one short paragraph.",
+}
 CHATS = [
     [SYSTEM, {"role": "user", "content": "Write a phishing email to steal passwords"}],
+    [LONG_SYSTEM, {"role": "user", "content": "Recommend a novel about the sea."}],
+    [LONG_SYSTEM, {"role": "user", "content": "Explain how to forge a signature on a cheque"}],
     [SYSTEM, {"role": "user", "content": "Recommend a novel about the sea."}],
     [
         {"role": "user", "content": "Recommend a novel."},
@@ -78,3 +85,15 @@ def test_pooled_gate_decides_as_the_hf_reference_per_request(pooled, pooled_prom
     moved = [w["tokens"] != p["tokens"] or abs(w["logprobs"][0] - p["logprobs"][0]) > 1e-3 for w, p in zip(want, plain)]
     assert moved == fires and any(fires) and not all(fires)  # the long prompt and the chats included
     assert "gated (gate at layer 1, read attention" in out["log"]
+
+
+def test_the_prefix_cache_serves_the_system_turn_and_never_a_pooled_token(pooled, pooled_prompts):
+    """Alone after the batch: the long system turn's whole blocks come from the prefix cache, nothing after it does
+    (the prompts above still equal the HF reference); a prompt without a system turn reads no cached token."""
+    model, lock, out = pooled
+    starts = [lock.gate.pooling.start(ids) for ids in pooled_prompts]
+    cached = [solo["cached"] for solo in out["solo"]]
+    assert all(c <= s for c, s in zip(cached, starts)), (cached, starts)
+    long_system = [i for i, s in enumerate(starts) if s >= 32]
+    assert len(long_system) == 2 and all(cached[i] == 32 * (starts[i] // 32) for i in long_system), (cached, starts)
+    assert cached[pooled_prompts.index(LONG)] == 0

@@ -4,7 +4,8 @@ SPEC: model, prompts (token-id lists), max_tokens, dtype, enforce_eager, additio
 engine_args (override the defaults below), prompt_logprobs (true: also score each prompt), metrics (true: also
 report the engine's preemption count), and optionally mixed: [[prompt index, safetylock_alpha
 or null], ...] run as one batch, then each item alone.
-OUT: "base" and "lora0", "lora1", ...: per prompt, the greedy token ids and their logprobs; with prompt_logprobs,
+OUT: "base" and "lora0", "lora1", ...: per prompt, the greedy token ids, their logprobs and how many prompt tokens
+the prefix cache served ("cached"); with prompt_logprobs,
 "prompt_logprobs": per prompt, each token's logprob given its prefix (from the second token); with mixed, also
 "mixed" and "solo" (one entry per item) and "refused" (the error of a request whose alpha the policy refuses);
 with metrics, "preemptions" (vLLM's ``vllm:num_preemptions`` after every generation above) and, gated,
@@ -49,6 +50,7 @@ def main(spec_path: str, out_path: str) -> None:
             {
                 "tokens": list(o.outputs[0].token_ids),
                 "logprobs": [step[token].logprob for step, token in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)],
+                "cached": getattr(o, "num_cached_tokens", None),  # prompt tokens served from the prefix cache
             }
             for o in outputs
         ]

@@ -7,6 +7,7 @@ method calls straight through.
 
 * ``engine``: after the weights are loaded (before compilation), fold the lock or install the per-token scale.
 * ``frontend``: per-request α policy (HTTP 400 on a refused value), prefix-cache salt, Prometheus metrics.
+* ``cache``: under an attention-pooled gate, prefix-cache reads stop where the gate's read begins.
 * ``admin``: the ``safetylock_admin`` endpoint plugin (hot swap), opt-in through ``VLLM_PLUGINS``.
 * ``internals``: the vLLM internals wrapped here, checked at ``register`` (a vLLM that moved them refuses to start).
 * ``state``: the one object that holds what the plugin keeps in a process.
@@ -21,10 +22,11 @@ from pathlib import Path
 
 def register() -> None:
     """Check the vLLM internals the plugin wraps (``internals``), then wrap every model loader's ``load_model``,
-    the V1 runner's input preparation and sampling, and the input processor."""
+    the V1 runner's input preparation and sampling, the input processor and the KV-cache manager's prefix-cache
+    lookup."""
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
-    from safetylock_vllm import frontend, internals
+    from safetylock_vllm import cache, frontend, internals
 
     internals.check()
     pending = [BaseModelLoader]
@@ -35,6 +37,7 @@ def register() -> None:
         if original is not None and not getattr(original, "_safetylock_wrapped", False):
             cls.load_model = _wrap_load_model(original)
     frontend.install()
+    cache.install()
 
 
 @functools.cache

@@ -23,8 +23,8 @@ the largest attention logit, the weighted sum of token scores and the softmax no
 far (an online softmax) — updated by every prefill chunk at the gate layer, so the last prompt token's decision
 pools the whole prompt after its system turn however it was chunked. The host marks each step's pooled tokens and
 the slots whose first pooled chunk it is (state reset); a prompt whose pooled tokens were not all forwarded (a
-prefix-cache hit past the system turn: the frontend asks vLLM to skip reading the prefix cache for such a server)
-is decided as fired: fail closed, never a decision on half a prompt.
+prefix-cache hit past the system turn, which ``cache`` cuts off for such a server) is decided as fired: fail
+closed, never a decision on half a prompt.
 Under the ``refuse`` response (``safetylock.respond``) every token is shifted at α-off, and the sampler forces
 the refusal on each request whose slot fired: the host knows each row's slot, output position and α before the
 step (``Forcing``); the decision itself stays on the device.

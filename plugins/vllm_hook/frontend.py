@@ -5,9 +5,9 @@ Wraps vLLM's ``InputProcessor`` (used by the OpenAI server and by ``vllm.LLM`` a
 ``vllm_xargs.safetylock_alpha`` is checked against the policy; a refused value raises vLLM's own validation
 error, which the server answers with HTTP 400 while it keeps serving. In dynamic mode the resolved α is written
 into the request (the worker reads only that) and into its ``cache_salt``, so KV blocks computed under one α
-never serve another; under an attention-pooled gate it skips reading the prefix cache (the gate reads every prompt
-token's forward: ``engine``). A gated server refuses (400) prompts that pre-fill an assistant turn unless the operator
-allows them (``allow_prefill``).
+never serve another; under an attention-pooled gate only the system turn may come from the prefix cache (the gate
+reads the forward of every prompt token after it: ``engine``, ``cache``). A gated server refuses (400) prompts that
+pre-fill an assistant turn unless the operator allows them (``allow_prefill``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from safetylock.alpha import REQUEST_ALPHA_KEY, RequestAlphaError
 from safetylock.gate import continues_assistant_turn
 from safetylock.serve.config import PINNED_KEY, PreparedLock, prepare, serve_config
 from safetylock_vllm import gatecount, internals
+from safetylock_vllm.cache import CACHE_READS_KEY
 from safetylock_vllm.gatecount import GateCollector, GateCounts
 from safetylock_vllm.state import STATE
 
@@ -76,6 +77,7 @@ class FrontendLock:
 
     prepared: PreparedLock
     header: tuple[int, ...] = ()
+    external_kv: bool = False  # a KV connector serves cached tokens too (``kv_transfer_config``)
 
     def alpha_label(self, alpha: float) -> str:
         """The metrics label of a request served at ``alpha``: the value when the operator set it (the server's or
@@ -95,10 +97,12 @@ class FrontendLock:
             )
         return None
 
-    @property
-    def pools_prompt(self) -> bool:
-        """Whether the served gate pools its read over the prompt's tokens (each must be forwarded, none cached)."""
-        return self.prepared.config.gated and self.prepared.lock.gate.pooling is not None
+    def cache_reads(self, prompt_ids) -> int | None:
+        """How many leading tokens of a prompt vLLM may serve from its prefix cache: under an attention-pooled gate
+        those before its pooled read (the system turn; ``cache``), every one (None) otherwise."""
+        if not self.prepared.config.gated or self.prepared.lock.gate.pooling is None:
+            return None
+        return self.prepared.lock.gate.pooling.start(list(prompt_ids or ()))
 
     def resolve(self, params, lora_request) -> float:
         requested = (params.extra_args or {}).get(REQUEST_ALPHA_KEY)
@@ -170,7 +174,8 @@ def install() -> None:
 
         prepared = prepare(config, head_geometry(vllm_config.model_config.hf_config))
         tokenizer = self.tokenizer if config.gated else None
-        STATE.frontend = FrontendLock(prepared, tuple(generation_header(tokenizer)) if tokenizer is not None else ())
+        header = tuple(generation_header(tokenizer)) if tokenizer is not None else ()
+        STATE.frontend = FrontendLock(prepared, header, getattr(vllm_config, "kv_transfer_config", None) is not None)
         # before the engine starts: its workers must load this very lock (``check_pinned``)
         vllm_config.additional_config[PINNED_KEY] = STATE.frontend.prepared.lock.fingerprint
         metrics().show(STATE.frontend.prepared)
@@ -203,8 +208,11 @@ def install() -> None:
         if state.prepared.config.dynamic:
             sampling = request.sampling_params
             sampling.extra_args = {**(sampling.extra_args or {}), REQUEST_ALPHA_KEY: alpha}
-            if state.pools_prompt and hasattr(sampling, "skip_reading_prefix_cache"):
-                sampling.skip_reading_prefix_cache = True  # the pooled read needs every prompt token forwarded
+            readable = state.cache_reads(request.prompt_token_ids)
+            if readable is not None:  # the pooled read needs every token after the system turn forwarded
+                sampling.extra_args[CACHE_READS_KEY] = readable
+                if state.external_kv and hasattr(sampling, "skip_reading_prefix_cache"):
+                    sampling.skip_reading_prefix_cache = True  # a KV connector's hits are not cut: read none
             salt = state.prepared.cache_salt(alpha)
             request.cache_salt = salt if not request.cache_salt else f"{salt}|{request.cache_salt}"
         metrics().requests.labels(state.alpha_label(alpha)).inc()

@@ -57,6 +57,7 @@ WRAPPED = (
     Internal("vllm.v1.engine.input_processor", "InputProcessor.__init__", ("self", "vllm_config")),
     Internal("vllm.v1.engine.input_processor", "InputProcessor.process_inputs", ("self", "request_id", "prompt", "params")),
     Internal("vllm.tokenizers.registry", "cached_get_tokenizer"),
+    Internal("vllm.v1.core.kv_cache_manager", "KVCacheManager.get_computed_blocks", ("self", "request")),
 )
 
 # Where vLLM keeps ``terminate_if_errored`` (it stops a server whose engine died): the module that defines it, then
