@@ -81,18 +81,16 @@ WORDS = [
 
 
 def one_request(
-    port: int, model: str, prompt: str, max_tokens: int, out: list, xargs: dict | None = None, system: str | None = None
+    port: int, model: str, prompt: str, max_tokens: int, out: list, xargs: dict | None = None, before: list | None = None
 ) -> None:
-    """One streamed greedy request: a completion of ``prompt``, or with ``system`` a chat of that system message and
-    ``prompt`` as the user's; appends its TTFT, time per output token and streamed chunks to ``out``."""
+    """One streamed greedy request: a completion of ``prompt``, or with ``before`` (chat messages: a system message,
+    earlier turns) a chat of those and ``prompt`` as the user's turn; appends its TTFT, time per output token and
+    streamed chunks to ``out``."""
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-    if system is None:
+    if before is None:
         body["prompt"], endpoint = prompt, "completions"
     else:
-        body["messages"], endpoint = (
-            [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
-            "chat/completions",
-        )
+        body["messages"], endpoint = [*before, {"role": "user", "content": prompt}], "chat/completions"
     if xargs:
         body["vllm_xargs"] = xargs
     request = urllib.request.Request(
@@ -118,14 +116,29 @@ def run_round(
     seed: int,
     xargs: list[dict | None] | None = None,
     system_words: int = 0,
+    history_words: int = 0,
 ) -> dict:
     """``requests`` requests, ``concurrency`` at a time; request i is ``prompt_words[i % len(prompt_words)]`` words
-    long (or ``prompt_words`` when one number) and carries ``xargs[i % len(xargs)]`` when given; with
-    ``system_words``, each is a chat whose system message, the same ``system_words`` words for every request and
-    round (what a prefix cache shares), precedes it."""
+    long (or ``prompt_words`` when one number) and carries ``xargs[i % len(xargs)]`` when given. With
+    ``system_words`` or ``history_words`` each is a chat whose user turn follows a system message of
+    ``system_words`` words and, with ``history_words``, one earlier exchange of that many words (half the user's,
+    half the assistant's): the same for every request and round, what a prefix cache shares (a conversation that
+    goes on)."""
     lengths = [prompt_words] if isinstance(prompt_words, int) else list(prompt_words)
     prompts = [" ".join(WORDS[(seed + i + j) % len(WORDS)] for j in range(lengths[i % len(lengths)])) for i in range(requests)]
-    system = " ".join(WORDS[(j * 7) % len(WORDS)] for j in range(system_words)) if system_words else None
+
+    def words(count: int, stride: int) -> str:
+        return " ".join(WORDS[(j * stride) % len(WORDS)] for j in range(count))
+
+    before = None
+    if system_words or history_words:
+        before = [{"role": "system", "content": words(system_words, 7)}] if system_words else []
+        if history_words:
+            half = history_words // 2
+            before += [
+                {"role": "user", "content": words(half, 3)},
+                {"role": "assistant", "content": words(history_words - half, 5)},
+            ]
     extras = [xargs[i % len(xargs)] if xargs else None for i in range(requests)]
     results: list = []
     started = time.perf_counter()
@@ -133,7 +146,7 @@ def run_round(
     while pending:
         batch, pending = pending[:concurrency], pending[concurrency:]
         threads = [
-            threading.Thread(target=one_request, args=(port, model, p, max_tokens, results, x, system)) for p, x in batch
+            threading.Thread(target=one_request, args=(port, model, p, max_tokens, results, x, before)) for p, x in batch
         ]
         for t in threads:
             t.start()

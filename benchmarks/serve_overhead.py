@@ -1,7 +1,7 @@
 """Plain vs locked vLLM OpenAI servers: TTFT, time per output token and throughput, interleaved rounds.
 
 Run: python -m benchmarks.serve_overhead [--model NAME_OR_DIR --lock LOCK] [--modes static,gated] [--rounds 6]
-[--system-words N] [--out NAME]
+[--system-words N] [--history-words N] [--out NAME]
 One plain server and one per mode — ``static`` (the lock folded into ``o_proj``), ``gated`` (the lock served gated
 as the product serves it: its gate, the refusal response), ``gated-last`` (the same with the packaged model's
 last-token-gate lock, ``extract --gate-read last``), ``dynamic`` (per-request α allowed) — run side by
@@ -58,12 +58,32 @@ def section(mode: str, lock: Path, gated_alpha: float) -> dict:
     help="Chats under one shared system message of this many words (a prefix vLLM's cache shares); 0: completions.",
 )
 @click.option(
+    "--history-words",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Chats after one shared earlier exchange of this many words (a conversation that goes on).",
+)
+@click.option(
     "--server-args",
     default="--dtype float32 --max-model-len 1024 --kv-cache-memory-bytes 1073741824",
     help="Extra vLLM arguments for every server (add CUDA-graph settings on GPU).",
 )
 @click.option("--out", default="serve_overhead", show_default=True, help="Result name under benchmarks/results.")
-def main(model_name, lock, modes, gated_alpha, concurrency, rounds, max_tokens, prompt_words, system_words, server_args, out):
+def main(
+    model_name,
+    lock,
+    modes,
+    gated_alpha,
+    concurrency,
+    rounds,
+    max_tokens,
+    prompt_words,
+    system_words,
+    history_words,
+    server_args,
+    out,
+):
     model_dir = models.resolve(model_name)
     lock = lock or models.default_lock_path(model_name)
     chosen = [m for m in modes.split(",") if m]
@@ -81,7 +101,9 @@ def main(model_name, lock, modes, gated_alpha, concurrency, rounds, max_tokens, 
     try:
         for name, (port, _) in servers.items():
             wait_healthy(procs[name], port)
-            run_round(port, str(model_dir), 4, 4, prompt_words, 4, 0, system_words=system_words)  # warm-up
+            run_round(
+                port, str(model_dir), 4, 4, prompt_words, 4, 0, system_words=system_words, history_words=history_words
+            )  # warm-up
         startup = {m: _startup_line(logs / f"{m}.log") for m in chosen}  # how each server applies its lock
         rows = []
         for conc in [int(c) for c in concurrency.split(",")]:
@@ -98,6 +120,7 @@ def main(model_name, lock, modes, gated_alpha, concurrency, rounds, max_tokens, 
                             max_tokens,
                             r,
                             system_words=system_words,
+                            history_words=history_words,
                         )
                     )
                 print(conc, r, {k: v[-1] for k, v in samples.items()}, flush=True)
@@ -123,6 +146,7 @@ def main(model_name, lock, modes, gated_alpha, concurrency, rounds, max_tokens, 
         "max_tokens": max_tokens,
         "prompt_words": prompt_words,
         "system_words": system_words,
+        "history_words": history_words,
         "server_args": server_args,
         "rows": rows,
     }
