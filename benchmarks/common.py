@@ -121,9 +121,9 @@ def run_round(
     """``requests`` requests, ``concurrency`` at a time; request i is ``prompt_words[i % len(prompt_words)]`` words
     long (or ``prompt_words`` when one number) and carries ``xargs[i % len(xargs)]`` when given. With
     ``system_words`` or ``history_words`` each is a chat whose user turn follows a system message of
-    ``system_words`` words and, with ``history_words``, one earlier exchange of that many words (half the user's,
-    half the assistant's): the same for every request and round, what a prefix cache shares (a conversation that
-    goes on)."""
+    ``system_words`` words (none when 0: the chat template's default) and, with ``history_words``, one earlier
+    exchange of that many words (half the user's, half the assistant's): the same for every request and round, what
+    a prefix cache shares (a conversation that goes on)."""
     lengths = [prompt_words] if isinstance(prompt_words, int) else list(prompt_words)
     prompts = [" ".join(WORDS[(seed + i + j) % len(WORDS)] for j in range(lengths[i % len(lengths)])) for i in range(requests)]
 

@@ -52,14 +52,15 @@ def section(mode: str, lock: Path, gated_alpha: float) -> dict:
 @click.option("--prompt-words", type=int, default=48)
 @click.option(
     "--system-words",
-    type=int,
+    type=click.IntRange(min=0),
     default=0,
     show_default=True,
-    help="Chats under one shared system message of this many words (a prefix vLLM's cache shares); 0: completions.",
+    help="Chats under one shared system message of this many words (a prefix vLLM's cache shares); 0 and no history: "
+    "completions.",
 )
 @click.option(
     "--history-words",
-    type=int,
+    type=click.IntRange(min=0),
     default=0,
     show_default=True,
     help="Chats after one shared earlier exchange of this many words (a conversation that goes on).",
