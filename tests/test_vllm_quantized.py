@@ -92,6 +92,16 @@ def _w8a8_arithmetic(model, lock=None, alpha: float = 0.0):
             handle.remove()
 
 
+def _assert_as_the_kernel(served: torch.Tensor, reference: torch.Tensor, tolerance: float) -> None:
+    """Served W8A8 scores equal the emulated arithmetic's within ``tolerance`` at four positions in five, and within
+    ten times it at every position: the GEMM's accumulation order differs between CPU kernels, and a last-bit
+    difference can make the next layer's per-token int8 quantization round one value the other way (an AMD AVX-512
+    host: 2 of 20 positions 4.8e-3 nats apart, every other within 1e-6). A fold that is missing or added twice moves
+    every position by the lock's effect (> 0.5 nats)."""
+    gap = (served - reference).abs()
+    assert (gap < tolerance).float().mean() >= 0.8 and gap.max() < 10 * tolerance, gap
+
+
 def test_lock_on_w8a8_model_folds_through_the_int8_kernel(llama_dir, tmp_path):
     write_w8a8(llama_dir, tmp_path / "w8a8", tmp_path / "dequantized", weight_range=63)  # AVX2 without VNNI
     model, tok = load_model(tmp_path / "dequantized")
@@ -117,7 +127,8 @@ def test_lock_on_w8a8_model_folds_through_the_int8_kernel(llama_dir, tmp_path):
     with _w8a8_arithmetic(model), apply(model, lock, ALPHA):  # the exact W_o·δ, no quantization of δ
         exact = _scores(hf_prompt_logprobs(model))
     moved = float((locked - plain).abs().max())
-    assert (served_plain - plain).abs().max() < tolerance  # the reference computes what the kernel computes
+    _assert_as_the_kernel(served_plain, plain, tolerance)  # the reference computes what the kernel computes
     assert moved > 10 * tolerance and moved > 0.5  # nats: the lock acts on these scores
-    assert (served_locked - locked).abs().max() < tolerance  # the fold is W_o · q(δ), added once per layer
+    assert ((locked - plain).abs() > 10 * tolerance).float().mean() > 0.2  # on more than a fifth: a fold left out fails below
+    _assert_as_the_kernel(served_locked, locked, tolerance)  # the fold is W_o · q(δ), added once per layer
     assert (served_locked - exact).abs().max() < moved / 5  # and q(δ) costs little against the exact W_o · δ
