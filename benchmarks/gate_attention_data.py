@@ -36,6 +36,13 @@ LAYER = 16  # the product gate's layer on the default model (chosen for both dat
 RATES = (0.01, 0.05)
 
 
+def fires(groups: dict, rows: dict, gate: tuple, thresholds: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Per threshold, per group of requests: the share whose score under ``gate`` (weight, bias, pooled read) is over
+    it; each group scored once (``rows``: token rows by ``request_key``)."""
+    scores = {g: read_scores([rows[request_key(r)] for r in asked], *gate) for g, asked in groups.items()}
+    return {rate: {g: round(float((z > t).mean()), 4) for g, z in scores.items()} for rate, t in thresholds.items()}
+
+
 def plot(arms: dict, path) -> None:
     import matplotlib
 
@@ -86,26 +93,18 @@ def main(model_name: str, seed: int, names: str, precision: str, out: str) -> No
         fit, calibration = split(requests, seed=seed)
         benign_cal = calibration[~np.array([r.harmful for r in requests])[calibration]]
         weight, bias, pooled = fit_read(tokens, requests, fit, seed, "attention")
-        thresholds = {
-            rate: threshold_at(read_scores([tokens[i] for i in benign_cal], weight, bias, pooled), rate) for rate in RATES
-        }
+        benign_scores = read_scores([tokens[i] for i in benign_cal], weight, bias, pooled)
+        thresholds = {str(rate): threshold_at(benign_scores, rate) for rate in RATES}
 
-        def fires(asked, threshold, w=weight, b=bias, p=pooled) -> float:
-            return round(float((read_scores([rows[request_key(r)] for r in asked], w, b, p) > threshold).mean()), 4)
-
-        by_source: dict[tuple[str, bool], list] = {}
-        for i in calibration:
-            by_source.setdefault((requests[i].source, requests[i].harmful), []).append(requests[i])
+        by_source: dict[str, list] = {}
+        for i in sorted(calibration, key=lambda i: (requests[i].source, requests[i].harmful)):
+            kind = f"{requests[i].source} ({'harmful' if requests[i].harmful else 'benign'})"
+            by_source.setdefault(kind, []).append(requests[i])
         arms[name] = {
             "requests": len(requests),
-            "thresholds": {str(rate): round(t, 4) for rate, t in thresholds.items()},
-            "unseen": {str(rate): {u: fires(asked, t) for u, asked in unseen.items()} for rate, t in thresholds.items()},
-            "calibration": {
-                str(rate): {
-                    f"{s} ({'harmful' if h else 'benign'})": fires(asked, t) for (s, h), asked in sorted(by_source.items())
-                }
-                for rate, t in thresholds.items()
-            },
+            "thresholds": {rate: round(t, 4) for rate, t in thresholds.items()},
+            "unseen": fires(unseen, rows, (weight, bias, pooled), thresholds),
+            "calibration": fires(by_source, rows, (weight, bias, pooled), thresholds),
         }
         print(name, arms[name]["unseen"], flush=True)
     write_result(
