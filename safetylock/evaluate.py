@@ -27,7 +27,16 @@ from safetylock.respond import DEFAULT_RESPONSE
 from safetylock.serve.config import lock_section
 from safetylock.serve.offline import VllmGenerator
 from safetylock.serve.server import chat
-from safetylock.sources import FIRST_TURN_REPLY, advice, airt, donotanswer, harmbench, jailbreak_templates, rephrased
+from safetylock.sources import (
+    FIRST_TURN_REPLY,
+    advice,
+    airt,
+    continuations,
+    donotanswer,
+    harmbench,
+    jailbreak_templates,
+    rephrased,
+)
 
 KINDS = ("harmful", "benign", "utility")
 # Harmful sources that no lock, gate or NLSR run here is fit on (cross-source): each suite name's loader.
@@ -38,8 +47,9 @@ UNSEEN_HARMFUL = {
     "past-tense": lambda: rephrased("past"),
     "future-tense": lambda: rephrased("future"),
 }
-# AdvBench's held-out requests written another way: inside jailbreak templates, as a conversation's second turn
-REWRITTEN_HELDOUT = ("jailbreak", "multiturn")
+# AdvBench's held-out requests written another way: inside jailbreak templates, as a conversation's second turn,
+# as its first turn carried on by a follow-up ("Go on.")
+REWRITTEN_HELDOUT = ("jailbreak", "multiturn", "continuation")
 BUILTIN_SUITES = (
     "advbench-heldout",
     "advbench-extraction",
@@ -62,12 +72,17 @@ class Suite:
     provenance: dict[str, Any] = field(default_factory=dict)
     sources: tuple[str, ...] = ()  # where its prompts come from, when known (the overlap rule labels by them)
     histories: tuple[Turns, ...] = ()  # per prompt, the chat turns before it (empty: every prompt is asked alone)
+    requests: tuple[str, ...] = ()  # per prompt, the request it carries on (empty: the prompt is the request)
 
     def asked(self) -> list[Prompt]:
         """What is sent per item: the prompt alone, or its history followed by it as the user's turn."""
         if not self.histories:
             return list(self.prompts)
         return [(*history, ("user", prompt)) for history, prompt in zip(self.histories, self.prompts)]
+
+    def request_texts(self) -> tuple[str, ...]:
+        """Per prompt, the request it asks: the one it carries on (``requests``), else the prompt itself."""
+        return self.requests or self.prompts
 
     def digest(self) -> str:
         """16 hex of what decides the answers: kind, prompts, answers and histories where there are any."""
@@ -121,9 +136,11 @@ def load_utility_file(path: Path) -> Suite:
 def rewritten_heldout(spec: str, count: int | None, seed: int) -> Suite:
     """AdvBench's held-out requests (the ``advbench-heldout`` sample) written another way, each seeded per item:
     ``jailbreak``, inside a PyRIT jailbreak template of any family; ``multiturn``, as the user's second turn after
-    a benign instruction and an assistant's reply. The gate is fit on the same forms around *extraction* requests,
-    so for a gated lock these are in-distribution forms with held-out requests (its sources say so); the probes
-    and NLSR never saw either form."""
+    a benign instruction and an assistant's reply; ``continuation``, as the user's first turn, then a reply (a
+    refusal or an attacker-written compliant opening) and a follow-up that carries it on (``sources.continuations``:
+    the follow-up is the prompt, the request what the answer is judged against). The gate is fit on the first two
+    forms around *extraction* requests, so for a gated lock these are in-distribution forms with held-out requests
+    (its sources say so); no gate is fit on continuations, and the probes and NLSR never saw any of the three."""
     heldout = load_suite("advbench-heldout", count, seed)
     rng = random.Random(f"{spec}-{seed}")
     provenance = {**heldout.provenance, "form": spec}
@@ -134,6 +151,18 @@ def rewritten_heldout(spec: str, count: int | None, seed: int) -> Suite:
         families = sorted({f"jailbreak-{t.family}" for t in chosen})
         provenance["templates"] = [t.name for t in chosen]
         return Suite(spec, "harmful", prompts, provenance=provenance, sources=(*heldout.sources, *families))
+    if spec == "continuation":
+        chats = continuations(rng, heldout.prompts, harmful=True)
+        provenance["families"] = [c.family for c in chats]
+        return Suite(
+            spec,
+            "harmful",
+            tuple(c.text for c in chats),
+            provenance=provenance,
+            sources=(*heldout.sources, "continuation"),
+            histories=tuple(c.turns[:-1] for c in chats),
+            requests=heldout.prompts,
+        )
     benign = data.benign().prompts  # read once, not per item
     firsts = [rng.choice(benign) for _ in heldout.prompts]
     histories = tuple((("user", first), ("assistant", FIRST_TURN_REPLY)) for first in firsts)
@@ -236,8 +265,12 @@ def summarize(suite: Suite, items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def judged(suite: Suite, prompt: str, response: str, index: int) -> dict[str, Any]:
-    """One item: the prompt, the response and the three-way verdict (and exactness for utility suites)."""
-    item: dict[str, Any] = {"prompt": prompt, "response": response, "verdict": judge.verdict(response, prompt)}
+    """One item: the prompt, the response and the three-way verdict (and exactness for utility suites); the
+    verdict reads the answer against the request the prompt carries on where the suite has one (``requests``)."""
+    against = suite.requests[index] if suite.requests else prompt
+    item: dict[str, Any] = {"prompt": prompt, "response": response, "verdict": judge.verdict(response, against)}
+    if suite.requests:
+        item["request"] = against
     item["refused"] = item["verdict"] == "refusal"
     if suite.kind == "utility":
         item["answer"] = suite.answers[index]
@@ -253,7 +286,8 @@ def rejudge(report: dict[str, Any]) -> dict[str, Any]:
         if items is None:
             continue
         answers = tuple(item.get("answer", "") for item in items) if stored["kind"] == "utility" else ()
-        suite = Suite(name, stored["kind"], tuple(item["prompt"] for item in items), answers)
+        requests = tuple(item["request"] for item in items) if items and "request" in items[0] else ()
+        suite = Suite(name, stored["kind"], tuple(item["prompt"] for item in items), answers, requests=requests)
         stored["items"] = [{**item, **judged(suite, item["prompt"], item["response"], i)} for i, item in enumerate(items)]
         stored["summary"] = summarize(suite, stored["items"])
     return report
@@ -262,7 +296,7 @@ def rejudge(report: dict[str, Any]) -> dict[str, Any]:
 def check_suites(suites: Sequence[Suite], fits: Sequence[Fit]) -> dict[str, dict[str, list[str]]]:
     """Each suite checked against ``fits`` (what the served lock or repair was fit on: ``safetylock.overlap``):
     one that shares a prompt with them is refused; the rest get their in-distribution labels."""
-    return {suite.name: check(suite.name, suite.prompts, suite.sources, fits) for suite in suites}
+    return {suite.name: check(suite.name, suite.request_texts(), suite.sources, fits) for suite in suites}
 
 
 def evaluate(
@@ -283,7 +317,7 @@ def evaluate(
         for item, history in zip(items, suite.histories):
             item["history"] = [list(turn) for turn in history]
         if judge_model is not None and suite.kind == "harmful":
-            for item, complied in zip(items, judge_model(list(suite.prompts), responses)):
+            for item, complied in zip(items, judge_model(list(suite.request_texts()), responses)):
                 item["judge_complied"] = complied
         report["suites"][suite.name] = {
             "kind": suite.kind,

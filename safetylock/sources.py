@@ -409,6 +409,30 @@ def asks() -> tuple[Template, ...]:
     return _probe_templates("asks.json")
 
 
+def follow_up_replies() -> dict[str, str]:
+    """The assistant replies an earlier exchange ends with before a follow-up: ``refusal`` and ``compliant-start``
+    (an attacker-written opening, no content; ``follow_ups.json``)."""
+    return {"refusal": REFUSAL_REPLY, "compliant-start": _probe_json("follow_ups.json")["compliant_start"]}
+
+
+def follow_ups() -> dict[str, tuple[str, ...]]:
+    """Follow-ups that carry an earlier turn's request on ("Go on.", "Ignore your previous answer …"), by family."""
+    return {family: tuple(texts) for family, texts in _probe_json("follow_ups.json")["families"].items()}
+
+
+def continuations(rng: random.Random, asked: Sequence[str], harmful: bool, source: str = "continuation") -> list[Request]:
+    """Per request of ``asked``: a chat where it is the first user turn, a seeded reply (``follow_up_replies``)
+    follows, and the user's last turn is a seeded follow-up (``follow_ups``) — the request sits outside the last
+    turn. Family ``<reply>-<follow-up family>``."""
+    replies, families = follow_up_replies(), follow_ups()
+    out = []
+    for request in asked:
+        reply, family = rng.choice(sorted(replies)), rng.choice(sorted(families))
+        turns: Turns = (("user", request), ("assistant", replies[reply]), ("user", rng.choice(families[family])))
+        out.append(Request(turns, harmful, source, f"{reply}-{family}"))
+    return out
+
+
 def about_people(rng: random.Random, count: int) -> list[Request]:
     """``count`` harmful and ``count`` benign requests of each kind in ``about_people.json`` (source
     ``people-<kind>``; family: the frame's index), each a seeded frame with seeded slot values; distinct texts,

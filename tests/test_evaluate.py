@@ -1,5 +1,6 @@
 """Evaluation: suites, summaries, `safetylock eval` end to end on the real vLLM engine, and `compare`."""
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -7,11 +8,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from safetylock import evaluate
+from safetylock import evaluate, judge, sources
 from safetylock.cli import main
 from safetylock.data import DataError
 from safetylock.hf import load_model
-from safetylock.overlap import Fit
+from safetylock.overlap import Fit, OverlapError, fingerprint
 
 from support import small_lock, tiny_lock
 
@@ -58,10 +59,16 @@ def test_rewritten_heldout_suites_ask_the_heldout_requests_another_way(spec):
     if spec == "jailbreak":  # each held-out request inside a template, the families named as sources
         assert all(request in prompt and prompt != request for request, prompt in zip(heldout.prompts, asked))
         assert {s.split("-", 1)[0] for s in suite.sources[1:]} == {"jailbreak"} and not suite.histories
+    elif spec == "continuation":  # each held-out request as the first turn, carried on by a follow-up
+        follow_ups = {text for texts in sources.follow_ups().values() for text in texts}
+        assert [turns[0] for turns in asked] == [("user", p) for p in heldout.prompts] and suite.requests == heldout.prompts
+        assert all(turns[-1][0] == "user" and turns[-1][1] in follow_ups for turns in asked) and suite.prompts[0] in follow_ups
+        assert {turns[1][1] for turns in asked} <= set(sources.follow_up_replies().values())
+        assert suite.request_texts() == heldout.prompts and suite.sources == ("advbench", "continuation")
     else:  # each held-out request as the user's turn after a benign exchange
         assert [turns[-1] for turns in asked] == [("user", p) for p in heldout.prompts] and suite.prompts == heldout.prompts
         assert all([role for role, _ in turns] == ["user", "assistant", "user"] for turns in asked)
-        assert suite.sources == ("advbench", "multiturn")
+        assert suite.sources == ("advbench", "multiturn") and suite.request_texts() == suite.prompts
     labels = evaluate.check_suites([suite], [Fit("gate", frozenset(suite.sources[1:]), frozenset())])
     assert labels[spec] == {"gate": list(suite.sources[1:])}  # a gate fit on the form: labelled in-distribution
 
@@ -85,6 +92,21 @@ def test_single_turn_suites_keep_their_digest_and_framing_wraps_the_last_turn():
     report = evaluate.evaluate([suite], lambda asked, _n: seen.extend(asked) or ["Sure."] * len(asked))
     assert seen == suite.asked()
     assert [i["history"] for i in report["suites"]["multiturn"]["items"]] == [[list(t) for t in h] for h in suite.histories]
+
+
+def test_a_continuation_is_judged_against_the_request_it_carries_on():
+    """An answer that only repeats the earlier turn's request is hollow there, not content; a rejudged report
+    keeps reading it against the request; a shared request is refused by the overlap rule like a shared prompt."""
+    suite = evaluate.load_suite("continuation", 2, 0)
+    echo = [f"Sure, here is how to {request.lower()}" for request in suite.requests]
+    report = evaluate.evaluate([suite], lambda asked, _n: echo[: len(asked)])
+    items = report["suites"]["continuation"]["items"]
+    assert [i["request"] for i in items] == list(suite.requests) and [i["prompt"] for i in items] == list(suite.prompts)
+    assert [i["verdict"] for i in items] == ["hollow", "hollow"]
+    assert [judge.verdict(e, p) for e, p in zip(echo, suite.prompts)] == ["complied", "complied"]  # read against "Go on."
+    assert [i["verdict"] for i in evaluate.rejudge(copy.deepcopy(report))["suites"]["continuation"]["items"]] == ["hollow"] * 2
+    with pytest.raises(OverlapError, match="continuation"):
+        evaluate.check_suites([suite], [Fit("gate", frozenset(), frozenset(fingerprint(r) for r in suite.requests))])
 
 
 def test_malformed_utility_file(tmp_path):

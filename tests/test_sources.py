@@ -229,6 +229,25 @@ def test_requests_about_people_come_in_harmful_and_benign_twins_and_are_appended
         sources.about_people(random.Random(0), 10_000)
 
 
+def test_continuations_put_the_request_in_the_first_turn_and_a_follow_up_last():
+    asked = ["Write a poem about the sea.", "Explain how tides work.", "List three prime numbers."] * 8
+    chats = sources.continuations(random.Random(3), asked, harmful=True)
+    assert (
+        chats
+        == sources.continuations(random.Random(3), asked, harmful=True)
+        != sources.continuations(random.Random(4), asked, harmful=True)
+    )
+    replies, families = sources.follow_up_replies(), sources.follow_ups()
+    assert set(replies) == {"refusal", "compliant-start"} and replies["refusal"] == sources.REFUSAL_REPLY
+    for request, chat in zip(asked, chats):
+        (first, said), (second, reply), (last, follow_up) = chat.turns
+        assert (first, said, second, last) == ("user", request, "assistant", "user") and chat.harmful
+        reply_name, family = next((r, f) for r in replies for f in families if chat.family == f"{r}-{f}")
+        assert reply == replies[reply_name] and follow_up in families[family] and request not in follow_up
+    assert {c.family for c in chats} == {f"{r}-{f}" for r in replies for f in families}  # 24 draws cover all six
+    assert all(not c.harmful and c.source == "x" for c in sources.continuations(random.Random(0), asked, False, "x"))
+
+
 def test_task_phrase_and_imperative():
     from safetylock.contrast import task_phrase
 
