@@ -13,12 +13,11 @@ after a benign first; a benign follow-up after a refused turn). This measures wh
 * the gate's ``multiturn`` source held out (fit on every other source of the core data, thresholds on their benign
   calibration requests).
 
-The attention reads are fit as ``extract`` fits the product's (``gate.fit_read``, attention read, layer 16, the core data's
-fit split, thresholds at 1% / 5% of its benign calibration requests) on the same token rows, the last-turn read on
-the rows from the last user turn's opening on; the last-token read on the same rows' last; ``--seeds`` fit draws
-each. **Fit vs scored**: the continuations'
-requests are AdvBench's held-out half and benign evaluation instructions, in no gate's data, and no gate is fit on
-the follow-up form; the multi-turn rows are that source held out of the fit.
+The attention reads are fit as ``extract`` fits the product's (``gate.fit_read``, layer 16, the core data's fit
+split, thresholds at 1% / 5% of its benign calibration requests) on the same token rows, the last-turn read on the
+rows from the last user turn's opening on; the last-token read on the same rows' last; ``--seeds`` fit draws each.
+**Fit vs scored**: the continuations' requests are AdvBench's held-out half and benign evaluation instructions, in
+no gate's data, and no gate is fit on the follow-up form; the multi-turn rows are that source held out of the fit.
 
 Run: python -m benchmarks.gate_followup [--seeds 0,1,2] [--count 130] [--precision auto] [--out gate_followup]
 Writes benchmarks/results/NAME.{json,png} (rates only).

@@ -19,7 +19,8 @@ outside the product's data unless asked for (``Sizes.topics``; ``GATE_DATA["topi
 private data asked for, a demeaning generalisation about a group endorsed; benign twins in the same words).
 
 Sources no gate or lock here is fit on, for scoring only: ``airt``, ``harmbench``, ``donotanswer`` (and its
-``advice`` questions, benign), ``past-tense`` and ``future-tense`` (another package's tense reformulations).
+``advice`` questions, benign), ``past-tense`` and ``future-tense`` (another package's tense reformulations); and
+the ``continuation`` form (``continuations``: a request asked in an earlier turn and carried on by a follow-up).
 """
 
 from __future__ import annotations
