@@ -141,19 +141,20 @@ def main(model_name: str, seeds: str, count: int, precision: str, out: str) -> N
         family: [i for i, r in enumerate(scored) if r.harmful and r.family == family]
         for family in sorted({r.family for r in scored})
     }
+    benign_calibration = [i for i in calibration if not labels[i]]
+    kept = np.array([i for i in fit if sources_of[i] != "multiturn"])  # the multi-turn source held out
+    others = [i for i in benign_calibration if sources_of[i] != "multiturn"]
+    held = [i for i in range(len(requests)) if sources_of[i] == "multiturn"]
     found: dict[str, dict] = {}
     for read, (tokens, kind) in by_read.items():
         own, extra = tokens[: len(requests)], tokens[len(requests) :]
         per_draw, family_draws = [], []
         for seed in draws:
-            gate, thresholds = fit_and_thresholds(own, requests, fit, [i for i in calibration if not labels[i]], seed, kind)
+            gate, thresholds = fit_and_thresholds(own, requests, fit, benign_calibration, seed, kind)
             scores = read_scores(extra, *gate)
             rates = {name: fires(scores[members], thresholds) for name, members in groups.items()}
             by_family = {name: fires(scores[members], thresholds) for name, members in families.items()}
-            kept = np.array([i for i in fit if sources_of[i] != "multiturn"])  # the multi-turn source held out
-            others = [i for i in calibration if not labels[i] and sources_of[i] != "multiturn"]
             gate, thresholds = fit_and_thresholds(own, requests, kept, others, seed, kind)
-            held = [i for i in range(len(requests)) if sources_of[i] == "multiturn"]
             scores = read_scores([own[i] for i in held], *gate)
             for harmful_side, name in ((True, "multiturn held out: harmful"), (False, "multiturn held out: benign")):
                 rates[name] = fires(scores[labels[held] == harmful_side], thresholds)

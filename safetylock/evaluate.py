@@ -267,7 +267,7 @@ def summarize(suite: Suite, items: list[dict[str, Any]]) -> dict[str, Any]:
 def judged(suite: Suite, prompt: str, response: str, index: int) -> dict[str, Any]:
     """One item: the prompt, the response and the three-way verdict (and exactness for utility suites); the
     verdict reads the answer against the request the prompt carries on where the suite has one (``requests``)."""
-    against = suite.requests[index] if suite.requests else prompt
+    against = suite.request_texts()[index]
     item: dict[str, Any] = {"prompt": prompt, "response": response, "verdict": judge.verdict(response, against)}
     if suite.requests:
         item["request"] = against
