@@ -161,6 +161,19 @@ def run_round(
     }
 
 
+def seed_list(seeds: str) -> list[int]:
+    """A ``--seeds`` option's comma-separated integers (at least one); anything else is a ``click.BadParameter``."""
+    import click
+
+    try:
+        draws = [int(s) for s in seeds.split(",") if s]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds") from None
+    if not draws:
+        raise click.BadParameter("name at least one seed", param_hint="--seeds")
+    return draws
+
+
 def spread(values: list[float]) -> dict:
     ordered = sorted(values)
     return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1], "n": len(ordered)}

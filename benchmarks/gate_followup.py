@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import click
 import numpy as np
 
-from benchmarks.common import RESULTS, write_result
+from benchmarks.common import RESULTS, seed_list, write_result
 from safetylock import data, models
 from safetylock.evaluate import load_suite
 from safetylock.gate import fit_read, pooled_from, prompt_tokens, read_scores, system_turn, threshold_at
@@ -105,12 +105,7 @@ def plot(found: dict, path) -> None:
 @click.option("--out", default="gate_followup", show_default=True)
 def main(model_name: str, seeds: str, count: int, precision: str, out: str) -> None:
     started = time.perf_counter()
-    try:
-        draws = [int(s) for s in seeds.split(",") if s]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds") from None
-    if not draws:
-        raise click.BadParameter("name at least one seed", param_hint="--seeds")
+    draws = seed_list(seeds)
     model_dir = models.resolve(model_name)
     requests = list(gate_requests(data.advbench(), GATE_DATA["core"], seed=0))
     rng = random.Random("gate-followup")

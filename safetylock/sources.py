@@ -16,7 +16,9 @@ Sources of the kinds the others lack (self-harm, privacy, sexual content, hate a
 outside the product's data unless asked for (``Sizes.topics``; ``GATE_DATA["topics"]``): ``strongreject`` and
 ``uncensorbench`` (harmful), ``refusal-pairs`` (harmful questions and benign twins in the same words) and
 ``edgy-benign`` (benign); and ``people-private`` / ``people-generalise`` (``Sizes.people``: an acquaintance's
-private data asked for, a demeaning generalisation about a group endorsed; benign twins in the same words).
+private data asked for, a demeaning generalisation about a group endorsed; benign twins in the same words); and
+``follow-up`` (``Sizes.continuation``: harmful and benign requests carried into the next turn, in the fit
+phrasings of ``follow_ups.json``; not adopted: docs/gated.md).
 
 Sources no gate or lock here is fit on, for scoring only: ``airt``, ``harmbench``, ``donotanswer`` (and its
 ``advice`` questions, benign), ``past-tense`` and ``future-tense`` (another package's tense reformulations); and
@@ -410,22 +412,37 @@ def asks() -> tuple[Template, ...]:
     return _probe_templates("asks.json")
 
 
-def follow_up_replies() -> dict[str, str]:
+PHRASINGS = ("scored", "fit")
+"""The two sets of follow-up phrasings (``follow_ups.json``): ``scored`` for the ``continuation`` suite and
+benchmarks, ``fit`` for the gate's own data (``Sizes.continuation``); the same families, no text shared."""
+
+
+def _follow_up_spec(phrasings: str) -> dict:
+    if phrasings not in PHRASINGS:
+        raise DataError(f"follow-up phrasings must be one of {', '.join(PHRASINGS)}, not {phrasings!r}")
+    spec = _probe_json("follow_ups.json")
+    return spec if phrasings == "scored" else spec["fit"]
+
+
+def follow_up_replies(phrasings: str = "scored") -> dict[str, str]:
     """The assistant replies an earlier exchange ends with before a follow-up: ``refusal`` and ``compliant-start``
-    (an attacker-written opening, no content; ``follow_ups.json``)."""
-    return {"refusal": REFUSAL_REPLY, "compliant-start": _probe_json("follow_ups.json")["compliant_start"]}
+    (an attacker-written opening, no content; ``follow_ups.json``, per ``PHRASINGS``)."""
+    return {"refusal": REFUSAL_REPLY, "compliant-start": _follow_up_spec(phrasings)["compliant_start"]}
 
 
-def follow_ups() -> dict[str, tuple[str, ...]]:
-    """Follow-ups that carry an earlier turn's request on ("Go on.", "Ignore your previous answer …"), by family."""
-    return {family: tuple(texts) for family, texts in _probe_json("follow_ups.json")["families"].items()}
+def follow_ups(phrasings: str = "scored") -> dict[str, tuple[str, ...]]:
+    """Follow-ups that carry an earlier turn's request on ("Go on.", "Ignore your previous answer …"), by family
+    (per ``PHRASINGS``)."""
+    return {family: tuple(texts) for family, texts in _follow_up_spec(phrasings)["families"].items()}
 
 
-def continuations(rng: random.Random, asked: Sequence[str], harmful: bool, source: str = "continuation") -> list[Request]:
+def continuations(
+    rng: random.Random, asked: Sequence[str], harmful: bool, source: str = "continuation", phrasings: str = "scored"
+) -> list[Request]:
     """Per request of ``asked``: a chat where it is the first user turn, a seeded reply (``follow_up_replies``)
     follows, and the user's last turn is a seeded follow-up (``follow_ups``) — the request sits outside the last
     turn. Family ``<reply>-<follow-up family>``."""
-    replies, families = follow_up_replies(), follow_ups()
+    replies, families = follow_up_replies(phrasings), follow_ups(phrasings)
     out = []
     for request in asked:
         reply, family = rng.choice(sorted(replies)), rng.choice(sorted(families))
@@ -481,6 +498,7 @@ class Sizes:
     asks: int = 0  # harmful AdvBench requests asked in the first person or as a question (``asks``); as many benign
     topics: int = 0  # at most this many requests of each topic source (``topic_sources``). 0: the product's data
     people: int = 0  # harmful requests about a person or a group of each kind (``about_people``); as many benign
+    continuation: int = 0  # harmful requests carried into the next turn (``continuations``, fit phrasings); as many benign
 
 
 GATE_DATA: dict[str, Sizes] = {
@@ -630,6 +648,9 @@ def gate_requests(
         requests += [single(p, label, found.name, family[p]) for p in _take(rng, found.prompts, sizes.topics)]
     if sizes.people:  # likewise
         requests += about_people(rng, sizes.people)
+    if sizes.continuation:  # likewise
+        requests += continuations(rng, _take(rng, payload_harmful, sizes.continuation), True, "follow-up", "fit")
+        requests += continuations(rng, _take(rng, benign_pool, sizes.continuation), False, "follow-up", "fit")
     clash = sorted({r.source for r in operator} & {r.source for r in requests})
     if clash:
         raise DataError(f"operator gate requests use the gate's own source name {clash[0]!r}: name their source otherwise")

@@ -248,6 +248,27 @@ def test_continuations_put_the_request_in_the_first_turn_and_a_follow_up_last():
     assert all(not c.harmful and c.source == "x" for c in sources.continuations(random.Random(0), asked, False, "x"))
 
 
+def test_fit_follow_ups_share_families_but_no_text_with_the_scored_ones():
+    scored, fit = sources.follow_ups(), sources.follow_ups("fit")
+    assert set(scored) == set(fit) and all(fit.values())
+    assert not {t for ts in scored.values() for t in ts} & {t for ts in fit.values() for t in ts}
+    assert sources.follow_up_replies("fit")["compliant-start"] != sources.follow_up_replies()["compliant-start"]
+    with pytest.raises(DataError, match="follow-up phrasings must be one of scored, fit"):
+        sources.follow_ups("heldout")
+
+
+def test_follow_up_requests_are_appended_without_changing_the_rest_and_keep_the_held_out_half_out(requests):
+    harmful = data.advbench()
+    more = sources.gate_requests(harmful, sources.Sizes(continuation=30), seed=0)
+    assert more[: len(requests)] == requests and "follow-up" not in {r.source for r in requests}
+    added = more[len(requests) :]
+    assert {r.source for r in added} == {"follow-up"} and sum(r.harmful for r in added) == 30 == len(added) // 2
+    fit_follow_ups = {t for ts in sources.follow_ups("fit").values() for t in ts}
+    assert all(r.turns[-1][1] in fit_follow_ups for r in added)
+    held_out = set(data.split_harmful(harmful, seed=0).heldout)
+    assert not {r.turns[-3][1] for r in added} & held_out  # the request sits in the earlier user turn
+
+
 def test_task_phrase_and_imperative():
     from safetylock.contrast import task_phrase
 

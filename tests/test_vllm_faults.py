@@ -20,6 +20,7 @@ from safetylock.hf import load_model
 from safetylock.respond import DEFAULT_REFUSAL
 from safetylock.serve.config import lock_section
 from safetylock.serve.server import free_port, start_server, wait_healthy
+from safetylock_vllm.cache import CACHE_READS_KEY
 
 from support import SERVER_ARGS, saved_gated_lock
 from support import http_request as request
@@ -135,10 +136,13 @@ def test_requests_outside_the_policy_or_the_served_models_are_refused(server):
     too_strong = request(port, "/v1/chat/completions", {**chat, "vllm_xargs": {"safetylock_alpha": 9.0}})
     nan = request(port, "/v1/chat/completions", json.dumps({**chat, "vllm_xargs": {"safetylock_alpha": float("nan")}}).encode())
     invalid_json = request(port, "/v1/chat/completions", b'{"model": "x", "messages": [')
+    cache_limits = [request(port, "/v1/chat/completions", {**chat, "vllm_xargs": {CACHE_READS_KEY: v}}) for v in ("x", 0)]
     assert unknown_adapter[0] == 404 and "does not exist" in unknown_adapter[1]["error"]["message"]
     assert too_strong[0] == 400 and "outside the allowed range [0, 8]" in too_strong[1]["error"]["message"]
     assert nan[0] == 400 and "finite" in nan[1]["error"]["message"]
     assert invalid_json[0] == 400
+    for status, body in cache_limits:  # the scheduler's own key: "x" reaching it would stop the engine
+        assert status == 400 and f"vllm_xargs.{CACHE_READS_KEY} is set by the server" in body["error"]["message"], body
     assert refused(server) == FIRES_A  # and the server keeps serving, locked
 
 

@@ -7,7 +7,8 @@ error, which the server answers with HTTP 400 while it keeps serving. In dynamic
 into the request (the worker reads only that) and into its ``cache_salt``, so KV blocks computed under one α
 never serve another; under an attention-pooled gate only the system turn may come from the prefix cache (the gate
 reads the forward of every prompt token after it: ``engine``, ``cache``). A gated server refuses (400) prompts that
-pre-fill an assistant turn unless the operator allows them (``allow_prefill``).
+pre-fill an assistant turn unless the operator allows them (``allow_prefill``); every server with the plugin refuses
+(400) a request that sets the plugin's own prefix-cache limit (``CACHE_READS_KEY``), which only this side writes.
 """
 
 from __future__ import annotations
@@ -189,12 +190,15 @@ def install() -> None:
         from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import SamplingParams
 
-        state = STATE.frontend
-        if state is None:  # no safetylock configuration: straight through
-            return process(self, *args, **kwargs)
         bound = signature.bind(self, *args, **kwargs).arguments
         params = bound["params"]
-        if not isinstance(params, SamplingParams):
+        if isinstance(params, SamplingParams) and CACHE_READS_KEY in (params.extra_args or {}):
+            # the scheduler trusts this key (``cache``): only this wrapper writes it, on every server with the plugin
+            raise VLLMValidationError(
+                f"vllm_xargs.{CACHE_READS_KEY} is set by the server, not by requests", parameter=f"vllm_xargs.{CACHE_READS_KEY}"
+            )
+        state = STATE.frontend
+        if state is None or not isinstance(params, SamplingParams):  # no safetylock configuration: straight through
             return process(self, *args, **kwargs)
         try:
             alpha = state.resolve(params, bound.get("lora_request"))
