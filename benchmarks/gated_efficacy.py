@@ -1,8 +1,8 @@
 """Gated vs always-on lock on the testbed, through the real vLLM plugin (three-way judge, held-out prompts).
 
-For the aligned base and each attack variant: no lock, the always-on lock and the gated lock (the gated copy of
-the cached lock written by ``python -m benchmarks.gate``) at each α: harmful-answer rate, benign over-refusal,
-arithmetic accuracy.
+For the aligned base and each attack variant: no lock, the product lock always on and gated (as ``extract`` writes
+it, ``responses.product_lock``; steer response) at each α: harmful-answer rate, benign over-refusal, arithmetic
+accuracy.
 
 Run: python -m benchmarks.gated_efficacy [--variants harmful-10] [--alphas 2,4] [--count 100]
 Writes benchmarks/results/gated_efficacy.{json,png} (with --served-threshold: gated_efficacy_served_threshold.*;
@@ -14,8 +14,7 @@ from __future__ import annotations
 import click
 
 from benchmarks.common import RESULTS, calibrated_lock, write_result
-from benchmarks.gate import gated_lock_path
-from safetylock import models
+from benchmarks.responses import product_lock
 from safetylock.attack import BASE, served
 from safetylock.evaluate import cached_run, without_items
 from safetylock.hf import Framing
@@ -33,9 +32,7 @@ from safetylock.report import aligned_text, comparison_plot, comparison_rows
 def main(
     variants: str, alphas: str, count: int, max_tokens: int, served_threshold: bool, always_on: bool, out: str | None
 ) -> None:
-    plain_lock, gated_lock = models.default_lock_path(BASE), gated_lock_path(BASE)
-    if not gated_lock.exists():
-        raise click.ClickException(f"{gated_lock} is absent: run python -m benchmarks.gate first")
+    plain_lock = gated_lock = product_lock()  # extract fits the gate by default: one lock, served both ways
     grid = [float(a) for a in alphas.split(",") if a]
     sizes = {"count": count, "max_tokens": max_tokens, "enforce_eager": True}
     runs = []

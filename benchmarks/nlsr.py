@@ -4,8 +4,8 @@ Run: python -m benchmarks.nlsr [--aligned aligned-mixed] [--variant downstream] 
 Builds (when absent, seeded, cached) the aligned safety adapter and the fine-tune that continues it
 (safetylock.attack), realigns the fine-tune's adapter with `safetylock realign` for each PRUNE_RATE:SPARSITY
 setting, merges it into a model directory, and evaluates through the real vLLM plugin (three-way judge, held-out
-prompts, safetylock.evaluate.cached_run): the aligned base, the aligned adapter, the fine-tune, + lock, + gated
-lock (when ``python -m benchmarks.gate`` wrote it), and per setting NLSR and NLSR + lock. The fine-tune's
+prompts, safetylock.evaluate.cached_run): the aligned base, the aligned adapter, the fine-tune, + the product lock
+always on and gated (``responses.product_lock``), and per setting NLSR and NLSR + lock. The fine-tune's
 downstream task is arithmetic, so the arithmetic column is its task accuracy. Writes
 benchmarks/results/nlsr_VARIANT.{json,png} (summaries and NLSR's patch reports; every answer stays in the cache).
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from benchmarks.common import RESULTS, write_result
-from benchmarks.gate import gated_lock_path
+from benchmarks.responses import product_lock
 from safetylock import models
 from safetylock.attack import BASE, build, variant_dir
 from safetylock.evaluate import cached_run, without_items
@@ -85,7 +85,7 @@ def merge(adapter: Path, merged: Path) -> None:
 def main(
     aligned_name: str, variant: str, alpha: float, gated_alpha: float, count: int, max_tokens: int, settings: str, seed: int
 ) -> None:
-    lock, gated = models.default_lock_path(BASE), gated_lock_path(BASE)
+    lock = product_lock()  # extract fits the gate by default: served always on and gated
     sizes = {"count": count, "max_tokens": max_tokens, "enforce_eager": True}
     aligned = build(aligned_name)
     finetuned = str(build(variant) / "merged")
@@ -104,9 +104,8 @@ def main(
         if number == 0:  # the paper's default, then the lock on top of it
             runs.append(cached_run(str(repaired), f"{name}+lock(a={alpha:g})", lock=lock, alpha=alpha, **sizes))
     runs.append(cached_run(finetuned, f"{variant}+lock(a={alpha:g})", lock=lock, alpha=alpha, **sizes))
-    if gated.exists():
-        label = f"{variant}+gated(a={gated_alpha:g})"
-        runs.append(cached_run(finetuned, label, lock=gated, alpha=gated_alpha, gated=True, response="steer", **sizes))
+    label = f"{variant}+gated(a={gated_alpha:g})"
+    runs.append(cached_run(finetuned, label, lock=lock, alpha=gated_alpha, gated=True, response="steer", **sizes))
     header, rows = comparison_rows(runs)
     print(aligned_text(header, rows))
     out = f"nlsr_{variant}"
