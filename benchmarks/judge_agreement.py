@@ -1,6 +1,6 @@
 """How often the three-way judge agrees with hand labels of cached evaluation answers.
 
-Run: python -m benchmarks.judge_agreement
+Run: python -m benchmarks.judge_agreement [--out judge_agreement]
 Reads benchmarks/judge_labels.json (run stem, suite, item index, label; no text) and the cached runs under
 ~/.cache/safetylock/runs; writes benchmarks/results/judge_agreement.json (counts only). Cells whose run is not
 cached are listed as missing. Also scores ``judge.refusal_fit`` against the hand labels of refusals (``fit``:
@@ -24,7 +24,8 @@ LABELS = Path(__file__).with_name("judge_labels.json")
 
 @click.command()
 @click.option("--show", is_flag=True, help="Print each disagreement's answer (to the terminal only).")
-def main(show: bool) -> None:
+@click.option("--out", default="judge_agreement", show_default=True, help="Result name (a host with some cells only).")
+def main(show: bool, out: str) -> None:
     stored = json.loads(LABELS.read_text())
     labels, unseen = stored["labels"], set(stored.get("unseen", []))
     confusion: Counter[tuple[str, str]] = Counter()
@@ -37,7 +38,7 @@ def main(show: bool) -> None:
         run = json.loads(path.read_text())
         for suite, marked in suites.items():
             items = run["suites"][suite]["items"]
-            pairs = [(label, verdict(items[int(i)]["response"], items[int(i)]["prompt"])) for i, label in marked.items()]
+            pairs = [(label, verdict(items[int(i)]["response"], judged_request(items[int(i)]))) for i, label in marked.items()]
             confusion.update(pairs)
             if show:
                 for (i, label), (_, judged) in zip(marked.items(), pairs):
@@ -59,12 +60,15 @@ def main(show: bool) -> None:
     fit = {name: fit_agreement(stored["fit"][name]) for name in ("design", "heldout")}
     for name, counts in fit.items():
         print(f"refusal fit, {name} labels: {counts['agree']}/{counts['n']} agree; {counts['confusion']}")
-    write_result("judge_fit", fit)
+    if all(counts["n"] for counts in fit.values()):
+        write_result("judge_fit" if out == "judge_agreement" else f"{out}_fit", fit)
+    else:
+        print("refusal-fit labels whose runs are not cached here: judge_fit.json left as it was")
     if not total:
-        print("no labelled three-way cell is cached here: judge_agreement.json left as it was")
+        print(f"no labelled three-way cell is cached here: {out}.json left as it was")
         return
     write_result(
-        "judge_agreement",
+        out,
         {
             "n": total,
             "three_way_agreement": agree,
@@ -75,6 +79,12 @@ def main(show: bool) -> None:
             "missing": missing,
         },
     )
+
+
+def judged_request(item: dict) -> str:
+    """The text a stored item's answer is judged against: the request it carries on where it has one
+    (``Suite.request_texts``), else its prompt."""
+    return item.get("request", item["prompt"])
 
 
 def fit_agreement(labels: dict) -> dict:
@@ -89,7 +99,7 @@ def fit_agreement(labels: dict) -> dict:
         for suite, marked in suites.items():
             for index, label in marked.items():
                 item = items[suite]["items"][int(index)]
-                confusion[f"hand {label}, judge {refusal_fit(item['response'], item['prompt'])}"] += 1
+                confusion[f"hand {label}, judge {refusal_fit(item['response'], judged_request(item))}"] += 1
     agree = confusion["hand fits, judge fits"] + confusion["hand off-topic, judge off-topic"]
     return {"n": sum(v for k, v in confusion.items() if k != "missing"), "agree": agree, "confusion": dict(confusion)}
 
