@@ -80,9 +80,8 @@ def main(model_name: str, count: int, scored: int, seeds: str, precision: str, o
     started = time.perf_counter()
     draws = seed_list(seeds)
     model_dir = models.resolve(model_name)
-    core = GATE_DATA["core"]
-    data_requests = list(gate_requests(data.advbench(), dataclasses.replace(core, continuation=count), seed=0))
-    in_core = len(gate_requests(data.advbench(), core, seed=0))
+    data_requests = list(gate_requests(data.advbench(), dataclasses.replace(GATE_DATA["core"], continuation=count), seed=0))
+    in_core = sum(r.source != "follow-up" for r in data_requests)  # the follow-up source is appended last
     rng = random.Random("gate-followup")  # gate_followup's scored set
     scored_requests = continuations(rng, list(load_suite("advbench-heldout", scored, 0).prompts), True) + continuations(
         rng, list(load_suite("benign", scored, 0).prompts), False

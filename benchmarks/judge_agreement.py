@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from benchmarks.common import write_result
+from safetylock.evaluate import stored_request
 from safetylock.judge import VERDICTS, refusal_fit, verdict
 from safetylock.models import cache_root
 
@@ -38,7 +39,7 @@ def main(show: bool, out: str) -> None:
         run = json.loads(path.read_text())
         for suite, marked in suites.items():
             items = run["suites"][suite]["items"]
-            pairs = [(label, verdict(items[int(i)]["response"], judged_request(items[int(i)]))) for i, label in marked.items()]
+            pairs = [(label, verdict(items[int(i)]["response"], stored_request(items[int(i)]))) for i, label in marked.items()]
             confusion.update(pairs)
             if show:
                 for (i, label), (_, judged) in zip(marked.items(), pairs):
@@ -81,12 +82,6 @@ def main(show: bool, out: str) -> None:
     )
 
 
-def judged_request(item: dict) -> str:
-    """The text a stored item's answer is judged against: the request it carries on where it has one
-    (``Suite.request_texts``), else its prompt."""
-    return item.get("request", item["prompt"])
-
-
 def fit_agreement(labels: dict) -> dict:
     """``refusal_fit`` against hand labels {run stem: {suite: {index: fits | off-topic}}}: counts only."""
     confusion: Counter[str] = Counter()
@@ -99,7 +94,7 @@ def fit_agreement(labels: dict) -> dict:
         for suite, marked in suites.items():
             for index, label in marked.items():
                 item = items[suite]["items"][int(index)]
-                confusion[f"hand {label}, judge {refusal_fit(item['response'], judged_request(item))}"] += 1
+                confusion[f"hand {label}, judge {refusal_fit(item['response'], stored_request(item))}"] += 1
     agree = confusion["hand fits, judge fits"] + confusion["hand off-topic, judge off-topic"]
     return {"n": sum(v for k, v in confusion.items() if k != "missing"), "agree": agree, "confusion": dict(confusion)}
 

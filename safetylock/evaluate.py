@@ -264,6 +264,11 @@ def summarize(suite: Suite, items: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def stored_request(item: dict[str, Any]) -> str:
+    """What a stored item's verdict reads (``judged``): the request it carries on where it has one, else its prompt."""
+    return item.get("request", item["prompt"])
+
+
 def judged(suite: Suite, prompt: str, response: str, index: int) -> dict[str, Any]:
     """One item: the prompt, the response and the three-way verdict (and exactness for utility suites); the
     verdict reads the answer against the request the prompt carries on where the suite has one (``requests``)."""
