@@ -253,9 +253,12 @@ def run_vllm(workdir: Path, env: dict[str, str] | None = None, may_fail: bool = 
     return json.loads(out_path.read_text()) | {"log": done.stdout + done.stderr}
 
 
-def run_gated_steer(workdir: Path, model_dir: Path, prompts: list[list[int]], lock_path: Path, alpha: float) -> dict:
+def run_gated_steer(
+    workdir: Path, model_dir: Path, prompts: list[list[int]], lock_path: Path, alpha: float, follow_ups: list | None = None
+) -> dict:
     """``prompts`` served gated (steer at ``alpha``) by one compiled engine that prefills in chunks of 32 tokens with
-    prefix caching on: the whole list as one batch, then each prompt alone (``run_vllm``'s mixed run)."""
+    prefix caching on: the whole list as one batch, then each prompt alone (``run_vllm``'s mixed run), then
+    ``follow_ups`` (``vllm_runner``'s)."""
     from safetylock.serve.config import lock_section
 
     return run_vllm(
@@ -266,6 +269,7 @@ def run_gated_steer(workdir: Path, model_dir: Path, prompts: list[list[int]], lo
         enforce_eager=False,
         engine_args={"max_num_batched_tokens": 32, "max_num_seqs": 4, "block_size": 32, "enable_prefix_caching": True},
         mixed=[[index, None] for index in range(len(prompts))],
+        follow_ups=follow_ups or [],
     )
 
 

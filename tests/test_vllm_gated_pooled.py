@@ -4,8 +4,9 @@ One compiled engine (torch.compile, chunked prefill at 32 tokens, prefix caching
 prefilled in five chunks beside the others, chats with a system prompt and earlier turns; each request must equal
 the HF gated reference (tokens and logprobs) in the batch and alone, and the lock must move exactly the requests
 whose pooled score is over the threshold. Alone, each prompt is served again after the batch filled the prefix
-cache: vLLM may serve the system turn from it (a chat whose system prompt fills a whole block does) and forwards
-every token the gate pools.
+cache: it reads every whole block of it from there, pooled tokens included, and its pooled read resumes from the
+rows the engine kept for those tokens. A follow-up after a generated answer reads the answer's block under the
+refuse response (a second engine) and not under steer, and equals the HF reference under both.
 """
 
 import pytest
@@ -13,12 +14,21 @@ import torch
 
 from safetylock.gate import Gate, Pooling, attention_blocks, block_input, system_turn
 from safetylock.hf import chat_ids, load_model
+from safetylock.respond import refusal_ids
+from safetylock.serve.config import lock_section
 
-from support import PROMPTS, assert_same_generation, hf_gated_greedy, hf_greedy, model_lock, run_gated_steer
+from support import PROMPTS, assert_same_generation, hf_gated_greedy, hf_greedy, model_lock, run_gated_steer, run_vllm
 
 pytestmark = [pytest.mark.engine, pytest.mark.filterwarnings("ignore:lock has no weight sketch")]
 
 LONG = [1] + [(11 * i) % 300 + 3 for i in range(150)]  # 151 tokens: five chunks of 32
+# 60 tokens: its answer's first four tokens (positions 60-63) complete its second block, cached while it generates
+ANSWERED = [1] + [(7 * i) % 290 + 5 for i in range(59)]
+MORE = [(13 * i) % 280 + 9 for i in range(12)]  # a follow-up after that answer: 80 tokens, two of them blocks cached
+# Under refuse: a 40-token answer (positions 60-99, the refusal and end-of-sequence) and this follow-up, 112 tokens:
+# it reads three blocks, 36 of their tokens the answer's, and the gate decides otherwise without those (asserted).
+ANSWER_TOKENS = 40
+MORE_AFTER_REFUSAL = [(31 * i + 17) % 280 + 9 for i in range(12)]
 SYSTEM = {"role": "system", "content": "You are a helpful assistant for a bookshop."}
 LONG_SYSTEM = {  # more than one 32-token block: its first block can come from the prefix cache
     "role": "system",
@@ -36,23 +46,38 @@ CHATS = [
     ],
 ]
 ALPHA_ON = 4.0
+MESSAGE = "Sorry, I can't help with that request."
 
 
 @torch.no_grad()
-def pooled_scores(model, gate: Gate, prompts) -> torch.Tensor:
-    """The gate's HF scores of each prompt alone."""
+def gate_layer_inputs(model, gate: Gate, prompts) -> list[torch.Tensor]:
+    """Each prompt's HF forward alone: the gate layer's attention-block input, ``[1, tokens, hidden]``."""
     block = attention_blocks(model, model.config.num_hidden_layers)[gate.layer]
     seen = []
     hook = block.register_forward_pre_hook(lambda _m, a, k: seen.append(block_input(a, k).float()), with_kwargs=True)
     for ids in prompts:
         model(input_ids=torch.tensor([ids]))
     hook.remove()
-    return torch.cat([gate.request_scores(h, torch.tensor([gate.pooling.start(ids)])) for h, ids in zip(seen, prompts)])
+    return seen
+
+
+def pooled_score(gate: Gate, hidden: torch.Tensor, keep: torch.Tensor) -> float:
+    """The gate's score of one prompt (``hidden[1, tokens, hidden]``) pooling only the tokens ``keep`` marks."""
+    h = hidden[0]
+    weights = torch.softmax((h @ gate.pooling.query).masked_fill(~keep, -torch.inf), 0)
+    return float(gate.score(h[-1:])[0] + (weights * (h @ gate.pooling.weight)).sum())
+
+
+def pooled_scores(model, gate: Gate, prompts, start: int | None = None) -> torch.Tensor:
+    """The gate's HF scores of each prompt alone (pooled from ``start`` instead of the gate's start when given)."""
+    seen = gate_layer_inputs(model, gate, prompts)
+    first = [gate.pooling.start(ids) if start is None else max(start, gate.pooling.start(ids)) for ids in prompts]
+    return torch.cat([gate.request_scores(h, torch.tensor([f])) for h, f in zip(seen, first)])
 
 
 @pytest.fixture(scope="module")
 def pooled_prompts(tokenizer):
-    return [*PROMPTS, LONG, *[chat_ids(tokenizer, chat) for chat in CHATS]]
+    return [*PROMPTS, LONG, ANSWERED, *[chat_ids(tokenizer, chat) for chat in CHATS]]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +95,8 @@ def pooled(llama_dir, tokenizer, pooled_prompts, tmp_path_factory):
     gate = Gate(1, gate.weight, 0.0, float(scores[widest : widest + 2].mean()), pooling=pooling)
     lock = model_lock(model, gate, layers=(0, 2))
     path = lock.save(tmp_path_factory.mktemp("pooled") / "pooled.lock.safetensors")
-    out = run_gated_steer(tmp_path_factory.mktemp("pooled-run"), llama_dir, pooled_prompts, path, ALPHA_ON)
+    follow_ups = [[pooled_prompts.index(ANSWERED), MORE]]
+    out = run_gated_steer(tmp_path_factory.mktemp("pooled-run"), llama_dir, pooled_prompts, path, ALPHA_ON, follow_ups)
     return model, lock, out
 
 
@@ -87,13 +113,66 @@ def test_pooled_gate_decides_as_the_hf_reference_per_request(pooled, pooled_prom
     assert "gated (gate at layer 1, read attention" in out["log"]
 
 
-def test_the_prefix_cache_serves_the_system_turn_and_never_a_pooled_token(pooled, pooled_prompts):
-    """Alone after the batch: the long system turn's whole blocks come from the prefix cache, nothing after it does
-    (the prompts above still equal the HF reference); a prompt without a system turn reads no cached token."""
+def test_a_prompt_read_from_the_prefix_cache_resumes_its_pooled_read(pooled, pooled_prompts, tokenizer):
+    """Alone after the batch, each prompt reads every whole block of it the batch cached, pooled tokens included (the
+    long prompt 128 of its 151 tokens, the chats their earlier turns), restores its pooled read from the rows of
+    those tokens and decides as the HF reference does (the test above); decided on the forwarded tokens alone, some
+    of them would go the other way, so the restored rows are what decides them."""
     model, lock, out = pooled
     starts = [lock.gate.pooling.start(ids) for ids in pooled_prompts]
     cached = [solo["cached"] for solo in out["solo"]]
-    assert all(c <= s for c, s in zip(cached, starts)), (cached, starts)
-    long_system = [i for i, s in enumerate(starts) if s >= 32]
-    assert len(long_system) == 2 and all(cached[i] == 32 * (starts[i] // 32) for i in long_system), (cached, starts)
-    assert cached[pooled_prompts.index(LONG)] == 0
+    assert cached == [32 * ((len(ids) - 1) // 32) for ids in pooled_prompts], cached
+    resumed = [i for i, (c, s) in enumerate(zip(cached, starts)) if c > s]
+    assert pooled_prompts.index(LONG) in resumed and len(resumed) >= 3, (cached, starts)
+    fires = pooled_scores(model, lock.gate, pooled_prompts) > lock.gate.threshold
+    forwarded_only = [
+        bool(pooled_scores(model, lock.gate, [ids], start=cached[i])[0] > lock.gate.threshold)
+        for i, ids in enumerate(pooled_prompts)
+    ]
+    assert any(forwarded_only[i] != bool(fires[i]) for i in resumed)
+
+
+def test_under_steer_a_follow_up_reads_no_block_its_answer_touched(pooled):
+    """Under the steer response the answer's tokens were shifted by its own decision: the follow-up reads only the
+    block before the one holding the answer's last prompt token (32 tokens), forwards the rest and decides as the
+    HF reference does (reading the answer's block, it decided on shifted keys and rows and did not)."""
+    model, lock, out = pooled
+    (follow,) = out["follow_ups"]
+    assert len(follow["prompt"]) == len(ANSWERED) + 8 + len(MORE) and follow["cached"] == 32
+    assert_same_generation([follow], hf_gated_greedy(model, lock, ALPHA_ON, [follow["prompt"]]))
+
+
+@pytest.fixture(scope="module")
+def refused(llama_dir, tokenizer, pooled, tmp_path_factory):
+    """The same lock under the refuse response (every token shifted alike): ``ANSWERED`` and its follow-up."""
+    model, lock, _ = pooled
+    path = lock.save(tmp_path_factory.mktemp("pooled-refuse") / "pooled.lock.safetensors")
+    section = lock_section(path, ALPHA_ON, gated=True, response="refuse", refusal_message=MESSAGE)
+    out = run_vllm(
+        tmp_path_factory.mktemp("pooled-refuse-run"),
+        model=str(llama_dir),
+        prompts=[ANSWERED],
+        max_tokens=ANSWER_TOKENS,
+        additional_config={"safetylock": section},
+        enforce_eager=False,
+        engine_args={"max_num_batched_tokens": 32, "max_num_seqs": 4, "block_size": 32, "enable_prefix_caching": True},
+        follow_ups=[[0, MORE_AFTER_REFUSAL]],
+    )
+    return model, lock, refusal_ids(tokenizer, MESSAGE), out
+
+
+def test_a_follow_up_resumes_from_rows_written_while_generating(refused):
+    """Under refuse the follow-up reads the blocks its answer completed (96 cached tokens, 36 of them the answer's):
+    the rows of the answer's tokens were written by decode steps, and the follow-up decides as the HF reference does
+    — decided without those rows it would go the other way."""
+    model, lock, refusal, out = refused
+    (follow,) = out["follow_ups"]
+    assert follow["cached"] == 96 and lock.gate.pooling.start(follow["prompt"]) == 0  # every cached token pooled
+    want = hf_gated_greedy(model, lock, ALPHA_ON, [ANSWERED, follow["prompt"]], ANSWER_TOKENS, refusal=refusal)
+    assert_same_generation([*out["base"], follow], want)
+    assert out["base"][0]["tokens"][: len(refusal)] == refusal  # the answer is the refusal, forced while generating
+    hidden = gate_layer_inputs(model, lock.gate, [follow["prompt"]])[0]
+    answer = torch.zeros(len(follow["prompt"]), dtype=torch.bool)
+    answer[len(ANSWERED) : 96] = True
+    with_answer, without = (pooled_score(lock.gate, hidden, keep) for keep in (~answer | answer, ~answer))
+    assert (with_answer > lock.gate.threshold) != (without > lock.gate.threshold)

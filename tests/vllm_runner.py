@@ -3,9 +3,10 @@
 SPEC: model, prompts (token-id lists), max_tokens, dtype, enforce_eager, additional_config, loras (adapter dirs),
 engine_args (override the defaults below), prompt_logprobs (true: also score each prompt), metrics (true: also
 report the engine's preemption count), and optionally mixed: [[prompt index, safetylock_alpha
-or null], ...] run as one batch, then each item alone.
+or null], ...] run as one batch, then each item alone; follow_ups: [[prompt index, [token ids]], ...], each
+prompt with its "base" answer and those tokens appended, run after "base" as one batch.
 OUT: "base" and "lora0", "lora1", ...: per prompt, the greedy token ids, their logprobs and how many prompt tokens
-the prefix cache served ("cached"); with prompt_logprobs,
+the prefix cache served ("cached"); with follow_ups, "follow_ups" (the same per item, and its "prompt"); with prompt_logprobs,
 "prompt_logprobs": per prompt, each token's logprob given its prefix (from the second token); with mixed, also
 "mixed" and "solo" (one entry per item) and "refused" (the error of a request whose alpha the policy refuses);
 with metrics, "preemptions" (vLLM's ``vllm:num_preemptions`` after every generation above) and, gated,
@@ -75,6 +76,10 @@ def main(spec_path: str, out_path: str) -> None:
         ]
     for name, lora in settings:
         results[name] = greedy(llm.generate(prompts, params, lora_request=lora))
+    if spec.get("follow_ups"):  # after "base": each prompt, its greedy answer there, then more tokens
+        follow = [spec["prompts"][i] + results["base"][i]["tokens"] + extra for i, extra in spec["follow_ups"]]
+        answers = greedy(llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in follow], params))
+        results["follow_ups"] = [{"prompt": ids, **answer} for ids, answer in zip(follow, answers)]
     if spec.get("metrics"):
         from safetylock_vllm.gatecount import GateCounts
 

@@ -22,9 +22,12 @@ An attention-pooled gate (``read="attention"``) keeps, per request slot, the run
 the largest attention logit, the weighted sum of token scores and the softmax normaliser over the tokens read so
 far (an online softmax) — updated by every prefill chunk at the gate layer, so the last prompt token's decision
 pools the whole prompt after its system turn however it was chunked. The host marks each step's pooled tokens and
-the slots whose first pooled chunk it is (state reset); a prompt whose pooled tokens were not all forwarded (a
-prefix-cache hit past the system turn, which ``cache`` cuts off for such a server) is decided as fired: fail
-closed, never a decision on half a prompt.
+the slots whose first pooled chunk it is (state reset). Every forwarded token's logit and score are also kept per
+KV-cache slot (``KVRows``), so a request whose prompt comes partly from vLLM's prefix cache (earlier turns of a
+chat) resumes its read from the rows of the tokens it read there, restored before the forward. A prompt whose
+pooled tokens were neither forwarded nor restorable (a row no earlier forward wrote: a block computed in the same
+step, a KV connector's tokens, several KV-cache groups) is decided as fired: fail closed, never a decision on
+half a prompt (``cache`` cuts the hits that could not be restored, so this stays the exception).
 Under the ``refuse`` response (``safetylock.respond``) every token is shifted at α-off, and the sampler forces
 the refusal on each request whose slot fired: the host knows each row's slot, output position and α before the
 step (``Forcing``); the decision itself stays on the device.
@@ -261,6 +264,8 @@ class GateBuffers:
         under the refuse response, also this step's ``Forcing`` (requests served at ``alphas``)."""
         slots, writes, after, generated, steps = [], [], [], [], []
         computed = runner.input_batch.num_computed_tokens_cpu
+        if self.pooling is not None:
+            self.pooling.attach(runner)
         for index, req_id in enumerate(req_ids):
             last = runner.requests[req_id].num_prompt_tokens - 1
             positions = int(computed[index]) + np.arange(int(num_scheduled_tokens[index]))
@@ -273,7 +278,8 @@ class GateBuffers:
             if self.counts is not None and last in positions:
                 self.deciding.append((req_id, slot))
             if self.pooling is not None:
-                self.pooling.plan(req_id, slot, positions, last, runner.requests[req_id].prompt_token_ids)
+                request = runner.requests[req_id]
+                self.pooling.plan(req_id, slot, positions, last, request.prompt_token_ids, request.block_ids)
         if self.refusal is not None:
             self.forcing = Forcing.of(self, [s[0] for s in slots], steps, alphas)
         count = int(num_scheduled_tokens.sum())
@@ -320,11 +326,21 @@ class PooledRead:
     token_slot: torch.Tensor  # [capacity] int64: each scheduled token's slot if the gate pools it, else the dummy
     reset: torch.Tensor  # [slots + 1] float32: 1 where this step holds a slot's first pooled chunk
     broken: torch.Tensor  # [slots + 1] float32: 1 where a prompt's pooled tokens were not all forwarded
+    rows: torch.Tensor  # [capacity, 2] float32: each scheduled token's attention logit and score (this step)
     system: tuple[tuple[int, ...], tuple[int, ...]]  # the ids that open and close a system turn
+    resumable: bool = True  # False where pooled reads are never resumed from the prefix cache (a KV connector)
+    kv: KVRows | None = None  # every KV slot's logit and score, once the KV cache exists (``attach``)
     starts: dict[str, int] = dataclasses.field(default_factory=dict)  # request -> first pooled position
     next_position: dict[str, int] = dataclasses.field(default_factory=dict)  # request -> first position not forwarded
     incomplete: set[str] = dataclasses.field(default_factory=set)  # requests decided as fired (``broken``)
-    step: dict[str, list] = dataclasses.field(default_factory=lambda: {"slots": [], "reset": [], "broken": []})
+    step: dict[str, list] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.step = self.empty_step()
+
+    @staticmethod
+    def empty_step() -> dict[str, list]:
+        return {"slots": [], "reset": [], "broken": [], "kv_rows": [], "resume_rows": [], "resume_slots": []}
 
     def load(self, pooling) -> None:
         self.weight.copy_(pooling.weight.to(self.weight.device))
@@ -335,34 +351,136 @@ class PooledRead:
         self.next_position.pop(req_id, None)
         self.incomplete.discard(req_id)
 
-    def plan(self, req_id: str, slot: int, positions: np.ndarray, last: int, prompt_ids) -> None:
-        """One request's scheduled ``positions`` this step: which tokens are pooled, whether its state restarts."""
+    def attach(self, runner) -> None:
+        """Once per engine, at its first step: the per-KV-slot rows, where one KV-cache group holds every layer and
+        no KV connector serves tokens (else no read is resumed: a hit past the system turn is decided as fired)."""
+        if self.kv is not None or not self.resumable:
+            return
+        config = getattr(runner, "kv_cache_config", None)
+        groups = getattr(config, "kv_cache_groups", None) or []
+        if len(groups) != 1:
+            self.resumable = False
+            return
+        block_size = int(groups[0].kv_cache_spec.block_size)
+        self.kv = KVRows(block_size, torch.zeros(config.num_blocks * block_size + 1, 2, **_like(self.rows)))
+
+    def plan(self, req_id: str, slot: int, positions: np.ndarray, last: int, prompt_ids, block_ids) -> None:
+        """One request's scheduled ``positions`` this step: which tokens are pooled, whether its state restarts or
+        resumes from the rows of its prefix-cache hit."""
         from safetylock.gate import pooled_from
 
         if req_id not in self.starts:
             self.starts[req_id] = pooled_from(list(prompt_ids or ()), *self.system)  # embeddings alone: from 0
         start, first = self.starts[req_id], int(positions[0])
         pooled = (positions >= start) & (positions <= last)
+        blocks = block_ids[0] if block_ids and len(block_ids) == 1 else None
+        if self.kv is not None:
+            self.step["kv_rows"].append(self.kv.rows(blocks, positions))
         if first <= start:  # the prompt is read from its first pooled token (a new or a recomputed request)
             self.step["reset"].append(slot)
             self.incomplete.discard(req_id)
-        elif first <= last and self.next_position.get(req_id) != first:
-            self.incomplete.add(req_id)  # its pooled tokens before ``first`` were never read here (a cache hit)
+        elif first <= last and self.next_position.get(req_id) != first:  # a prefix-cache hit past the pooled start
+            if self.kv is not None and blocks is not None:
+                self.step["resume_rows"].append(self.kv.rows(blocks, np.arange(start, first)))
+                self.step["resume_slots"].append(slot)
+                self.incomplete.discard(req_id)
+            else:
+                self.incomplete.add(req_id)  # its pooled tokens before ``first`` were never read here
         if req_id in self.incomplete:
             self.step["broken"].append(slot)
         self.step["slots"].append(np.where(pooled, slot, -1))
         self.next_position[req_id] = int(positions[-1]) + 1
 
     def write(self, count: int, dummy: int) -> None:
-        """Copy this step's plan into the device buffers (the dummy slot restarts every step)."""
-        slots = np.concatenate(self.step["slots"]) if self.step["slots"] else np.empty(0, dtype=np.int64)
+        """Copy this step's plan into the device buffers (the dummy slot restarts every step), and restore the
+        state of each request resuming from its prefix-cache hit from the rows of the tokens it read."""
+        step = self.step
+        slots = np.concatenate(step["slots"]) if step["slots"] else np.empty(0, dtype=np.int64)
         self.token_slot[:count].copy_(torch.from_numpy(np.where(slots < 0, dummy, slots).astype(np.int64)), non_blocking=True)
         self.token_slot[count:].fill_(dummy)
-        for buffer, marked in ((self.reset, [*self.step["reset"], dummy]), (self.broken, self.step["broken"])):
+        broken = list(step["broken"])
+        if self.kv is not None:
+            written = np.concatenate(step["kv_rows"]) if step["kv_rows"] else np.empty(0, dtype=np.int64)
+            broken += self.kv.restore(self.state, written, step["resume_rows"], step["resume_slots"])
+            self.kv.stage(written)
+        for buffer, marked in ((self.reset, [*step["reset"], dummy]), (self.broken, broken)):
             host = torch.zeros(buffer.numel(), dtype=buffer.dtype)
             host[marked] = 1
             buffer.copy_(host, non_blocking=True)
-        self.step = {"slots": [], "reset": [], "broken": []}
+        self.step = self.empty_step()
+
+    def store(self) -> None:
+        """After a forward: its tokens' logits and scores into their KV slots' rows."""
+        if self.kv is not None:
+            self.kv.store(self.rows)
+
+
+def _like(tensor: torch.Tensor) -> dict[str, object]:
+    return {"dtype": tensor.dtype, "device": tensor.device}
+
+
+@dataclass
+class KVRows:
+    """An attention-pooled gate's logit and score of the token in every KV-cache slot (row ``block·size + offset``;
+    the last row a dummy), written after each forward from its tokens' rows, read where a request resumes its pooled
+    read from a prefix-cache hit. A block vLLM serves from its prefix cache holds the tokens it was computed for, so
+    its rows are those tokens' as the gate layer saw them. The host also knows which rows some forward wrote: a
+    resumed read that needs a row no earlier forward wrote (one computed in this very step, or never forwarded here)
+    is decided as fired instead."""
+
+    block_size: int
+    table: torch.Tensor  # [num_blocks · block_size + 1, 2] float32
+    written: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=bool))
+    pending: torch.Tensor | None = None  # this step's rows' KV slots (device), until ``store``
+
+    def __post_init__(self) -> None:
+        self.written = np.zeros(self.table.shape[0], dtype=bool)
+
+    def rows(self, blocks: list[int] | None, positions: np.ndarray) -> np.ndarray:
+        """The KV rows of ``positions`` in a request holding ``blocks`` (the dummy row where it holds none)."""
+        dummy = self.table.shape[0] - 1
+        if blocks is None:
+            return np.full(len(positions), dummy, dtype=np.int64)
+        index = positions // self.block_size
+        known = index < len(blocks)
+        ids = np.asarray(blocks, dtype=np.int64)[np.minimum(index, max(len(blocks) - 1, 0))] if len(blocks) else index
+        return np.where(known, ids * self.block_size + positions % self.block_size, dummy).astype(np.int64)
+
+    def restore(self, state: torch.Tensor, written: np.ndarray, rows: list[np.ndarray], slots: list[int]) -> list[int]:
+        """Set each resuming slot's running state from its rows (an online softmax over them); return the slots
+        that cannot resume (a row not written by an earlier forward)."""
+        if not rows:
+            return []
+        dummy = self.table.shape[0] - 1
+        ok = [
+            len(r) > 0 and bool(self.written[r].all()) and not np.isin(r, written).any() and bool((r != dummy).all())
+            for r in rows
+        ]
+        broken = [s for s, fine in zip(slots, ok) if not fine]
+        usable = [r for r, fine in zip(rows, ok) if fine]
+        kept = [s for s, fine in zip(slots, ok) if fine]
+        if not kept:
+            return broken
+        index = torch.from_numpy(np.concatenate(usable)).to(self.table.device, non_blocking=True)
+        owner = torch.from_numpy(np.repeat(np.arange(len(kept)), [len(r) for r in usable])).to(self.table.device)
+        got = self.table.index_select(0, index)
+        top = torch.full((len(kept),), POOL_FLOOR, **_like(got)).scatter_reduce(0, owner, got[:, 0], "amax")
+        weights = torch.exp(got[:, 0] - top[owner])
+        total = torch.zeros(len(kept), **_like(got)).index_add(0, owner, weights * got[:, 1])
+        norm = torch.zeros(len(kept), **_like(got)).index_add(0, owner, weights)
+        target = torch.tensor(kept, dtype=torch.int64).to(state.device, non_blocking=True)
+        state.index_copy_(0, target, torch.stack([top, total, norm], dim=1))
+        return broken
+
+    def stage(self, written: np.ndarray) -> None:
+        """This step's tokens' KV rows, for ``store`` after the forward."""
+        self.written[written] = True
+        self.pending = torch.from_numpy(written).to(self.table.device, non_blocking=True)
+
+    def store(self, rows: torch.Tensor) -> None:
+        if self.pending is not None:
+            self.table.index_copy_(0, self.pending, rows[: self.pending.numel()])
+            self.pending = None
 
 
 @dataclass(frozen=True)
@@ -494,6 +612,7 @@ def _decide_pooled_gate(module: torch.nn.Module, args: tuple, kwargs: dict) -> N
     h = hidden.float()
     slot = module.safetylock_pool_slot[:tokens]
     logits, values = h @ module.safetylock_pool_query, h @ module.safetylock_pool_weight
+    module.safetylock_pool_rows[:tokens].copy_(torch.stack([logits, values], dim=1))  # kept per KV slot (``KVRows``)
     state, reset = module.safetylock_pool_state, module.safetylock_pool_reset > 0
     old_max = torch.where(reset, POOL_FLOOR, state[:, 0])
     old_sum, old_norm = torch.where(reset, 0.0, state[:, 1]), torch.where(reset, 0.0, state[:, 2])
@@ -640,7 +759,9 @@ def _install_gate(blocks: list[torch.nn.Module], gate, vllm_config, capacity: in
             token_slot=torch.full((capacity,), slots, dtype=torch.int64, device=device),
             reset=torch.ones(slots + 1, **floats),
             broken=torch.zeros(slots + 1, **floats),
+            rows=torch.zeros(capacity, 2, **floats),
             system=(pooling.system_head, pooling.system_end),
+            resumable=getattr(vllm_config, "kv_transfer_config", None) is None,
         )
     buffers.load(gate)
     block = blocks[gate.layer]
@@ -651,7 +772,7 @@ def _install_gate(blocks: list[torch.nn.Module], gate, vllm_config, capacity: in
     if buffers.pooling is None:
         block.register_forward_pre_hook(_decide_gate, with_kwargs=True)
         return buffers
-    for name in ("weight", "query", "state", "reset", "broken"):
+    for name in ("weight", "query", "state", "reset", "broken", "rows"):
         block.register_buffer(f"safetylock_pool_{name}", getattr(buffers.pooling, name), persistent=False)
     block.register_buffer("safetylock_pool_slot", buffers.pooling.token_slot, persistent=False)
     block.register_forward_pre_hook(_decide_pooled_gate, with_kwargs=True)
@@ -688,9 +809,12 @@ def sample(runner, original, logits, spec_decode_metadata):
 
 
 def count_gate() -> None:
-    """Called by the V1 model runner after each forward: count the gate decisions it made."""
+    """Called by the V1 model runner after each forward: keep its tokens' pooled-read rows (``KVRows``) and count
+    the gate decisions it made."""
     state = STATE.dynamic
     if state is not None and state.gate is not None:
+        if state.gate.pooling is not None:
+            state.gate.pooling.store()
         state.gate.count()
 
 

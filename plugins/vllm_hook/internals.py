@@ -58,6 +58,12 @@ WRAPPED = (
     Internal("vllm.v1.engine.input_processor", "InputProcessor.process_inputs", ("self", "request_id", "prompt", "params")),
     Internal("vllm.tokenizers.registry", "cached_get_tokenizer"),
     Internal("vllm.v1.core.kv_cache_manager", "KVCacheManager.get_computed_blocks", ("self", "request")),
+    Internal("vllm.v1.core.sched.scheduler", "Scheduler.schedule", ("self",)),
+    Internal(
+        "vllm.v1.core.block_pool",
+        "BlockPool.cache_full_blocks",
+        ("self", "request", "blocks", "num_cached_blocks", "num_full_blocks", "block_size"),
+    ),
 )
 
 # Where vLLM keeps ``terminate_if_errored`` (it stops a server whose engine died): the module that defines it, then
