@@ -420,27 +420,53 @@ def test_attention_probe_is_the_seeded_mean_of_fits_run_side_by_side_and_steadie
     assert agreement(16) > agreement(1) + 0.2  # measured: 0.95 against 0.58
 
 
-def test_served_pooled_read_restarts_per_prompt_and_fails_closed_on_a_prompt_it_did_not_read_whole():
-    """The vLLM plugin's host plan: a prompt's state restarts where its pooled tokens start; a prompt whose first
-    forwarded chunk lies past that start (its earlier tokens came from a cache) is marked to fire."""
+def served_read():
     from safetylock_vllm.engine import PooledRead
 
-    read = PooledRead(
+    return PooledRead(
         torch.zeros(4), torch.zeros(4), torch.zeros(3, 3), torch.zeros(8, dtype=torch.int64), torch.zeros(3),
-        torch.zeros(3), ((1, 7), (2, 9)),
+        torch.zeros(3), torch.zeros(8, 2), ((1, 7), (2, 9)),
     )  # fmt: skip
+
+
+def test_served_pooled_read_restarts_per_prompt_and_fails_closed_on_a_prompt_it_did_not_read_whole():
+    """The vLLM plugin's host plan: a prompt's state restarts where its pooled tokens start; a prompt whose first
+    forwarded chunk lies past that start (its earlier tokens came from a cache) with no rows to resume from is
+    marked to fire."""
+    read = served_read()
     prompt = [1, 7, 5, 2, 9, 4, 4, 4, 4, 4]  # a system turn, then five pooled tokens (positions 5..9)
-    read.plan("read", 0, np.arange(0, 4), 9, prompt)
-    read.plan("cached", 1, np.arange(6, 10), 9, prompt)
+    read.plan("read", 0, np.arange(0, 4), 9, prompt, ([0, 1, 2],))
+    read.plan("cached", 1, np.arange(6, 10), 9, prompt, ([3, 4, 5],))
     read.write(8, 2)
     assert read.token_slot.tolist() == [2, 2, 2, 2, 1, 1, 1, 1]  # only pooled tokens carry their slot
     assert read.reset.tolist() == [1, 0, 1] and read.broken.tolist() == [0, 1, 0]
-    read.plan("read", 0, np.arange(4, 8), 9, prompt)
+    read.plan("read", 0, np.arange(4, 8), 9, prompt, ([0, 1, 2],))
     read.write(4, 2)
-    read.plan("read", 0, np.arange(8, 10), 9, prompt)  # the continuation of what it read: kept, not broken
+    read.plan("read", 0, np.arange(8, 10), 9, prompt, ([0, 1, 2],))  # the continuation of what it read: kept, not broken
     read.write(2, 2)
     assert read.reset.tolist() == [0, 0, 1] and read.broken.tolist() == [0, 0, 0]
     assert read.token_slot[:2].tolist() == [0, 0]
+
+
+def test_served_pooled_read_resumes_from_rows_an_earlier_forward_wrote():
+    """With the KV cache's rows attached: a prompt that read its first blocks from the cache resumes from their rows
+    when an earlier step wrote them, and fires when they are written in its own step."""
+    from safetylock_vllm.engine import KVRows
+
+    read = served_read()
+    read.kv = KVRows(4, torch.zeros(4 * 6 + 1, 2))
+    prompt = [1, 7, 5, 2, 9, 4, 4, 4, 4, 4]
+    read.plan("first", 0, np.arange(2, 8), 9, prompt, ([2, 3, 4],))  # writes rows 10..15 (positions 2..7)
+    read.plan("same step", 1, np.arange(8, 10), 9, prompt, ([2, 3, 5],))  # reads them from the cache in the same step
+    read.write(8, 2)
+    assert read.broken.tolist() == [0, 1, 0]
+    read.rows.copy_(torch.arange(16.0).view(8, 2))
+    read.store()
+    read.plan("later", 1, np.arange(8, 10), 9, prompt, ([2, 3, 5],))  # a later step: resumed from rows 13..15
+    read.write(2, 2)
+    assert read.broken.tolist() == [0, 0, 0] and read.reset.tolist() == [0, 0, 1]
+    weights = np.exp(np.array([6.0, 8.0, 10.0]) - 10.0)  # positions 5..7: logits 6, 8, 10 and scores 7, 9, 11
+    assert np.allclose(read.state[1].tolist(), [10.0, weights @ [7.0, 9.0, 11.0], weights.sum()])
 
 
 def test_pooled_tokens_of_chats_sharing_prefixes_equal_each_chat_forwarded_alone(llama_dir):
