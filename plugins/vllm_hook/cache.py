@@ -1,7 +1,7 @@
 """Scheduler side: which prefix-cache hits a request under an attention-pooled gate may read.
 
 An attention-pooled gate reads every prompt token after the system turn. The engine keeps, for every KV-cache slot,
-the gate layer's attention logit and score of the token computed there (``engine.PooledRead``), so a request that
+the gate layer's attention logit and score of the token computed there (``engine.KVRows``), so a request that
 reads blocks from the prefix cache resumes its pooled read from those rows instead of forwarding them again. Two
 hits cannot be resumed so and are cut here (vLLM's ``get_computed_blocks`` wrapped; the frontend writes each
 request's first pooled position into it, ``CACHE_READS_KEY``):
