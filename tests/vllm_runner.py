@@ -6,8 +6,8 @@ report the engine's preemption count), and optionally mixed: [[prompt index, saf
 or null], ...] run as one batch, then each item alone; follow_ups: [[prompt index, [token ids]], ...], each
 prompt with its "base" answer and those tokens appended, run after "base" as one batch.
 OUT: "base" and "lora0", "lora1", ...: per prompt, the greedy token ids, their logprobs and how many prompt tokens
-the prefix cache served ("cached"); with follow_ups, "follow_ups" (the same per item, and its "prompt"); with prompt_logprobs,
-"prompt_logprobs": per prompt, each token's logprob given its prefix (from the second token); with mixed, also
+the prefix cache served ("cached"); with follow_ups, "follow_ups" (the same per item, and its "prompt"); with
+prompt_logprobs, "prompt_logprobs": per prompt, each token's logprob given its prefix (from the second token); with mixed, also
 "mixed" and "solo" (one entry per item) and "refused" (the error of a request whose alpha the policy refuses);
 with metrics, "preemptions" (vLLM's ``vllm:num_preemptions`` after every generation above) and, gated,
 "gate_counts" ([requests decided, requests fired] as the plugin counted them).
