@@ -68,8 +68,7 @@ class Passes:
         """``hit`` less its blocks from the first steered one (the whole hit, in every group, where several)."""
         groups = hit[0].blocks
         if len(groups) != 1:
-            steered = any(b.block_id in self.steered for group in groups for b in group)
-            return (type(hit[0])(tuple(() for _ in groups)), 0, *(0 for _ in hit[2:])) if steered else hit
+            return _empty(hit) if any(b.block_id in self.steered for group in groups for b in group) else hit
         first = next((i for i, b in enumerate(groups[0]) if b.block_id in self.steered), None)
         if first is None:
             return hit
@@ -85,6 +84,11 @@ def readable(request) -> int | None:
     params = getattr(request, "sampling_params", None)
     value = ((params.extra_args if params is not None else None) or {}).get(CACHE_READS_KEY)
     return None if value is None else int(value)
+
+
+def _empty(hit: tuple) -> tuple:
+    """``hit`` with no block read, in every group."""
+    return (type(hit[0])(tuple(() for _ in hit[0].blocks)), 0, *(0 for _ in hit[2:]))
 
 
 def _kept(hit: tuple, blocks: list, block_size: int) -> tuple:
@@ -105,7 +109,7 @@ def cut(hit: tuple, limit: int, fresh: set[int] | None = None) -> tuple:
         return hit
     groups = blocks.blocks
     if not (len(groups) == 1 and len(groups[0]) > 0 and computed % len(groups[0]) == 0):
-        return (type(blocks)(tuple(() for _ in groups)), 0, *(0 for _ in hit[2:]))
+        return _empty(hit)
     block_size = computed // len(groups[0])
     if fresh is None:
         return _kept(hit, groups[0][: limit // block_size], block_size)

@@ -439,12 +439,11 @@ class KVRows:
     def rows(self, blocks: list[int] | None, positions: np.ndarray) -> np.ndarray:
         """The KV rows of ``positions`` in a request holding ``blocks`` (the dummy row where it holds none)."""
         dummy = self.table.shape[0] - 1
-        if blocks is None:
+        if not blocks:
             return np.full(len(positions), dummy, dtype=np.int64)
         index = positions // self.block_size
-        known = index < len(blocks)
-        ids = np.asarray(blocks, dtype=np.int64)[np.minimum(index, max(len(blocks) - 1, 0))] if len(blocks) else index
-        return np.where(known, ids * self.block_size + positions % self.block_size, dummy).astype(np.int64)
+        ids = np.asarray(blocks, dtype=np.int64)[np.minimum(index, len(blocks) - 1)]
+        return np.where(index < len(blocks), ids * self.block_size + positions % self.block_size, dummy).astype(np.int64)
 
     def restore(self, state: torch.Tensor, written: np.ndarray, rows: list[np.ndarray], slots: list[int]) -> list[int]:
         """Set each resuming slot's running state from its rows (an online softmax over them); return the slots
