@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from safetylock.apply import apply, apply_gated
 from safetylock.contrast import templates
 from safetylock.data import PromptSet
-from safetylock.gate import Gate, attention_blocks, block_input
+from safetylock.gate import Gate, Pooling, attention_blocks, block_input, system_turn
 from safetylock.geometry import HeadGeometry, head_geometry, output_projections
 from safetylock.hf import chat_ids, load_model
 from safetylock.lockfile import SafetyLock, load
@@ -187,6 +187,48 @@ def saved_gated_lock(model, prompts, fire: list[bool], directory: Path, heads=(0
     prompt token on."""
     lock = model_lock(model, separating_gate(model, prompts, fire, layer=1), layers=(0, 2), heads=heads)
     return lock, lock.save(directory / "gated.lock.safetensors")
+
+
+@torch.no_grad()
+def gate_layer_inputs(model, gate: Gate, prompts) -> list[torch.Tensor]:
+    """Each prompt's HF forward alone: the gate layer's attention-block input, ``[1, tokens, hidden]``."""
+    block = attention_blocks(model, model.config.num_hidden_layers)[gate.layer]
+    seen = []
+    hook = block.register_forward_pre_hook(lambda _m, a, k: seen.append(block_input(a, k).float()), with_kwargs=True)
+    for ids in prompts:
+        model(input_ids=torch.tensor([ids]))
+    hook.remove()
+    return seen
+
+
+def pooled_score(gate: Gate, hidden: torch.Tensor, keep: torch.Tensor) -> float:
+    """The gate's score of one prompt (``hidden[1, tokens, hidden]``) pooling only the tokens ``keep`` marks."""
+    h = hidden[0]
+    weights = torch.softmax((h @ gate.pooling.query).masked_fill(~keep, -torch.inf), 0)
+    return float(gate.score(h[-1:])[0] + (weights * (h @ gate.pooling.weight)).sum())
+
+
+def pooled_scores(model, gate: Gate, prompts, start: int | None = None) -> torch.Tensor:
+    """The gate's HF scores of each prompt alone (pooled from ``start`` instead of the gate's start when given)."""
+    seen = gate_layer_inputs(model, gate, prompts)
+    first = [gate.pooling.start(ids) if start is None else max(start, gate.pooling.start(ids)) for ids in prompts]
+    return torch.cat([gate.request_scores(h, torch.tensor([f])) for h, f in zip(seen, first)])
+
+
+def random_pooled_lock(model, tokenizer, prompts, directory: Path, seed: int = 11) -> tuple[SafetyLock, Path]:
+    """A two-head lock on layers 0 and 2 with a random attention-pooled gate at layer 1 whose threshold lies in the
+    widest gap between the middle of ``prompts``' HF scores (some fire, some do not), and where it is saved."""
+    draw = torch.Generator().manual_seed(seed)
+    hidden = model.config.hidden_size
+    pooling = Pooling(torch.randn(hidden, generator=draw), torch.randn(hidden, generator=draw) / 2, *system_turn(tokenizer))
+    gate = Gate(1, torch.randn(hidden, generator=draw) / 4, 0.0, 0.0, pooling=pooling)
+    scores = pooled_scores(model, gate, prompts).sort().values
+    middle = range(len(scores) // 4, 3 * len(scores) // 4)
+    widest = max(middle, key=lambda i: scores[i + 1] - scores[i])
+    assert scores[widest + 1] - scores[widest] > 1e-2 * scores.abs().max()
+    gate = Gate(1, gate.weight, 0.0, float(scores[widest : widest + 2].mean()), pooling=pooling)
+    lock = model_lock(model, gate, layers=(0, 2))
+    return lock, lock.save(directory / "pooled.lock.safetensors")
 
 
 def rewrite_metadata(data: bytes, edit) -> bytes:

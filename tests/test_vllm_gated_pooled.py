@@ -12,12 +12,22 @@ refuse response (a second engine) and not under steer, and equals the HF referen
 import pytest
 import torch
 
-from safetylock.gate import Gate, Pooling, attention_blocks, block_input, system_turn
 from safetylock.hf import chat_ids, load_model
 from safetylock.respond import refusal_ids
 from safetylock.serve.config import lock_section
 
-from support import PROMPTS, assert_same_generation, hf_gated_greedy, hf_greedy, model_lock, run_gated_steer, run_vllm
+from support import (
+    PROMPTS,
+    assert_same_generation,
+    gate_layer_inputs,
+    hf_gated_greedy,
+    hf_greedy,
+    pooled_score,
+    pooled_scores,
+    random_pooled_lock,
+    run_gated_steer,
+    run_vllm,
+)
 
 pytestmark = [pytest.mark.engine, pytest.mark.filterwarnings("ignore:lock has no weight sketch")]
 
@@ -49,32 +59,6 @@ ALPHA_ON = 4.0
 MESSAGE = "Sorry, I can't help with that request."
 
 
-@torch.no_grad()
-def gate_layer_inputs(model, gate: Gate, prompts) -> list[torch.Tensor]:
-    """Each prompt's HF forward alone: the gate layer's attention-block input, ``[1, tokens, hidden]``."""
-    block = attention_blocks(model, model.config.num_hidden_layers)[gate.layer]
-    seen = []
-    hook = block.register_forward_pre_hook(lambda _m, a, k: seen.append(block_input(a, k).float()), with_kwargs=True)
-    for ids in prompts:
-        model(input_ids=torch.tensor([ids]))
-    hook.remove()
-    return seen
-
-
-def pooled_score(gate: Gate, hidden: torch.Tensor, keep: torch.Tensor) -> float:
-    """The gate's score of one prompt (``hidden[1, tokens, hidden]``) pooling only the tokens ``keep`` marks."""
-    h = hidden[0]
-    weights = torch.softmax((h @ gate.pooling.query).masked_fill(~keep, -torch.inf), 0)
-    return float(gate.score(h[-1:])[0] + (weights * (h @ gate.pooling.weight)).sum())
-
-
-def pooled_scores(model, gate: Gate, prompts, start: int | None = None) -> torch.Tensor:
-    """The gate's HF scores of each prompt alone (pooled from ``start`` instead of the gate's start when given)."""
-    seen = gate_layer_inputs(model, gate, prompts)
-    first = [gate.pooling.start(ids) if start is None else max(start, gate.pooling.start(ids)) for ids in prompts]
-    return torch.cat([gate.request_scores(h, torch.tensor([f])) for h, f in zip(seen, first)])
-
-
 @pytest.fixture(scope="module")
 def pooled_prompts(tokenizer):
     return [*PROMPTS, LONG, ANSWERED, *[chat_ids(tokenizer, chat) for chat in CHATS]]
@@ -82,19 +66,9 @@ def pooled_prompts(tokenizer):
 
 @pytest.fixture(scope="module")
 def pooled(llama_dir, tokenizer, pooled_prompts, tmp_path_factory):
-    """A random attention-pooled gate at layer 1, its threshold in the widest gap between the middle scores."""
+    """A random attention-pooled gate at layer 1 (``random_pooled_lock``), served under steer."""
     model, _ = load_model(llama_dir)
-    draw = torch.Generator().manual_seed(11)
-    hidden = model.config.hidden_size
-    pooling = Pooling(torch.randn(hidden, generator=draw), torch.randn(hidden, generator=draw) / 2, *system_turn(tokenizer))
-    gate = Gate(1, torch.randn(hidden, generator=draw) / 4, 0.0, 0.0, pooling=pooling)
-    scores = pooled_scores(model, gate, pooled_prompts).sort().values
-    middle = range(len(scores) // 4, 3 * len(scores) // 4)
-    widest = max(middle, key=lambda i: scores[i + 1] - scores[i])
-    assert scores[widest + 1] - scores[widest] > 1e-2 * scores.abs().max()
-    gate = Gate(1, gate.weight, 0.0, float(scores[widest : widest + 2].mean()), pooling=pooling)
-    lock = model_lock(model, gate, layers=(0, 2))
-    path = lock.save(tmp_path_factory.mktemp("pooled") / "pooled.lock.safetensors")
+    lock, path = random_pooled_lock(model, tokenizer, pooled_prompts, tmp_path_factory.mktemp("pooled"))
     follow_ups = [[pooled_prompts.index(ANSWERED), MORE]]
     out = run_gated_steer(tmp_path_factory.mktemp("pooled-run"), llama_dir, pooled_prompts, path, ALPHA_ON, follow_ups)
     return model, lock, out

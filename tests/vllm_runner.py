@@ -9,8 +9,9 @@ OUT: "base" and "lora0", "lora1", ...: per prompt, the greedy token ids, their l
 the prefix cache served ("cached"); with follow_ups, "follow_ups" (the same per item, and its "prompt"); with
 prompt_logprobs, "prompt_logprobs": per prompt, each token's logprob given its prefix (from the second token); with mixed, also
 "mixed" and "solo" (one entry per item) and "refused" (the error of a request whose alpha the policy refuses);
-with metrics, "preemptions" (vLLM's ``vllm:num_preemptions`` after every generation above) and, gated,
-"gate_counts" ([requests decided, requests fired] as the plugin counted them).
+with metrics, "preemptions" (vLLM's ``vllm:num_preemptions`` after every generation above), "drafts" ([draft
+tokens proposed, accepted] under speculative decoding) and, gated, "gate_counts" ([requests decided, requests fired]
+as the plugin counted them).
 """
 
 from __future__ import annotations
@@ -83,7 +84,13 @@ def main(spec_path: str, out_path: str) -> None:
     if spec.get("metrics"):
         from safetylock_vllm.gatecount import GateCounts
 
-        results["preemptions"] = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+        metrics = llm.get_metrics()
+
+        def total(name: str) -> float:
+            return sum(getattr(m, "value", 0) for m in metrics if m.name == name)
+
+        results["preemptions"] = total("vllm:num_preemptions")
+        results["drafts"] = [total(f"vllm:spec_decode_num_{kind}_tokens") for kind in ("draft", "accepted")]
         counts = GateCounts.attach()
         results["gate_counts"] = list(counts.read()) if counts is not None else None
     Path(out_path).write_text(json.dumps(results))

@@ -29,8 +29,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from safetylock.respond import DEFAULT_RESPONSE
-from safetylock.serve.config import CONFIG_KEY
+from safetylock.serve.config import serve_config
 
 CACHE_READS_KEY = "safetylock_cache_reads"  # in sampling_params.extra_args: the first position the gate pools
 
@@ -44,13 +43,15 @@ class Passes:
     external_kv: bool = False
     steer: bool = False  # a gated server under the steer response
     steered: set[int] = field(default_factory=set)  # cached block ids holding a token its decision shifted
+    config: object = None  # the vLLM config ``steer`` was read from (read once per scheduler)
 
     def open(self, scheduler) -> None:
         self.fresh.clear()
         self.external_kv = getattr(scheduler, "connector", None) is not None
         config = getattr(scheduler, "vllm_config", None)
-        section = (getattr(config, "additional_config", None) or {}).get(CONFIG_KEY) or {}
-        self.steer = bool(section.get("gated")) and section.get("response", DEFAULT_RESPONSE) != "refuse"
+        if config is not self.config:
+            served = serve_config(getattr(config, "additional_config", None))
+            self.config, self.steer = config, served is not None and served.gated and not served.response.refuses
 
     def cached(self, request, blocks: list, first: int, end: int, block_size: int) -> None:
         """``blocks[first:end]`` of ``request`` were just cached: fresh this pass; steered where one holds its last

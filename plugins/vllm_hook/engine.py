@@ -316,6 +316,21 @@ class GateBuffers:
 POOL_FLOOR = -1e30  # the running maximum of a slot with no token read yet (finite: exp(FLOOR - FLOOR) is 1)
 
 
+def merge_softmax(
+    state: torch.Tensor, owner: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, restart: torch.Tensor
+) -> torch.Tensor:
+    """Online softmax: each row's running ``[max logit, Σ weight·value, Σ weight]`` (``state``, ``[rows, 3]``; rows
+    marked in ``restart`` start empty) with the tokens of ``logits`` and ``values`` added to row ``owner``. The
+    served graph merges each step's pooled tokens so; a read resumed from the prefix cache, that hit's rows."""
+    old_max = torch.where(restart, POOL_FLOOR, state[:, 0])
+    old_sum, old_norm = torch.where(restart, 0.0, state[:, 1]), torch.where(restart, 0.0, state[:, 2])
+    new_max = torch.maximum(old_max, torch.full_like(old_max, POOL_FLOOR).scatter_reduce(0, owner, logits, "amax"))
+    kept, weights = torch.exp(old_max - new_max), torch.exp(logits - new_max[owner])
+    total = old_sum * kept + torch.zeros_like(old_sum).index_add(0, owner, weights * values)
+    norm = old_norm * kept + torch.zeros_like(old_norm).index_add(0, owner, weights)
+    return torch.stack([new_max, total, norm], dim=1)
+
+
 @dataclass
 class PooledRead:
     """An attention-pooled gate's device buffers (see the module docstring) and the host's per-request record."""
@@ -463,12 +478,10 @@ class KVRows:
         index = torch.from_numpy(np.concatenate(usable)).to(self.table.device, non_blocking=True)
         owner = torch.from_numpy(np.repeat(np.arange(len(kept)), [len(r) for r in usable])).to(self.table.device)
         got = self.table.index_select(0, index)
-        top = torch.full((len(kept),), POOL_FLOOR, **_like(got)).scatter_reduce(0, owner, got[:, 0], "amax")
-        weights = torch.exp(got[:, 0] - top[owner])
-        total = torch.zeros(len(kept), **_like(got)).index_add(0, owner, weights * got[:, 1])
-        norm = torch.zeros(len(kept), **_like(got)).index_add(0, owner, weights)
+        restart = torch.ones(len(kept), dtype=torch.bool, device=got.device)
+        merged = merge_softmax(torch.zeros(len(kept), 3, **_like(got)), owner, got[:, 0], got[:, 1], restart=restart)
         target = torch.tensor(kept, dtype=torch.int64).to(state.device, non_blocking=True)
-        state.index_copy_(0, target, torch.stack([top, total, norm], dim=1))
+        state.index_copy_(0, target, merged)
         return broken
 
     def stage(self, written: np.ndarray) -> None:
@@ -612,14 +625,10 @@ def _decide_pooled_gate(module: torch.nn.Module, args: tuple, kwargs: dict) -> N
     slot = module.safetylock_pool_slot[:tokens]
     logits, values = h @ module.safetylock_pool_query, h @ module.safetylock_pool_weight
     module.safetylock_pool_rows[:tokens].copy_(torch.stack([logits, values], dim=1))  # kept per KV slot (``KVRows``)
-    state, reset = module.safetylock_pool_state, module.safetylock_pool_reset > 0
-    old_max = torch.where(reset, POOL_FLOOR, state[:, 0])
-    old_sum, old_norm = torch.where(reset, 0.0, state[:, 1]), torch.where(reset, 0.0, state[:, 2])
-    new_max = torch.maximum(old_max, torch.full_like(old_max, POOL_FLOOR).scatter_reduce(0, slot, logits, "amax"))
-    kept, weights = torch.exp(old_max - new_max), torch.exp(logits - new_max[slot])
-    total = old_sum * kept + torch.zeros_like(old_sum).index_add(0, slot, weights * values)
-    norm = old_norm * kept + torch.zeros_like(old_norm).index_add(0, slot, weights)
-    state.copy_(torch.stack([new_max, total, norm], dim=1))
+    state = module.safetylock_pool_state
+    merged = merge_softmax(state, slot, logits, values, restart=module.safetylock_pool_reset > 0)
+    state.copy_(merged)
+    total, norm = merged[:, 1], merged[:, 2]
     write = module.safetylock_token_write[:tokens]
     pooled = (total / norm.clamp_min(1e-30))[write]
     params = module.safetylock_gate_params
