@@ -1,11 +1,15 @@
 """Gated serving under speculative decoding in the real vLLM engine: n-gram drafts are verified by the locked model,
 several tokens of a request in one forward, so every verified token must be shifted by its request's decision and
 the pooled read's rows of rejected drafts must be overwritten like their keys and values. Each request must equal
-the HF gated reference (the steer response; the refuse response refuses speculative decoding at start-up)."""
+the HF gated reference, under the steer response and under the refuse response, whose forced tokens are verified
+against the drafts like any target (a follow-up then reads the forced answer's keys and values from the prefix
+cache, so a draft accepted where it differs from the refusal would show there)."""
 
 import pytest
+import torch
 
 from safetylock.hf import chat_ids, load_model
+from safetylock.respond import forced_targets, refusal_ids
 from safetylock.serve.config import lock_section
 
 from support import (
@@ -31,6 +35,8 @@ CHATS = [
 ]
 ALPHA_ON = 4.0
 MAX_TOKENS = 32
+MORE = 32  # tokens of the follow-up after the forced answer
+MESSAGE = "Sorry, sorry: I can't help with that request, sorry."
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 
 
@@ -73,15 +79,51 @@ def test_drafted_requests_equal_the_hf_gated_reference(drafted, prompts):
     assert out["gate_counts"][0] >= len(prompts)
 
 
-def test_the_refuse_response_refuses_speculative_decoding(llama_dir, drafted, tmp_path_factory):
-    """Fail closed: forced refusal tokens cannot be verified as drafts, so such a server does not start."""
-    _, lock, _ = drafted
+@pytest.fixture(scope="module")
+def refused(llama_dir, tokenizer, prompts, drafted, tmp_path_factory):
+    """The same lock under the refuse response with n-gram drafts, then a follow-up after one forced answer (its gate
+    does not fire: its answer is the model's own, computed on the cached refusal's keys and values)."""
+    model, lock, _ = drafted
     path = lock.save(tmp_path_factory.mktemp("spec-refuse") / "pooled.lock.safetensors")
+    refusal = refusal_ids(tokenizer, MESSAGE)
+    scores = pooled_scores(model, lock.gate, prompts)
+    answer = forced_targets(torch.tensor(refusal), torch.arange(MAX_TOKENS)).tolist()
+    draw = torch.Generator().manual_seed(3)
+    candidates = [  # (fired prompt, more tokens after its answer), the longest prompts first
+        (i, torch.randint(3, 300, (MORE,), generator=draw).tolist())
+        for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        if scores[i] > lock.gate.threshold
+        for _ in range(16)
+    ]
+    follow = [prompts[i] + answer + extra for i, extra in candidates]
+    quiet = (pooled_scores(model, lock.gate, follow) <= lock.gate.threshold).tolist()
+    fired, extra = candidates[quiet.index(True)]
+    section = lock_section(path, ALPHA_ON, gated=True, response="refuse", refusal_message=MESSAGE)
     out = run_vllm(
         tmp_path_factory.mktemp("spec-refuse-run"),
         model=str(llama_dir),
-        additional_config={"safetylock": lock_section(path, ALPHA_ON, gated=True, response="refuse")},
-        engine_args={"speculative_config": NGRAM},
-        may_fail=True,
+        prompts=prompts,
+        max_tokens=MAX_TOKENS,
+        metrics=True,
+        additional_config={"safetylock": section},
+        enforce_eager=False,
+        engine_args={"max_num_seqs": 4, "block_size": 32, "enable_prefix_caching": True, "speculative_config": NGRAM},
+        follow_ups=[[fired, extra]],
     )
-    assert out.get("failed") and "cannot be combined with speculative decoding" in out["log"]
+    return model, lock, refusal, out
+
+
+def test_refused_requests_under_drafts_equal_the_hf_reference(refused, prompts):
+    """Forced refusals (their n-gram drafts partly accepted) beside requests served normally, then the follow-up
+    reading the forced answer's blocks from the prefix cache: each equals the HF reference under the refuse
+    response."""
+    model, lock, refusal, out = refused
+    _, accepted = out["drafts"]
+    assert accepted > 0, out["drafts"]
+    (follow,) = out["follow_ups"]
+    answer_from = len(follow["prompt"]) - MAX_TOKENS - MORE  # where the forced answer starts in the follow-up
+    assert follow["cached"] > answer_from, (follow["cached"], answer_from)  # it read some of the answer's tokens
+    want = hf_gated_greedy(model, lock, ALPHA_ON, [*prompts, follow["prompt"]], MAX_TOKENS, refusal=refusal)
+    assert_same_generation([*out["base"], follow], want)
+    fires = (pooled_scores(model, lock.gate, prompts) > lock.gate.threshold).tolist()
+    assert [o["tokens"][: len(refusal)] == refusal for o in out["base"]] == fires

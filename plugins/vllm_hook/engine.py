@@ -495,24 +495,45 @@ class KVRows:
             self.pending = None
 
 
+def _ragged(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For items laid out ``counts[i]`` after another: each item's owner ``i`` and its index within it."""
+    owner = np.repeat(np.arange(len(counts)), counts)
+    return owner, np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
 @dataclass(frozen=True)
 class Forcing:
-    """One step's rows (requests in batch order) under the refuse response: each row's request slot, the token
-    the refusal has at its output position, and whether it may be forced (an output position, α not 0)."""
+    """One step's requests (batch order) under the refuse response: each request's slot, the output position its
+    last scheduled token samples (< 0: mid-prompt), and whether it may be forced (α not 0); and, on the device, the
+    rows of a step without drafts (one per request): its slot, target token and whether it may be forced."""
 
     slots: torch.Tensor  # [rows] int64
     targets: torch.Tensor  # [rows] int64
     forcible: torch.Tensor  # [rows] bool
+    refusal: torch.Tensor  # host int64: the refusal's tokens, then end-of-sequence
+    host_slots: np.ndarray  # [requests] int64
+    host_steps: np.ndarray  # [requests] int64
+    host_forcible: np.ndarray  # [requests] bool: α not 0
 
     @classmethod
     def of(cls, gate: GateBuffers, slots: list[int], steps: list[int], alphas: list[float]) -> Forcing:
-        device = gate.fired.device
-        positions = torch.tensor(steps, dtype=torch.int64)
-        forcible = (positions >= 0) & (torch.tensor(alphas, dtype=torch.float64) != 0)
+        host_slots, host_steps = np.asarray(slots, dtype=np.int64), np.asarray(steps, dtype=np.int64)
+        host_forcible = np.asarray(alphas, dtype=np.float64) != 0
         return cls(
-            torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True),
-            forced_targets(gate.refusal, positions).to(device, non_blocking=True),
-            forcible.to(device, non_blocking=True),
+            *cls._rows(gate.refusal, host_slots, host_steps, host_forcible, gate.fired.device),
+            gate.refusal,
+            host_slots,
+            host_steps,
+            host_forcible,
+        )
+
+    @staticmethod
+    def _rows(refusal: torch.Tensor, slots: np.ndarray, steps: np.ndarray, forcible: np.ndarray, device):
+        positions = torch.from_numpy(steps)
+        return (
+            torch.from_numpy(slots).to(device, non_blocking=True),
+            forced_targets(refusal, positions).to(device, non_blocking=True),
+            (torch.from_numpy(forcible) & (positions >= 0)).to(device, non_blocking=True),
         )
 
     def apply(self, fired: torch.Tensor, sample, logits: torch.Tensor):
@@ -523,6 +544,34 @@ class Forcing:
         output = sample(forced_logits(logits, forced, self.targets))
         tokens = output.sampled_token_ids
         output.sampled_token_ids = torch.where(forced[:, None], self.targets[:, None].to(tokens.dtype), tokens)
+        return output
+
+    def apply_drafted(self, fired: torch.Tensor, sample, logits: torch.Tensor, drafts: torch.Tensor, counts: list[int]):
+        """A speculative-decoding step: request ``r`` has ``counts[r]`` draft tokens (``drafts``, flat) and one logits
+        row per draft plus one, sampling consecutive output positions up to its last scheduled token's. Every
+        forcible row whose slot fired is forced to its target, and a forced request's output is what verifying its
+        drafts against those targets gives: its targets up to and including the first draft that differs."""
+        per = np.asarray(counts, dtype=np.int64)
+        if len(per) != len(self.host_slots) or logits.shape[0] != int(per.sum()) + len(per):
+            raise RuntimeError(f"safetylock: {logits.shape[0]} rows to sample, {len(self.host_slots)} requests prepared")
+        owner, offset = _ragged(per + 1)  # each logits row's request and its index there
+        steps = self.host_steps[owner] - per[owner] + offset
+        slots, targets, forcible = self._rows(
+            self.refusal, self.host_slots[owner], steps, self.host_forcible[owner], fired.device
+        )
+        forced = (fired[slots] > 0.5) & forcible
+        output = sample(forced_logits(logits, forced, targets))
+        tokens = output.sampled_token_ids  # [requests, max drafts + 1], -1 past each request's output
+        device, dtype = tokens.device, tokens.dtype
+        wanted = torch.full(tokens.shape, -1, dtype=dtype, device=device)
+        wanted[tuple(torch.from_numpy(a).to(device) for a in (owner, offset))] = targets.to(device, dtype)
+        proposed = torch.full(tokens.shape, -2, dtype=dtype, device=device)
+        proposed[tuple(torch.from_numpy(a).to(device) for a in _ragged(per))] = drafts.to(device, dtype)
+        accepted = torch.cumprod((proposed[:, :-1] == wanted[:, :-1]).to(torch.int64), dim=1).sum(dim=1)
+        kept = torch.arange(tokens.shape[1], device=device)[None, :] <= accepted[:, None]
+        first_rows = torch.from_numpy(np.cumsum(per + 1) - (per + 1)).to(forced.device)
+        forced_requests = forced[first_rows].to(device)
+        output.sampled_token_ids = torch.where(forced_requests[:, None], torch.where(kept, wanted, -1), tokens)
         return output
 
 
@@ -711,8 +760,6 @@ def _refusal_tokens(message: str, vllm_config) -> torch.Tensor:
     """The refuse response's tokens in the served tokenizer; LockError where they cannot be forced."""
     from vllm.tokenizers.registry import cached_get_tokenizer
 
-    if vllm_config.speculative_config is not None:
-        raise LockError("the refuse response cannot be combined with speculative decoding: start without it")
     model_config = vllm_config.model_config
     try:
         tokenizer = cached_get_tokenizer(
@@ -811,9 +858,17 @@ def sample(runner, original, logits, spec_decode_metadata):
     if gate is None or gate.refusal is None or logits is None:
         return original(runner, logits, spec_decode_metadata)
     forcing, gate.forcing = gate.forcing, None
-    if forcing is None or spec_decode_metadata is not None:
+    if forcing is None:
         raise RuntimeError("safetylock: a sampling step without its prepared rows; refusing to sample unforced")
-    return forcing.apply(gate.fired, lambda forced: original(runner, forced, None), logits)
+    if spec_decode_metadata is None:
+        return forcing.apply(gate.fired, lambda forced: original(runner, forced, None), logits)
+    return forcing.apply_drafted(
+        gate.fired,
+        lambda forced: original(runner, forced, spec_decode_metadata),
+        logits,
+        spec_decode_metadata.draft_token_ids,
+        list(spec_decode_metadata.num_draft_tokens),
+    )
 
 
 def count_gate() -> None:
