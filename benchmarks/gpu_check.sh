@@ -34,6 +34,7 @@ install() {
 # past TEST_TIMEOUT is killed; its log says how far it got.
 TESTS=${TESTS:-"tests/test_vllm_gated.py
 tests/test_vllm_gated_pooled.py
+tests/test_vllm_gated_spec.py
 tests/test_vllm_plugin.py::test_compiled_graph_is_locked_and_keyed_by_the_lock
 tests/test_vllm_controls.py::test_mixed_alpha_batch_equals_solo_runs_compiled
 tests/test_vllm_plugin.py::test_v2_model_runner_serves_static_locks_and_refuses_dynamic_ones"}
