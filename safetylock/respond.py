@@ -15,8 +15,10 @@ potentially life-threatening situation."), a deflection to another topic, or, on
 stops it; the forced refusal is one clean line whatever the fine-tune did to the weights.
 
 The same in the HF path and in the vLLM plugin (forced in the sampler from the decision the gate wrote inside the
-graph; the host never reads it back). The HF path needs the refusal's tokens, so ``apply_gated`` steers unless
-given them (``apply_gated(..., refusal=refusal_ids(...))``, then ``GatedHandle.force``).
+graph; the host never reads it back). Under speculative decoding every verified position of such a request is
+forced to the message's token there, so a draft is accepted only where it is that token. The HF path needs the
+refusal's tokens, so ``apply_gated`` steers unless given them (``apply_gated(..., refusal=refusal_ids(...))``,
+then ``GatedHandle.force``).
 """
 
 from __future__ import annotations
