@@ -9,6 +9,7 @@ and a firing request streamed without ignore_eos, which must stream the message 
 import json
 import subprocess
 import threading
+import urllib.error
 import urllib.request
 
 import pytest
@@ -50,6 +51,24 @@ def complete(port: int, model: str, ids: list[int], alpha: float | None, out: di
     }
 
 
+def sampled(port: int, model: str, ids: list[int], out: dict) -> None:
+    """A client that samples, asks for logprobs and for more tokens than the message has (``min_tokens``)."""
+    body = {"model": model, "prompt": ids, "max_tokens": TOKENS, "min_tokens": TOKENS, "temperature": 1.0, "seed": 1}
+    body |= {"logprobs": 0, "return_tokens_as_token_ids": True}
+    try:
+        with urllib.request.urlopen(post(port, body), timeout=300) as response:
+            choice = json.loads(response.read())["choices"][0]
+    except urllib.error.HTTPError as error:
+        out["sampled"] = {"status": error.code, "body": error.read().decode()[:500]}
+        return
+    out["sampled"] = {
+        "status": 200,
+        "tokens": [int(token.split(":")[1]) for token in choice["logprobs"]["tokens"]],
+        "logprobs": choice["logprobs"]["token_logprobs"],
+        "finish_reason": choice["finish_reason"],
+    }
+
+
 def stream(port: int, model: str, ids: list[int], out: dict) -> None:
     body = {"model": model, "prompt": ids, "max_tokens": TOKENS, "temperature": 0, "stream": True}
     text, finish = [], None
@@ -82,6 +101,7 @@ def served(llama_dir, tmp_path_factory):
             for i, alpha in enumerate(ALPHAS)
         ]
         threads.append(threading.Thread(target=stream, args=(port, str(llama_dir), PROMPTS[2], out)))
+        threads.append(threading.Thread(target=sampled, args=(port, str(llama_dir), PROMPTS[0], out)))
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -112,6 +132,16 @@ def test_streamed_refusal_is_the_message_and_stops(served):
     assert out["stream"]["text"] == MESSAGE
     assert out["stream"]["finish_reason"] == "stop"
     assert out["stream"]["chunks"] > 1  # streamed token by token, not in one piece
+
+
+def test_a_sampled_refusal_with_min_tokens_and_logprobs_is_the_message_at_logprob_0(served):
+    """``min_tokens`` masks end-of-sequence inside vLLM's sampler after the forcing made it the only token: the answer
+    is still the message and end-of-sequence, and each token's logprob entry is the forced token's (0), so the
+    completions endpoint, which looks the output token up among them, answers."""
+    _, tokenizer, _, out = served
+    assert out["sampled"]["status"] == 200, out["sampled"]
+    assert out["sampled"]["tokens"] == refusal_ids(tokenizer, MESSAGE) and out["sampled"]["finish_reason"] == "stop"
+    assert out["sampled"]["logprobs"] == [0.0] * len(out["sampled"]["tokens"])
 
 
 def test_the_batch_was_chunked_and_preempted_and_the_start_up_line_names_the_response(served):

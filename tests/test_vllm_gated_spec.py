@@ -37,6 +37,8 @@ ALPHA_ON = 4.0
 MAX_TOKENS = 32
 MORE = 32  # tokens of the follow-up after the forced answer
 MESSAGE = "Sorry, sorry: I can't help with that request, sorry."
+# a client that samples, asks for more tokens than the message has and for the output token's logprob
+SAMPLED = {"max_tokens": 48, "min_tokens": 40, "temperature": 1.0, "seed": 1, "logprobs": 0}
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 
 
@@ -109,6 +111,7 @@ def refused(llama_dir, tokenizer, prompts, drafted, tmp_path_factory):
         enforce_eager=False,
         engine_args={"max_num_seqs": 4, "block_size": 32, "enable_prefix_caching": True, "speculative_config": NGRAM},
         follow_ups=[[fired, extra]],
+        sampled=SAMPLED,
     )
     return model, lock, refusal, out
 
@@ -127,3 +130,17 @@ def test_refused_requests_under_drafts_equal_the_hf_reference(refused, prompts):
     assert_same_generation([*out["base"], follow], want)
     fires = (pooled_scores(model, lock.gate, prompts) > lock.gate.threshold).tolist()
     assert [o["tokens"][: len(refusal)] == refusal for o in out["base"]] == fires
+
+
+def test_a_refusal_ends_after_its_message_whatever_the_sampling(refused, prompts, tokenizer):
+    """Sampled at temperature 1 with ``min_tokens`` past the message's end, under drafts: a fired request still gets
+    the message and end-of-sequence, each at logprob 0, and stops there (vLLM stops at end-of-sequence; ``min_tokens``
+    only masks it, and the forcing overrides the mask); the others are sampled to ``max_tokens``."""
+    model, lock, refusal, out = refused
+    fires = (pooled_scores(model, lock.gate, prompts) > lock.gate.threshold).tolist()
+    for sampled, fired in zip(out["sampled"], fires):
+        if fired:
+            assert sampled["tokens"] == refusal and sampled["finish"] == "stop", sampled
+            assert sampled["logprobs"] == [0.0] * len(refusal), sampled  # each step's entry is the forced token's
+        else:
+            assert len(sampled["tokens"]) == SAMPLED["max_tokens"] and sampled["finish"] == "length"

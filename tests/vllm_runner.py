@@ -9,9 +9,10 @@ OUT: "base" and "lora0", "lora1", ...: per prompt, the greedy token ids, their l
 the prefix cache served ("cached"); with follow_ups, "follow_ups" (the same per item, and its "prompt"); with
 prompt_logprobs, "prompt_logprobs": per prompt, each token's logprob given its prefix (from the second token); with mixed, also
 "mixed" and "solo" (one entry per item) and "refused" (the error of a request whose alpha the policy refuses);
-with metrics, "preemptions" (vLLM's ``vllm:num_preemptions`` after every generation above), "drafts" ([draft
-tokens proposed, accepted] under speculative decoding) and, gated, "gate_counts" ([requests decided, requests fired]
-as the plugin counted them).
+with sampled ({sampling parameters}), "sampled": the prompts once more under those parameters, each's tokens,
+"finish" reason and logprobs; with metrics, "preemptions" (vLLM's ``vllm:num_preemptions`` after every generation
+above), "drafts" ([draft tokens proposed, accepted] under speculative decoding) and, gated, "gate_counts" ([requests
+decided, requests fired] as the plugin counted them).
 """
 
 from __future__ import annotations
@@ -77,6 +78,19 @@ def main(spec_path: str, out_path: str) -> None:
         ]
     for name, lora in settings:
         results[name] = greedy(llm.generate(prompts, params, lora_request=lora))
+    if spec.get("sampled"):  # after "base": the prompts under other sampling parameters
+        outputs = llm.generate(prompts, SamplingParams(**spec["sampled"]))
+        results["sampled"] = [
+            {
+                "tokens": list(o.outputs[0].token_ids),
+                "finish": o.outputs[0].finish_reason,
+                "logprobs": [  # None where the output token is not among its step's logprob entries
+                    getattr(step.get(token), "logprob", None)
+                    for step, token in zip(o.outputs[0].logprobs or [], o.outputs[0].token_ids)
+                ],
+            }
+            for o in outputs
+        ]
     if spec.get("follow_ups"):  # after "base": each prompt, its greedy answer there, then more tokens
         follow = [spec["prompts"][i] + results["base"][i]["tokens"] + extra for i, extra in spec["follow_ups"]]
         answers = greedy(llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in follow], params))

@@ -501,6 +501,21 @@ def _ragged(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return owner, np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
+def _forced_logprobs(tensors, forced: torch.Tensor, targets: torch.Tensor):
+    """The sampler's logprobs with each forced row's sampled-token entry set to its target at log-probability 0,
+    rank 1. A processor that masks the target after the forcing (``min_tokens`` before end-of-sequence) leaves the
+    sampler's own pick there, which the OpenAI completions endpoint looks the output token up by (and failed with
+    500). Rows are the sampler's: where their count is not the forced rows', the tensors are left as they are."""
+    if tensors is None or tensors.logprob_token_ids.shape[0] != forced.shape[0]:
+        return tensors
+    rows = forced.to(tensors.logprobs.device)
+    ids, values = tensors.logprob_token_ids.clone(), tensors.logprobs.clone()
+    ids[:, 0] = torch.where(rows, targets.to(ids.device, ids.dtype), ids[:, 0])
+    values[:, 0] = torch.where(rows, 0.0, values[:, 0])
+    ranks = torch.where(rows.to(tensors.selected_token_ranks.device), 1, tensors.selected_token_ranks)
+    return tensors._replace(logprob_token_ids=ids, logprobs=values, selected_token_ranks=ranks)
+
+
 @dataclass(frozen=True)
 class Forcing:
     """One step's requests (batch order) under the refuse response: each request's slot, the output position its
@@ -544,6 +559,7 @@ class Forcing:
         output = sample(forced_logits(logits, forced, self.targets))
         tokens = output.sampled_token_ids
         output.sampled_token_ids = torch.where(forced[:, None], self.targets[:, None].to(tokens.dtype), tokens)
+        output.logprobs_tensors = _forced_logprobs(output.logprobs_tensors, forced, self.targets)
         return output
 
     def apply_drafted(self, fired: torch.Tensor, sample, logits: torch.Tensor, drafts: torch.Tensor, counts: list[int]):
@@ -572,6 +588,9 @@ class Forcing:
         first_rows = torch.from_numpy(np.cumsum(per + 1) - (per + 1)).to(forced.device)
         forced_requests = forced[first_rows].to(device)
         output.sampled_token_ids = torch.where(forced_requests[:, None], torch.where(kept, wanted, -1), tokens)
+        # vLLM's logprob rows under drafts are the output grid's cells, request by request
+        cells = (forced_requests[:, None] & kept).flatten()
+        output.logprobs_tensors = _forced_logprobs(output.logprobs_tensors, cells, wanted.flatten())
         return output
 
 
