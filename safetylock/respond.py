@@ -1,8 +1,8 @@
 """What a gated lock answers a request whose gate fires with: its response policy.
 
 * ``refuse`` (the default of a gated server): the answer is the operator's refusal message, token for token, then
-  the tokenizer's end-of-sequence token (repeated if the request ignores it or asks for more tokens; in vLLM a
-  request's ``min_tokens`` does not hold the answer open: the engine stops at end-of-sequence). At every
+  the tokenizer's end-of-sequence token (repeated if the request ignores it or asks for more tokens; a request's
+  ``min_tokens`` holds the answer open on vLLM 0.24, with end-of-sequence repeated, not on 0.32). At every
   sampling step of such a request the logits become the message's next token (log-probability 0, every other
   token −inf) and the sampled token is that token, whatever the request's sampling parameters, structured output
   included. Heads are shifted at α-off for every request, as for requests whose gate does not fire, so the forced
