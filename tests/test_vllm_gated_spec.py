@@ -132,10 +132,11 @@ def test_refused_requests_under_drafts_equal_the_hf_reference(refused, prompts):
     assert [o["tokens"][: len(refusal)] == refusal for o in out["base"]] == fires
 
 
-def test_a_refusal_ends_after_its_message_whatever_the_sampling(refused, prompts, tokenizer):
+def test_a_refusal_ends_after_its_message_whatever_the_sampling(refused, prompts):
     """Sampled at temperature 1 with ``min_tokens`` past the message's end, under drafts: a fired request still gets
-    the message and end-of-sequence, each at logprob 0, and stops there (vLLM stops at end-of-sequence; ``min_tokens``
-    only masks it, and the forcing overrides the mask); the others are sampled to ``max_tokens``."""
+    the message and end-of-sequence, each at logprob 0, and stops there (vLLM 0.32, the only release this module runs
+    on, stops at end-of-sequence; ``min_tokens`` only masks it, and the forcing overrides the mask); the others are
+    sampled to ``max_tokens``."""
     model, lock, refusal, out = refused
     fires = (pooled_scores(model, lock.gate, prompts) > lock.gate.threshold).tolist()
     for sampled, fired in zip(out["sampled"], fires):
