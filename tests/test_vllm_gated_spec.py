@@ -42,6 +42,23 @@ SAMPLED = {"max_tokens": 48, "min_tokens": 40, "temperature": 1.0, "seed": 1, "l
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 
 
+def run_drafted(workdir, model_dir, prompts, section: dict, **spec) -> dict:
+    """``prompts`` served by one compiled engine with ``section`` and n-gram drafts, prefix caching on, metrics kept;
+    ``spec``: what else ``vllm_runner`` runs (mixed, follow_ups, sampled)."""
+    engine_args = {"max_num_seqs": 4, "block_size": 32, "enable_prefix_caching": True, "speculative_config": NGRAM}
+    return run_vllm(
+        workdir,
+        model=str(model_dir),
+        prompts=prompts,
+        max_tokens=MAX_TOKENS,
+        metrics=True,
+        additional_config={"safetylock": section},
+        enforce_eager=False,
+        engine_args=engine_args,
+        **spec,
+    )
+
+
 @pytest.fixture(scope="module")
 def prompts(tokenizer):
     return [*PROMPTS, REPEATS, *[chat_ids(tokenizer, chat) for chat in CHATS]]
@@ -52,17 +69,9 @@ def drafted(llama_dir, tokenizer, prompts, tmp_path_factory):
     """The prompts served gated (steer, α 4) with n-gram speculative decoding, as one batch and each alone."""
     model, _ = load_model(llama_dir)
     lock, path = random_pooled_lock(model, tokenizer, prompts, tmp_path_factory.mktemp("spec"))
-    out = run_vllm(
-        tmp_path_factory.mktemp("spec-run"),
-        model=str(llama_dir),
-        prompts=prompts,
-        max_tokens=MAX_TOKENS,
-        metrics=True,
-        additional_config={"safetylock": lock_section(path, ALPHA_ON, gated=True, response="steer")},
-        enforce_eager=False,
-        engine_args={"max_num_seqs": 4, "block_size": 32, "speculative_config": NGRAM},
-        mixed=[[index, None] for index in range(len(prompts))],
-    )
+    section = lock_section(path, ALPHA_ON, gated=True, response="steer")
+    mixed = [[index, None] for index in range(len(prompts))]
+    out = run_drafted(tmp_path_factory.mktemp("spec-run"), llama_dir, prompts, section, mixed=mixed)
     return model, lock, out
 
 
@@ -101,18 +110,8 @@ def refused(llama_dir, tokenizer, prompts, drafted, tmp_path_factory):
     quiet = (pooled_scores(model, lock.gate, follow) <= lock.gate.threshold).tolist()
     fired, extra = candidates[quiet.index(True)]
     section = lock_section(path, ALPHA_ON, gated=True, response="refuse", refusal_message=MESSAGE)
-    out = run_vllm(
-        tmp_path_factory.mktemp("spec-refuse-run"),
-        model=str(llama_dir),
-        prompts=prompts,
-        max_tokens=MAX_TOKENS,
-        metrics=True,
-        additional_config={"safetylock": section},
-        enforce_eager=False,
-        engine_args={"max_num_seqs": 4, "block_size": 32, "enable_prefix_caching": True, "speculative_config": NGRAM},
-        follow_ups=[[fired, extra]],
-        sampled=SAMPLED,
-    )
+    workdir = tmp_path_factory.mktemp("spec-refuse-run")
+    out = run_drafted(workdir, llama_dir, prompts, section, follow_ups=[[fired, extra]], sampled=SAMPLED)
     return model, lock, refusal, out
 
 
