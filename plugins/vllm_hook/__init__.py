@@ -8,6 +8,7 @@ method calls straight through.
 * ``engine``: after the weights are loaded (before compilation), fold the lock or install the per-token scale.
 * ``frontend``: per-request α policy (HTTP 400 on a refused value), prefix-cache salt, Prometheus metrics.
 * ``cache``: under an attention-pooled gate, the prefix-cache hits its read cannot resume from are cut.
+* ``grammar``: under the refuse response, a structured-output request whose answer was forced leaves its grammar.
 * ``admin``: the ``safetylock_admin`` endpoint plugin (hot swap), opt-in through ``VLLM_PLUGINS``.
 * ``internals``: the vLLM internals wrapped here, checked at ``register`` (a vLLM that moved them refuses to start).
 * ``state``: the one object that holds what the plugin keeps in a process.
@@ -23,10 +24,10 @@ from pathlib import Path
 def register() -> None:
     """Check the vLLM internals the plugin wraps (``internals``), then wrap every model loader's ``load_model``,
     the V1 runner's input preparation and sampling, the input processor, the KV-cache manager's prefix-cache
-    lookup and the scheduler's passes (``cache``)."""
+    lookup and the scheduler's passes (``cache``) and its output step (``grammar``)."""
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
-    from safetylock_vllm import cache, frontend, internals
+    from safetylock_vllm import cache, frontend, grammar, internals
 
     internals.check()
     pending = [BaseModelLoader]
@@ -38,6 +39,7 @@ def register() -> None:
             cls.load_model = _wrap_load_model(original)
     frontend.install()
     cache.install()
+    grammar.install()
 
 
 @functools.cache

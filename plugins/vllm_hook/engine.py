@@ -743,7 +743,7 @@ def install_dynamic(model: torch.nn.Module, prepared: PreparedLock, vllm_config)
         state.gate = _install_gate(blocks, gate, vllm_config, capacity, device, dtype)
         state.gate.counts = GateCounts.attach() if _tensor_parallel()[0] == 0 else None
         if prepared.config.response.refuses:
-            state.gate.refusal = _refusal_tokens(prepared.config.response.message, vllm_config)
+            state.gate.refusal = refusal_tokens(prepared.config.response.message, vllm_config)
     for layer, block in enumerate(blocks):
         if gate is not None and not gate.shifts_when_generating(layer):
             continue
@@ -775,7 +775,7 @@ def install_dynamic(model: torch.nn.Module, prepared: PreparedLock, vllm_config)
     )
 
 
-def _refusal_tokens(message: str, vllm_config) -> torch.Tensor:
+def refusal_tokens(message: str, vllm_config) -> torch.Tensor:
     """The refuse response's tokens in the served tokenizer; LockError where they cannot be forced."""
     from vllm.tokenizers.registry import cached_get_tokenizer
 

@@ -60,6 +60,10 @@ WRAPPED = (
     Internal("vllm.v1.core.kv_cache_manager", "KVCacheManager.get_computed_blocks", ("self", "request")),
     Internal("vllm.v1.core.sched.scheduler", "Scheduler.schedule", ("self",)),
     Internal(
+        "vllm.v1.core.sched.scheduler", "Scheduler.update_from_output", ("self", "scheduler_output", "model_runner_output")
+    ),
+    Internal("vllm.v1.structured_output.request", "StructuredOutputRequest.grammar"),
+    Internal(
         "vllm.v1.core.block_pool",
         "BlockPool.cache_full_blocks",
         ("self", "request", "blocks", "num_cached_blocks", "num_full_blocks", "block_size"),
