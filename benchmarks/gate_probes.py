@@ -19,7 +19,11 @@ Candidates:
   one), firing when any does, thresholds as for ``union`` — a gate with one direction per kind of harm;
 * ``group-dro``: one linear probe fit for its *worst* (source, label) group rather than their average (group DRO,
   Sagawa et al. 2020: exponentiated group weights, step 0.05; L2 0.01; Adam, 400 full-batch steps) — a gate asked
-  to hold on every kind it sees, in the hope that it then holds on kinds it does not.
+  to hold on every kind it sees, in the hope that it then holds on kinds it does not;
+* ``null-space-E``: AlphaSteer's read (Sheng et al. 2025) — the features projected on the benign fit requests'
+  approximate null space (the directions that carry, together, a share ``E`` of their uncentred energy), then a
+  ridge map of every harmful request to 1 (its steering matrix with a rank-one target, read as a score);
+  ``null-space-linear-E``: the product's logistic fit on the same projection.
 
 The base's answers are generated once per model and cached in the cache's ``gate/`` (their texts stay there), and
 only when a candidate needs them (``REFUSAL_BASED``).
@@ -160,6 +164,39 @@ def group_dro(x: np.ndarray, harmful: np.ndarray, refused: np.ndarray, sources: 
     return lambda z: (z @ folded + offset)[:, None]
 
 
+NULL_SPACE_ENERGIES = (0.001, 0.01, 0.05, 0.2, 0.5)  # share of the benign activations' energy left in the null space
+
+
+def benign_null_space(benign: np.ndarray, energy: float) -> np.ndarray:
+    """An orthonormal basis [hidden, k] of the directions along which ``benign`` (rows: activations, uncentred, as
+    AlphaSteer takes them) carries, all together, at most ``energy`` of its squared norm: the benign activations'
+    approximate null space, largest-variance directions removed first."""
+    values, vectors = np.linalg.eigh(benign.T @ benign)  # ascending
+    kept = np.cumsum(values) <= energy * values.sum()
+    return vectors[:, kept]
+
+
+def null_space(energy: float, logistic: bool) -> Fitter:
+    """AlphaSteer's read (Sheng et al. 2025): the features projected on the benign fit requests' null space, then
+    a ridge map of harmful requests to 1 (its steering matrix with a rank-one target, as a score) or, with
+    ``logistic``, the product gate's logistic fit on the projected features."""
+
+    def fitter(x: np.ndarray, harmful: np.ndarray, refused: np.ndarray, sources: np.ndarray, seed: int = 0) -> Scorer:
+        basis = benign_null_space(x[~harmful], energy)
+        z = x @ basis
+        if logistic:
+            weight, bias = fit_linear(z, harmful, sources, seed)
+            return lambda q: ((q @ basis) @ weight + bias)[:, None]
+        rows = z[harmful]
+        weights = balanced_weights(harmful, sources)[harmful]  # each harmful source alike
+        gram = (rows * weights[:, None]).T @ rows
+        ridge = 0.1 * np.trace(gram) / len(gram)
+        weight = np.linalg.solve(gram + ridge * np.eye(len(gram)), (rows * weights[:, None]).sum(0))
+        return lambda q: ((q @ basis) @ weight)[:, None]
+
+    return fitter
+
+
 CANDIDATES: dict[str, Fitter] = {
     "linear": linear,
     "mlp": mlp,
@@ -168,6 +205,8 @@ CANDIDATES: dict[str, Fitter] = {
     "union": union,
     "per-source": per_source,
     "group-dro": group_dro,
+    **{f"null-space-{energy}": null_space(energy, logistic=False) for energy in NULL_SPACE_ENERGIES},
+    **{f"null-space-linear-{energy}": null_space(energy, logistic=True) for energy in NULL_SPACE_ENERGIES},
 }
 REFUSAL_BASED = {"refusal", "harm-or-refusal", "union"}  # fit on the base's own refusals: need its answers
 

@@ -17,7 +17,7 @@ never released — one that happens to begin like the message included, since it
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from safetylock.serve.config import serve_config
 
@@ -59,7 +59,6 @@ class Forced:
 
     refusal: list[int] | None = None
     config: object = None
-    released: set[str] = field(default_factory=set)  # request ids released (for logs and tests)
 
     def open(self, scheduler) -> None:
         config = getattr(scheduler, "vllm_config", None)
@@ -89,7 +88,6 @@ class Forced:
                 continue
             if is_forced_answer([*request.output_token_ids, *new], self.refusal) and grammar.validate_tokens(new) != new:
                 structured.grammar = Released()
-                self.released.add(request_id)
                 _log_release(request_id)
 
 
