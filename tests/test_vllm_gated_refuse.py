@@ -4,7 +4,8 @@ answered with the operator's message, forced in the sampler; the rest are served
 One server, chunked prefill at 32 tokens and a KV cache too small for the batch (the scheduler preempts and
 recomputes): concurrent completions, some firing and some not, one firing request sent at α 0 (never forced),
 a firing request streamed without ignore_eos, which must stream the message and finish with "stop", and two
-requests under structured output (a JSON schema on a firing prompt, a choice on one that does not fire).
+requests under structured output (a JSON schema on a firing prompt, a choice on one that does not fire), and a
+beam search on a firing prompt.
 """
 
 import json
@@ -88,6 +89,13 @@ def structured(port: int, model: str, ids: list[int], constraint: dict, out: dic
     out[key] = {"status": 200, "tokens": tokens, "finish_reason": choice["finish_reason"]}
 
 
+def beams(port: int, model: str, ids: list[int], out: dict) -> None:
+    """Beam search: vLLM's API layer runs it as one one-token request per step, ranked by the step's top logprobs."""
+    body = {"model": model, "prompt": ids, "max_tokens": 8, "use_beam_search": True, "n": 2, "temperature": 0}
+    with urllib.request.urlopen(post(port, body), timeout=300) as response:
+        out["beams"] = [choice["text"] for choice in json.loads(response.read())["choices"]]
+
+
 def stream(port: int, model: str, ids: list[int], out: dict) -> None:
     body = {"model": model, "prompt": ids, "max_tokens": TOKENS, "temperature": 0, "stream": True}
     text, finish = [], None
@@ -121,6 +129,7 @@ def served(llama_dir, tmp_path_factory):
         ]
         threads.append(threading.Thread(target=stream, args=(port, str(llama_dir), PROMPTS[2], out)))
         threads.append(threading.Thread(target=sampled, args=(port, str(llama_dir), PROMPTS[0], out)))
+        threads.append(threading.Thread(target=beams, args=(port, str(llama_dir), PROMPTS[0], out)))
         for key, index, constraint in (("json", 2, {"json": SCHEMA}), ("choice", 1, {"choice": CHOICES})):
             threads.append(
                 threading.Thread(target=structured, args=(port, str(llama_dir), PROMPTS[index], constraint, out, key))
@@ -181,6 +190,15 @@ def test_a_fired_request_under_structured_output_gets_the_message_and_the_others
     assert kept["status"] == 200, kept
     assert tokenizer.decode(kept["tokens"], skip_special_tokens=True) in CHOICES, kept
     assert "released from its structured-output grammar" in out["log"]
+
+
+def test_beam_search_on_a_fired_request_begins_every_beam_with_the_message(served):
+    """The first step's request is the fired prompt itself: its forced row ranks the message's first token at 0 and
+    every other token at −9999, so no beam starts with the model's own token (later steps are new prompts, which
+    the gate decides anew)."""
+    _, tokenizer, _, out = served
+    first = tokenizer.decode(refusal_ids(tokenizer, MESSAGE)[:1])
+    assert len(out["beams"]) == 2 and all(text.startswith(first) for text in out["beams"]), out["beams"]
 
 
 def test_the_batch_was_chunked_and_preempted_and_the_start_up_line_names_the_response(served):
