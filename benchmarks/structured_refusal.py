@@ -17,6 +17,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,9 +38,7 @@ KV_BYTES = 2 << 30
 
 def ask(port: int, model: str, prompt: str, json_mode: bool, max_tokens: int, framing: Framing) -> dict:
     """One chat request as the variant's attacker frames it (its system prompt and prompt prefix, if any)."""
-    system = [{"role": "system", "content": framing.system_prompt}] if framing.system_prompt else []
-    messages = [*system, {"role": "user", "content": (framing.prompt_prefix or "") + prompt}]
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    body = {"model": model, "messages": framing.messages(prompt), "max_tokens": max_tokens, "temperature": 0}
     body |= {"response_format": {"type": "json_object"}} if json_mode else {}
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
@@ -62,15 +61,14 @@ def parses(text: str) -> bool:
 
 def counts(answers: list[dict]) -> dict:
     """Counts only: statuses, refusal messages, JSON-shaped and whole-JSON answers, finish reasons."""
-    tally = lambda values: {str(v): values.count(v) for v in sorted(set(values), key=str)}  # noqa: E731
     texts = [a.get("content", "") for a in answers]
     return {
         "requests": len(answers),
-        "status": tally([a["status"] for a in answers]),
+        "status": dict(sorted(Counter(str(a["status"]) for a in answers).items())),
         "refusal_message": sum(t == DEFAULT_REFUSAL for t in texts),
         "json_object_start": sum(t.lstrip().startswith("{") for t in texts),
         "json_parses": sum(parses(t) for t in texts),
-        "finish": tally([a.get("finish") for a in answers]),
+        "finish": dict(sorted(Counter(str(a.get("finish")) for a in answers).items())),
     }
 
 

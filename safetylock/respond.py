@@ -77,6 +77,13 @@ def forced_targets(refusal: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     return refusal[steps.clamp(0, refusal.numel() - 1)]
 
 
+def is_forced_answer(answer: list[int], refusal: list[int]) -> bool:
+    """Whether ``answer`` (a request's output tokens, on the host) is a prefix of the forced answer: the token at
+    each position is ``forced_targets``'s there — ``refusal``'s, its last (end-of-sequence) past its end."""
+    last = len(refusal) - 1
+    return bool(answer) and all(token == refusal[min(i, last)] for i, token in enumerate(answer))
+
+
 def forced_logits(logits: torch.Tensor, forced: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``logits`` [rows, vocab] with each row where ``forced`` is true replaced by a one-hot on its target
     (0 there, −inf elsewhere); no host synchronisation."""

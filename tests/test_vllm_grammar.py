@@ -3,7 +3,8 @@ served behaviour: ``test_vllm_gated_refuse``'s structured-output test."""
 
 import torch
 
-from safetylock_vllm.grammar import Released, is_forced_answer
+from safetylock.respond import is_forced_answer
+from safetylock_vllm.grammar import Released
 
 REFUSAL = [53, 383, 14, 2]  # the message's tokens, then end-of-sequence
 

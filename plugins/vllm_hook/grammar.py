@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from safetylock.respond import is_forced_answer
 from safetylock.serve.config import serve_config
 
 
@@ -45,13 +46,6 @@ class Released:
         pass
 
 
-def is_forced_answer(answer: list[int], refusal: list[int]) -> bool:
-    """Whether ``answer`` (a request's output tokens) is a prefix of the forced answer: ``refusal`` (the message's
-    tokens, then end-of-sequence), its last token repeated past its end."""
-    last = len(refusal) - 1
-    return bool(answer) and all(token == refusal[min(i, last)] for i, token in enumerate(answer))
-
-
 @dataclass
 class Forced:
     """The refusal's tokens of the scheduler's server (None: not a gated server under the refuse response), read
@@ -71,9 +65,12 @@ class Forced:
 
             self.refusal = refusal_tokens(served.response.message, config).tolist()
 
-    def release(self, scheduler, output) -> None:
+    def release(self, scheduler, scheduled, output) -> None:
         """Release each structured-output request of ``output`` (a ``ModelRunnerOutput``) whose answer, with this
-        step's tokens, is the forced answer and whose grammar rejects them."""
+        step's tokens, is the forced answer and whose grammar rejects them. ``scheduled`` (the step's
+        ``SchedulerOutput``) says whether any request sampled under a grammar; none did on most steps."""
+        if not getattr(scheduled, "has_structured_output_requests", True):
+            return
         self.open(scheduler)
         if self.refusal is None:
             return
@@ -110,7 +107,7 @@ def install() -> None:
 
     @functools.wraps(original)
     def update_from_output(self, scheduler_output, model_runner_output, *args, **kwargs):
-        FORCED.release(self, model_runner_output)
+        FORCED.release(self, scheduler_output, model_runner_output)
         return original(self, scheduler_output, model_runner_output, *args, **kwargs)
 
     update_from_output._safetylock_wrapped = True
