@@ -37,8 +37,9 @@ ALPHA_ON = 4.0
 MAX_TOKENS = 32
 MORE = 32  # tokens of the follow-up after the forced answer
 MESSAGE = "Sorry, sorry: I can't help with that request, sorry."
-# a client that samples, asks for more tokens than the message has and for the output token's logprob
-SAMPLED = {"max_tokens": 48, "min_tokens": 40, "temperature": 1.0, "seed": 1, "logprobs": 0}
+# a client that samples, asks for more tokens than the message has and for the output token's logprob; min_tokens
+# equals max_tokens so that an unfired request cannot sample end-of-sequence before max_tokens (at 40 of 48, one did)
+SAMPLED = {"max_tokens": 48, "min_tokens": 48, "temperature": 1.0, "seed": 1, "logprobs": 0}
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 
 
