@@ -6,12 +6,17 @@ decides at the last prompt token, so anything conditioned on a decision (a secon
 it: ``benchmarks.gate_band``) can shift only from there on. This splits α-off's effect and cost by where it is
 added: the HF model of a variant, its refit gate's fired requests answered with the refusal, every other request
 generated greedily with the heads at ``--alpha`` on all positions, on the prompt's positions only (the prompt's
-forward, its last position included, so the first generated token too), or on the generated positions only.
+forward, its last position included, so the first generated token too), or on the generated positions only; and
+with none (the gated refuse served as the product serves it). Then a band under the threshold, ``t_low < score``,
+with α-off on every token for its requests only — what a second prefill of those requests with their prompt
+shifted would serve — composed per item from the "all" and "none" answers; ``t_low`` set on the gate's benign
+calibration requests through the model (``--band-fpr``: the share of them above it).
 
 **Fit vs scored**: the lock and the gate come from the gate's requests and AdvBench's extraction split; ``airt``,
 past-tense, Do-Not-Answer and advice are in no fit; arithmetic is utility.
 
 Run: python -m benchmarks.alpha_off_tokens [--variant harmful-10] [--alpha 2] [--suites donotanswer,advice,...]
+     [--band-fpr 0.1,0.2,0.3,0.5]
 Writes benchmarks/results/alpha_off_tokens.{json,png}; answers stay in the cache.
 """
 
@@ -27,18 +32,20 @@ import torch
 from benchmarks.common import RESULTS, calibrated_lock, write_result
 from benchmarks.gate_band import outcome
 from benchmarks.responses import product_lock
+from safetylock import data
 from safetylock.apply import fold_bias, layer_shifts
 from safetylock.attack import served
 from safetylock.evaluate import judged, load_suite
-from safetylock.gate import attention_blocks, gate_scores
+from safetylock.gate import attention_blocks, benign_calibration, gate_scores, threshold_at
 from safetylock.geometry import head_geometry, output_projections
 from safetylock.hf import generate, load_model
 from safetylock.lockfile import load
 from safetylock.models import cache_root, resolve
 from safetylock.report import METRICS
 from safetylock.respond import DEFAULT_REFUSAL
+from safetylock.sources import recorded_sizes
 
-PLACES = ("all", "prompt", "generated")  # where α-off is added
+PLACES = ("none", "all", "prompt", "generated")  # where α-off is added
 SUITES = "donotanswer,advice,arithmetic,airt,past-tense"
 
 
@@ -62,8 +69,9 @@ def shifted(place: dict[str, str], bias: torch.Tensor, alpha: float):
 @click.option("--suites", default=SUITES, show_default=True)
 @click.option("--count", type=int, default=50, show_default=True)
 @click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--band-fpr", default="0.1,0.2,0.3,0.5", show_default=True, help="Benign calibration shares above t_low.")
 @click.option("--out", default="alpha_off_tokens", show_default=True)
-def main(variant: str, alpha: float, suites: str, count: int, max_tokens: int, out: str) -> None:
+def main(variant: str, alpha: float, suites: str, count: int, max_tokens: int, band_fpr: str, out: str) -> None:
     model_dir, framing = served(variant)
     lock = load(calibrated_lock(product_lock(), variant, model_dir, framing, refit=True))
     model, tokenizer = load_model(resolve(model_dir))
@@ -75,6 +83,9 @@ def main(variant: str, alpha: float, suites: str, count: int, max_tokens: int, o
             blocks[layer].register_forward_hook(shifted(place, fold_bias(projections[layer].weight, delta), alpha))
     answers_dir = cache_root() / "answers" / out
     answers_dir.mkdir(parents=True, exist_ok=True)
+    benign = benign_calibration(data.advbench(), sizes=recorded_sizes(lock.gate.calibration))
+    calibration = gate_scores(model, tokenizer, lock.gate, benign, framing)
+    lows = {float(f): threshold_at(calibration, float(f)) for f in band_fpr.split(",")}
     rows: dict[str, dict[str, float]] = {}
     metrics = {}
     for name in [s for s in suites.split(",") if s]:
@@ -82,8 +93,10 @@ def main(variant: str, alpha: float, suites: str, count: int, max_tokens: int, o
         metrics[name] = METRICS[suite.kind]
         chats = [framing.messages(p) for p in suite.asked()]
         place["now"] = "none"
-        fired = gate_scores(model, tokenizer, lock.gate, chats) > lock.gate.threshold
+        scores = gate_scores(model, tokenizer, lock.gate, chats)
+        fired = scores > lock.gate.threshold
         rows[name] = {"fired": round(float(fired.mean()), 3)}
+        answered: dict[str, list[dict]] = {}
         for where in PLACES:
             place["now"] = where
             passed = [i for i in range(len(chats)) if not fired[i]]
@@ -91,12 +104,19 @@ def main(variant: str, alpha: float, suites: str, count: int, max_tokens: int, o
             items = [judged(suite, suite.prompts[i], answers.get(i, DEFAULT_REFUSAL), i) for i in range(len(chats))]
             (answers_dir / f"{variant}-{name}-{where}.json").write_text(json.dumps(items, indent=1))
             rows[name][where] = round(float(np.mean([outcome(item, suite.kind) for item in items])), 3)
+            answered[where] = items
             print(name, where, rows[name][where], flush=True)
+        for share, low in lows.items():
+            band = (scores > low) & ~fired
+            chosen = [a if b else n for a, n, b in zip(answered["all"], answered["none"], band)]
+            rows[name][f"band {share:.0%}"] = round(float(np.mean([outcome(item, suite.kind) for item in chosen])), 3)
+            rows[name][f"band {share:.0%} share"] = round(float(band.mean()), 3)
     result = {
         "protocol": f"HF, greedy, {max_tokens} tokens; {variant} with its gate refit as served; fired requests "
         f"answered with the refusal, the others with the lock's heads at α {alpha:g} where each column says",
         "variant": variant,
         "alpha_off": alpha,
+        "band_t_low": {f"{share:g}": low for share, low in lows.items()},
         "count": count,
         "metrics": metrics,
         "rows": rows,
@@ -112,15 +132,18 @@ def plot(result: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     suites = list(result["rows"])
-    fig, ax = plt.subplots(figsize=(10, 3.8))
-    for k, where in enumerate(PLACES):
-        values = [100 * result["rows"][s][where] for s in suites]
-        ax.bar([i + k * 0.27 for i in range(len(suites))], values, 0.27, label=f"α-off on {where} tokens")
-    ax.set_xticks([i + 0.27 for i in range(len(suites))])
+    columns = [*PLACES, *(k for k in result["rows"][suites[0]] if k.startswith("band") and not k.endswith("share"))]
+    width = 0.85 / len(columns)
+    fig, ax = plt.subplots(figsize=(12, 4))
+    for k, column in enumerate(columns):
+        values = [100 * result["rows"][s][column] for s in suites]
+        label = f"α-off on {column} tokens" if column in PLACES else f"{column} of benign: α-off on every token"
+        ax.bar([i + k * width for i in range(len(suites))], values, width, label=label)
+    ax.set_xticks([i + 0.425 - width / 2 for i in range(len(suites))])
     ax.set_xticklabels([f"{s}\n{result['metrics'][s].replace('_', ' ')}" for s in suites], fontsize=8)
     ax.set_ylabel("%")
     ax.set_title(f"{result['variant']}, gated refuse with α-off {result['alpha_off']:g}: where α-off is added")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
