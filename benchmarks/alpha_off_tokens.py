@@ -29,7 +29,7 @@ import click
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS, calibrated_lock, write_result
+from benchmarks.common import RESULTS, calibrated_lock, grouped_bars, write_result
 from benchmarks.gate_band import outcome
 from benchmarks.responses import product_lock
 from safetylock import data
@@ -133,15 +133,14 @@ def plot(result: dict, path: Path) -> Path:
 
     suites = list(result["rows"])
     columns = [*PLACES, *(k for k in result["rows"][suites[0]] if k.startswith("band") and not k.endswith("share"))]
-    width = 0.85 / len(columns)
     fig, ax = plt.subplots(figsize=(12, 4))
-    for k, column in enumerate(columns):
-        values = [100 * result["rows"][s][column] for s in suites]
-        label = f"α-off on {column} tokens" if column in PLACES else f"{column} of benign: α-off on every token"
-        ax.bar([i + k * width for i in range(len(suites))], values, width, label=label)
-    ax.set_xticks([i + 0.425 - width / 2 for i in range(len(suites))])
-    ax.set_xticklabels([f"{s}\n{result['metrics'][s].replace('_', ' ')}" for s in suites], fontsize=8)
-    ax.set_ylabel("%")
+    series = {
+        f"α-off on {column} tokens" if column in PLACES else f"{column} of benign: α-off on every token": [
+            result["rows"][s][column] for s in suites
+        ]
+        for column in columns
+    }
+    grouped_bars(ax, [f"{s}\n{result['metrics'][s].replace('_', ' ')}" for s in suites], series, width=0.85)
     ax.set_title(f"{result['variant']}, gated refuse with α-off {result['alpha_off']:g}: where α-off is added")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

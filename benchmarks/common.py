@@ -1,5 +1,5 @@
 """The benchmarks' one shared helper module: result files, machine description, load rounds against servers, a
-lock re-calibrated on a served variant."""
+lock re-calibrated on a served variant, grouped bars of per-suite rates."""
 
 from __future__ import annotations
 
@@ -51,6 +51,17 @@ def calibrated_lock(lock: Path, name: str, model: str, framing, refit: bool = Fa
         command = ["calibrate-gate", "--model", model, "--lock", str(lock), "--out", str(path), *served_as]
         subprocess.run([sys.executable, "-m", "safetylock.cli", *command], check=True)
     return path
+
+
+def grouped_bars(ax, groups: Sequence[str], series: dict[str, Sequence[float]], width: float = 0.8) -> None:
+    """On ``ax``: one group of bars per entry of ``groups`` (tick labels), one bar per ``series`` entry (legend
+    label → a rate in [0, 1] per group), drawn in percent."""
+    step = width / len(series)
+    for k, (label, rates) in enumerate(series.items()):
+        ax.bar([i + k * step for i in range(len(groups))], [100 * r for r in rates], step, label=label)
+    ax.set_xticks([i + width / 2 - step / 2 for i in range(len(groups))])
+    ax.set_xticklabels(groups, fontsize=8)
+    ax.set_ylabel("%")
 
 
 def write_result(name: str, payload: dict) -> Path:

@@ -28,7 +28,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from benchmarks.common import RESULTS, calibrated_lock, write_result
+from benchmarks.common import RESULTS, calibrated_lock, grouped_bars, write_result
 from benchmarks.responses import product_lock
 from safetylock import data
 from safetylock.attack import BASE, served
@@ -84,14 +84,10 @@ def plot(result: dict, path: Path) -> Path:
     models = list(dict.fromkeys(row["model"] for row in result["rows"]))
     suites = list(result["metrics"])
     fig, axes = plt.subplots(len(models), 1, figsize=(12, 3.6 * len(models)), squeeze=False)
+    groups = [f"{s}\n{result['metrics'][s].replace('_', ' ')}" for s in suites]
     for ax, model in zip(axes[:, 0], models):
         rows = [row for row in result["rows"] if row["model"] == model]
-        width = 0.8 / len(rows)
-        for k, row in enumerate(rows):
-            ax.bar([i + k * width for i in range(len(suites))], [100 * row[s] for s in suites], width, label=row["policy"])
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(suites))])
-        ax.set_xticklabels([f"{s}\n{result['metrics'][s].replace('_', ' ')}" for s in suites], fontsize=8)
-        ax.set_ylabel("%")
+        grouped_bars(ax, groups, {row["policy"]: [row[s] for s in suites] for row in rows})
         ax.set_title(f"{model}: gated refuse, and a band under the threshold steered at α {result['band_alpha']:g}")
         ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
