@@ -1,4 +1,4 @@
-"""Where the gated lock's α-off acts: every token, the prompt's tokens only, or the generated tokens only.
+"""Where the gated lock's α-off acts: every token, the prompt's tokens only, the generated tokens only.
 
 Under the refuse response with an ``alpha_off``, every request whose gate does not fire is served with the lock's
 heads at α-off on every token, its prompt's included (``safetylock.apply.apply_gated``, the plugin alike). A gate
@@ -6,18 +6,21 @@ decides at the last prompt token, so anything conditioned on a decision (a secon
 it: ``benchmarks.gate_band``) can shift only from there on. This splits α-off's effect and cost by where it is
 added: the HF model of a variant, its refit gate's fired requests answered with the refusal, every other request
 generated greedily with the heads at ``--alpha`` on all positions, on the prompt's positions only (the prompt's
-forward, its last position included, so the first generated token too), or on the generated positions only; and
-with none (the gated refuse served as the product serves it). Then a band under the threshold, ``t_low < score``,
-with α-off on every token for its requests only — what a second prefill of those requests with their prompt
-shifted would serve — composed per item from the "all" and "none" answers; ``t_low`` set on the gate's benign
-calibration requests through the model (``--band-fpr``: the share of them above it).
+forward, its last position included, so the first generated token too), on the generated positions only, or
+``late``: the generated positions and, at the heads after the gate's layer, the prompt's (what a decision known
+before those layers run could shift in the same forward); and with none (the gated refuse served as the product
+serves it). Then a band under the threshold, ``t_low < score``, with α-off on every token for its requests only —
+what a second prefill of those requests with their prompt shifted would serve — composed per item from the "all"
+and "none" answers (and from the "late" and "none" ones); ``t_low`` set on the gate's benign calibration requests
+through the model (``--band-fpr``: the share of them above it). ``--variant aligned-base``: the base with the
+lock's own gate.
 
 **Fit vs scored**: the lock and the gate come from the gate's requests and AdvBench's extraction split; ``airt``,
 past-tense, Do-Not-Answer and advice are in no fit; arithmetic is utility.
 
 Run: python -m benchmarks.alpha_off_tokens [--variant harmful-10] [--alpha 2] [--suites donotanswer,advice,...]
-     [--band-fpr 0.1,0.2,0.3,0.5]
-Writes benchmarks/results/alpha_off_tokens.{json,png}; answers stay in the cache.
+     [--band-fpr 0.1,0.2,0.3,0.5] [--places none,all,prompt,generated,late] [--out alpha_off_tokens]
+Writes benchmarks/results/OUT.{json,png}; answers stay in the cache.
 """
 
 from __future__ import annotations
@@ -29,12 +32,11 @@ import click
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS, calibrated_lock, grouped_bars, write_result
+from benchmarks.common import RESULTS, gated_target, suite_bars, write_result
 from benchmarks.gate_band import outcome
 from benchmarks.responses import product_lock
 from safetylock import data
 from safetylock.apply import fold_bias, layer_shifts
-from safetylock.attack import served
 from safetylock.evaluate import judged, load_suite
 from safetylock.gate import attention_blocks, benign_calibration, gate_scores, threshold_at
 from safetylock.geometry import head_geometry, output_projections
@@ -45,18 +47,20 @@ from safetylock.report import METRICS
 from safetylock.respond import DEFAULT_REFUSAL
 from safetylock.sources import recorded_sizes
 
-PLACES = ("none", "all", "prompt", "generated")  # where α-off is added
+PLACES = ("none", "all", "prompt", "generated", "late")  # where α-off is added
 SUITES = "donotanswer,advice,arithmetic,airt,past-tense"
 
 
-def shifted(place: dict[str, str], bias: torch.Tensor, alpha: float):
+def shifted(place: dict[str, str], bias: torch.Tensor, alpha: float, after_gate: bool):
     """An attention block's forward hook adding ``alpha · bias`` where ``place["now"]`` says (a forward of more than
-    one position is the prompt's, one position a generated token's)."""
+    one position is the prompt's, one position a generated token's; ``late``: every generated token, and the
+    prompt's tokens at blocks after the gate layer, ``after_gate``)."""
 
     def hook(_module, _args, output):
         hidden = output[0]
         prompt = hidden.shape[1] > 1
-        if {"all": True, "prompt": prompt, "generated": not prompt}.get(place["now"], False):
+        wanted = {"all": True, "prompt": prompt, "generated": not prompt, "late": after_gate or not prompt}
+        if wanted.get(place["now"], False):
             return (hidden + alpha * bias.to(hidden.dtype), *output[1:])
         return output
 
@@ -70,17 +74,19 @@ def shifted(place: dict[str, str], bias: torch.Tensor, alpha: float):
 @click.option("--count", type=int, default=50, show_default=True)
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--band-fpr", default="0.1,0.2,0.3,0.5", show_default=True, help="Benign calibration shares above t_low.")
+@click.option("--places", default=",".join(PLACES), show_default=True, help="Where α-off is added, a column each.")
 @click.option("--out", default="alpha_off_tokens", show_default=True)
-def main(variant: str, alpha: float, suites: str, count: int, max_tokens: int, band_fpr: str, out: str) -> None:
-    model_dir, framing = served(variant)
-    lock = load(calibrated_lock(product_lock(), variant, model_dir, framing, refit=True))
+def main(variant: str, alpha: float, suites: str, count: int, max_tokens: int, band_fpr: str, places: str, out: str) -> None:
+    model_dir, framing, lock_path = gated_target(variant, product_lock())
+    lock = load(lock_path)
     model, tokenizer = load_model(resolve(model_dir))
     geometry = head_geometry(model.config)
     projections, blocks = output_projections(model, geometry), attention_blocks(model, geometry.num_layers)
     place = {"now": "none"}
     for layer, delta in layer_shifts(lock, 1.0).items():
         if lock.gate.shifts_when_generating(layer):
-            blocks[layer].register_forward_hook(shifted(place, fold_bias(projections[layer].weight, delta), alpha))
+            bias = fold_bias(projections[layer].weight, delta)
+            blocks[layer].register_forward_hook(shifted(place, bias, alpha, lock.gate.shifts_on_prompt(layer)))
     answers_dir = cache_root() / "answers" / out
     answers_dir.mkdir(parents=True, exist_ok=True)
     benign = benign_calibration(data.advbench(), sizes=recorded_sizes(lock.gate.calibration))
@@ -97,7 +103,7 @@ def main(variant: str, alpha: float, suites: str, count: int, max_tokens: int, b
         fired = scores > lock.gate.threshold
         rows[name] = {"fired": round(float(fired.mean()), 3)}
         answered: dict[str, list[dict]] = {}
-        for where in PLACES:
+        for where in places.split(","):
             place["now"] = where
             passed = [i for i in range(len(chats)) if not fired[i]]
             answers = dict(zip(passed, generate(model, tokenizer, [chats[i] for i in passed], max_tokens, batch_size=25)))
@@ -108,9 +114,12 @@ def main(variant: str, alpha: float, suites: str, count: int, max_tokens: int, b
             print(name, where, rows[name][where], flush=True)
         for share, low in lows.items():
             band = (scores > low) & ~fired
-            chosen = [a if b else n for a, n, b in zip(answered["all"], answered["none"], band)]
-            rows[name][f"band {share:.0%}"] = round(float(np.mean([outcome(item, suite.kind) for item in chosen])), 3)
             rows[name][f"band {share:.0%} share"] = round(float(band.mean()), 3)
+            for where in ("all", "late"):
+                if where in answered and "none" in answered:
+                    chosen = [a if b else n for a, n, b in zip(answered[where], answered["none"], band)]
+                    column = f"band {share:.0%}" + ("" if where == "all" else f" {where}")
+                    rows[name][column] = round(float(np.mean([outcome(item, suite.kind) for item in chosen])), 3)
     result = {
         "protocol": f"HF, greedy, {max_tokens} tokens; {variant} with its gate refit as served; fired requests "
         f"answered with the refusal, the others with the lock's heads at α {alpha:g} where each column says",
@@ -126,27 +135,26 @@ def main(variant: str, alpha: float, suites: str, count: int, max_tokens: int, b
 
 def plot(result: dict, path: Path) -> Path:
     """One group per suite, a bar per place α-off is added."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     suites = list(result["rows"])
-    columns = [*PLACES, *(k for k in result["rows"][suites[0]] if k.startswith("band") and not k.endswith("share"))]
-    fig, ax = plt.subplots(figsize=(12, 4))
-    series = {
-        f"α-off on {column} tokens" if column in PLACES else f"{column} of benign: α-off on every token": [
-            result["rows"][s][column] for s in suites
-        ]
-        for column in columns
+    first = result["rows"][suites[0]]
+    columns = [c for c in first if c in PLACES or (c.startswith("band") and not c.endswith("share"))]
+    labels = {
+        "none": "no token",
+        "all": "every token",
+        "prompt": "the prompt's tokens",
+        "generated": "generated tokens",
+        "late": "generated tokens and, after the gate layer, the prompt's",
     }
-    grouped_bars(ax, [f"{s}\n{result['metrics'][s].replace('_', ' ')}" for s in suites], series, width=0.85)
-    ax.set_title(f"{result['variant']}, gated refuse with α-off {result['alpha_off']:g}: where α-off is added")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+
+    def label(column: str) -> str:
+        if column in PLACES:
+            return f"α-off on {labels[column]}"
+        how = "as late" if column.endswith("late") else "on every token"
+        return f"{column.removesuffix(' late')} of benign: α-off {how}"
+
+    series = {label(column): [result["rows"][s][column] for s in suites] for column in columns}
+    title = f"{result['variant']}, gated refuse with α-off {result['alpha_off']:g}: where α-off is added"
+    return suite_bars(result, series, title, path, ylim=135)
 
 
 if __name__ == "__main__":

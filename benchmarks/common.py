@@ -53,6 +53,18 @@ def calibrated_lock(lock: Path, name: str, model: str, framing, refit: bool = Fa
     return path
 
 
+def gated_target(name: str, lock: Path) -> tuple[str, object, Path]:
+    """Variant ``name``'s model and framing as served and ``lock`` with its gate refit on it; ``aligned-base``: the
+    packaged base, each prompt alone, and ``lock`` itself (its gate was fit there)."""
+    from safetylock.attack import BASE, served
+    from safetylock.hf import PLAIN
+
+    if name == "aligned-base":
+        return BASE, PLAIN, lock
+    model, framing = served(name)
+    return model, framing, Path(calibrated_lock(lock, name, model, framing, refit=True))
+
+
 def grouped_bars(ax, groups: Sequence[str], series: dict[str, Sequence[float]], width: float = 0.8) -> None:
     """On ``ax``: one group of bars per entry of ``groups`` (tick labels), one bar per ``series`` entry (legend
     label → a rate in [0, 1] per group), drawn in percent."""
@@ -62,6 +74,26 @@ def grouped_bars(ax, groups: Sequence[str], series: dict[str, Sequence[float]], 
     ax.set_xticks([i + width / 2 - step / 2 for i in range(len(groups))])
     ax.set_xticklabels(groups, fontsize=8)
     ax.set_ylabel("%")
+
+
+def suite_bars(result: dict, series: dict[str, Sequence[float]], title: str, path: Path, ylim: float = 125) -> Path:
+    """One figure at ``path``: a group of bars per suite of ``result["metrics"]`` (its headline metric under its
+    name), one bar per ``series`` entry, the legend above the bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    groups = [f"{s}\n{metric.replace('_', ' ')}" for s, metric in result["metrics"].items()]
+    grouped_bars(ax, groups, series, width=0.85)
+    ax.set_title(title)
+    ax.set_ylim(0, ylim)
+    ax.legend(fontsize=7, ncol=2, loc="upper center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_result(name: str, payload: dict) -> Path:

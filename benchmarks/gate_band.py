@@ -28,13 +28,12 @@ from pathlib import Path
 import click
 import numpy as np
 
-from benchmarks.common import RESULTS, calibrated_lock, grouped_bars, write_result
+from benchmarks.common import RESULTS, gated_target, grouped_bars, write_result
 from benchmarks.responses import product_lock
 from safetylock import data
-from safetylock.attack import BASE, served
 from safetylock.evaluate import cached_run, load_suite
 from safetylock.gate import benign_calibration, gate_scores, threshold_at
-from safetylock.hf import PLAIN, Framing, load_model
+from safetylock.hf import Framing, load_model
 from safetylock.lockfile import load
 from safetylock.models import resolve
 from safetylock.report import METRICS
@@ -110,8 +109,7 @@ def main(variants: str, band_alpha: float, band_fpr: str, count: int, max_tokens
     fprs = sorted(float(f) for f in band_fpr.split(","))
     rows, checks = [], {}
     for name in [v for v in variants.split(",") if v]:
-        model, framing = (BASE, PLAIN) if name == "aligned-base" else served(name)
-        served_lock = Path(lock if name == "aligned-base" else calibrated_lock(lock, name, model, framing, refit=True))
+        model, framing, served_lock = gated_target(name, lock)
         per_suite, calibration = scores_as_served(model, served_lock, framing, suites)
         threshold = load(served_lock).gate.threshold
         lows = {f: threshold_at(calibration, f) for f in fprs}
