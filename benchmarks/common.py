@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from safetylock.hf import forward_precision
+from safetylock.hf import PLAIN, Framing, forward_precision
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -53,11 +53,10 @@ def calibrated_lock(lock: Path, name: str, model: str, framing, refit: bool = Fa
     return path
 
 
-def gated_target(name: str, lock: Path) -> tuple[str, object, Path]:
+def gated_target(name: str, lock: Path) -> tuple[str, Framing, Path]:
     """Variant ``name``'s model and framing as served and ``lock`` with its gate refit on it; ``aligned-base``: the
     packaged base, each prompt alone, and ``lock`` itself (its gate was fit there)."""
     from safetylock.attack import BASE, served
-    from safetylock.hf import PLAIN
 
     if name == "aligned-base":
         return BASE, PLAIN, lock

@@ -1,8 +1,8 @@
 """A band decided before the lock's heads: an early gate picks which passed requests get α-off on every token.
 
 ``benchmarks.alpha_off_tokens`` found that α-off's reach on what the gate passes comes from the prompt's keys and
-values at the lock's heads, most of which sit before the gate's layer (16 of 24 on the default model: its decision
-arrives after they are written). A second probe read at a layer before every lock head (``--layers``, default 6:
+values at the lock's heads, most of which sit at or before the gate's layer (17 of 24 on the default model: its
+decision arrives after they are written). A second probe read at a layer before every lock head (``--layers``, default 6:
 the lock's first head is at layer 8) decides in the same forward, before any lock head runs, so a served graph
 could shift every lock head on every prompt token of the requests it picks — no second prefill. This measures what
 that would serve: the gate refit at each early layer on the variant as served (``gate.refit``: the product's data,
