@@ -4,12 +4,13 @@ The gate fires on some advice questions (medical, legal: benign) and misses most
 ask for both at once. This scores the unseen suites with the lock's gate on the aligned base (HF, float32) and
 reports the AUROC of each harmful suite against the advice questions and against benign instructions — how far
 *any* threshold on the gate's score could go — then, as a bound on what the features hold, a logistic probe fit on
-the two suites themselves (5-fold, stratified, seeded) at a few layers. That probe is fit and scored on the same
-two sources, so it may read each source's style as much as harm: it bounds the features, it is no gate.
+the two suites themselves (5-fold, stratified, seeded) at a few layers. Both are Do-Not-Answer's questions split
+by intent, but that probe is fit and scored on the same categories, so it may read their topics and phrasing as
+much as harm: it bounds the features, it is no gate.
 
-**Fit vs scored**: the gate is fit on the gate's requests only; Do-Not-Answer, `airt` and advice are in no fit. The
-in-source probe is fit on folds of Do-Not-Answer and advice and scored on the other folds (in-distribution by
-source, said so in the result).
+**Fit vs scored**: the gate is fit on the gate's requests only; Do-Not-Answer, ``airt``, past-tense and advice are
+in no fit. The in-source probe is fit on folds of Do-Not-Answer and advice and scored on the other folds
+(in-distribution by source, said so in the result).
 
 Run: python -m benchmarks.gate_separability [--count 300] [--layers 6,12,16,20]
 Writes benchmarks/results/gate_separability.{json,png}.
