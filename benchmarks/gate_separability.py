@@ -12,8 +12,8 @@ much as harm: it bounds the features, it is no gate.
 in no fit. The in-source probe is fit on folds of Do-Not-Answer and advice and scored on the other folds
 (in-distribution by source, said so in the result).
 
-Run: python -m benchmarks.gate_separability [--count 300] [--layers 6,12,16,20]
-Writes benchmarks/results/gate_separability.{json,png}.
+Run: python -m benchmarks.gate_separability [--count 300] [--layers 6,12,16,20] [--lock L --out NAME]
+Writes benchmarks/results/NAME.{json,png} (default gate_separability).
 """
 
 from __future__ import annotations
@@ -53,9 +53,10 @@ def in_source_auroc(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> 
 @click.command()
 @click.option("--count", type=int, default=300, show_default=True, help="Prompts per suite at most.")
 @click.option("--layers", default="6,12,16,20", show_default=True, help="Layers of the in-source probe.")
+@click.option("--lock", "lock_path", type=click.Path(exists=True, dir_okay=False), help="Another lock (default: extract's).")
 @click.option("--out", default="gate_separability", show_default=True)
-def main(count: int, layers: str, out: str) -> None:
-    lock = load(product_lock())
+def main(count: int, layers: str, lock_path: str | None, out: str) -> None:
+    lock = load(lock_path or product_lock())
     model, tokenizer = load_model(resolve(BASE))
     prompts = {name: list(load_suite(name, count, 0).asked()) for name in (*HARMFUL, *BENIGN)}
     scores = {name: gate_scores(model, tokenizer, lock.gate, chats) for name, chats in prompts.items()}
