@@ -29,15 +29,14 @@ import json
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, gated_target, suite_bars, write_result
-from benchmarks.gate_band import outcome
+from benchmarks.gate_band import suite_rate
 from benchmarks.responses import product_lock
 from safetylock import data
 from safetylock.apply import fold_bias, layer_shifts
-from safetylock.evaluate import judged, load_suite
+from safetylock.evaluate import Suite, judged, load_suite
 from safetylock.gate import attention_blocks, benign_calibration, gate_scores, threshold_at
 from safetylock.geometry import head_geometry, output_projections
 from safetylock.hf import generate, load_model
@@ -49,6 +48,19 @@ from safetylock.sources import recorded_sizes
 
 PLACES = ("none", "all", "prompt", "generated", "late")  # where α-off is added
 SUITES = "donotanswer,advice,arithmetic,airt,past-tense"
+
+
+def answers_file(out: str, variant: str, suite: str, where: str) -> Path:
+    """Where a run ``out`` keeps the judged answers of ``variant`` to ``suite`` with α-off added at ``where``."""
+    return cache_root() / "answers" / out / f"{variant}-{suite}-{where}.json"
+
+
+def cached_answers(out: str, variant: str, suite: Suite, where: str) -> list[dict]:
+    """The judged answers a run ``out`` kept (``answers_file``), refused unless they answer ``suite``'s prompts."""
+    items = json.loads(answers_file(out, variant, suite.name, where).read_text())
+    if [item["prompt"] for item in items] != list(suite.prompts):
+        raise click.ClickException(f"the cached answers of {suite.name} are not this suite's prompts")
+    return items
 
 
 def shifted(place: dict[str, str], bias: torch.Tensor, alpha: float, after_gate: bool):
@@ -87,8 +99,6 @@ def main(variant: str, alpha: float, suites: str, count: int, max_tokens: int, b
         if lock.gate.shifts_when_generating(layer):
             bias = fold_bias(projections[layer].weight, delta)
             blocks[layer].register_forward_hook(shifted(place, bias, alpha, lock.gate.shifts_on_prompt(layer)))
-    answers_dir = cache_root() / "answers" / out
-    answers_dir.mkdir(parents=True, exist_ok=True)
     benign = benign_calibration(data.advbench(), sizes=recorded_sizes(lock.gate.calibration))
     calibration = gate_scores(model, tokenizer, lock.gate, benign, framing)
     lows = {float(f): threshold_at(calibration, float(f)) for f in band_fpr.split(",")}
@@ -108,8 +118,10 @@ def main(variant: str, alpha: float, suites: str, count: int, max_tokens: int, b
             passed = [i for i in range(len(chats)) if not fired[i]]
             answers = dict(zip(passed, generate(model, tokenizer, [chats[i] for i in passed], max_tokens, batch_size=25)))
             items = [judged(suite, suite.prompts[i], answers.get(i, DEFAULT_REFUSAL), i) for i in range(len(chats))]
-            (answers_dir / f"{variant}-{name}-{where}.json").write_text(json.dumps(items, indent=1))
-            rows[name][where] = round(float(np.mean([outcome(item, suite.kind) for item in items])), 3)
+            path = answers_file(out, variant, name, where)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(items, indent=1))
+            rows[name][where] = suite_rate(items, suite.kind)
             answered[where] = items
             print(name, where, rows[name][where], flush=True)
         for share, low in lows.items():
@@ -119,7 +131,7 @@ def main(variant: str, alpha: float, suites: str, count: int, max_tokens: int, b
                 if where in answered and "none" in answered:
                     chosen = [a if b else n for a, n, b in zip(answered[where], answered["none"], band)]
                     column = f"band {share:.0%}" + ("" if where == "all" else f" {where}")
-                    rows[name][column] = round(float(np.mean([outcome(item, suite.kind) for item in chosen])), 3)
+                    rows[name][column] = suite_rate(chosen, suite.kind)
     result = {
         "protocol": f"HF, greedy, {max_tokens} tokens; {variant} with its gate refit as served; fired requests "
         f"answered with the refusal, the others with the lock's heads at α {alpha:g} where each column says",

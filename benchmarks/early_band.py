@@ -23,25 +23,32 @@ Writes benchmarks/results/early_band.{json,png}.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import click
 import numpy as np
 
+from benchmarks.alpha_off_tokens import cached_answers
 from benchmarks.common import RESULTS, gated_target, suite_bars, write_result
-from benchmarks.gate_band import outcome
+from benchmarks.gate_band import suite_rate
 from benchmarks.responses import product_lock
 from safetylock import data
 from safetylock.evaluate import load_suite
 from safetylock.gate import benign_calibration, gate_requests, gate_scores, refit, threshold_at
 from safetylock.hf import load_model
 from safetylock.lockfile import load
-from safetylock.models import cache_root, resolve
+from safetylock.models import resolve
 from safetylock.report import METRICS
 from safetylock.sources import recorded_sizes
 
 SUITES = "donotanswer,advice,arithmetic,airt,past-tense"
+
+
+def gate_data(lock) -> tuple[list, list]:
+    """The requests ``lock``'s gate was fit on and their benign calibration requests as served, rebuilt as
+    ``calibrate-gate`` rebuilds them (the recorded sizes and seed)."""
+    sizes, seed = recorded_sizes(lock.gate.calibration), lock.provenance.get("seed", 0)
+    return gate_requests(data.advbench(), sizes, seed=seed), benign_calibration(data.advbench(), seed=seed, sizes=sizes)
 
 
 @click.command()
@@ -60,9 +67,7 @@ def main(variant: str, answers: str, layers: str, suites: str, count: int, band_
     if any(layer >= first_head for layer in early_layers):
         raise click.BadParameter(f"an early gate must read before the lock's first head (layer {first_head})")
     model, tokenizer = load_model(resolve(model_dir))
-    sizes, seed = recorded_sizes(lock.gate.calibration), lock.provenance.get("seed", 0)
-    requests = gate_requests(data.advbench(), sizes, seed=seed)
-    benign = benign_calibration(data.advbench(), seed=seed, sizes=sizes)
+    requests, benign = gate_data(lock)
     gates = {
         layer: refit(model, tokenizer, dataclasses.replace(lock.gate, layer=layer), requests, framing=framing)
         for layer in early_layers
@@ -71,7 +76,6 @@ def main(variant: str, answers: str, layers: str, suites: str, count: int, band_
     for layer, g in gates.items():
         calibration = gate_scores(model, tokenizer, g, benign, framing)
         lows[layer] = {float(f): threshold_at(calibration, float(f)) for f in band_fpr.split(",")}
-    cached = cache_root() / "answers" / answers
     rows: dict[str, dict[str, float]] = {}
     items: dict[str, dict[str, list[int]]] = {}  # each band's members, for reading their answers
     metrics = {}
@@ -80,18 +84,15 @@ def main(variant: str, answers: str, layers: str, suites: str, count: int, band_
         metrics[name] = METRICS[suite.kind]
         chats = [framing.messages(p) for p in suite.asked()]
         fired = gate_scores(model, tokenizer, lock.gate, chats) > lock.gate.threshold
-        every, none = (json.loads((cached / f"{variant}-{name}-{w}.json").read_text()) for w in ("all", "none"))
-        if [item["prompt"] for item in every] != list(suite.prompts):
-            raise click.ClickException(f"the cached answers of {name} are not this suite's prompts")
-        rows[name] = {"fired": round(float(fired.mean()), 3)}
-        rows[name]["none"] = round(float(np.mean([outcome(item, suite.kind) for item in none])), 3)
+        every, none = (cached_answers(answers, variant, suite, where) for where in ("all", "none"))
+        rows[name] = {"fired": round(float(fired.mean()), 3), "none": suite_rate(none, suite.kind)}
         for layer, g in gates.items():
             scores = gate_scores(model, tokenizer, g, chats)
             rows[name][f"layer {layer} fires"] = round(float((scores > g.threshold).mean()), 3)
             for share, low in lows[layer].items():
                 band = (scores > low) & ~fired
                 chosen = [a if b else n for a, n, b in zip(every, none, band)]
-                rows[name][f"layer {layer}, {share:.0%}"] = round(float(np.mean([outcome(i, suite.kind) for i in chosen])), 3)
+                rows[name][f"layer {layer}, {share:.0%}"] = suite_rate(chosen, suite.kind)
                 rows[name][f"layer {layer}, {share:.0%} share"] = round(float(band.mean()), 3)
                 items.setdefault(name, {})[f"layer {layer}, {share:.0%}"] = np.flatnonzero(band).tolist()
         print(name, rows[name], flush=True)

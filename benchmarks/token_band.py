@@ -29,17 +29,16 @@ import click
 import numpy as np
 import torch
 
+from benchmarks.alpha_off_tokens import answers_file, cached_answers
 from benchmarks.common import RESULTS, gated_target, suite_bars, write_result
-from benchmarks.gate_band import outcome
+from benchmarks.early_band import gate_data
+from benchmarks.gate_band import suite_rate
 from benchmarks.responses import product_lock
-from safetylock import data
 from safetylock.apply import fold_bias, layer_shifts
 from safetylock.evaluate import judged, load_suite
 from safetylock.gate import (
     attention_blocks,
-    benign_calibration,
     block_input,
-    gate_requests,
     gate_scores,
     pooled_from,
     prompt_tokens,
@@ -50,9 +49,8 @@ from safetylock.gate import (
 from safetylock.geometry import head_geometry, output_projections
 from safetylock.hf import PLAIN, chat_ids, generate, load_model
 from safetylock.lockfile import load
-from safetylock.models import cache_root, resolve
+from safetylock.models import resolve
 from safetylock.report import METRICS
-from safetylock.sources import recorded_sizes
 
 SUITES = "donotanswer,advice,arithmetic,airt,past-tense"
 
@@ -149,17 +147,13 @@ def main(
     model_dir, framing, lock_path = gated_target(variant, product_lock())
     lock = load(lock_path)
     model, tokenizer = load_model(resolve(model_dir))
-    sizes, seed = recorded_sizes(lock.gate.calibration), lock.provenance.get("seed", 0)
-    requests = gate_requests(data.advbench(), sizes, seed=seed)
+    requests, benign = gate_data(lock)
     early = refit(model, tokenizer, dataclasses.replace(lock.gate, layer=layer, pooling=None), requests, framing=framing)
     system = system_turn(tokenizer)
-    benign = benign_calibration(data.advbench(), seed=seed, sizes=sizes)
     calibration = token_maxima(model, tokenizer, early, benign, system, framing)
     lows = {float(f): threshold_at(calibration, float(f)) for f in band_fpr.split(",")}
     state: dict = {"on": False}
     install(model, tokenizer, lock, early, alpha, state)
-    cached, answers_dir = cache_root() / "answers" / answers, cache_root() / "answers" / out
-    answers_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, float]] = {}
     metrics = {}
     for name in [s for s in suites.split(",") if s]:
@@ -168,21 +162,18 @@ def main(
         chats = [framing.messages(p) for p in suite.asked()]
         fired = gate_scores(model, tokenizer, lock.gate, chats) > lock.gate.threshold
         maxima = token_maxima(model, tokenizer, early, chats, system)
-        none = json.loads((cached / f"{variant}-{name}-none.json").read_text())
-        if [item["prompt"] for item in none] != list(suite.prompts):
-            raise click.ClickException(f"the cached answers of {name} are not this suite's prompts")
-        rows[name] = {
-            "fired": round(float(fired.mean()), 3),
-            "none": round(float(np.mean([outcome(i, suite.kind) for i in none])), 3),
-        }
+        none = cached_answers(answers, variant, suite, "none")
+        rows[name] = {"fired": round(float(fired.mean()), 3), "none": suite_rate(none, suite.kind)}
         for share, low in lows.items():
             band = [i for i in range(len(chats)) if maxima[i] > low and not fired[i]]
             state.update(on=True, low=low)
             replies = dict(zip(band, generate(model, tokenizer, [chats[i] for i in band], max_tokens, batch_size=25)))
             state["on"] = False
             items = [judged(suite, suite.prompts[i], replies[i], i) if i in replies else none[i] for i in range(len(chats))]
-            (answers_dir / f"{variant}-{name}-band{share:g}.json").write_text(json.dumps(items, indent=1))
-            rows[name][f"{share:.0%}"] = round(float(np.mean([outcome(i, suite.kind) for i in items])), 3)
+            path = answers_file(out, variant, name, f"band{share:g}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(items, indent=1))
+            rows[name][f"{share:.0%}"] = suite_rate(items, suite.kind)
             rows[name][f"{share:.0%} share"] = round(len(band) / len(chats), 3)
         print(name, rows[name], flush=True)
     result = {
