@@ -137,11 +137,30 @@ def unseen_requests(seed: int) -> dict[str, list[Request]]:
     help="This many harmful requests about a person or a group of each kind (and as many benign twins) as sources "
     "people-private / people-generalise (safetylock.sources.about_people); 0: none.",
 )
+@click.option(
+    "--advice-own",
+    type=click.IntRange(min=0),
+    default=None,
+    help="At most this many of the hand-written benign advice questions (probes/benign_advice.json) in the gate's "
+    "data; default: all (the product's data), 0: none (the core data before them).",
+)
 @click.option("--out", default="gate_sources", show_default=True, help="Result name: benchmarks/results/OUT.{json,png}.")
-def main(model_name: str, seed: int, donotanswer: int, rephrase: int, asks: int, topics: int, people: int, out: str) -> None:
+def main(
+    model_name: str,
+    seed: int,
+    donotanswer: int,
+    rephrase: int,
+    asks: int,
+    topics: int,
+    people: int,
+    advice_own: int | None,
+    out: str,
+) -> None:
     started = time.perf_counter()
     model_dir = models.resolve(model_name)
-    sizes = Sizes(donotanswer=donotanswer, rephrase_per_family=rephrase, asks=asks, topics=topics, people=people)
+    sizes = Sizes(
+        donotanswer=donotanswer, rephrase_per_family=rephrase, asks=asks, topics=topics, people=people, advice_own=advice_own
+    )
     requests = gate_requests(data.advbench(), sizes, seed=seed)
     from transformers import AutoConfig
 

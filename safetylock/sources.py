@@ -10,7 +10,8 @@ Sources (``Request.source``): ``advbench`` (or the user's harmful file), ``redte
 (instructions), ``borderline`` (safe questions that look edgy), ``conversational`` (long first-person benign
 requests), ``context-<family>`` (harmful and benign requests inside the same persona, fiction or pretext
 wrapper), ``multiturn`` (a harmful second turn after a benign first one; a benign follow-up after a refused
-turn) and ``rephrase-<tense>`` (harmful and benign imperatives re-asked about the past or the future).
+turn), ``rephrase-<tense>`` (harmful and benign imperatives re-asked about the past or the future) and
+``advice-own`` (benign medical, legal, financial and family questions written for the gate).
 
 Sources of the kinds the others lack (self-harm, privacy, sexual content, hate and stereotypes asked in a line),
 outside the product's data unless asked for (``Sizes.topics``; ``GATE_DATA["topics"]``): ``strongreject`` and
@@ -480,6 +481,12 @@ def conversational_benign() -> tuple[str, ...]:
     return tuple(_probe_json("benign_conversational.json")["prompts"])
 
 
+def benign_advice() -> tuple[str, ...]:
+    """Benign first-person questions asking for medical, legal, financial or family advice, written for the gate
+    (none from Do-Not-Answer, whose ``advice`` questions stay a scored source)."""
+    return tuple(_probe_json("benign_advice.json")["prompts"])
+
+
 @dataclass(frozen=True)
 class Sizes:
     """How many requests each source contributes to the gate's data (fit and calibration together)."""
@@ -499,6 +506,12 @@ class Sizes:
     topics: int = 0  # at most this many requests of each topic source (``topic_sources``). 0: the product's data
     people: int = 0  # harmful requests about a person or a group of each kind (``about_people``); as many benign
     continuation: int = 0  # harmful requests carried into the next turn (``continuations``, fit phrasings); as many benign
+    advice_own: int | None = None  # benign advice questions (``benign_advice``). None: all
+
+
+SIZES_ADDED = {"advice_own": 0}
+"""Counts of sources added to the gate's data after locks began recording their sizes: what a record without them
+was fit with."""
 
 
 GATE_DATA: dict[str, Sizes] = {
@@ -515,14 +528,14 @@ def sizes_record(sizes: Sizes) -> dict[str, int | None]:
 
 
 def recorded_sizes(calibration: dict) -> Sizes:
-    """The data sizes a lock's gate was fit with (``sizes_record``); a lock from before they were recorded: the
-    core data's (all there was). Anything else recorded there is a ``LockError`` naming the bad key."""
-    record = calibration.get("data_sizes")
-    if record is None:
-        return GATE_DATA["core"]
+    """The data sizes a lock's gate was fit with (``sizes_record``); a source the record does not count (it was
+    added later, ``SIZES_ADDED``) was not in it; a lock from before sizes were recorded: the core data's of then (all
+    there was). Anything else recorded there is a ``LockError`` naming the bad key."""
+    record = calibration.get("data_sizes", {})
     if not isinstance(record, dict):
         raise LockError(f"gate data sizes must be an object of source counts, not {type(record).__name__}")
     fields = {f.name for f in dataclasses.fields(Sizes)}
+    record = {**SIZES_ADDED, **record}
     for key, value in record.items():
         if key not in fields:
             raise LockError(f"gate data sizes: unknown source count {key!r} (known: {', '.join(sorted(fields))})")
@@ -595,7 +608,7 @@ def gate_requests(
 ) -> tuple[Request, ...]:
     """The gate's requests from every source (deterministic for a seed). Harmful requests come from the
     extraction split of ``harmful`` (never its held-out half) and the red-team objectives; benign ones from
-    the instructions outside every evaluation sample, the borderline and conversational probe data; then the
+    the instructions outside every evaluation sample, the borderline, conversational and advice probe data; then the
     ``operator``'s own requests (``load_requests``: kinds of its policy, harmful and benign, under their own
     source names), which the packaged requests do not depend on."""
     rng = random.Random(seed)
@@ -630,6 +643,7 @@ def gate_requests(
         for tense in sorted({t.family for t in tenses}):
             members = [t for t in tenses if t.family == tense]
             requests += _wrapped(rng, f"rephrase-{tense}", members, sizes.rephrase_per_family, *clauses)
+    requests += [single(p, False, "advice-own") for p in _take(rng, benign_advice(), sizes.advice_own)]
     persona_list = personas() if sizes.persona else ()
     for i in range(sizes.persona):  # experiments last, so that the product's requests above do not depend on them
         persona = persona_list[i % len(persona_list)]

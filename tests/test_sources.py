@@ -162,14 +162,14 @@ def test_rephrased_requests_come_in_two_tenses_and_bad_tense_is_refused(requests
 
 
 def test_rephrased_and_donotanswer_requests_are_appended_without_changing_the_rest(requests):
-    plain = sources.gate_requests(data.advbench(), sources.Sizes(rephrase_per_family=0), seed=0)
+    plain = sources.gate_requests(data.advbench(), sources.Sizes(rephrase_per_family=0, advice_own=0), seed=0)
     assert requests[: len(plain)] == plain
-    assert {r.source for r in requests[len(plain) :]} == {"rephrase-past", "rephrase-future"}
+    assert {r.source for r in requests[len(plain) :]} == {"rephrase-past", "rephrase-future", "advice-own"}
     more = sources.gate_requests(data.advbench(), sources.Sizes(donotanswer=30, rephrase_per_family=10), seed=0)
     assert more[: len(plain)] == plain and [r for r in more if r.source == "donotanswer"][0] not in requests
     added = more[len(plain) :]
     by_source = {s: [r for r in added if r.source == s] for s in {r.source for r in added}}
-    assert set(by_source) == {"donotanswer", "rephrase-past", "rephrase-future"}
+    assert set(by_source) == {"donotanswer", "rephrase-past", "rephrase-future", "advice-own"}
     assert sum(r.harmful for r in by_source["donotanswer"]) == 30 and not set(sources.advice().prompts) - {
         r.text for r in by_source["donotanswer"] if not r.harmful
     }
@@ -284,10 +284,23 @@ def test_a_harmful_file_of_questions_gets_no_rephrased_requests():
     assert not [r for r in requests if r.source.startswith("rephrase-")] and any(r.source == "mine" for r in requests)
 
 
-def test_recorded_gate_data_sizes_round_trip_and_older_locks_read_as_the_core_data():
+def test_recorded_gate_data_sizes_round_trip_and_older_locks_read_as_the_data_of_then():
     for sizes in sources.GATE_DATA.values():
         assert sources.recorded_sizes({"data_sizes": sources.sizes_record(sizes)}) == sizes
-    assert sources.recorded_sizes({}) == sources.GATE_DATA["core"] == sources.Sizes()
+    before_advice = sources.Sizes(advice_own=0)
+    assert sources.recorded_sizes({}) == before_advice != sources.GATE_DATA["core"] == sources.Sizes()
+    older = {k: v for k, v in sources.sizes_record(sources.Sizes()).items() if k not in sources.SIZES_ADDED}
+    assert sources.recorded_sizes({"data_sizes": older}) == before_advice
+
+
+def test_benign_advice_questions_are_in_the_core_data_last_and_none_is_near_a_scored_source(requests):
+    questions = sources.benign_advice()
+    assert len(questions) == len(set(questions)) >= 40 and all("?" in q for q in questions)
+    own = [r for r in requests if r.source == "advice-own"]
+    assert [r.text for r in own] == list(questions) and not any(r.harmful for r in own)
+    assert requests[: -len(own)] == sources.gate_requests(data.advbench(), sources.Sizes(advice_own=0), seed=0)
+    assert len(sources.gate_requests(data.advbench(), sources.Sizes(advice_own=5), seed=0)) == len(requests) - len(own) + 5
+    assert not any(sources._near_unseen(q) for q in questions)  # Do-Not-Answer's advice questions stay unseen
 
 
 def operator_requests() -> tuple[sources.Request, ...]:
