@@ -41,7 +41,7 @@ from safetylock.gate import attention_blocks, benign_calibration, gate_scores, t
 from safetylock.geometry import head_geometry, output_projections
 from safetylock.hf import generate, load_model
 from safetylock.lockfile import load
-from safetylock.models import cache_root, resolve
+from safetylock.models import cache_root, resolve, write_json
 from safetylock.report import METRICS
 from safetylock.respond import DEFAULT_REFUSAL
 from safetylock.sources import recorded_sizes
@@ -118,9 +118,7 @@ def main(variant: str, alpha: float, suites: str, count: int, max_tokens: int, b
             passed = [i for i in range(len(chats)) if not fired[i]]
             answers = dict(zip(passed, generate(model, tokenizer, [chats[i] for i in passed], max_tokens, batch_size=25)))
             items = [judged(suite, suite.prompts[i], answers.get(i, DEFAULT_REFUSAL), i) for i in range(len(chats))]
-            path = answers_file(out, variant, name, where)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(items, indent=1))
+            write_json(answers_file(out, variant, name, where), items, indent=1)
             rows[name][where] = suite_rate(items, suite.kind)
             answered[where] = items
             print(name, where, rows[name][where], flush=True)

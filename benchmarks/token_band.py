@@ -22,7 +22,6 @@ Writes benchmarks/results/token_band.{json,png}; answers stay in the cache.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import click
@@ -49,7 +48,7 @@ from safetylock.gate import (
 from safetylock.geometry import head_geometry, output_projections
 from safetylock.hf import PLAIN, chat_ids, generate, load_model
 from safetylock.lockfile import load
-from safetylock.models import resolve
+from safetylock.models import resolve, write_json
 from safetylock.report import METRICS
 
 SUITES = "donotanswer,advice,arithmetic,airt,past-tense"
@@ -170,9 +169,7 @@ def main(
             replies = dict(zip(band, generate(model, tokenizer, [chats[i] for i in band], max_tokens, batch_size=25)))
             state["on"] = False
             items = [judged(suite, suite.prompts[i], replies[i], i) if i in replies else none[i] for i in range(len(chats))]
-            path = answers_file(out, variant, name, f"band{share:g}")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(items, indent=1))
+            write_json(answers_file(out, variant, name, f"band{share:g}"), items, indent=1)
             rows[name][f"{share:.0%}"] = suite_rate(items, suite.kind)
             rows[name][f"{share:.0%} share"] = round(len(band) / len(chats), 3)
         print(name, rows[name], flush=True)
