@@ -37,14 +37,13 @@ from benchmarks.responses import product_lock
 from safetylock import data
 from safetylock.apply import fold_bias, layer_shifts
 from safetylock.evaluate import Suite, judged, load_suite
-from safetylock.gate import attention_blocks, benign_calibration, gate_scores, threshold_at
+from safetylock.gate import attention_blocks, gate_scores, threshold_at
 from safetylock.geometry import head_geometry, output_projections
 from safetylock.hf import generate, load_model
 from safetylock.lockfile import load
 from safetylock.models import cache_root, resolve, write_json
 from safetylock.report import METRICS
 from safetylock.respond import DEFAULT_REFUSAL
-from safetylock.sources import recorded_sizes
 
 PLACES = ("none", "all", "prompt", "generated", "late")  # where α-off is added
 SUITES = "donotanswer,advice,arithmetic,airt,past-tense"
@@ -99,7 +98,7 @@ def main(variant: str, alpha: float, suites: str, count: int, max_tokens: int, b
         if lock.gate.shifts_when_generating(layer):
             bias = fold_bias(projections[layer].weight, delta)
             blocks[layer].register_forward_hook(shifted(place, bias, alpha, lock.gate.shifts_on_prompt(layer)))
-    benign = benign_calibration(data.advbench(), sizes=recorded_sizes(lock.gate.calibration))
+    benign = lock.gate_benign_calibration(data.advbench())
     calibration = gate_scores(model, tokenizer, lock.gate, benign, framing)
     lows = {float(f): threshold_at(calibration, float(f)) for f in band_fpr.split(",")}
     rows: dict[str, dict[str, float]] = {}

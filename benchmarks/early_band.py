@@ -34,12 +34,11 @@ from benchmarks.gate_band import suite_rate
 from benchmarks.responses import product_lock
 from safetylock import data
 from safetylock.evaluate import load_suite
-from safetylock.gate import benign_calibration, gate_requests, gate_scores, refit, threshold_at
+from safetylock.gate import gate_scores, refit, threshold_at
 from safetylock.hf import load_model
 from safetylock.lockfile import load
 from safetylock.models import resolve
 from safetylock.report import METRICS
-from safetylock.sources import recorded_sizes
 
 SUITES = "donotanswer,advice,arithmetic,airt,past-tense"
 
@@ -47,8 +46,7 @@ SUITES = "donotanswer,advice,arithmetic,airt,past-tense"
 def gate_data(lock) -> tuple[list, list]:
     """The requests ``lock``'s gate was fit on and their benign calibration requests as served, rebuilt as
     ``calibrate-gate`` rebuilds them (the recorded sizes and seed)."""
-    sizes, seed = recorded_sizes(lock.gate.calibration), lock.provenance.get("seed", 0)
-    return gate_requests(data.advbench(), sizes, seed=seed), benign_calibration(data.advbench(), seed=seed, sizes=sizes)
+    return list(lock.gate_requests(data.advbench())), lock.gate_benign_calibration(data.advbench())
 
 
 @click.command()

@@ -32,13 +32,12 @@ from benchmarks.common import RESULTS, gated_target, grouped_bars, write_result
 from benchmarks.responses import product_lock
 from safetylock import data
 from safetylock.evaluate import cached_run, load_suite
-from safetylock.gate import benign_calibration, gate_scores, threshold_at
+from safetylock.gate import gate_scores, threshold_at
 from safetylock.hf import Framing, load_model
 from safetylock.lockfile import load
 from safetylock.models import resolve
 from safetylock.report import METRICS
 from safetylock.respond import DEFAULT_REFUSAL
-from safetylock.sources import recorded_sizes
 
 SUITES = ("advbench-heldout", "airt", "past-tense", "donotanswer", "benign", "advice", "arithmetic")
 
@@ -58,13 +57,14 @@ def suite_rate(items: list[dict], kind: str) -> float:
 def scores_as_served(model_dir: str, lock_path: Path, framing: Framing, suites: dict) -> tuple[dict, np.ndarray]:
     """The served gate's scores (HF, float32) of every suite's items and of the gate's benign calibration requests,
     each as served."""
-    gate = load(lock_path).gate
+    lock = load(lock_path)
+    gate = lock.gate
     model, tokenizer = load_model(resolve(model_dir))
     per_suite = {
         name: gate_scores(model, tokenizer, gate, [framing.messages(p) for p in suite.asked()])
         for name, suite in suites.items()
     }
-    benign = benign_calibration(data.advbench(), sizes=recorded_sizes(gate.calibration))
+    benign = lock.gate_benign_calibration(data.advbench())
     return per_suite, gate_scores(model, tokenizer, gate, benign, framing)
 
 

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,11 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from safetylock.alpha import DEFAULT_ALPHA, check_alpha
+from safetylock.data import PromptSet
 from safetylock.errors import LockError
-from safetylock.gate import READS, Gate, Pooling
+from safetylock.gate import READS, Chat, Gate, Pooling, benign_calibration
 from safetylock.geometry import HeadGeometry
-from safetylock.sources import recorded_operator, recorded_sizes
+from safetylock.sources import Request, gate_requests, recorded_operator, recorded_sizes
 
 FORMAT = "safetylock.meta-lock"
 FORMAT_VERSION = 3  # 2: optional base weight sketch (provenance); 3: optional gate; older files still load
@@ -58,6 +60,27 @@ class SafetyLock:
     @property
     def num_heads_locked(self) -> int:
         return int(self.layers.numel())
+
+    @property
+    def seed(self) -> int:
+        """The seed the lock was extracted with (its samples, splits and the gate's data)."""
+        return int(self.provenance.get("seed", 0))
+
+    def gate_requests(self, harmful: PromptSet, operator: Sequence[Request] = ()) -> tuple[Request, ...]:
+        """The requests this lock's gate was fit on, rebuilt from what the lock records (the gate's data sizes, the
+        lock's seed) with ``harmful`` (the questions it was extracted with) and the ``operator``'s requests it was
+        fit on (``sources.operator_requests_for`` checks a given file against its record)."""
+        if self.gate is None:
+            raise LockError("the lock has no gate: extract it without --no-gate")
+        return gate_requests(harmful, recorded_sizes(self.gate.calibration), seed=self.seed, operator=operator)
+
+    def gate_benign_calibration(self, harmful: PromptSet, operator: Sequence[Request] = ()) -> list[Chat]:
+        """The benign calibration requests of ``gate_requests`` as served: what ``calibrate-gate`` sets the
+        threshold on."""
+        if self.gate is None:
+            raise LockError("the lock has no gate: extract it without --no-gate")
+        sizes = recorded_sizes(self.gate.calibration)
+        return benign_calibration(harmful, seed=self.seed, sizes=sizes, operator=operator)
 
     def metadata(self) -> dict[str, Any]:
         return {

@@ -64,7 +64,7 @@ def _probe_fit(lock) -> Fit:
         bench = data.advbench() if harmful.get("name") == "advbench" else None
         if bench is not None and bench.sha256 == harmful.get("sha256") and "extraction_used" in split:
             part = data.split_harmful(bench, seed=split.get("seed", 0)).extraction
-            recorded = fingerprints(data.sample(part, split["extraction_used"], lock.provenance.get("seed", 0)))
+            recorded = fingerprints(data.sample(part, split["extraction_used"], lock.seed))
     return Fit(f"probes of lock {lock.fingerprint}", frozenset({"advbench"}), None if recorded is None else frozenset(recorded))
 
 
@@ -74,10 +74,9 @@ def _gate_fit(lock) -> Fit:
     recorded = calibration.get("fit_prompts")
     if recorded is None and sources:  # older locks: the packaged requests of every source whose hash matches
         from safetylock import data
-        from safetylock.sources import gate_requests, recorded_sizes, source_hashes
+        from safetylock.sources import source_hashes
 
-        sizes = recorded_sizes(calibration)
-        requests = gate_requests(data.advbench(), sizes, seed=lock.provenance.get("seed", 0))
+        requests = lock.gate_requests(data.advbench())
         rebuilt = source_hashes(requests)
         if all(rebuilt.get(source) == digest for source, digest in sources.items()):
             recorded = fingerprints(r.text for r in requests if r.source in sources)

@@ -98,3 +98,20 @@ def test_a_gate_with_an_unreadable_operator_record_is_refused():
     gate = Gate(1, torch.ones(128), 0.0, 0.5, {"operator_requests": {"count": 2, "sources": ["x"], "sha256": "ab"}})
     with pytest.raises(LockError, match="gate operator requests must record a count > 0, a list of sources and a sha256"):
         small_lock(gate=gate)
+
+
+def test_a_gated_lock_rebuilds_the_requests_its_gate_was_fit_on_from_its_own_record(tmp_path):
+    from safetylock import data, sources
+    from safetylock.gate import Gate, benign_calibration
+
+    sizes = sources.Sizes(advbench=20, redteam=20, benign=30, multiturn=4, jailbreak_per_family=2, context_per_family=2)
+    calibration = {"data_sizes": sources.sizes_record(sizes)}
+    gate = Gate(1, torch.ones(128), 0.0, 1.0, calibration)
+    lock = load(small_lock(gate=gate, provenance={"seed": 3}).save(tmp_path / "g.lock.safetensors"))
+    harmful = data.advbench()
+    rebuilt = lock.gate_requests(harmful)
+    assert lock.seed == 3 and rebuilt == sources.gate_requests(harmful, sizes, seed=3)
+    assert rebuilt != sources.gate_requests(harmful, sizes, seed=0)  # the lock's seed, not the default one
+    assert lock.gate_benign_calibration(harmful) == benign_calibration(harmful, seed=3, sizes=sizes)
+    with pytest.raises(LockError, match="has no gate"):
+        small_lock().gate_requests(harmful)

@@ -272,8 +272,7 @@ def calibrate_gate(
     from safetylock import gate as gates
     from safetylock.hf import Framing, load_model
     from safetylock.lockfile import load
-    from safetylock.sources import gate_requests as build_requests
-    from safetylock.sources import load_requests, operator_requests_for, recorded_sizes
+    from safetylock.sources import load_requests, operator_requests_for
 
     lock = load(lock_path)
     if lock.gate is None:
@@ -290,12 +289,11 @@ def calibrate_gate(
     model, tokenizer = load_model(models.resolve(model_name))
     framing = Framing(system_prompt, prompt_prefix)
     served = f"served model {model_name}"
-    seed, sizes = lock.provenance.get("seed", 0), recorded_sizes(lock.gate.calibration)  # the data it was fit on
     if refit:
-        requests = build_requests(prompts, sizes, seed=seed, operator=operator)
+        requests = lock.gate_requests(prompts, operator)  # the data it was fit on
         gate = gates.refit(model, tokenizer, lock.gate, requests, fpr, served=served, framing=framing)
     else:
-        benign = gates.benign_calibration(prompts, seed=seed, sizes=sizes, operator=operator)
+        benign = lock.gate_benign_calibration(prompts, operator)
         gate = gates.recalibrate(model, tokenizer, lock.gate, benign, fpr, served=served, framing=framing)
     written = dataclasses.replace(lock, gate=gate).save(out)
     what = "refit, threshold" if refit else "threshold"
