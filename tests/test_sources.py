@@ -206,6 +206,18 @@ def test_topic_sources_are_appended_without_changing_the_rest_and_keep_the_unsee
             assert all(len(words & other) < sources.NEAR_SHARE * len(words) for other in scored_words)
 
 
+def test_refusal_pairs_come_whole_twin_after_question_and_are_appended_without_changing_the_rest(requests):
+    twins = sources.refusal_twins()
+    harmful, benign = set(sources.refusal_pairs(True).prompts), set(sources.refusal_pairs(False).prompts)
+    assert len(twins) >= 100 and set(twins) <= harmful and {b for b, _ in twins.values()} <= benign
+    with_pairs = sources.gate_requests(data.advbench(), sources.Sizes(pairs=30), seed=0)
+    assert with_pairs[: len(requests)] == requests
+    added = with_pairs[len(requests) :]
+    assert len(added) == 60 and {r.source for r in added} == {"pairs"}
+    for question, twin in zip(added[::2], added[1::2]):
+        assert question.harmful and not twin.harmful and twins[question.text] == (twin.text, question.family)
+
+
 def test_requests_about_people_come_in_harmful_and_benign_twins_and_are_appended_without_changing_the_rest(requests):
     with_people = sources.gate_requests(data.advbench(), sources.Sizes(people=25), seed=0)
     assert with_people[: len(requests)] == requests
@@ -291,6 +303,7 @@ def test_recorded_gate_data_sizes_round_trip_and_older_locks_read_as_the_data_of
     assert sources.recorded_sizes({}) == before_advice != sources.GATE_DATA["core"] == sources.Sizes()
     older = {k: v for k, v in sources.sizes_record(sources.Sizes()).items() if k not in sources.SIZES_ADDED}
     assert sources.recorded_sizes({"data_sizes": older}) == before_advice
+    assert "pairs" not in sources.sizes_record(sources.Sizes())  # an optional source left out: a lock's bytes unchanged
 
 
 def test_benign_advice_questions_are_in_the_core_data_last_and_none_is_near_a_scored_source(requests):

@@ -93,8 +93,8 @@ def models_fetch(name: str) -> None:
     type=click.Choice(list(GATE_DATA)),
     default=DEFAULT_GATE_DATA,
     show_default=True,
-    help="The gate's data: the core sources, or with the topic sources too (self-harm, privacy, sexual "
-    "content, hate asked in a line; 40% more requests: docs/gated.md).",
+    help="The gate's data: the core sources; with the topic sources too (self-harm, privacy, sexual content, hate "
+    "asked in a line; 40% more requests); or with the refusal pairs (harmful questions and benign twins): docs/gated.md.",
 )
 @click.option(
     "--gate-requests",
