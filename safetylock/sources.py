@@ -532,6 +532,7 @@ GATE_DATA: dict[str, Sizes] = {
     "core": Sizes(),  # the sources above the topic sources
     "topics": Sizes(topics=150),  # core + the topic sources (docs/gated.md: "The curve, not the point")
     "pairs": Sizes(pairs=None),  # core + every refusal pair, its harmful question and its benign twin
+    "people": Sizes(people=60),  # core + requests about a person or a group, with benign twins (``about_people``)
 }
 """The gate's data sets by name (``extract --gate-data``)."""
 DEFAULT_GATE_DATA = "core"

@@ -93,8 +93,9 @@ def models_fetch(name: str) -> None:
     type=click.Choice(list(GATE_DATA)),
     default=DEFAULT_GATE_DATA,
     show_default=True,
-    help="The gate's data: the core sources; with the topic sources too (self-harm, privacy, sexual content, hate "
-    "asked in a line; 40% more requests); or with the refusal pairs (harmful questions and benign twins): docs/gated.md.",
+    help="The gate's data: the core sources; or with more, each measured and not kept (docs/gated.md): the topic "
+    "sources (self-harm, privacy, sexual content, hate asked in a line), the refusal pairs (harmful questions with "
+    "benign twins), requests about a person or a group with benign twins.",
 )
 @click.option(
     "--gate-requests",
