@@ -22,7 +22,7 @@ from safetylock.data import PromptSet
 from safetylock.errors import LockError
 from safetylock.gate import READS, Chat, Gate, Pooling, benign_calibration
 from safetylock.geometry import HeadGeometry
-from safetylock.sources import Request, gate_requests, recorded_operator, recorded_sizes
+from safetylock.sources import Request, Sizes, gate_requests, recorded_operator, recorded_sizes
 
 FORMAT = "safetylock.meta-lock"
 FORMAT_VERSION = 3  # 2: optional base weight sketch (provenance); 3: optional gate; older files still load
@@ -70,17 +70,18 @@ class SafetyLock:
         """The requests this lock's gate was fit on, rebuilt from what the lock records (the gate's data sizes, the
         lock's seed) with ``harmful`` (the questions it was extracted with) and the ``operator``'s requests it was
         fit on (``sources.operator_requests_for`` checks a given file against its record)."""
-        if self.gate is None:
-            raise LockError("the lock has no gate: extract it without --no-gate")
-        return gate_requests(harmful, recorded_sizes(self.gate.calibration), seed=self.seed, operator=operator)
+        return gate_requests(harmful, self._gate_sizes(), seed=self.seed, operator=operator)
 
     def gate_benign_calibration(self, harmful: PromptSet, operator: Sequence[Request] = ()) -> list[Chat]:
         """The benign calibration requests of ``gate_requests`` as served: what ``calibrate-gate`` sets the
         threshold on."""
+        return benign_calibration(harmful, seed=self.seed, sizes=self._gate_sizes(), operator=operator)
+
+    def _gate_sizes(self) -> Sizes:
+        """The data sizes the gate records; a lock without a gate is a ``LockError``."""
         if self.gate is None:
             raise LockError("the lock has no gate: extract it without --no-gate")
-        sizes = recorded_sizes(self.gate.calibration)
-        return benign_calibration(harmful, seed=self.seed, sizes=sizes, operator=operator)
+        return recorded_sizes(self.gate.calibration)
 
     def metadata(self) -> dict[str, Any]:
         return {

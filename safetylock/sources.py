@@ -285,9 +285,14 @@ def refusal_pairs(harmful: bool) -> data.PromptSet:
 
     def rows(path: Path, text: str):
         for record in json.loads(text):
-            yield str(record["harmful_version" if harmful else "text"]).split("\n")[0], str(record.get("domain") or "")
+            yield _pair_question(record, harmful), str(record.get("domain") or "")
 
     return _away_from_unseen(_objectives("refusal-pairs", REFUSAL_PAIRS, "*.json", rows))
+
+
+def _pair_question(record: dict, harmful: bool) -> str:
+    """A refusal pair's harmful or benign question: the first line of its text (an answer follows it)."""
+    return str(record["harmful_version" if harmful else "text"]).split("\n")[0].strip()
 
 
 def refusal_twins() -> dict[str, tuple[str, str]]:
@@ -297,7 +302,7 @@ def refusal_twins() -> dict[str, tuple[str, str]]:
     twins: dict[str, tuple[str, str]] = {}
     for path in sorted(data.packaged_folder(REFUSAL_PAIRS).glob("*.json")):
         for record in json.loads(path.read_text(encoding="utf-8")):
-            harmful, benign = (str(record[k]).split("\n")[0].strip() for k in ("harmful_version", "text"))
+            harmful, benign = _pair_question(record, True), _pair_question(record, False)
             if harmful in kept[0] and benign in kept[1]:
                 twins.setdefault(harmful, (benign, str(record.get("domain") or "")))
     return twins
