@@ -12,7 +12,8 @@ split, thresholds it at 1% and 5% of that data set's benign calibration requests
   users send: borderline-safe and long conversational requests).
 
 Token features at ``--precision`` (``auto``: what ``extract`` fits on, bfloat16 where the CPU has it natively; the
-same features score every source). Rates only.
+same features score every source), each data set's new requests forwarded apart (``forward_new``): the first set's arm
+is the lock ``extract`` fits on it, and a later arm differs from it by its data, not by batch rounding. Rates only.
 
 Run: python -m benchmarks.gate_attention_data [--data core,topics] [--precision auto] [--out NAME]
 Writes benchmarks/results/NAME.{json,png} (default gate_attention_data).
@@ -41,6 +42,17 @@ def fires(groups: dict, rows: dict, gate: tuple, thresholds: dict[str, float]) -
     it; each group scored once (``rows``: token rows by ``request_key``)."""
     scores = {g: read_scores([rows[request_key(r)] for r in asked], *gate) for g, asked in groups.items()}
     return {rate: {g: round(float((z > t).mean()), 4) for g, z in scores.items()} for rate, t in thresholds.items()}
+
+
+def forward_new(model, tokenizer, requests: list, done: dict, precision: str) -> dict[str, np.ndarray]:
+    """The token rows of ``requests`` not in ``done`` (by ``request_key``), forwarded in one call of their own. A
+    request's bfloat16 features move with the batches it is forwarded in, so each data set's new requests are forwarded
+    apart: the first set's features are those ``extract`` fits on whatever sets follow (its arm reproduces the lock's
+    gate), and every later arm differs from it by its data alone."""
+    new = list({request_key(r): r for r in requests if request_key(r) not in done}.values())
+    chats = [r.messages() for r in new]
+    found = prompt_tokens(model, tokenizer, chats, LAYER, system_turn(tokenizer), progress=True, precision=precision)
+    return {request_key(r): tokens for r, tokens in zip(new, found)}
 
 
 def plot(arms: dict, path) -> None:
@@ -78,15 +90,10 @@ def main(model_name: str, seed: int, names: str, precision: str, out: str) -> No
     harmful = data.advbench()
     sets = {name: list(gate_requests(harmful, GATE_DATA[name], seed=seed)) for name in chosen}
     unseen = unseen_requests(seed)
-    everything, seen = [], set()
-    for request in [r for requests in sets.values() for r in requests] + [r for asked in unseen.values() for r in asked]:
-        if request_key(request) not in seen:
-            seen.add(request_key(request))
-            everything.append(request)
     model, tokenizer = load_model(model_dir)
-    chats = [r.messages() for r in everything]
-    found = prompt_tokens(model, tokenizer, chats, LAYER, system_turn(tokenizer), progress=True, precision=precision)
-    rows = {request_key(r): tokens for r, tokens in zip(everything, found)}
+    rows: dict[str, np.ndarray] = {}
+    for group in [*sets.values(), [r for asked in unseen.values() for r in asked]]:
+        rows |= forward_new(model, tokenizer, group, rows, precision)
     arms = {}
     for name, requests in sets.items():
         tokens = [rows[request_key(r)] for r in requests]
