@@ -3,10 +3,10 @@
 Mixed into the product's data, an added kind of request (``--data people``: requests about a person or a group, with
 benign twins) moves the one probe's direction and trades the tense rewrites away (docs/gated.md). Here it gets a probe
 of its own instead: probe A is fit on the product's sources (``GATE_DATA["core"]``), probe B on the added sources'
-harmful requests against every benign request of the data (and, to compare, one probe on every source: the data mixed),
-all at ``--layer`` on the last prompt token (cached
-features, ``benchmarks.gate_sources``). The two thresholds share one false-positive budget: A at a given share of the
-benign calibration requests firing, B then at the lowest threshold that keeps the two together at or under 5%.
+harmful requests against every benign request of the data, and, to compare, one probe on every source (the data
+mixed); all at ``--layer`` on the last prompt token (cached features, ``benchmarks.gate_sources``). A and B share one
+false-positive budget: A at a given share of the benign calibration requests firing, B then at the lowest threshold
+that keeps the two together at or under 5%.
 
 **Fit vs scored**: the unseen sources (``gate_sources.unseen_requests``: ``airt``, HarmBench, Do-Not-Answer, past /
 future tense; advice questions benign) are in no fit and set no threshold; thresholds on the data's benign
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import click
 import numpy as np
+from transformers import AutoConfig
 
 from benchmarks.common import RESULTS, write_result
 from benchmarks.gate_sources import features_cached, unseen_requests
@@ -56,8 +57,6 @@ def shared_thresholds(benign: dict[str, np.ndarray], share: float) -> dict[str, 
 @click.option("--out", default=None, help="Result name (default gate_either_DATA).")
 def main(model_name: str, name: str, layer: int, seed: int, out: str | None) -> None:
     model_dir = models.resolve(model_name)
-    from transformers import AutoConfig
-
     layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
     if layer not in layers:
         raise click.BadParameter(f"{layer} is not a candidate layer ({layers})", param_hint="--layer")
@@ -76,7 +75,7 @@ def main(model_name: str, name: str, layer: int, seed: int, out: str | None) -> 
     probes["mixed"] = fit_linear(x[fit], labels[fit], sources[fit], seed)  # one probe on every source, as gate_sources
     score = {k: x @ w + b for k, (w, b) in probes.items()}
     benign_cal = calibration[~labels[calibration]]
-    offsets = np.cumsum([len(requests), *(len(asked) for asked in unseen.values())])
+    starts = np.cumsum([0, *(len(asked) for asked in unseen.values())])  # each unseen source's first row
     unseen_score = {k: features[len(requests) :] @ w + b for k, (w, b) in probes.items()}
 
     def rates(thresholds: dict[str, float]) -> dict:
@@ -88,7 +87,6 @@ def main(model_name: str, name: str, layer: int, seed: int, out: str | None) -> 
                 rows = calibration[(sources[calibration] == source) & (labels[calibration] == harmful)]
                 if len(rows):
                     by_kind[f"{source} ({'harmful' if harmful else 'benign'})"] = round(float(on_data[rows].mean()), 4)
-        starts = offsets - len(requests)
         return {
             "thresholds": {k: round(t, 4) for k, t in thresholds.items()},
             "benign_calibration": round(float(on_data[benign_cal].mean()), 4),
