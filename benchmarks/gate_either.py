@@ -60,8 +60,9 @@ def main(model_name: str, name: str, layer: int, seed: int, out: str | None) -> 
     layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
     if layer not in layers:
         raise click.BadParameter(f"{layer} is not a candidate layer ({layers})", param_hint="--layer")
-    requests = list(gate_requests(data.advbench(), GATE_DATA[name], seed=seed))
-    core = {r.source for r in gate_requests(data.advbench(), GATE_DATA["core"], seed=seed)}
+    harmful = data.advbench()
+    requests = list(gate_requests(harmful, GATE_DATA[name], seed=seed))
+    core = {r.source for r in gate_requests(harmful, GATE_DATA["core"], seed=seed)}
     unseen = unseen_requests(seed)
     everything = requests + [r for asked in unseen.values() for r in asked]
     features = features_cached(model_dir, everything, layers)[layer]
