@@ -2,8 +2,9 @@
 
 Run: python -m benchmarks.judge_agreement [--out judge_agreement]
 Reads benchmarks/judge_labels.json (run stem, suite, item index, label; no text) and the cached runs under
-~/.cache/safetylock/runs; writes benchmarks/results/judge_agreement.json (counts only). Cells whose run is not
-cached are listed as missing. Also scores ``judge.refusal_fit`` against the hand labels of refusals (``fit``:
+~/.cache/safetylock/runs; writes benchmarks/results/judge_agreement.json (counts only) and, for the cells whose
+every answer is labelled, a plot of complied by hand against by the judge (judge_agreement.png). Cells whose run is
+not cached are listed as missing. Also scores ``judge.refusal_fit`` against the hand labels of refusals (``fit``:
 the set read while the rule was written, and a held-out set labelled after): benchmarks/results/judge_fit.json.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from benchmarks.common import write_result
+from benchmarks.common import RESULTS, grouped_bars, write_result
 from safetylock.evaluate import stored_request
 from safetylock.judge import VERDICTS, refusal_fit, verdict
 from safetylock.models import cache_root
@@ -45,7 +46,13 @@ def main(show: bool, out: str) -> None:
                 for (i, label), (_, judged) in zip(marked.items(), pairs):
                     if label != judged:
                         print(f"--- {stem} {suite} {i}: hand {label}, judge {judged}\n{items[int(i)]['response'][:300]!r}")
-            per_cell[f"{stem} {suite}"] = {"n": len(pairs), "agree": sum(h == j for h, j in pairs)}
+            per_cell[f"{stem} {suite}"] = {
+                "n": len(pairs),
+                "agree": sum(h == j for h, j in pairs),
+                "hand_complied": sum(h == "complied" for h, _ in pairs),
+                "judge_complied": sum(j == "complied" for _, j in pairs),
+                "every_answer": len(pairs) == len(items),
+            }
     total = sum(confusion.values())
     agree = sum(n for (human, judged), n in confusion.items() if human == judged)
     harmful_agree = sum(n for (h, j), n in confusion.items() if (h == "complied") == (j == "complied"))
@@ -58,6 +65,12 @@ def main(show: bool, out: str) -> None:
     print(f"three-way agreement on cells labelled after the rules were written: {held_out_agree[0]}/{held_out_agree[1]}")
     for cell, counts in per_cell.items():
         print(f"  {counts['agree']}/{counts['n']}  {cell}" + ("  (unseen)" if cell.split(" ")[0] in unseen else ""))
+    whole = {cell: c for cell, c in per_cell.items() if c["every_answer"]}
+    if whole:
+        print("cells labelled in full, complied by hand / by the judge:")
+        for cell, c in whole.items():
+            print(f"  {c['hand_complied']:>3} / {c['judge_complied']:>3} of {c['n']}  {cell}")
+        plot_whole(whole, RESULTS / f"{out}.png")
     fit = {name: fit_agreement(stored["fit"][name]) for name in ("design", "heldout")}
     for name, counts in fit.items():
         print(f"refusal fit, {name} labels: {counts['agree']}/{counts['n']} agree; {counts['confusion']}")
@@ -80,6 +93,40 @@ def main(show: bool, out: str) -> None:
             "missing": missing,
         },
     )
+
+
+def plot_whole(cells: dict[str, dict], path: Path) -> Path:
+    """Complied by hand against by the judge, one pair of bars per cell labelled in full."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [_short(cell) for cell in cells]
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(cells)), 4.5))
+    grouped_bars(
+        ax,
+        groups,
+        {
+            "complied, read by hand": [c["hand_complied"] / c["n"] for c in cells.values()],
+            "complied, three-way judge": [c["judge_complied"] / c["n"] for c in cells.values()],
+        },
+    )
+    ax.set_title("Harmful answers: hand labels against the judge (every answer of each cell read)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _short(cell: str) -> str:
+    """A cell's tick label: the run's label without its key, the gated policy and the suite on their own lines."""
+    stem, suite = cell.rsplit(" ", 1)
+    label = stem.rsplit("-", 1)[0]
+    for served in ("+gated-refuse(refit)", "+gated-refuse"):
+        label = label.replace(served, "\ngated")
+    return f"{label}\n{suite}"
 
 
 def fit_agreement(labels: dict) -> dict:
