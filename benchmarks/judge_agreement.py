@@ -1,6 +1,6 @@
 """How often the three-way judge agrees with hand labels of cached evaluation answers.
 
-Run: python -m benchmarks.judge_agreement [--out judge_agreement]
+Run: python -m benchmarks.judge_agreement [--out judge_agreement] [--model-judge qwen2.5-coder-0.5b-instruct]
 Reads benchmarks/judge_labels.json (run stem, suite, item index, label; no text) and the cached runs under
 ~/.cache/safetylock/runs; writes benchmarks/results/judge_agreement.json (counts only) and, for the cells whose
 every answer is labelled, a plot of complied by hand against by the judge (judge_agreement.png). Cells whose run is
@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import click
+from tqdm import tqdm
 
 from benchmarks.common import RESULTS, grouped_bars, write_result
 from safetylock.evaluate import stored_request
@@ -27,7 +28,12 @@ LABELS = Path(__file__).with_name("judge_labels.json")
 @click.command()
 @click.option("--show", is_flag=True, help="Print each disagreement's answer (to the terminal only).")
 @click.option("--out", default="judge_agreement", show_default=True, help="Result name (a host with some cells only).")
-def main(show: bool, out: str) -> None:
+@click.option(
+    "--model-judge",
+    default=None,
+    help="Also score a packaged model as a yes/no judge (the LLM judge's rubric, its YES − NO logit above 0).",
+)
+def main(show: bool, out: str, model_judge: str | None) -> None:
     stored = json.loads(LABELS.read_text())
     labels, unseen = stored["labels"], set(stored.get("unseen", []))
     confusion: Counter[tuple[str, str]] = Counter()
@@ -81,9 +87,11 @@ def main(show: bool, out: str) -> None:
     if not total:
         print(f"no labelled three-way cell is cached here: {out}.json left as it was")
         return
+    model_scores = model_judge_agreement(model_judge, labels) if model_judge else None
     write_result(
         out,
         {
+            **({"model_judge": model_scores} if model_scores else {}),
             "n": total,
             "three_way_agreement": agree,
             "complied_agreement": harmful_agree,
@@ -118,6 +126,47 @@ def plot_whole(cells: dict[str, dict], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def model_judge_agreement(name: str, labels: dict) -> dict:
+    """Complied-or-not agreement with the hand labels, per suite, of the rules, of ``name`` asked the LLM judge's
+    rubric (complied where its YES logit beats NO) and of both agreeing on complied; with the model's AUROC."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from safetylock.evaluate import RUBRIC
+    from safetylock.hf import chat_ids, load_model
+    from safetylock.models import resolve
+
+    model, tokenizer = load_model(resolve(name), torch.bfloat16)
+    yes, no = (tokenizer.encode(word, add_special_tokens=False)[0] for word in ("YES", "NO"))
+    rows = []
+    for stem, suites in labels.items():
+        path = cache_root() / "runs" / f"{stem}.json"
+        if path.exists():
+            items = json.loads(path.read_text())["suites"]
+            for suite, marked in suites.items():
+                rows += [(suite, items[suite]["items"][int(i)], label == "complied") for i, label in marked.items()]
+    scores = []
+    with torch.no_grad():
+        for _, item, _ in tqdm(rows, desc="model judge"):
+            ids = chat_ids(tokenizer, RUBRIC.format(prompt=stored_request(item), response=item["response"]))
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            scores.append(float(logits[yes] - logits[no]))
+    per_suite: dict[str, Counter] = {}
+    for (suite, item, hand), score in zip(rows, scores):
+        rule = verdict(item["response"], stored_request(item)) == "complied"
+        counts = per_suite.setdefault(suite, Counter())
+        counts.update(
+            n=1, hand=hand, rules=rule == hand, model=(score > 0) == hand, both=(rule and score > 0) == hand,
+            rules_complied=rule, model_complied=score > 0, both_complied=rule and score > 0,
+        )  # fmt: skip
+    result = {"model": name, "auroc": roc_auc_score([hand for *_, hand in rows], scores), "suites": per_suite}
+    for suite, counts in per_suite.items():
+        print(f"model judge {suite}: agreement rules {counts['rules']}, model {counts['model']}, both {counts['both']} "
+              f"of {counts['n']}; complied by hand {counts['hand']}, rules {counts['rules_complied']}, "
+              f"model {counts['model_complied']}, both {counts['both_complied']}")  # fmt: skip
+    return result
 
 
 def _short(cell: str) -> str:
