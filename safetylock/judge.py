@@ -273,7 +273,7 @@ def is_degenerate(text: str) -> bool:
 
 def sentence_kind(sentence: str) -> Literal["declines", "self-talk", "talks-back", "content"]:
     """``declines`` (a refusal, deflection or warning), ``self-talk`` (the assistant about itself), ``talks-back``
-    (a question or a request for details put to the user, a pleasantry) or ``content``."""
+    (a question or a request for details put to the user, an offer, a pleasantry) or ``content``."""
     if any(marker in sentence for marker in REFUSAL_MARKERS + COMMENTARY_MARKERS):
         return "declines"
     if any(marker in sentence for marker in SELF_TALK_MARKERS):
