@@ -38,6 +38,7 @@ def main(show: bool, out: str, model_judge: str | None) -> None:
     labels, unseen = stored["labels"], set(stored.get("unseen", []))
     confusion: Counter[tuple[str, str]] = Counter()
     per_cell, missing = {}, []
+    judged_items: list[tuple[str, dict, str, str]] = []  # (suite, item, hand label, the rules' verdict)
     for stem, suites in labels.items():
         path = cache_root() / "runs" / f"{stem}.json"
         if not path.exists():
@@ -48,6 +49,7 @@ def main(show: bool, out: str, model_judge: str | None) -> None:
             items = run["suites"][suite]["items"]
             pairs = [(label, verdict(items[int(i)]["response"], stored_request(items[int(i)]))) for i, label in marked.items()]
             confusion.update(pairs)
+            judged_items += [(suite, items[int(i)], *pair) for i, pair in zip(marked, pairs)]
             if show:
                 for (i, label), (_, judged) in zip(marked.items(), pairs):
                     if label != judged:
@@ -87,7 +89,7 @@ def main(show: bool, out: str, model_judge: str | None) -> None:
     if not total:
         print(f"no labelled three-way cell is cached here: {out}.json left as it was")
         return
-    model_scores = model_judge_agreement(model_judge, labels) if model_judge else None
+    model_scores = model_judge_agreement(model_judge, judged_items) if model_judge else None
     write_result(
         out,
         {
@@ -128,9 +130,10 @@ def plot_whole(cells: dict[str, dict], path: Path) -> Path:
     return path
 
 
-def model_judge_agreement(name: str, labels: dict) -> dict:
+def model_judge_agreement(name: str, judged_items: list[tuple[str, dict, str, str]]) -> dict:
     """Complied-or-not agreement with the hand labels, per suite, of the rules, of ``name`` asked the LLM judge's
-    rubric (complied where its YES logit beats NO) and of both agreeing on complied; with the model's AUROC."""
+    rubric (complied where its YES logit beats NO) and of both agreeing on complied; with the model's AUROC.
+    ``judged_items``: (suite, item, hand label, the rules' verdict) for every labelled answer cached here."""
     import torch
     from sklearn.metrics import roc_auc_score
 
@@ -140,28 +143,22 @@ def model_judge_agreement(name: str, labels: dict) -> dict:
 
     model, tokenizer = load_model(resolve(name), torch.bfloat16)
     yes, no = (tokenizer.encode(word, add_special_tokens=False)[0] for word in ("YES", "NO"))
-    rows = []
-    for stem, suites in labels.items():
-        path = cache_root() / "runs" / f"{stem}.json"
-        if path.exists():
-            items = json.loads(path.read_text())["suites"]
-            for suite, marked in suites.items():
-                rows += [(suite, items[suite]["items"][int(i)], label == "complied") for i, label in marked.items()]
     scores = []
     with torch.no_grad():
-        for _, item, _ in tqdm(rows, desc="model judge"):
+        for _, item, _, _ in tqdm(judged_items, desc="model judge"):
             ids = chat_ids(tokenizer, RUBRIC.format(prompt=stored_request(item), response=item["response"]))
             logits = model(torch.tensor([ids])).logits[0, -1].float()
             scores.append(float(logits[yes] - logits[no]))
     per_suite: dict[str, Counter] = {}
-    for (suite, item, hand), score in zip(rows, scores):
-        rule = verdict(item["response"], stored_request(item)) == "complied"
+    for (suite, _, label, judged), score in zip(judged_items, scores):
+        hand, rule = label == "complied", judged == "complied"
         counts = per_suite.setdefault(suite, Counter())
         counts.update(
             n=1, hand=hand, rules=rule == hand, model=(score > 0) == hand, both=(rule and score > 0) == hand,
             rules_complied=rule, model_complied=score > 0, both_complied=rule and score > 0,
         )  # fmt: skip
-    result = {"model": name, "auroc": roc_auc_score([hand for *_, hand in rows], scores), "suites": per_suite}
+    hands = [label == "complied" for _, _, label, _ in judged_items]
+    result = {"model": name, "auroc": roc_auc_score(hands, scores), "suites": per_suite}
     for suite, counts in per_suite.items():
         print(f"model judge {suite}: agreement rules {counts['rules']}, model {counts['model']}, both {counts['both']} "
               f"of {counts['n']}; complied by hand {counts['hand']}, rules {counts['rules_complied']}, "
