@@ -12,17 +12,63 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 from tqdm import tqdm
 
 from benchmarks.common import RESULTS, grouped_bars, write_result
-from safetylock.evaluate import stored_request
+from safetylock.evaluate import RUBRIC, stored_request
 from safetylock.judge import VERDICTS, refusal_fit, verdict
 from safetylock.models import cache_root
 
 LABELS = Path(__file__).with_name("judge_labels.json")
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """One hand-labelled answer: its run, suite and index there, the stored item, the hand label and the rules'
+    verdict."""
+
+    stem: str
+    suite: str
+    index: int
+    item: dict
+    label: str
+    judged: str
+    suite_size: int
+
+    @property
+    def variant(self) -> str:
+        """The served model the run is of (the run's label before any ``+`` lock or framing)."""
+        return self.stem.rsplit("-", 1)[0].split("+")[0]
+
+    @property
+    def request(self) -> str:
+        return stored_request(self.item)
+
+    def rubric(self) -> str:
+        """The LLM judge's question about this answer."""
+        return RUBRIC.format(prompt=self.request, response=self.item["response"])
+
+
+def labelled_answers(labels: dict) -> tuple[list[Labelled], list[str]]:
+    """Every labelled answer whose run is cached here, judged by the rules, and the stems of the runs that are not."""
+    rows, missing = [], []
+    for stem, suites in labels.items():
+        path = cache_root() / "runs" / f"{stem}.json"
+        if not path.exists():
+            missing.append(stem)
+            continue
+        run = json.loads(path.read_text())
+        for suite, marked in suites.items():
+            items = run["suites"][suite]["items"]
+            for index, label in marked.items():
+                item = items[int(index)]
+                judged = verdict(item["response"], stored_request(item))
+                rows.append(Labelled(stem, suite, int(index), item, label, judged, len(items)))
+    return rows, missing
 
 
 @click.command()
@@ -35,32 +81,26 @@ LABELS = Path(__file__).with_name("judge_labels.json")
 )
 def main(show: bool, out: str, model_judge: str | None) -> None:
     stored = json.loads(LABELS.read_text())
-    labels, unseen = stored["labels"], set(stored.get("unseen", []))
-    confusion: Counter[tuple[str, str]] = Counter()
-    per_cell, missing = {}, []
-    judged_items: list[tuple[str, dict, str, str]] = []  # (suite, item, hand label, the rules' verdict)
-    for stem, suites in labels.items():
-        path = cache_root() / "runs" / f"{stem}.json"
-        if not path.exists():
-            missing.append(stem)
-            continue
-        run = json.loads(path.read_text())
-        for suite, marked in suites.items():
-            items = run["suites"][suite]["items"]
-            pairs = [(label, verdict(items[int(i)]["response"], stored_request(items[int(i)]))) for i, label in marked.items()]
-            confusion.update(pairs)
-            judged_items += [(suite, items[int(i)], *pair) for i, pair in zip(marked, pairs)]
-            if show:
-                for (i, label), (_, judged) in zip(marked.items(), pairs):
-                    if label != judged:
-                        print(f"--- {stem} {suite} {i}: hand {label}, judge {judged}\n{items[int(i)]['response'][:300]!r}")
-            per_cell[f"{stem} {suite}"] = {
-                "n": len(pairs),
-                "agree": sum(h == j for h, j in pairs),
-                "hand_complied": sum(h == "complied" for h, _ in pairs),
-                "judge_complied": sum(j == "complied" for _, j in pairs),
-                "every_answer": len(pairs) == len(items),
-            }
+    unseen = set(stored.get("unseen", []))
+    rows, missing = labelled_answers(stored["labels"])
+    confusion: Counter[tuple[str, str]] = Counter((row.label, row.judged) for row in rows)
+    cells: dict[str, list[Labelled]] = {}
+    for row in rows:
+        cells.setdefault(f"{row.stem} {row.suite}", []).append(row)
+        if show and row.label != row.judged:
+            print(
+                f"--- {row.stem} {row.suite} {row.index}: hand {row.label}, judge {row.judged}\n{row.item['response'][:300]!r}"
+            )
+    per_cell = {
+        cell: {
+            "n": len(marked),
+            "agree": sum(row.label == row.judged for row in marked),
+            "hand_complied": sum(row.label == "complied" for row in marked),
+            "judge_complied": sum(row.judged == "complied" for row in marked),
+            "every_answer": len(marked) == marked[0].suite_size,
+        }
+        for cell, marked in cells.items()
+    }
     total = sum(confusion.values())
     agree = sum(n for (human, judged), n in confusion.items() if human == judged)
     harmful_agree = sum(n for (h, j), n in confusion.items() if (h == "complied") == (j == "complied"))
@@ -89,7 +129,7 @@ def main(show: bool, out: str, model_judge: str | None) -> None:
     if not total:
         print(f"no labelled three-way cell is cached here: {out}.json left as it was")
         return
-    model_scores = model_judge_agreement(model_judge, judged_items) if model_judge else None
+    model_scores = model_judge_agreement(model_judge, rows) if model_judge else None
     write_result(
         out,
         {
@@ -130,14 +170,12 @@ def plot_whole(cells: dict[str, dict], path: Path) -> Path:
     return path
 
 
-def model_judge_agreement(name: str, judged_items: list[tuple[str, dict, str, str]]) -> dict:
+def model_judge_agreement(name: str, rows: list[Labelled]) -> dict:
     """Complied-or-not agreement with the hand labels, per suite, of the rules, of ``name`` asked the LLM judge's
-    rubric (complied where its YES logit beats NO) and of both agreeing on complied; with the model's AUROC.
-    ``judged_items``: (suite, item, hand label, the rules' verdict) for every labelled answer cached here."""
+    rubric (complied where its YES logit beats NO) and of both agreeing on complied; with the model's AUROC."""
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from safetylock.evaluate import RUBRIC
     from safetylock.hf import chat_ids, load_model
     from safetylock.models import resolve
 
@@ -145,19 +183,19 @@ def model_judge_agreement(name: str, judged_items: list[tuple[str, dict, str, st
     yes, no = (tokenizer.encode(word, add_special_tokens=False)[0] for word in ("YES", "NO"))
     scores = []
     with torch.no_grad():
-        for _, item, _, _ in tqdm(judged_items, desc="model judge"):
-            ids = chat_ids(tokenizer, RUBRIC.format(prompt=stored_request(item), response=item["response"]))
+        for row in tqdm(rows, desc="model judge"):
+            ids = chat_ids(tokenizer, row.rubric())
             logits = model(torch.tensor([ids])).logits[0, -1].float()
             scores.append(float(logits[yes] - logits[no]))
     per_suite: dict[str, Counter] = {}
-    for (suite, _, label, judged), score in zip(judged_items, scores):
-        hand, rule = label == "complied", judged == "complied"
-        counts = per_suite.setdefault(suite, Counter())
+    for row, score in zip(rows, scores):
+        hand, rule = row.label == "complied", row.judged == "complied"
+        counts = per_suite.setdefault(row.suite, Counter())
         counts.update(
             n=1, hand=hand, rules=rule == hand, model=(score > 0) == hand, both=(rule and score > 0) == hand,
             rules_complied=rule, model_complied=score > 0, both_complied=rule and score > 0,
         )  # fmt: skip
-    hands = [label == "complied" for _, _, label, _ in judged_items]
+    hands = [row.label == "complied" for row in rows]
     result = {"model": name, "auroc": roc_auc_score(hands, scores), "suites": per_suite}
     for suite, counts in per_suite.items():
         print(f"model judge {suite}: agreement rules {counts['rules']}, model {counts['model']}, both {counts['both']} "
