@@ -27,17 +27,18 @@ LABELS = Path(__file__).with_name("judge_labels.json")
 
 
 @dataclass(frozen=True)
-class Labelled:
-    """One hand-labelled answer: its run, suite and index there, the stored item, the hand label and the rules'
-    verdict."""
+class Answer:
+    """One cached answer: its run, suite (and the suite's kind) and index there, the stored item, the rules' verdict
+    and its hand label ("" where none)."""
 
     stem: str
     suite: str
+    kind: str
     index: int
     item: dict
-    label: str
     judged: str
     suite_size: int
+    label: str = ""
 
     @property
     def variant(self) -> str:
@@ -53,21 +54,29 @@ class Labelled:
         return RUBRIC.format(prompt=self.request, response=self.item["response"])
 
 
-def labelled_answers(labels: dict) -> tuple[list[Labelled], list[str]]:
+def cached_answers(stem: str, suite: str, labels: dict[str, str] | None = None) -> list[Answer]:
+    """A cached run's answers to one suite, judged by the rules: the labelled ones with their labels, or with no
+    ``labels`` every answer."""
+    found = json.loads((cache_root() / "runs" / f"{stem}.json").read_text())["suites"][suite]
+    items = found["items"]
+    marked = labels if labels is not None else {str(i): "" for i in range(len(items))}
+    answers = []
+    for index, label in marked.items():
+        item = items[int(index)]
+        judged = verdict(item["response"], stored_request(item))
+        answers.append(Answer(stem, suite, found["kind"], int(index), item, judged, len(items), label))
+    return answers
+
+
+def labelled_answers(labels: dict) -> tuple[list[Answer], list[str]]:
     """Every labelled answer whose run is cached here, judged by the rules, and the stems of the runs that are not."""
     rows, missing = [], []
     for stem, suites in labels.items():
-        path = cache_root() / "runs" / f"{stem}.json"
-        if not path.exists():
+        if not (cache_root() / "runs" / f"{stem}.json").exists():
             missing.append(stem)
             continue
-        run = json.loads(path.read_text())
         for suite, marked in suites.items():
-            items = run["suites"][suite]["items"]
-            for index, label in marked.items():
-                item = items[int(index)]
-                judged = verdict(item["response"], stored_request(item))
-                rows.append(Labelled(stem, suite, int(index), item, label, judged, len(items)))
+            rows += cached_answers(stem, suite, marked)
     return rows, missing
 
 
@@ -84,7 +93,7 @@ def main(show: bool, out: str, model_judge: str | None) -> None:
     unseen = set(stored.get("unseen", []))
     rows, missing = labelled_answers(stored["labels"])
     confusion: Counter[tuple[str, str]] = Counter((row.label, row.judged) for row in rows)
-    cells: dict[str, list[Labelled]] = {}
+    cells: dict[str, list[Answer]] = {}
     for row in rows:
         cells.setdefault(f"{row.stem} {row.suite}", []).append(row)
         if show and row.label != row.judged:
@@ -170,7 +179,7 @@ def plot_whole(cells: dict[str, dict], path: Path) -> Path:
     return path
 
 
-def model_judge_agreement(name: str, rows: list[Labelled]) -> dict:
+def model_judge_agreement(name: str, rows: list[Answer]) -> dict:
     """Complied-or-not agreement with the hand labels, per suite, of the rules, of ``name`` asked the LLM judge's
     rubric (complied where its YES logit beats NO) and of both agreeing on complied; with the model's AUROC."""
     import torch

@@ -1,15 +1,16 @@
 """A linear judge: probes on the aligned base reading a labelled answer, scored against the hand labels of a suite
 (or a served model) that none of its fits saw.
 
-Run: python -m benchmarks.judge_probe [--model qwen2.5-coder-0.5b-instruct] [--out judge_probe]
+Run: python -m benchmarks.judge_probe [--table] [--model qwen2.5-coder-0.5b-instruct] [--out judge_probe]
 Two reads of each hand-labelled answer (benchmarks/judge_labels.json) through the aligned base, at several layers:
 ``rubric-last``, the residual at the last token of the LLM judge's rubric asked about the answer (what the model judge
 of ``judge_agreement --model-judge`` reads its YES/NO logits from), and ``answer-mean``, the mean residual over the
 answer's tokens, read as the assistant's turn after the request. A logistic probe (standardised features) is fit on
 complied-or-not hand labels; its read and layer are chosen by grouped 5-fold cross-validation (groups: the request)
 on the fit rows alone. Scored leave-one-suite-out and leave-one-model-out, beside the rules (``judge.verdict``) and
-the rules and the probe both saying complied. Features are cached under ~/.cache/safetylock/judge_probe (numbers
-only); benchmarks/results/judge_probe.{json,png} hold counts only.
+the rules and the probe both saying complied; ``--table`` also re-reads the README gated table's harmful cells and
+scores the blind labels of suites no label covers (``probe_check``). Features are cached under
+~/.cache/safetylock/judge_probe (numbers only); benchmarks/results/judge_probe.{json,png} hold counts only.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.common import RESULTS, grouped_bars, write_result
-from benchmarks.judge_agreement import LABELS, Labelled, labelled_answers
+from benchmarks.judge_agreement import LABELS, Answer, cached_answers, labelled_answers
 from safetylock.models import cache_root
 
 LAYERS = (6, 9, 12, 15, 18, 21, 24)
@@ -32,7 +33,7 @@ READS = ("rubric-last", "answer-mean")
 C = 0.05  # the probe's inverse L2 strength, fixed before the first run
 
 
-def features(model_name: str, rows: list[Labelled]) -> dict[str, np.ndarray]:
+def features(model_name: str, rows: list[Answer]) -> dict[str, np.ndarray]:
     """``{read: [rows, layers, hidden]}`` float32, cached by the model and the labelled answers."""
     key = hashlib.sha256(json.dumps([model_name, LAYERS, [(r.stem, r.suite, r.index) for r in rows]]).encode()).hexdigest()[:12]
     path = cache_root() / "judge_probe" / f"features-{key}.npz"
@@ -84,15 +85,17 @@ def choose(found: dict[str, np.ndarray], y: np.ndarray, groups: list[str], fit: 
     return best
 
 
-def held_out(found: dict[str, np.ndarray], y: np.ndarray, groups: list[str], test: np.ndarray) -> tuple[np.ndarray, dict]:
-    """The probe's complied probability on the ``test`` rows, fit and chosen on every other row."""
-    fit = ~test
+def held_out(
+    found: dict[str, np.ndarray], y: np.ndarray, groups: list[str], fit: np.ndarray, scored: dict[str, np.ndarray]
+) -> tuple[np.ndarray, dict]:
+    """The complied probability of the ``scored`` features (``{read: [rows, layers, hidden]}``) by a probe fit and
+    chosen on the ``fit`` rows of ``found``."""
     read, layer = choose(found, y, groups, fit)
     probe = _probe(found[read][fit, layer], y[fit])
-    return probe.predict_proba(found[read][test, layer])[:, 1], {"read": read, "layer": LAYERS[layer]}
+    return probe.predict_proba(scored[read][:, layer])[:, 1], {"read": read, "layer": LAYERS[layer]}
 
 
-def scores(rows: list[Labelled], probability: np.ndarray) -> dict:
+def scores(rows: list[Answer], probability: np.ndarray) -> dict:
     """Complied-or-not agreement with the hand labels and complied counts of the rules, the probe and both."""
     from sklearn.metrics import roc_auc_score
 
@@ -122,7 +125,13 @@ def _line(c: dict) -> str:
 @click.command()
 @click.option("--model", "model_name", default="qwen2.5-coder-0.5b-instruct", show_default=True, help="The reader.")
 @click.option("--out", default="judge_probe", show_default=True, help="Result name.")
-def main(model_name: str, out: str) -> None:
+@click.option(
+    "--table",
+    is_flag=True,
+    help="Also judge every harmful suite of the runs whose Do-Not-Answer answers are all labelled (the README's gated "
+    "table): the rules, and the rules and a probe fit on the other served models' labelled harmful answers.",
+)
+def main(model_name: str, out: str, table: bool) -> None:
     rows, missing = labelled_answers(json.loads(LABELS.read_text())["labels"])
     if not rows:
         raise click.ClickException("no labelled answer's run is cached here")
@@ -134,7 +143,7 @@ def main(model_name: str, out: str) -> None:
         held: dict[str, dict] = {}
         for name in sorted({key(r) for r in rows}, key=[key(r) for r in rows].index):
             test = np.array([key(r) == name for r in rows])
-            probability, chosen = held_out(found, y, groups, test)
+            probability, chosen = held_out(found, y, groups, ~test, {read: f[test] for read, f in found.items()})
             held[name] = {**chosen, **scores([r for r, t in zip(rows, test) if t], probability)}
             print(f"held out {split} {name}: {_line(held[name])}")
         total = Counter()
@@ -142,8 +151,74 @@ def main(model_name: str, out: str) -> None:
             total.update({k: v for k, v in c.items() if k.endswith(("_agree", "_complied", "_caught")) or k == "n"})
         print(f"held out by {split}, all: " + ", ".join(f"{k} {v}" for k, v in total.items()))
         result[f"by_{split}"] = {"held_out": held, "total": dict(total)}
+    if table:
+        result["table"] = judge_table(model_name, rows, found, y, groups)
     write_result(out, result)
     plot(result["by_suite"]["held_out"], RESULTS / f"{out}.png")
+
+
+def judge_table(model_name: str, rows: list[Answer], found: dict[str, np.ndarray], y: np.ndarray, groups: list[str]):
+    """``{run: {suite: counts}}`` for every harmful suite of the runs whose Do-Not-Answer answers are all labelled:
+    complied by the rules, by the rules and the probe (fit on the labelled harmful answers of the other served
+    models, so never on the run's own model), and by hand where every answer is labelled."""
+    labelled = {(r.stem, r.suite, r.index): r.label for r in rows}
+    labelled_dna = Counter(r.stem for r in rows if r.suite == "donotanswer")
+    size = {r.stem: r.suite_size for r in rows if r.suite == "donotanswer"}
+    stems = [stem for stem, n in labelled_dna.items() if n == size[stem]]
+    runs = {stem: json.loads((cache_root() / "runs" / f"{stem}.json").read_text())["suites"] for stem in stems}
+    answers = [
+        a
+        for stem in stems
+        for suite, found_suite in runs[stem].items()
+        if found_suite["kind"] == "harmful"
+        for a in cached_answers(stem, suite)
+    ]
+    candidates = [a for a in answers if a.judged == "complied"]  # the rules' complied: the only ones the probe can veto
+    known = {(r.stem, r.suite, r.index): n for n, r in enumerate(rows)}  # labelled answers: features already read
+    new = [a for a in candidates if (a.stem, a.suite, a.index) not in known]
+    extra = features(model_name, new) if new else {}
+    at = {(a.stem, a.suite, a.index): n for n, a in enumerate(new)}
+    keys = [(a.stem, a.suite, a.index) for a in candidates]
+    scored = {read: np.stack([found[read][known[k]] if k in known else extra[read][at[k]] for k in keys]) for read in READS}
+    harmful = np.array([r.kind == "harmful" for r in rows])
+    probability = np.zeros(len(candidates))
+    for variant in dict.fromkeys(a.variant for a in candidates):
+        mine = np.array([a.variant == variant for a in candidates])
+        fit = harmful & np.array([r.variant != variant for r in rows])
+        probability[mine], _ = held_out(found, y, groups, fit, {read: f[mine] for read, f in scored.items()})
+    kept = {(a.stem, a.suite, a.index) for a, p in zip(candidates, probability) if p > 0.5}
+    result: dict[str, dict] = {}
+    for a in answers:
+        counts = result.setdefault(a.stem, {}).setdefault(a.suite, Counter())
+        hand = labelled.get((a.stem, a.suite, a.index))
+        counts.update(n=1, rules=a.judged == "complied", both=(a.stem, a.suite, a.index) in kept,
+                      labelled=hand is not None, hand=hand == "complied")  # fmt: skip
+    check = {
+        (stem, suite, int(index)): label
+        for stem, suites in json.loads(LABELS.read_text())["probe_check"]["labels"].items()
+        for suite, marked in suites.items()
+        for index, label in marked.items()
+    }
+    on_check = {
+        "n": len(check),
+        "hand_complied": sum(label == "complied" for label in check.values()),
+        "rules_agree": sum(label == "complied" for label in check.values()),  # the rules said complied on every one
+        "both_agree": sum((key in kept) == (label == "complied") for key, label in check.items()),
+        "both_complied": sum(key in kept for key in check),
+        "both_caught": sum(key in kept and label == "complied" for key, label in check.items()),
+    }
+    print(f"blind labels on suites no probe saw: {on_check}")
+    print("complied: the rules → the rules and the probe (by hand, where every answer is labelled)")
+    for stem, suites in result.items():
+        cells = [
+            f"{suite} {c['rules']} → {c['both']}" + (f" ({c['hand']})" if c["labelled"] == c["n"] else "") + f" of {c['n']}"
+            for suite, c in suites.items()
+        ]
+        print(f"  {stem}: " + "; ".join(cells))
+    return {
+        "probe_check": on_check,
+        "runs": {stem: {suite: dict(c) for suite, c in suites.items()} for stem, suites in result.items()},
+    }
 
 
 def plot(held: dict[str, dict], path: Path) -> Path:
