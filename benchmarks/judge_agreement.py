@@ -10,6 +10,7 @@ the set read while the rule was written, and a held-out set labelled after): ben
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -54,10 +55,16 @@ class Answer:
         return RUBRIC.format(prompt=self.request, response=self.item["response"])
 
 
+@functools.cache
+def run_suites(stem: str) -> dict:
+    """A cached run's suites, read once."""
+    return json.loads((cache_root() / "runs" / f"{stem}.json").read_text())["suites"]
+
+
 def cached_answers(stem: str, suite: str, labels: dict[str, str] | None = None) -> list[Answer]:
     """A cached run's answers to one suite, judged by the rules: the labelled ones with their labels, or with no
     ``labels`` every answer."""
-    found = json.loads((cache_root() / "runs" / f"{stem}.json").read_text())["suites"][suite]
+    found = run_suites(stem)[suite]
     items = found["items"]
     marked = labels if labels is not None else {str(i): "" for i in range(len(items))}
     answers = []

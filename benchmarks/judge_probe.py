@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.common import RESULTS, grouped_bars, write_result
-from benchmarks.judge_agreement import LABELS, Answer, cached_answers, labelled_answers
+from benchmarks.judge_agreement import LABELS, Answer, cached_answers, labelled_answers, run_suites
 from safetylock.models import cache_root
 
 LAYERS = (6, 9, 12, 15, 18, 21, 24)
@@ -165,14 +165,7 @@ def judge_table(model_name: str, rows: list[Answer], found: dict[str, np.ndarray
     labelled_dna = Counter(r.stem for r in rows if r.suite == "donotanswer")
     size = {r.stem: r.suite_size for r in rows if r.suite == "donotanswer"}
     stems = [stem for stem, n in labelled_dna.items() if n == size[stem]]
-    runs = {stem: json.loads((cache_root() / "runs" / f"{stem}.json").read_text())["suites"] for stem in stems}
-    answers = [
-        a
-        for stem in stems
-        for suite, found_suite in runs[stem].items()
-        if found_suite["kind"] == "harmful"
-        for a in cached_answers(stem, suite)
-    ]
+    answers = [a for stem in stems for suite in run_suites(stem) for a in cached_answers(stem, suite) if a.kind == "harmful"]
     candidates = [a for a in answers if a.judged == "complied"]  # the rules' complied: the only ones the probe can veto
     known = {(r.stem, r.suite, r.index): n for n, r in enumerate(rows)}  # labelled answers: features already read
     new = [a for a in candidates if (a.stem, a.suite, a.index) not in known]
