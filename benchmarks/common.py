@@ -75,6 +75,24 @@ def grouped_bars(ax, groups: Sequence[str], series: dict[str, Sequence[float]], 
     ax.set_ylabel("%")
 
 
+def bar_figure(groups: Sequence[str], series: dict[str, Sequence[float]], title: str, path: Path, width: float = 8) -> Path:
+    """One figure at ``path``, ``width`` inches wide: ``grouped_bars`` of ``series`` over ``groups``, titled, with a
+    legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(width, 4.5))
+    grouped_bars(ax, groups, series)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def suite_bars(result: dict, series: dict[str, Sequence[float]], title: str, path: Path, ylim: float = 125) -> Path:
     """One figure at ``path``: a group of bars per suite of ``result["metrics"]`` (its headline metric under its
     name), one bar per ``series`` entry, the legend above the bars."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from benchmarks.common import RESULTS, grouped_bars, write_result
+from benchmarks.common import RESULTS, bar_figure, write_result
 from safetylock.evaluate import RUBRIC, stored_request
 from safetylock.judge import VERDICTS, refusal_fit, verdict
 from safetylock.models import cache_root
@@ -163,27 +163,12 @@ def main(show: bool, out: str, model_judge: str | None) -> None:
 
 def plot_whole(cells: dict[str, dict], path: Path) -> Path:
     """Complied by hand against by the judge, one pair of bars per cell labelled in full."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = [_short(cell) for cell in cells]
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(cells)), 4.5))
-    grouped_bars(
-        ax,
-        groups,
-        {
-            "complied, read by hand": [c["hand_complied"] / c["n"] for c in cells.values()],
-            "complied, three-way judge": [c["judge_complied"] / c["n"] for c in cells.values()],
-        },
-    )
-    ax.set_title("Harmful answers: hand labels against the judge (every answer of each cell read)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    series = {
+        "complied, read by hand": [c["hand_complied"] / c["n"] for c in cells.values()],
+        "complied, three-way judge": [c["judge_complied"] / c["n"] for c in cells.values()],
+    }
+    title = "Harmful answers: hand labels against the judge (every answer of each cell read)"
+    return bar_figure([_short(cell) for cell in cells], series, title, path, width=max(8, 0.9 * len(cells)))
 
 
 def model_judge_agreement(name: str, rows: list[Answer]) -> dict:

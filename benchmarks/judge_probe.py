@@ -24,7 +24,7 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.common import RESULTS, grouped_bars, write_result
+from benchmarks.common import RESULTS, bar_figure, write_result
 from benchmarks.judge_agreement import LABELS, Answer, cached_answers, labelled_answers, run_suites
 from safetylock.models import cache_root
 
@@ -141,7 +141,7 @@ def main(model_name: str, out: str, table: bool) -> None:
     result: dict = {"model": model_name, "layers": list(LAYERS), "C": C, "n": len(rows), "missing": missing}
     for split, key in (("suite", lambda r: r.suite), ("model", lambda r: r.variant)):
         held: dict[str, dict] = {}
-        for name in sorted({key(r) for r in rows}, key=[key(r) for r in rows].index):
+        for name in dict.fromkeys(key(r) for r in rows):
             test = np.array([key(r) == name for r in rows])
             probability, chosen = held_out(found, y, groups, ~test, {read: f[test] for read, f in found.items()})
             held[name] = {**chosen, **scores([r for r, t in zip(rows, test) if t], probability)}
@@ -216,22 +216,9 @@ def judge_table(model_name: str, rows: list[Answer], found: dict[str, np.ndarray
 
 def plot(held: dict[str, dict], path: Path) -> Path:
     """Per held-out suite: complied by hand, by the rules, by the probe, by both."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
     names = {"hand": "read by hand", "rules": "the rules", "probe": "the probe", "both": "rules and probe"}
-    grouped_bars(
-        ax, list(held), {label: [c[f"{key}_complied"] / c["n"] for c in held.values()] for key, label in names.items()}
-    )
-    ax.set_title("Complied, per suite held out of the probe's fit (hand-labelled answers)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    series = {label: [c[f"{key}_complied"] / c["n"] for c in held.values()] for key, label in names.items()}
+    return bar_figure(list(held), series, "Complied, per suite held out of the probe's fit (hand-labelled answers)", path)
 
 
 if __name__ == "__main__":
