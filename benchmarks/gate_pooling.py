@@ -46,7 +46,7 @@ import torch
 
 from benchmarks.common import RESULTS, write_result
 from benchmarks.gate_probes import linear
-from benchmarks.gate_reads import parse_layers, plot_curves, recorded_forward, score
+from benchmarks.gate_reads import SWEEP_PROTOCOL, parse_layers, plot_curves, recorded_forward, score
 from benchmarks.gate_sources import request_key, unseen_requests
 from safetylock import data, models
 from safetylock.gate import attended, balanced_weights
@@ -274,9 +274,7 @@ def main(model_name: str, seed: int, layers: str, candidates: str, out: str) -> 
             "window": WINDOW,
             "steps": STEPS,
             "l2": L2,
-            "protocol": "leave-one-source-out (thresholds at each sweep target's share of the other sources' benign "
-            "calibration requests firing, held-out source scored whole); unseen sources: fit on every source's fit "
-            "split, thresholds on all benign calibration requests; layer score at 5%; rates only",
+            "protocol": SWEEP_PROTOCOL,
             "candidates": results,
             "seconds": round(time.perf_counter() - started, 1),
         },

@@ -49,6 +49,11 @@ from safetylock.sources import Request, Sizes, gate_requests, split
 
 LAYERS = (12, 16, 20)  # the default --layers, and the layer ensemble's
 SWEEP = (0.01, 0.02, 0.03, 0.05, 0.08, 0.12)  # threshold targets: share of benign calibration requests firing
+SWEEP_PROTOCOL = (
+    "leave-one-source-out (thresholds at each sweep target's share of the other sources' benign calibration requests "
+    "firing, held-out source scored whole); unseen sources: fit on every source's fit split, thresholds on all benign "
+    "calibration requests; layer score at 5%; rates only"
+)
 POSITIONS = 6  # the user's message's last token, then the template's <|im_end|> \n <|im_start|> assistant \n
 View = Callable[[np.ndarray], np.ndarray]  # [n, POSITIONS, hidden] -> [n, features]
 Recorder = Callable[[int, torch.Tensor, list[int]], None]  # (layer, block input [batch, tokens, hidden], requests)
@@ -89,16 +94,25 @@ def closing_forward(model_dir: Path, requests: list[Request], layers: tuple[int,
     return rows
 
 
-def recorded_forward(model, tokenizer, ids: list[list[int]], layers: tuple[int, ...], keep: Recorder, desc: str) -> None:
+def recorded_forward(
+    model,
+    tokenizer,
+    ids: list[list[int]],
+    layers: tuple[int, ...],
+    keep: Recorder,
+    desc: str,
+    last: Callable[[torch.Tensor, list[int]], None] | None = None,
+) -> None:
     """Forward every chat of ``ids`` (similar lengths batched, left-padded, stopped after the deepest of
-    ``layers``), handing each layer's attention-block input and the batch's members to ``keep``."""
+    ``layers``), handing each layer's attention-block input and the batch's members to ``keep``; with ``last``,
+    through the whole model instead, handing it the final normalised hidden state at the last token too."""
     current: list[int] = []
     blocks = attention_blocks(model, model.config.num_hidden_layers)
 
     def recorder(layer: int):
         def hook(_module, args, kwargs) -> None:
             keep(layer, block_input(args, kwargs), list(current))
-            if layer == max(layers):
+            if layer == max(layers) and last is None:
                 raise _Deepest
 
         return hook
@@ -113,7 +127,9 @@ def recorded_forward(model, tokenizer, ids: list[list[int]], layers: tuple[int, 
                 batch, mask = pad_batch([ids[i] for i in members], pad_id, "left")
                 positions = (mask.cumsum(1) - 1).clamp(min=0)
                 with contextlib.suppress(_Deepest):
-                    model.model(input_ids=batch, attention_mask=mask, position_ids=positions, use_cache=False)
+                    out = model.model(input_ids=batch, attention_mask=mask, position_ids=positions, use_cache=False)
+                    if last is not None:
+                        last(out.last_hidden_state[:, -1], list(current))
     finally:
         for handle in handles:
             handle.remove()
@@ -130,18 +146,32 @@ def parse_layers(text: str) -> tuple[int, ...]:
     return layers
 
 
-def layer_mean(x: np.ndarray, harmful: np.ndarray, refused: np.ndarray, sources: np.ndarray, seed: int = 0) -> Scorer:
-    """One linear probe per layer (``x`` holds the layers' features side by side, equal widths), each score
-    standardised on the fit data, averaged."""
-    parts = np.split(x, len(LAYERS), axis=1)
-    probes = []
-    for part in parts:
-        scorer = linear(part, harmful, refused, sources, seed)
-        fitted = scorer(part)[:, 0]
-        probes.append((scorer, fitted.mean(), fitted.std()))
-    return lambda z: np.mean(
-        [(s(p)[:, 0] - m) / sd for (s, m, sd), p in zip(probes, np.split(z, len(LAYERS), axis=1))], axis=0
-    )[:, None]
+def standardised_mean(parts: int) -> Fitter:
+    """A fitter of one linear probe on each of ``parts`` equal-width blocks of the features (reads side by side),
+    each score standardised on the fit data, averaged."""
+
+    def fitter(x: np.ndarray, harmful: np.ndarray, refused: np.ndarray, sources: np.ndarray, seed: int = 0) -> Scorer:
+        probes = []
+        for part in np.split(x, parts, axis=1):
+            scorer = linear(part, harmful, refused, sources, seed)
+            fitted = scorer(part)[:, 0]
+            probes.append((scorer, fitted.mean(), fitted.std()))
+        return lambda z: np.mean([(s(p)[:, 0] - m) / sd for (s, m, sd), p in zip(probes, np.split(z, parts, axis=1))], axis=0)[
+            :, None
+        ]
+
+    return fitter
+
+
+layer_mean = standardised_mean(len(LAYERS))  # the last token at each of LAYERS, one probe per layer, averaged
+
+
+def split_unseen(
+    features: np.ndarray, product: int, unseen: dict[str, list[Request]]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Features of the gate's ``product`` requests followed by each unseen source's, cut apart (float64)."""
+    pieces = np.split(features.astype(np.float64), np.cumsum([product] + [len(a) for a in unseen.values()])[:-1])
+    return pieces[0], dict(zip(unseen, pieces[1:]))
 
 
 def score(
@@ -239,12 +269,10 @@ def main(model_name: str, seed: int, topics: int, layers: str, out: str) -> None
     everything = requests + [r for asked in unseen.values() for r in asked]
     read_at = parse_layers(layers)
     closing = closing_features(model_dir, everything, tuple(sorted(set(read_at) | set(LAYERS))))
-    edges = np.cumsum([len(requests)] + [len(a) for a in unseen.values()])[:-1]
     fit, calibration = (np.asarray(part) for part in split(requests, seed=seed))
 
     def parted(features: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        pieces = np.split(features.astype(np.float64), edges)
-        return pieces[0], dict(zip(unseen, pieces[1:]))
+        return split_unseen(features, len(requests), unseen)
 
     results = {}
     for layer in read_at:
@@ -263,9 +291,7 @@ def main(model_name: str, seed: int, topics: int, layers: str, out: str) -> None
             "layers": list(read_at),
             "positions": POSITIONS,
             "topics": topics,
-            "protocol": "leave-one-source-out (thresholds at each sweep target's share of the other sources' benign "
-            "calibration requests firing, held-out source scored whole); unseen sources: fit on every source's fit "
-            "split, thresholds on all benign calibration requests; layer score at 5%; rates only",
+            "protocol": SWEEP_PROTOCOL,
             "sweep": [f"{round(100 * f)}%" for f in SWEEP],
             "candidates": results,
             "seconds": round(time.perf_counter() - started, 1),
