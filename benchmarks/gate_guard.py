@@ -1,0 +1,148 @@
+"""The gate beside guard models: the figures their model cards report, on requests no gate here was fit on.
+
+A guard model (Llama Guard 3) is a second model that classifies each request; its model card reports F1 and the
+false-positive rate on its own mix of prompts, and the false-positive rate on XSTest's safe prompts (edgy questions a
+safe assistant answers). The product gate makes the same decision inside the served model's forward. This benchmark
+scores it as served — the lock ``extract`` writes (``responses.product_lock``), its gate refit on each variant as
+``calibrate-gate`` does by default (``common.gated_target``), each request sent as the gate's single requests are (a
+seeded third under an operator system prompt), the gate's own read and threshold — on every packaged source outside
+the product gate's data:
+
+* harmful: the unseen evaluation sources (``evaluate.UNSEEN_HARMFUL``: `airt`, HarmBench, Do-Not-Answer, past- and
+  future-tense rewrites) and the topic sources the product leaves out (StrongREJECT, UncensorBench, the refusal
+  pairs' harmful questions; ``sources.topic_sources``, less every prompt near an unseen source's);
+* benign: Do-Not-Answer's medical, legal and financial questions (``advice``), the refusal pairs' benign twins and
+  the edgy benign questions (``edgy-benign``: medical, legal, security, chemistry — the kind XSTest's safe prompts
+  are).
+
+Per target: each source's firing rate at the served threshold (set on the gate's own calibration requests: no
+number here is scored on data that set it), and the summary a model card gives — mean TPR over the harmful sources,
+mean FPR over the benign ones, F1 at equal prevalence (precision TPR / (TPR + FPR)), the edgy benign questions'
+firing (the XSTest analogue); then AUROC and TPR at 1% / 5% FPR against the pooled benign sources, a curve whose
+thresholds are set on the scored benign requests themselves (as a card's curve is), not a served figure.
+
+Run: python -m benchmarks.gate_guard [--variants harmful-10,...] [--out gate_guard]
+Writes benchmarks/results/gate_guard.{json,png} (rates only). Scores cached per lock and model in the cache's ``gate/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from benchmarks.common import RESULTS, bar_figure, gated_target, machine, write_result
+from benchmarks.gate_sources import UNSEEN_BENIGN, cached_by_request, unseen_requests
+from benchmarks.responses import product_lock
+from safetylock import models
+from safetylock.gate import auroc, gate_scores, threshold_at
+from safetylock.hf import Framing, forward_precision, load_model
+from safetylock.lockfile import load
+from safetylock.sources import Request, single, topic_sources, with_system_prompts
+
+VARIANTS = "harmful-10,harmful-100,harmful-10-full,identity-shift,benign,downstream"
+CURVE_FPRS = (0.01, 0.05)
+XSTEST_LIKE = "edgy-benign"
+PEERS = {  # model cards and papers (FINDINGS): prompt classification on their own test sets, not these sources
+    "Llama Guard 3-1B": {"f1": 0.899, "fpr": 0.090, "xstest_fpr": 0.068},
+    "Llama Guard 3-8B": {"f1": 0.947, "fpr": 0.057, "xstest_f1": 0.884, "xstest_fpr": 0.044},
+    "residual linear probe, 0.5-9B (arXiv 2604.18901)": {"auroc": 0.982, "tpr_at_1%": 0.797},
+}
+
+
+def guard_sets(seed: int) -> dict[str, list[Request]]:
+    """Every packaged source outside the product gate's data, harmful ones first, by name (a topic source that
+    holds both kinds, the refusal pairs, named with ``-harmful`` / ``-benign``): the unseen evaluation sources and the
+    topic sources, sent as the gate's single requests are."""
+    sets = unseen_requests(seed)
+    topics = topic_sources()
+    for found, harmful in topics:
+        shared = sum(other.name == found.name for other, _ in topics) > 1
+        name = f"{found.name}-{'harmful' if harmful else 'benign'}" if shared else found.name
+        sets[name] = with_system_prompts([single(p, harmful, name) for p in found.prompts], seed)
+    return dict(sorted(sets.items(), key=lambda item: not item[1][0].harmful))
+
+
+def served_scores(model_dir: str, framing: Framing, lock: Path, requests: list[Request]) -> np.ndarray:
+    """The lock's gate scores of ``requests`` through ``model_dir`` as served (``framing``); cached per lock, model
+    and framing, only missing requests computed."""
+    resolved = models.resolve(model_dir)
+    key = {"lock": load(lock).fingerprint, "model": models.directory_digest(resolved), "framing": framing.record()}
+    path = models.cache_root() / "gate" / f"guard-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.npz"
+
+    def compute(missing: list[Request]) -> dict[int, np.ndarray]:
+        model, tokenizer = load_model(resolved)
+        chats = [r.messages() for r in missing]
+        return {0: gate_scores(model, tokenizer, load(lock).gate, chats, framing, forward_precision())}
+
+    return cached_by_request(path, requests, (0,), compute)[0]
+
+
+def summary(rates: dict[str, float], sets: dict[str, list[Request]], scores: dict[str, np.ndarray]) -> dict:
+    """A model card's figures for one target: at the served threshold (``rates``), then the curve against the pooled
+    benign sources."""
+    harmful = [n for n in sets if sets[n][0].harmful]
+    benign = [n for n in sets if not sets[n][0].harmful]
+    tpr, fpr = float(np.mean([rates[n] for n in harmful])), float(np.mean([rates[n] for n in benign]))
+    precision = tpr / (tpr + fpr) if tpr + fpr else 0.0
+    negatives = np.concatenate([scores[n] for n in benign])
+    positives = np.concatenate([scores[n] for n in harmful])
+    curve = {f"tpr_at_{round(100 * f)}%": round(float((positives > threshold_at(negatives, f)).mean()), 4) for f in CURVE_FPRS}
+    return {
+        "served_threshold": {
+            "mean_tpr": round(tpr, 4),
+            "mean_fpr": round(fpr, 4),
+            "f1_equal_prevalence": round(2 * precision * tpr / (precision + tpr), 4) if precision + tpr else 0.0,
+            "xstest_like_fpr": rates[XSTEST_LIKE],
+        },
+        "curve_on_scored_benign": {"auroc": round(auroc(positives, negatives), 4), **curve},
+    }
+
+
+@click.command()
+@click.option("--variants", default=VARIANTS, show_default=True, help="Comma list; the aligned base is always first.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", default="gate_guard", show_default=True)
+def main(variants: str, seed: int, out: str) -> None:
+    started = time.perf_counter()
+    lock = product_lock(seed)
+    sets = guard_sets(seed)
+    everything = [r for requests in sets.values() for r in requests]
+    edges = np.cumsum([len(r) for r in sets.values()])[:-1]
+    targets = {}
+    for name in ["aligned-base", *(v for v in variants.split(",") if v)]:
+        model_dir, framing, served_lock = gated_target(name, lock)
+        gate = load(served_lock).gate
+        scores = dict(zip(sets, np.split(served_scores(model_dir, framing, served_lock, everything), edges)))
+        rates = {n: round(float((s > gate.threshold).mean()), 4) for n, s in scores.items()}
+        targets[name] = {"lock": load(served_lock).fingerprint, "firing": rates, **summary(rates, sets, scores)}
+        print(name, json.dumps(targets[name]), flush=True)
+    write_result(
+        out,
+        {
+            "protocol": "the product lock's gate as served (refit on each variant, calibrate-gate's default), at its "
+            "own threshold (5% of its calibration requests); scored on packaged sources outside its data; the curve "
+            "figures threshold on the scored benign requests; rates only",
+            "sources": {n: {"harmful": r[0].harmful, "requests": len(r)} for n, r in sets.items()},
+            "benign_unseen_eval_source": UNSEEN_BENIGN,
+            "peers": PEERS,
+            "targets": targets,
+            "machine": machine(),
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    )
+    bar_figure(
+        list(sets),
+        {name: [t["firing"][n] for n in sets] for name, t in targets.items()},
+        "The gate as served: firing on sources outside its data (harmful first, then benign)",
+        RESULTS / f"{out}.png",
+        width=14,
+    )
+
+
+if __name__ == "__main__":
+    main()
