@@ -42,7 +42,7 @@ from safetylock import models
 from safetylock.gate import auroc, gate_scores, threshold_at
 from safetylock.hf import Framing, forward_precision, load_model
 from safetylock.lockfile import load
-from safetylock.sources import Request, single, topic_sources, with_system_prompts
+from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA, Request, single, topic_sources, with_system_prompts
 
 VARIANTS = "harmful-10,harmful-100,harmful-10-full,identity-shift,benign,downstream"
 CURVE_FPRS = (0.01, 0.05)
@@ -106,10 +106,18 @@ def summary(rates: dict[str, float], sets: dict[str, list[Request]], scores: dic
 @click.command()
 @click.option("--variants", default=VARIANTS, show_default=True, help="Comma list; the aligned base is always first.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--gate-data",
+    type=click.Choice(list(GATE_DATA)),
+    default=DEFAULT_GATE_DATA,
+    show_default=True,
+    help="The lock's gate data (extract --gate-data); every set but the product's adds sources, so some scored here "
+    "may then be in its fit: the result records the data.",
+)
 @click.option("--out", default="gate_guard", show_default=True)
-def main(variants: str, seed: int, out: str) -> None:
+def main(variants: str, seed: int, gate_data: str, out: str) -> None:
     started = time.perf_counter()
-    lock = product_lock(seed)
+    lock = product_lock(seed, gate_data=gate_data)
     sets = guard_sets(seed)
     everything = [r for requests in sets.values() for r in requests]
     edges = np.cumsum([len(r) for r in sets.values()])[:-1]
@@ -127,6 +135,7 @@ def main(variants: str, seed: int, out: str) -> None:
             "protocol": "the product lock's gate as served (refit on each variant, calibrate-gate's default), at its "
             "own threshold (5% of its calibration requests); scored on packaged sources outside its data; the curve "
             "figures threshold on the scored benign requests; rates only",
+            "gate_data": gate_data,
             "sources": {n: {"harmful": r[0].harmful, "requests": len(r)} for n, r in sets.items()},
             "benign_unseen_eval_source": UNSEEN_BENIGN,
             "peers": PEERS,

@@ -32,6 +32,7 @@ import numpy as np
 from transformers import AutoConfig
 
 from benchmarks.common import RESULTS, write_result
+from benchmarks.gate_reads import split_unseen
 from benchmarks.gate_sources import UNSEEN_BENIGN, features_cached, unseen_requests
 from safetylock import data, models
 from safetylock.gate import candidate_layers, gate_from_features
@@ -172,8 +173,7 @@ def main(model_name: str, seed: int, out: str, files: Path | None) -> None:
     unseen = unseen_requests(seed)
     everything = packaged + [r for asked in unseen.values() for r in asked]
     cached = features_cached(model_dir, everything, layers)
-    edges = np.cumsum([len(packaged)] + [len(a) for a in unseen.values()])[:-1]
-    unseen_x = {layer: dict(zip(unseen, np.split(cached[layer].astype(np.float64), edges)[1:])) for layer in layers}
+    unseen_x = {layer: split_unseen(cached[layer], len(packaged), unseen)[1] for layer in layers}
     results = {}
     for scenario in SCENARIOS:
         results[scenario.name] = evaluate(scenario, unseen, unseen_x, model_dir, layers, seed)

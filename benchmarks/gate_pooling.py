@@ -46,7 +46,7 @@ import torch
 
 from benchmarks.common import RESULTS, write_result
 from benchmarks.gate_probes import linear
-from benchmarks.gate_reads import SWEEP_PROTOCOL, parse_layers, plot_curves, recorded_forward, score
+from benchmarks.gate_reads import SWEEP_PROTOCOL, parse_layers, plot_curves, recorded_forward, score, split_unseen
 from benchmarks.gate_sources import request_key, unseen_requests
 from safetylock import data, models
 from safetylock.gate import attended, balanced_weights
@@ -255,15 +255,14 @@ def main(model_name: str, seed: int, layers: str, candidates: str, out: str) -> 
     read_at = parse_layers(layers)
     tokens = token_features(model_dir, everything, read_at)
     index = np.arange(len(everything), dtype=np.float64)[:, None]
-    edges = np.cumsum([len(requests)] + [len(a) for a in unseen.values()])[:-1]
-    pieces = np.split(index, edges)
+    product_x, unseen_x = split_unseen(index, len(requests), unseen)
     fit, calibration = (np.asarray(part) for part in split(requests, seed=seed))
     results = {}
     for layer in read_at:
         for kind in kinds:
             name = f"{kind}@{layer}"
             fitter = pooling_fitter(kind, tokens[layer], seed)
-            results[name] = score(fitter, pieces[0], dict(zip(unseen, pieces[1:])), requests, fit, calibration, product)
+            results[name] = score(fitter, product_x, unseen_x, requests, fit, calibration, product)
             print(name, results[name]["out_of_source_score"], json.dumps(results[name]["curve"]), flush=True)
     write_result(
         out,

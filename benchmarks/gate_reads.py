@@ -156,9 +156,12 @@ def standardised_mean(parts: int) -> Fitter:
             scorer = linear(part, harmful, refused, sources, seed)
             fitted = scorer(part)[:, 0]
             probes.append((scorer, fitted.mean(), fitted.std()))
-        return lambda z: np.mean([(s(p)[:, 0] - m) / sd for (s, m, sd), p in zip(probes, np.split(z, parts, axis=1))], axis=0)[
-            :, None
-        ]
+
+        def scores(z: np.ndarray) -> np.ndarray:
+            blocks = np.split(z, parts, axis=1)
+            return np.mean([(s(b)[:, 0] - m) / sd for (s, m, sd), b in zip(probes, blocks)], axis=0)[:, None]
+
+        return scores
 
     return fitter
 

@@ -538,6 +538,7 @@ GATE_DATA: dict[str, Sizes] = {
     "topics": Sizes(topics=150),  # core + the topic sources (docs/gated.md: "The curve, not the point")
     "pairs": Sizes(pairs=None),  # core + every refusal pair, its harmful question and its benign twin
     "people": Sizes(people=60),  # core + requests about a person or a group, with benign twins (``about_people``)
+    "asks": Sizes(asks=40),  # core + AdvBench requests asked in the first person or as a question, with benign ones
 }
 """The gate's data sets by name (``extract --gate-data``)."""
 DEFAULT_GATE_DATA = "core"
