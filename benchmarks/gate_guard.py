@@ -70,21 +70,21 @@ def guard_sets(seed: int) -> dict[str, list[Request]]:
 def served_scores(model_dir: str, framing: Framing, lock: Path, requests: list[Request]) -> np.ndarray:
     """The lock's gate scores of ``requests`` through ``model_dir`` as served (``framing``); cached per lock, model
     and framing, only missing requests computed."""
-    resolved = models.resolve(model_dir)
-    key = {"lock": load(lock).fingerprint, "model": models.directory_digest(resolved), "framing": framing.record()}
+    resolved, served = models.resolve(model_dir), load(lock)
+    key = {"lock": served.fingerprint, "model": models.directory_digest(resolved), "framing": framing.record()}
     path = models.cache_root() / "gate" / f"guard-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.npz"
 
     def compute(missing: list[Request]) -> dict[int, np.ndarray]:
         model, tokenizer = load_model(resolved)
         chats = [r.messages() for r in missing]
-        return {0: gate_scores(model, tokenizer, load(lock).gate, chats, framing, forward_precision())}
+        return {0: gate_scores(model, tokenizer, served.gate, chats, framing, forward_precision())}
 
     return cached_by_request(path, requests, (0,), compute)[0]
 
 
 def summary(rates: dict[str, float], sets: dict[str, list[Request]], scores: dict[str, np.ndarray]) -> dict:
-    """A model card's figures for one target: at the served threshold (``rates``), then the curve against the pooled
-    benign sources."""
+    """A model card's figures for one target: at the served threshold (``rates``), then the curve of every harmful
+    request against the pooled benign ones."""
     harmful = [n for n in sets if sets[n][0].harmful]
     benign = [n for n in sets if not sets[n][0].harmful]
     tpr, fpr = float(np.mean([rates[n] for n in harmful])), float(np.mean([rates[n] for n in benign]))
