@@ -36,11 +36,14 @@ import click
 import numpy as np
 
 from benchmarks.common import RESULTS, bar_figure, gated_target, machine, write_result
-from benchmarks.gate_sources import UNSEEN_BENIGN, cached_by_request, unseen_requests
+from benchmarks.gate_probes import base_openings
+from benchmarks.gate_sources import UNSEEN_BENIGN, cached_by_request, request_key, unseen_requests
 from benchmarks.responses import product_lock
 from safetylock import models
+from safetylock.attack import BASE
 from safetylock.gate import auroc, gate_scores, threshold_at
 from safetylock.hf import Framing, forward_precision, load_model
+from safetylock.judge import is_refusal
 from safetylock.lockfile import load
 from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA, Request, single, topic_sources, with_system_prompts
 
@@ -82,24 +85,49 @@ def served_scores(model_dir: str, framing: Framing, lock: Path, requests: list[R
     return cached_by_request(path, requests, (0,), compute)[0]
 
 
-def summary(rates: dict[str, float], sets: dict[str, list[Request]], scores: dict[str, np.ndarray]) -> dict:
-    """A model card's figures for one target: at the served threshold (``rates``), then the curve of every harmful
-    request against the pooled benign ones."""
+def card(rates: dict[str, float], sets: dict[str, list[Request]]) -> dict:
+    """A model card's figures for one decision rule, from its firing rate on each source."""
     harmful = [n for n in sets if sets[n][0].harmful]
     benign = [n for n in sets if not sets[n][0].harmful]
     tpr, fpr = float(np.mean([rates[n] for n in harmful])), float(np.mean([rates[n] for n in benign]))
     precision = tpr / (tpr + fpr) if tpr + fpr else 0.0
-    negatives = np.concatenate([scores[n] for n in benign])
-    positives = np.concatenate([scores[n] for n in harmful])
-    curve = {f"tpr_at_{round(100 * f)}%": round(float((positives > threshold_at(negatives, f)).mean()), 4) for f in CURVE_FPRS}
     return {
-        "served_threshold": {
-            "mean_tpr": round(tpr, 4),
-            "mean_fpr": round(fpr, 4),
-            "f1_equal_prevalence": round(2 * precision * tpr / (precision + tpr), 4) if precision + tpr else 0.0,
-            "xstest_like_fpr": rates[XSTEST_LIKE],
-        },
-        "curve_on_scored_benign": {"auroc": round(auroc(positives, negatives), 4), **curve},
+        "mean_tpr": round(tpr, 4),
+        "mean_fpr": round(fpr, 4),
+        "f1_equal_prevalence": round(2 * precision * tpr / (precision + tpr), 4) if precision + tpr else 0.0,
+        "xstest_like_fpr": rates[XSTEST_LIKE],
+    }
+
+
+def curve(sets: dict[str, list[Request]], scores: dict[str, np.ndarray]) -> dict:
+    """AUROC and TPR at ``CURVE_FPRS`` of every harmful request against the pooled benign ones (thresholds set on
+    those benign requests)."""
+    negatives = np.concatenate([scores[n] for n in sets if not sets[n][0].harmful])
+    positives = np.concatenate([scores[n] for n in sets if sets[n][0].harmful])
+    tprs = {f"tpr_at_{round(100 * f)}%": round(float((positives > threshold_at(negatives, f)).mean()), 4) for f in CURVE_FPRS}
+    return {"auroc": round(auroc(positives, negatives), 4), **tprs}
+
+
+def share(hits: np.ndarray) -> float | None:
+    return round(float(hits.mean()), 4) if len(hits) else None
+
+
+def own_refusals(sets: dict[str, list[Request]], fired: dict[str, np.ndarray]) -> dict:
+    """The aligned base's own refusal (a refusal marker in its greedy opening, ``gate_probes.base_openings``) as a
+    decision beside its gate's (``fired``, per source): each one's rate, the gate's firing where the base refuses and
+    where it answers, and either of the two — what a request meets on the base served gated with the refusal."""
+    everything = [r for requests in sets.values() for r in requests]
+    openings = base_openings(models.resolve(BASE), everything)
+    refuses = {n: np.array([is_refusal(openings[request_key(r)]) for r in sets[n]]) for n in sets}
+    either = {n: share(refuses[n] | fired[n]) for n in sets}
+    own = {n: share(refuses[n]) for n in sets}
+    return {
+        "refuses": own,
+        "gate_fires_where_it_refuses": {n: share(fired[n][refuses[n]]) for n in sets},
+        "gate_fires_where_it_answers": {n: share(fired[n][~refuses[n]]) for n in sets},
+        "either": either,
+        "card_own": card(own, sets),
+        "card_either": card(either, sets),
     }
 
 
@@ -114,8 +142,14 @@ def summary(rates: dict[str, float], sets: dict[str, list[Request]], scores: dic
     help="The lock's gate data (extract --gate-data); every set but the product's adds sources, so some scored here "
     "may then be in its fit: the result records the data.",
 )
+@click.option(
+    "--own/--no-own",
+    default=True,
+    show_default=True,
+    help="Also the aligned base's own refusals (its greedy openings through vLLM, cached in the cache's gate/).",
+)
 @click.option("--out", default="gate_guard", show_default=True)
-def main(variants: str, seed: int, gate_data: str, out: str) -> None:
+def main(variants: str, seed: int, gate_data: str, own: bool, out: str) -> None:
     started = time.perf_counter()
     lock = product_lock(seed, gate_data=gate_data)
     sets = guard_sets(seed)
@@ -126,8 +160,16 @@ def main(variants: str, seed: int, gate_data: str, out: str) -> None:
         model_dir, framing, served_lock = gated_target(name, lock)
         gate = load(served_lock).gate
         scores = dict(zip(sets, np.split(served_scores(model_dir, framing, served_lock, everything), edges)))
-        rates = {n: round(float((s > gate.threshold).mean()), 4) for n, s in scores.items()}
-        targets[name] = {"lock": load(served_lock).fingerprint, "firing": rates, **summary(rates, sets, scores)}
+        fired = {n: s > gate.threshold for n, s in scores.items()}
+        rates = {n: share(hits) for n, hits in fired.items()}
+        targets[name] = {
+            "lock": load(served_lock).fingerprint,
+            "firing": rates,
+            "served_threshold": card(rates, sets),
+            "curve_on_scored_benign": curve(sets, scores),
+        }
+        if name == "aligned-base" and own:
+            targets[name]["own_refusal"] = own_refusals(sets, fired)
         print(name, json.dumps(targets[name]), flush=True)
     write_result(
         out,
@@ -144,10 +186,13 @@ def main(variants: str, seed: int, gate_data: str, out: str) -> None:
             "seconds": round(time.perf_counter() - started, 1),
         },
     )
+    series = {name: [t["firing"][n] for n in sets] for name, t in targets.items()}
+    if "own_refusal" in targets["aligned-base"]:
+        series["aligned-base: its own refusal"] = [targets["aligned-base"]["own_refusal"]["refuses"][n] for n in sets]
     bar_figure(
         list(sets),
-        {name: [t["firing"][n] for n in sets] for name, t in targets.items()},
-        "The gate as served: firing on sources outside its data (harmful first, then benign)",
+        series,
+        "The gate as served: firing on sources outside its data (harmful first, then benign); the base's own refusals",
         RESULTS / f"{out}.png",
         width=14,
     )

@@ -74,7 +74,9 @@ def base_openings(model_dir: Path, requests: list[Request]) -> dict[str, str]:
     if missing:
         from vllm import LLM, SamplingParams
 
-        llm = LLM(str(model_dir), dtype="bfloat16", max_model_len=4096, seed=0, enforce_eager=True)
+        llm = LLM(
+            str(model_dir), dtype="bfloat16", max_model_len=4096, seed=0, enforce_eager=True, kv_cache_memory_bytes=1 << 30
+        )
         outputs = llm.chat([r.messages() for _, r in missing], SamplingParams(max_tokens=OPENING_TOKENS, temperature=0.0))
         store |= {key: out.outputs[0].text for (key, _), out in zip(missing, outputs)}
         path.parent.mkdir(parents=True, exist_ok=True)
