@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
 
 import click
 import numpy as np
@@ -44,7 +43,7 @@ from safetylock.attack import BASE
 from safetylock.gate import auroc, gate_scores, threshold_at
 from safetylock.hf import Framing, forward_precision, load_model
 from safetylock.judge import is_refusal
-from safetylock.lockfile import load
+from safetylock.lockfile import SafetyLock, load
 from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA, Request, single, topic_sources, with_system_prompts
 
 VARIANTS = "harmful-10,harmful-100,harmful-10-full,identity-shift,benign,downstream"
@@ -70,10 +69,10 @@ def guard_sets(seed: int) -> dict[str, list[Request]]:
     return dict(sorted(sets.items(), key=lambda item: not item[1][0].harmful))
 
 
-def served_scores(model_dir: str, framing: Framing, lock: Path, requests: list[Request]) -> np.ndarray:
-    """The lock's gate scores of ``requests`` through ``model_dir`` as served (``framing``); cached per lock, model
-    and framing, only missing requests computed."""
-    resolved, served = models.resolve(model_dir), load(lock)
+def served_scores(model_dir: str, framing: Framing, served: SafetyLock, requests: list[Request]) -> np.ndarray:
+    """The ``served`` lock's gate scores of ``requests`` through ``model_dir`` as served (``framing``); cached per
+    lock, model and framing, only missing requests computed."""
+    resolved = models.resolve(model_dir)
     key = {"lock": served.fingerprint, "model": models.directory_digest(resolved), "framing": framing.record()}
     path = models.cache_root() / "gate" / f"guard-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.npz"
 
@@ -158,12 +157,12 @@ def main(variants: str, seed: int, gate_data: str, own: bool, out: str) -> None:
     targets = {}
     for name in ["aligned-base", *(v for v in variants.split(",") if v)]:
         model_dir, framing, served_lock = gated_target(name, lock)
-        gate = load(served_lock).gate
-        scores = dict(zip(sets, np.split(served_scores(model_dir, framing, served_lock, everything), edges)))
-        fired = {n: s > gate.threshold for n, s in scores.items()}
+        served = load(served_lock)
+        scores = dict(zip(sets, np.split(served_scores(model_dir, framing, served, everything), edges)))
+        fired = {n: s > served.gate.threshold for n, s in scores.items()}
         rates = {n: share(hits) for n, hits in fired.items()}
         targets[name] = {
-            "lock": load(served_lock).fingerprint,
+            "lock": served.fingerprint,
             "firing": rates,
             "served_threshold": card(rates, sets),
             "curve_on_scored_benign": curve(sets, scores),
