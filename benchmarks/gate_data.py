@@ -22,7 +22,7 @@ import numpy as np
 from benchmarks.common import RESULTS, write_result
 from benchmarks.gate_probes import linear
 from benchmarks.gate_reads import SWEEP, plot_curves, score
-from benchmarks.gate_sources import features_cached, unseen_requests
+from benchmarks.gate_sources import features_cached, gate_layers, unseen_requests
 from safetylock import data, models
 from safetylock.sources import GATE_DATA, Sizes, gate_requests, split
 
@@ -40,14 +40,9 @@ DATA_SETS = {
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", default="gate_data", show_default=True)
 def main(model_name: str, layer: int, seed: int, out: str) -> None:
-    from transformers import AutoConfig
-
-    from safetylock.gate import candidate_layers
-    from safetylock.geometry import head_geometry
-
     started = time.perf_counter()
     model_dir = models.resolve(model_name)
-    layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
+    layers = gate_layers(model_dir)
     if layer not in layers:
         raise click.BadParameter(f"layer {layer} is not a candidate gate layer ({layers})", param_hint="--layer")
     unseen_x = {

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import click
 import numpy as np
-from transformers import AutoConfig
 
 from benchmarks.common import RESULTS, write_result
-from benchmarks.gate_sources import features_cached, unseen_requests
+from benchmarks.gate_sources import features_cached, gate_layers, unseen_requests
 from safetylock import data, models
-from safetylock.gate import candidate_layers, fit_linear, threshold_at
-from safetylock.geometry import head_geometry
+from safetylock.gate import fit_linear, threshold_at
 from safetylock.sources import GATE_DATA, gate_requests, split
 
 BUDGET = 0.05  # benign calibration requests firing, the two probes together
@@ -57,7 +55,7 @@ def shared_thresholds(benign: dict[str, np.ndarray], share: float) -> dict[str, 
 @click.option("--out", default=None, help="Result name (default gate_either_DATA).")
 def main(model_name: str, name: str, layer: int, seed: int, out: str | None) -> None:
     model_dir = models.resolve(model_name)
-    layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
+    layers = gate_layers(model_dir)
     if layer not in layers:
         raise click.BadParameter(f"{layer} is not a candidate layer ({layers})", param_hint="--layer")
     harmful = data.advbench()

@@ -31,11 +31,10 @@ import click
 import numpy as np
 
 from benchmarks.common import RESULTS, write_result
-from benchmarks.gate_sources import features_cached
+from benchmarks.gate_sources import features_cached, gate_layers
 from safetylock import data, models, sources
 from safetylock.evaluate import cached_run
-from safetylock.gate import candidate_layers, gate_from_features
-from safetylock.geometry import head_geometry
+from safetylock.gate import gate_from_features
 from safetylock.hf import Framing, load_model
 from safetylock.lockfile import load
 from safetylock.overlap import containing
@@ -97,11 +96,10 @@ def gated_copy(
     (cached)."""
     if path.exists():
         return path
-    from transformers import AutoConfig
 
     sizes = sizes or sources.Sizes()
     requests = sources.gate_requests(data.advbench(), sizes, seed=seed)
-    layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
+    layers = gate_layers(model_dir)
     features = features_cached(model_dir, requests, layers)
     dropped = leave_out(requests) if leave_out else [False] * len(requests)
     keep = [i for i, gone in enumerate(dropped) if not gone]

@@ -29,14 +29,12 @@ from pathlib import Path
 
 import click
 import numpy as np
-from transformers import AutoConfig
 
 from benchmarks.common import RESULTS, write_result
 from benchmarks.gate_reads import split_unseen
-from benchmarks.gate_sources import UNSEEN_BENIGN, features_cached, unseen_requests
+from benchmarks.gate_sources import UNSEEN_BENIGN, features_cached, gate_layers, unseen_requests
 from safetylock import data, models
-from safetylock.gate import candidate_layers, gate_from_features
-from safetylock.geometry import head_geometry
+from safetylock.gate import gate_from_features
 from safetylock.sources import Request, Sizes, gate_requests
 
 
@@ -168,7 +166,7 @@ def main(model_name: str, seed: int, out: str, files: Path | None) -> None:
         click.echo(f"wrote {files}/dna.jsonl, dna_rest.txt, advice_rest.txt")
         return
     model_dir = models.resolve(model_name)
-    layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
+    layers = gate_layers(model_dir)
     packaged = list(gate_requests(data.advbench(), Sizes(), seed=seed))
     unseen = unseen_requests(seed)
     everything = packaged + [r for asked in unseen.values() for r in asked]

@@ -30,7 +30,7 @@ import click
 import numpy as np
 
 from benchmarks.common import RESULTS, write_result
-from benchmarks.gate_sources import features_cached
+from benchmarks.gate_sources import features_cached, gate_layers
 from safetylock import data, models
 from safetylock.attack import served
 from safetylock.evaluate import load_suite
@@ -38,13 +38,11 @@ from safetylock.gate import (
     TARGET_FPR,
     auroc,
     benign_calibration,
-    candidate_layers,
     gate_from_features,
     prompt_features,
     refit,
     threshold_at,
 )
-from safetylock.geometry import head_geometry
 from safetylock.hf import Framing, load_model
 from safetylock.sources import Sizes, gate_requests
 
@@ -54,9 +52,7 @@ REFIT = "product data, refit on the served model"
 
 def fit_gates(model_dir: Path, persona: int, seed: int = 0) -> dict[str, dict]:
     """Each gate with the leave-one-source-out row of the persona source where it was in the data."""
-    from transformers import AutoConfig
-
-    layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
+    layers = gate_layers(model_dir)
     fitted = {}
     kinds = [("product data", Sizes())] + ([(f"+ {persona} persona pairs", Sizes(persona=persona))] if persona else [])
     for label, sizes in kinds:

@@ -44,14 +44,13 @@ import click
 import numpy as np
 
 from benchmarks.common import RESULTS, write_result
-from benchmarks.gate_sources import UNSEEN_BENIGN, features_cached, request_key, unseen_requests
+from benchmarks.gate_sources import UNSEEN_BENIGN, features_cached, gate_layers, request_key, unseen_requests
 from safetylock import data, models
 from safetylock.gate import (
     REPORT_FPRS,
     Heldout,
     auroc,
     balanced_weights,
-    candidate_layers,
     fit_linear,
     out_of_source_score,
     seen_masks,
@@ -280,14 +279,10 @@ def loso(
 )
 @click.option("--out", default="gate_probes", show_default=True)
 def main(model_name: str, layer: int, seed: int, candidates: str, out: str) -> None:
-    from transformers import AutoConfig
-
-    from safetylock.geometry import head_geometry
-
     started = time.perf_counter()
     model_dir = models.resolve(model_name)
     requests = list(gate_requests(data.advbench(), Sizes(), seed=seed))
-    layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
+    layers = gate_layers(model_dir)
     if layer not in layers:
         raise click.BadParameter(f"layer {layer} is not a candidate gate layer ({layers})", param_hint="--layer")
     chosen = [c.strip() for c in candidates.split(",") if c.strip()]

@@ -45,10 +45,8 @@ from benchmarks.gate_reads import (
     split_unseen,
     standardised_mean,
 )
-from benchmarks.gate_sources import cached_by_request, features_cached, unseen_requests
+from benchmarks.gate_sources import cached_by_request, features_cached, gate_layers, unseen_requests
 from safetylock import data, models
-from safetylock.gate import candidate_layers
-from safetylock.geometry import head_geometry
 from safetylock.hf import chat_ids, forward_precision, load_model
 from safetylock.sources import Request, gate_requests, split
 
@@ -133,11 +131,7 @@ def main(model_name: str, seed: int, layers: str, out: str) -> None:
     unseen = unseen_requests(seed)
     everything = requests + [r for asked in unseen.values() for r in asked]
     read_at = parse_layers(layers)
-    from transformers import AutoConfig
-
-    served = features_cached(
-        model_dir, everything, candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
-    )
+    served = features_cached(model_dir, everything, gate_layers(model_dir))
     rubric = rubric_features(model_dir, everything, read_at)
     fit, calibration = (np.asarray(part) for part in split(requests, seed=seed))
 

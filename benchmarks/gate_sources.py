@@ -40,6 +40,13 @@ from safetylock.hf import load_model
 from safetylock.sources import Request, Sizes, advice, gate_requests, redteam, single, split, with_system_prompts
 
 
+def gate_layers(model_dir: Path) -> list[int]:
+    """The candidate layers ``extract`` sweeps for the gate of the model at ``model_dir``."""
+    from transformers import AutoConfig
+
+    return candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
+
+
 def request_key(request) -> str:
     return hashlib.sha256(json.dumps(request.turns).encode()).hexdigest()[:24]
 
@@ -177,9 +184,7 @@ def main(
         advice_own=advice_own,
     )
     requests = gate_requests(data.advbench(), sizes, seed=seed)
-    from transformers import AutoConfig
-
-    layers = candidate_layers(head_geometry(AutoConfig.from_pretrained(model_dir)).num_layers)
+    layers = gate_layers(model_dir)
     features = features_cached(model_dir, requests, layers)
     f, c = split(requests, seed=seed)
     seen = seen_masks(requests)  # which requests each hold-out leaves out: the same at every layer
