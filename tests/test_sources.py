@@ -218,6 +218,20 @@ def test_refusal_pairs_come_whole_twin_after_question_and_are_appended_without_c
         assert question.harmful and not twin.harmful and twins[question.text] == (twin.text, question.family)
 
 
+def test_harm_evals_are_appended_without_changing_the_rest_and_keep_every_scored_source_unseen(requests):
+    with_harms = sources.gate_requests(data.advbench(), sources.Sizes(harm_evals=30), seed=0)
+    assert with_harms[: len(requests)] == requests and "harm-evals" not in {r.source for r in requests}
+    added = with_harms[len(requests) :]
+    assert len(added) == 30 and all(r.harmful and r.source == "harm-evals" and r.family for r in added)
+    found = sources.harm_evals()
+    assert len(found.prompts) >= 100 and not set(found.prompts) & set(sources.redteam().prompts)
+    scored = [sources.harmbench(), sources.donotanswer(), sources.advice(), sources.airt()]
+    scored += [s for s, _ in sources.topic_sources()]
+    scored_words = [sources._content_words(p) for s in scored for p in s.prompts]
+    for words in map(sources._content_words, found.prompts):
+        assert all(len(words & other) < sources.NEAR_SHARE * len(words) for other in scored_words)
+
+
 def test_requests_about_people_come_in_harmful_and_benign_twins_and_are_appended_without_changing_the_rest(requests):
     with_people = sources.gate_requests(data.advbench(), sources.Sizes(people=25), seed=0)
     assert with_people[: len(requests)] == requests
