@@ -96,7 +96,7 @@ def models_fetch(name: str) -> None:
     help="The gate's data: the core sources; or with more, each measured and not kept (docs/gated.md): the topic "
     "sources (self-harm, privacy, sexual content, hate asked in a line), the refusal pairs (harmful questions with "
     "benign twins), requests about a person or a group with benign twins, AdvBench requests asked in the first person "
-    "(asks).",
+    "(asks), PyRIT's harm-scorer objectives the red-team source lacks (harm-evals).",
 )
 @click.option(
     "--gate-requests",
