@@ -238,23 +238,33 @@ def _away_from_unseen(found: data.PromptSet) -> data.PromptSet:
     return _subset(found, [i for i, p in enumerate(found.prompts) if not _near_unseen(p)])
 
 
+def _near(prompt: str, index: dict[str, tuple[frozenset[str], ...]]) -> bool:
+    """Whether ``prompt`` shares ``NEAR_SHARE`` of its content words with a prompt in ``index`` (``_word_index``)."""
+    words = _content_words(prompt)
+    candidates = {other for word in words for other in index.get(word, ())}
+    return bool(words) and any(len(words & other) >= NEAR_SHARE * len(words) for other in candidates)
+
+
 def _near_unseen(prompt: str) -> bool:
     """Whether ``prompt`` shares ``NEAR_SHARE`` of its content words with a prompt of a source scored as unseen."""
-    words = _content_words(prompt)
-    candidates = {other for word in words for other in _unseen_word_index().get(word, ())}
-    return bool(words) and any(len(words & other) >= NEAR_SHARE * len(words) for other in candidates)
+    return _near(prompt, _unseen_word_index())
+
+
+def _word_index(prompts: Iterable[str]) -> dict[str, tuple[frozenset[str], ...]]:
+    """Each content word to the content-word sets of ``prompts`` that hold it."""
+    index: dict[str, list[frozenset[str]]] = {}
+    for words in {_content_words(p) for p in prompts}:
+        for word in words:
+            index.setdefault(word, []).append(words)
+    return {word: tuple(sets) for word, sets in index.items()}
 
 
 @functools.cache
 def _unseen_word_index() -> dict[str, tuple[frozenset[str], ...]]:
-    """Each content word to the content-word sets of the unseen sources' prompts that hold it (built once: every
-    topic source's prompts and every drawn request about people are checked against it)."""
+    """The unseen sources' ``_word_index`` (built once: every topic source's prompts and every drawn request about
+    people are checked against it)."""
     scored = [harmbench(), donotanswer(), advice(), airt(), *(rephrased(t) for t in TENSES)]
-    index: dict[str, list[frozenset[str]]] = {}
-    for words in {_content_words(p) for s in scored for p in s.prompts}:
-        for word in words:
-            index.setdefault(word, []).append(words)
-    return {word: tuple(sets) for word, sets in index.items()}
+    return _word_index(p for s in scored for p in s.prompts)
 
 
 def strongreject() -> data.PromptSet:
@@ -332,9 +342,8 @@ def harm_evals() -> data.PromptSet:
     content, privacy, …) that the red-team source does not hold, less every prompt near an unseen source's
     (``_away_from_unseen``) or a topic source's: harmful requests as users write them, by harm category."""
     found = _away_from_unseen(_objectives("harm-evals", HARM_EVALS, "*.csv", _scorer_rows))
-    topics = [_content_words(p) for s, _ in topic_sources() for p in s.prompts]
-    words = [_content_words(p) for p in found.prompts]
-    return _subset(found, [i for i, w in enumerate(words) if not any(len(w & t) >= NEAR_SHARE * len(w) for t in topics)])
+    topics = _word_index(p for s, _ in topic_sources() for p in s.prompts)
+    return _subset(found, [i for i, p in enumerate(found.prompts) if not _near(p, topics)])
 
 
 @dataclass(frozen=True)
