@@ -1,0 +1,142 @@
+"""How far does the seed alone move the gate's rates on sources outside its data?
+
+Every gate comparison in docs/gated.md is one fit per arm. The product gate's fit draws from one seed: which
+requests of each pool make its data (``gate_requests``), which quarter of each source calibrates
+(``sources.split``: one rng walked over the (source, label) strata in sorted order, so a source added or renamed
+re-draws the quarter of every stratum that sorts after it), and the attention probe's random starts. This benchmark
+runs the product's gate pipeline from features on the default model — the layer by leave-one-source-out over the
+candidate layers on last-token features (``gate.gate_from_features``), the attention read fit there
+(``gate.fit_read``), the threshold at 5% of the benign calibration requests — and scores each fit on the sources of
+``gate_guard`` (``guard_sets``: none in the gate's data), two ways:
+
+* ``fit``: the product's requests (data seed 0), the fit seed (split and starts) 0 … ``--fit-seeds``-1;
+* ``whole``: the seed of everything, 0 … ``--whole-seeds``-1 — requests redrawn too, as ``extract --seed`` would.
+
+Per way and source: mean, sd, min and max of the firing; the card's figures (mean TPR / FPR, F1 at equal
+prevalence, edgy firing) the same way; the layer chosen per fit. The band ``2·√2·sd`` is about a 95% band for the
+difference between two single fits. Features are float32 (the served read); the extract's own forward may be
+bfloat16, so seed 0 here is close to, not equal to, the product lock's figures. Nothing is tuned on the scored sources.
+
+Run: python -m benchmarks.gate_seed_noise [--fit-seeds 10] [--whole-seeds 5] [--out gate_seed_noise]
+Writes benchmarks/results/NAME.{json,png} (rates only); features cached in the cache's ``gate/``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import click
+import numpy as np
+
+from benchmarks.common import RESULTS, machine, write_result
+from benchmarks.gate_guard import XSTEST_LIKE, card, guard_sets
+from benchmarks.gate_pooling import token_features
+from benchmarks.gate_sources import features_cached, gate_layers, request_key
+from safetylock import data, models
+from safetylock.gate import TARGET_FPR, fit_read, gate_from_features, read_scores, threshold_at
+from safetylock.sources import Request, Sizes, gate_requests, split
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, sd (n - 1), min, max and the two-fit band ``2·√2·sd`` of ``values``."""
+    array = np.array(values, dtype=float)
+    sd = float(array.std(ddof=1)) if len(array) > 1 else 0.0
+    return {
+        "mean": round(float(array.mean()), 4),
+        "sd": round(sd, 4),
+        "min": round(float(array.min()), 4),
+        "max": round(float(array.max()), 4),
+        "two_fit_band": round(2 * math.sqrt(2) * sd, 4),
+    }
+
+
+def plot(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["sources"])
+    fig, ax = plt.subplots(figsize=(13, 5))
+    for offset, (way, marker) in zip((-0.15, 0.15), (("fit", "o"), ("whole", "s"))):
+        runs = result["ways"][way]["runs"]
+        for i, name in enumerate(names):
+            ys = [100 * run["firing"][name] for run in runs]
+            ax.scatter([i + offset] * len(ys), ys, marker=marker, s=14, alpha=0.6, color="C0" if way == "fit" else "C1")
+        ax.scatter([], [], marker=marker, color="C0" if way == "fit" else "C1", label=f"{way} seed varied ({len(runs)} fits)")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("gate firing (%)")
+    ax.set_title("The product gate refit from features: firing on sources outside its data, one point per seed")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+@click.command()
+@click.option("--model", "model_name", default=models.DEFAULT_MODEL, show_default=True)
+@click.option("--fit-seeds", type=click.IntRange(2, 50), default=10, show_default=True)
+@click.option("--whole-seeds", type=click.IntRange(2, 20), default=5, show_default=True)
+@click.option("--out", default="gate_seed_noise", show_default=True)
+def main(model_name: str, fit_seeds: int, whole_seeds: int, out: str) -> None:
+    started = time.perf_counter()
+    model_dir = models.resolve(model_name)
+    layers = gate_layers(model_dir)
+    sets = guard_sets(0)
+    scored = [r for requests in sets.values() for r in requests]
+    plans = [("fit", 0, s) for s in range(fit_seeds)] + [("whole", s, s) for s in range(whole_seeds)]
+    gate_data: dict[int, list[Request]] = {d: list(gate_requests(data.advbench(), Sizes(), seed=d)) for _, d, _ in plans}
+    union = list({request_key(r): r for r in [*scored, *(r for rs in gate_data.values() for r in rs)]}.values())
+    print(f"{len(union)} distinct requests ({len(scored)} scored)", flush=True)
+
+    chosen: dict[tuple[int, int], int] = {}
+    for _, d, s in plans:  # the layer each fit picks, from last-token features (cached per request)
+        if (d, s) not in chosen:
+            requests = gate_data[d]
+            gate, _ = gate_from_features(features_cached(model_dir, requests, layers), requests, seed=s, progress=True)
+            chosen[(d, s)] = gate.layer
+            print(f"data seed {d}, fit seed {s}: layer {gate.layer}", flush=True)
+    found = token_features(model_dir, union, tuple(sorted(set(chosen.values()))))
+    row_of = {request_key(r): i for i, r in enumerate(union)}
+
+    def rows(layer: int, requests: list[Request]) -> list[np.ndarray]:
+        t = found[layer]
+        return [t.rows[t.offsets[row_of[k]] : t.offsets[row_of[k] + 1]] for k in map(request_key, requests)]
+
+    ways: dict[str, dict] = {"fit": {"runs": []}, "whole": {"runs": []}}
+    for way, d, s in plans:
+        requests, layer = gate_data[d], chosen[(d, s)]
+        tokens = rows(layer, requests)
+        fit, calibration = split(requests, seed=s)
+        weight, bias, pooled = fit_read(tokens, requests, fit, s, "attention")
+        benign_cal = calibration[~np.array([r.harmful for r in requests])[calibration]]
+        threshold = threshold_at(read_scores([tokens[i] for i in benign_cal], weight, bias, pooled), TARGET_FPR)
+        firing = {
+            name: round(float((read_scores(rows(layer, asked), weight, bias, pooled) > threshold).mean()), 4)
+            for name, asked in sets.items()
+        }
+        run = {"data_seed": d, "fit_seed": s, "layer": layer, "firing": firing, "card": card(firing, sets)}
+        ways[way]["runs"].append(run)
+        print(way, run, flush=True)
+    for way in ways.values():
+        runs = way["runs"]
+        way["firing"] = {name: spread([r["firing"][name] for r in runs]) for name in sets}
+        way["card"] = {key: spread([r["card"][key] for r in runs]) for key in runs[0]["card"]}
+        way["layers"] = sorted({r["layer"] for r in runs})
+    result = {
+        "model": model_name,
+        "protocol": "the product gate pipeline from float32 features (LOSO layer over the candidate layers, attention "
+        "read, threshold at 5% of benign calibration), refit per seed; scored on gate_guard's sources, none in the "
+        "gate's data; 'fit': data seed 0, fit seed varied; 'whole': data and fit seed varied together; rates only",
+        "sources": {n: {"harmful": r[0].harmful, "requests": len(r)} for n, r in sets.items()},
+        "xstest_like": XSTEST_LIKE,
+        "ways": ways,
+        "machine": machine(),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_result(out, result)
+    plot(result, RESULTS / f"{out}.png")
+
+
+if __name__ == "__main__":
+    main()
