@@ -15,11 +15,20 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+import click
 import torch
 
 from safetylock.hf import PLAIN, Framing, forward_precision
+from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def gate_data_option(help: str | None = None):
+    """The ``--gate-data`` option of ``extract`` (one of ``sources.GATE_DATA``; the product's by default)."""
+    return click.option(
+        "--gate-data", type=click.Choice(list(GATE_DATA)), default=DEFAULT_GATE_DATA, show_default=True, help=help
+    )
 
 
 def machine() -> dict[str, object]:

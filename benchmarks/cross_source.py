@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import click
 
-from benchmarks.common import RESULTS, calibrated_lock, write_result
+from benchmarks.common import RESULTS, calibrated_lock, gate_data_option, write_result
 from benchmarks.responses import SUITES, lock_tags, product_lock
 from safetylock.attack import BASE, build, served
 from safetylock.evaluate import cached_run, without_items
 from safetylock.gate import DEFAULT_READ, READS
 from safetylock.hf import Framing
 from safetylock.report import aligned_text, comparison_plot, comparison_rows
-from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA
 
 NLSR_DEFAULT = (0.5, 0.8)  # PRUNE_RATE, SPARSITY: the paper's default (benchmarks.nlsr's first setting)
 NLSR_STRONG = (0.9, 0.5)  # benchmarks.nlsr's second setting: more modules patched, denser masks
@@ -67,12 +66,8 @@ NLSR_STRONG = (0.9, 0.5)  # benchmarks.nlsr's second setting: more modules patch
     help="Also serve each attacked variant gated with this α on the requests whose gate does not fire (0: no such "
     "row); the fired ones still get the refusal.",
 )
-@click.option(
-    "--gate-data",
-    type=click.Choice(list(GATE_DATA)),
-    default=DEFAULT_GATE_DATA,
-    show_default=True,
-    help="The data the gate is fit on (`extract --gate-data`): its rows are labelled with the name unless the default.",
+@gate_data_option(
+    "The data the gate is fit on (`extract --gate-data`): its rows are labelled with the name unless the default."
 )
 @click.option(
     "--gate-read",

@@ -15,7 +15,7 @@ import time
 
 import click
 
-from benchmarks.common import RESULTS, write_result
+from benchmarks.common import RESULTS, gate_data_option, write_result
 from safetylock import data, models
 from safetylock.gate import DEFAULT_READ, READS
 from safetylock.hf import load_model
@@ -28,7 +28,7 @@ DEFAULT_OUT = "extract_time"
 @click.command()
 @click.option("--model", "model_name", default=models.DEFAULT_MODEL)
 @click.option("--out", default=DEFAULT_OUT, show_default=True, help="Result name; another name keeps the product lock.")
-@click.option("--gate-data", type=click.Choice(list(GATE_DATA)), default=DEFAULT_GATE_DATA, show_default=True)
+@gate_data_option()
 @click.option("--gate-read", type=click.Choice(READS), default=DEFAULT_READ, show_default=True)
 def main(model_name: str, out: str, gate_data: str, gate_read: str) -> None:
     model_dir = models.resolve(model_name)

@@ -34,7 +34,7 @@ import time
 import click
 import numpy as np
 
-from benchmarks.common import RESULTS, bar_figure, gated_target, machine, write_result
+from benchmarks.common import RESULTS, bar_figure, gate_data_option, gated_target, machine, write_result
 from benchmarks.gate_probes import base_openings
 from benchmarks.gate_sources import UNSEEN_BENIGN, cached_by_request, request_key, unseen_requests
 from benchmarks.responses import product_lock
@@ -44,7 +44,7 @@ from safetylock.gate import auroc, gate_scores, threshold_at
 from safetylock.hf import Framing, forward_precision, load_model
 from safetylock.judge import is_refusal
 from safetylock.lockfile import SafetyLock, load
-from safetylock.sources import DEFAULT_GATE_DATA, GATE_DATA, Request, single, topic_sources, with_system_prompts
+from safetylock.sources import Request, single, topic_sources, with_system_prompts
 
 VARIANTS = "harmful-10,harmful-100,harmful-10-full,identity-shift,benign,downstream"
 CURVE_FPRS = (0.01, 0.05)
@@ -133,13 +133,9 @@ def own_refusals(sets: dict[str, list[Request]], fired: dict[str, np.ndarray]) -
 @click.command()
 @click.option("--variants", default=VARIANTS, show_default=True, help="Comma list; the aligned base is always first.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--gate-data",
-    type=click.Choice(list(GATE_DATA)),
-    default=DEFAULT_GATE_DATA,
-    show_default=True,
-    help="The lock's gate data (extract --gate-data); every set but the product's adds sources, so some scored here "
-    "may then be in its fit: the result records the data.",
+@gate_data_option(
+    "The lock's gate data (extract --gate-data); every set but the product's adds sources, so some scored here "
+    "may then be in its fit: the result records the data."
 )
 @click.option(
     "--own/--no-own",

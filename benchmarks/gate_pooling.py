@@ -80,28 +80,40 @@ def first_after_system(ids: list[int], end_of_turn: int) -> int:
 
 
 def token_features(model_dir: Path, requests: list[Request], layers: tuple[int, ...]) -> dict[int, Tokens]:
-    """``{layer: Tokens}`` for ``requests``, cached per model and layers (the whole store is recomputed when a
-    request is missing: this benchmark's requests are fixed by seed)."""
+    """``{layer: Tokens}`` for ``requests``, from one store per model holding every request at the same layers:
+    only the requests it lacks are forwarded (``token_forward``) and appended; a store without one of ``layers`` is
+    replaced by one at ``layers``. Written whole through a staged file."""
     keys = [request_key(r) for r in requests]
-    ident = {"model": models.directory_digest(model_dir), "layers": list(layers), "read": "after-system"}
+    ident = {"model": models.directory_digest(model_dir), "read": "after-system"}
     path = models.cache_root() / "gate" / f"tokens-{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]}.npz"
+    stored_keys: list[str] = []
+    found: dict[int, np.ndarray] = {}
+    offsets = np.zeros(1, dtype=np.int64)
     if path.exists():
         with np.load(path) as stored:
-            known = {k: i for i, k in enumerate(stored["keys"].tolist())}
-            if all(k in known for k in keys):
-                offsets = stored["offsets"]
-                found = {layer: stored[str(layer)] for layer in layers}
-                order = [known[k] for k in keys]
-                spans = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in order])
-                lengths = np.array([offsets[i + 1] - offsets[i] for i in order])
-                mine = np.concatenate([[0], np.cumsum(lengths)])
-                return {layer: Tokens(found[layer][spans], mine) for layer in layers}
-    computed = token_forward(model_dir, requests, layers)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_suffix(".tmp.npz")
-    np.savez(staged, keys=np.array(keys), offsets=computed[layers[0]].offsets, **{str(k): v.rows for k, v in computed.items()})
-    staged.replace(path)
-    return computed
+            held = {int(name) for name in stored.files if name.isdigit()}
+            if set(layers) <= held:
+                stored_keys, offsets = stored["keys"].tolist(), stored["offsets"]
+                found = {layer: stored[str(layer)] for layer in sorted(held)}
+    have = set(stored_keys)
+    missing = list({k: r for k, r in zip(keys, requests) if k not in have}.values())
+    if missing:
+        read_at = tuple(sorted(found)) if found else tuple(sorted(layers))
+        computed = token_forward(model_dir, missing, read_at)
+        offsets = np.concatenate([offsets, offsets[-1] + computed[read_at[0]].offsets[1:]])
+        found = {
+            layer: np.concatenate([found[layer], computed[layer].rows]) if found else computed[layer].rows for layer in read_at
+        }
+        stored_keys += [request_key(r) for r in missing]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staged = path.with_suffix(".tmp.npz")
+        np.savez(staged, keys=np.array(stored_keys), offsets=offsets, **{str(k): v for k, v in found.items()})
+        staged.replace(path)
+    known = {k: i for i, k in enumerate(stored_keys)}
+    order = [known[k] for k in keys]
+    spans = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in order])
+    mine = np.concatenate([[0], np.cumsum([offsets[i + 1] - offsets[i] for i in order])])
+    return {layer: Tokens(found[layer][spans], mine) for layer in layers}
 
 
 def token_forward(model_dir: Path, requests: list[Request], layers: tuple[int, ...]) -> dict[int, Tokens]:

@@ -17,7 +17,10 @@ prevalence, edgy firing) the same way; the layer chosen per fit. The band ``2Â·â
 difference between two single fits. Features are float32 (the served read); the extract's own forward may be
 bfloat16, so seed 0 here is close to, not equal to, the product lock's figures. Nothing is tuned on the scored sources.
 
-Run: python -m benchmarks.gate_seed_noise [--fit-seeds 10] [--whole-seeds 5] [--out gate_seed_noise]
+``--gate-data`` refits another of ``extract``'s gate-data options the same way, so that an option is compared with
+the product as the means of several seeds, not as one fit each.
+
+Run: python -m benchmarks.gate_seed_noise [--fit-seeds 10] [--whole-seeds 5] [--gate-data core] [--out gate_seed_noise]
 Writes benchmarks/results/NAME.{json,png} (rates only); features cached in the cache's ``gate/``.
 """
 
@@ -29,13 +32,13 @@ import time
 import click
 import numpy as np
 
-from benchmarks.common import RESULTS, machine, write_result
+from benchmarks.common import RESULTS, gate_data_option, machine, write_result
 from benchmarks.gate_guard import XSTEST_LIKE, card, guard_sets
 from benchmarks.gate_pooling import token_features
 from benchmarks.gate_sources import features_cached, gate_layers, request_key
 from safetylock import data, models
 from safetylock.gate import TARGET_FPR, fit_read, gate_from_features, read_scores, threshold_at
-from safetylock.sources import Request, Sizes, gate_requests, split
+from safetylock.sources import GATE_DATA, Request, gate_requests, split
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -60,6 +63,8 @@ def plot(result: dict, path) -> None:
     names = list(result["sources"])
     fig, ax = plt.subplots(figsize=(13, 5))
     for offset, (way, marker) in zip((-0.15, 0.15), (("fit", "o"), ("whole", "s"))):
+        if way not in result["ways"]:
+            continue
         runs = result["ways"][way]["runs"]
         for i, name in enumerate(names):
             ys = [100 * run["firing"][name] for run in runs]
@@ -75,24 +80,27 @@ def plot(result: dict, path) -> None:
 
 @click.command()
 @click.option("--model", "model_name", default=models.DEFAULT_MODEL, show_default=True)
-@click.option("--fit-seeds", type=click.IntRange(2, 50), default=10, show_default=True)
+@click.option("--fit-seeds", type=click.IntRange(0, 50), default=10, show_default=True, help="0 skips the fit way.")
 @click.option("--whole-seeds", type=click.IntRange(2, 20), default=5, show_default=True)
+@gate_data_option("The gate's data (extract --gate-data): an option's spread to set beside the product's.")
 @click.option("--out", default="gate_seed_noise", show_default=True)
-def main(model_name: str, fit_seeds: int, whole_seeds: int, out: str) -> None:
+def main(model_name: str, fit_seeds: int, whole_seeds: int, gate_data: str, out: str) -> None:
     started = time.perf_counter()
     model_dir = models.resolve(model_name)
     layers = gate_layers(model_dir)
     sets = guard_sets(0)
     scored = [r for requests in sets.values() for r in requests]
     plans = [("fit", 0, s) for s in range(fit_seeds)] + [("whole", s, s) for s in range(whole_seeds)]
-    gate_data: dict[int, list[Request]] = {d: list(gate_requests(data.advbench(), Sizes(), seed=d)) for _, d, _ in plans}
-    union = list({request_key(r): r for r in [*scored, *(r for rs in gate_data.values() for r in rs)]}.values())
+    drawn: dict[int, list[Request]] = {
+        d: list(gate_requests(data.advbench(), GATE_DATA[gate_data], seed=d)) for _, d, _ in plans
+    }
+    union = list({request_key(r): r for r in [*scored, *(r for rs in drawn.values() for r in rs)]}.values())
     print(f"{len(union)} distinct requests ({len(scored)} scored)", flush=True)
 
     chosen: dict[tuple[int, int], int] = {}
     for _, d, s in plans:  # the layer each fit picks, from last-token features (cached per request)
         if (d, s) not in chosen:
-            requests = gate_data[d]
+            requests = drawn[d]
             gate, _ = gate_from_features(features_cached(model_dir, requests, layers), requests, seed=s, progress=True)
             chosen[(d, s)] = gate.layer
             print(f"data seed {d}, fit seed {s}: layer {gate.layer}", flush=True)
@@ -103,9 +111,9 @@ def main(model_name: str, fit_seeds: int, whole_seeds: int, out: str) -> None:
         t = found[layer]
         return [t.rows[t.offsets[row_of[k]] : t.offsets[row_of[k] + 1]] for k in map(request_key, requests)]
 
-    ways: dict[str, dict] = {"fit": {"runs": []}, "whole": {"runs": []}}
+    ways: dict[str, dict] = {way: {"runs": []} for way in dict.fromkeys(way for way, _, _ in plans)}
     for way, d, s in plans:
-        requests, layer = gate_data[d], chosen[(d, s)]
+        requests, layer = drawn[d], chosen[(d, s)]
         tokens = rows(layer, requests)
         fit, calibration = split(requests, seed=s)
         weight, bias, pooled = fit_read(tokens, requests, fit, s, "attention")
@@ -125,6 +133,7 @@ def main(model_name: str, fit_seeds: int, whole_seeds: int, out: str) -> None:
         way["layers"] = sorted({r["layer"] for r in runs})
     result = {
         "model": model_name,
+        "gate_data": gate_data,
         "protocol": "the product gate pipeline from float32 features (LOSO layer over the candidate layers, attention "
         "read, threshold at 5% of benign calibration), refit per seed; scored on gate_guard's sources, none in the "
         "gate's data; 'fit': data seed 0, fit seed varied; 'whole': data and fit seed varied together; rates only",
