@@ -111,8 +111,8 @@ def main(model_name: str, fit_seeds: int, whole_seeds: int, gate_data: str, out:
         t = found[layer]
         return [t.rows[t.offsets[row_of[k]] : t.offsets[row_of[k] + 1]] for k in map(request_key, requests)]
 
-    ways: dict[str, dict] = {way: {"runs": []} for way in dict.fromkeys(way for way, _, _ in plans)}
-    for way, d, s in plans:
+    fitted: dict[tuple[int, int], dict] = {}
+    for d, s in chosen:  # once per distinct (data, fit) seed pair: the ways share seed 0's
         requests, layer = drawn[d], chosen[(d, s)]
         tokens = rows(layer, requests)
         fit, calibration = split(requests, seed=s)
@@ -123,9 +123,11 @@ def main(model_name: str, fit_seeds: int, whole_seeds: int, gate_data: str, out:
             name: round(float((read_scores(rows(layer, asked), weight, bias, pooled) > threshold).mean()), 4)
             for name, asked in sets.items()
         }
-        run = {"data_seed": d, "fit_seed": s, "layer": layer, "firing": firing, "card": card(firing, sets)}
-        ways[way]["runs"].append(run)
-        print(way, run, flush=True)
+        fitted[(d, s)] = {"data_seed": d, "fit_seed": s, "layer": layer, "firing": firing, "card": card(firing, sets)}
+        print(fitted[(d, s)], flush=True)
+    ways: dict[str, dict] = {way: {"runs": []} for way in dict.fromkeys(way for way, _, _ in plans)}
+    for way, d, s in plans:
+        ways[way]["runs"].append(fitted[(d, s)])
     for way in ways.values():
         runs = way["runs"]
         way["firing"] = {name: spread([r["firing"][name] for r in runs]) for name in sets}
