@@ -18,7 +18,9 @@ difference between two single fits. Features are float32 (the served read); the 
 bfloat16, so seed 0 here is close to, not equal to, the product lock's figures. Nothing is tuned on the scored sources.
 
 ``--gate-data`` refits another of ``extract``'s gate-data options the same way, so that an option is compared with
-the product as the means of several seeds, not as one fit each.
+the product as the means of several seeds, not as one fit each. A scored source whose prompts are in the option's
+data (``topics``, ``pairs``) is not held out: its firing is reported, marked ``in_gate_data``, and the card is
+computed on the held-out sources only (``card_sources``).
 
 Run: python -m benchmarks.gate_seed_noise [--fit-seeds 10] [--whole-seeds 5] [--gate-data core] [--out gate_seed_noise]
 Writes benchmarks/results/NAME.{json,png} (rates only); features cached in the cache's ``gate/``.
@@ -33,7 +35,7 @@ import click
 import numpy as np
 
 from benchmarks.common import RESULTS, gate_data_option, machine, write_result
-from benchmarks.gate_guard import XSTEST_LIKE, card, guard_sets
+from benchmarks.gate_guard import XSTEST_LIKE, card, guard_sets, harmful_flags
 from benchmarks.gate_pooling import token_features
 from benchmarks.gate_sources import features_cached, gate_layers, request_key
 from safetylock import data, models
@@ -97,11 +99,22 @@ def main(model_name: str, fit_seeds: int, whole_seeds: int, gate_data: str, out:
     union = list({request_key(r): r for r in [*scored, *(r for rs in drawn.values() for r in rs)]}.values())
     print(f"{len(union)} distinct requests ({len(scored)} scored)", flush=True)
 
+    fitted_keys = {request_key(r) for rs in drawn.values() for r in rs}
+    fitted_texts = {r.text for rs in drawn.values() for r in rs}
+    in_data = sorted(name for name, asked in sets.items() if any(r.text in fitted_texts for r in asked))
+    held_out = {name: asked for name, asked in sets.items() if name not in in_data}
+    if in_data:
+        print(f"in the gate's data, not held out: {', '.join(in_data)}", flush=True)
+
+    last_token = features_cached(model_dir, [r for r in union if request_key(r) in fitted_keys], layers)
+    last_row = {k: i for i, k in enumerate(request_key(r) for r in union if request_key(r) in fitted_keys)}
     chosen: dict[tuple[int, int], int] = {}
-    for _, d, s in plans:  # the layer each fit picks, from last-token features (cached per request)
+    for _, d, s in plans:  # the layer each fit picks, from last-token features (the store read once)
         if (d, s) not in chosen:
             requests = drawn[d]
-            gate, _ = gate_from_features(features_cached(model_dir, requests, layers), requests, seed=s, progress=True)
+            index = [last_row[request_key(r)] for r in requests]
+            features = {layer: array[index] for layer, array in last_token.items()}
+            gate, _ = gate_from_features(features, requests, seed=s, progress=True)
             chosen[(d, s)] = gate.layer
             print(f"data seed {d}, fit seed {s}: layer {gate.layer}", flush=True)
     found = token_features(model_dir, union, tuple(sorted(set(chosen.values()))))
@@ -123,7 +136,13 @@ def main(model_name: str, fit_seeds: int, whole_seeds: int, gate_data: str, out:
             name: round(float((read_scores(rows(layer, asked), weight, bias, pooled) > threshold).mean()), 4)
             for name, asked in sets.items()
         }
-        fitted[(d, s)] = {"data_seed": d, "fit_seed": s, "layer": layer, "firing": firing, "card": card(firing, sets)}
+        fitted[(d, s)] = {
+            "data_seed": d,
+            "fit_seed": s,
+            "layer": layer,
+            "firing": firing,
+            "card": card(firing, harmful_flags(held_out)),
+        }
         print(fitted[(d, s)], flush=True)
     ways: dict[str, dict] = {way: {"runs": []} for way in dict.fromkeys(way for way, _, _ in plans)}
     for way, d, s in plans:
@@ -131,7 +150,7 @@ def main(model_name: str, fit_seeds: int, whole_seeds: int, gate_data: str, out:
     for way in ways.values():
         runs = way["runs"]
         way["firing"] = {name: spread([r["firing"][name] for r in runs]) for name in sets}
-        way["card"] = {key: spread([r["card"][key] for r in runs]) for key in runs[0]["card"]}
+        way["card"] = {key: spread([r["card"][key] for r in runs]) for key, v in runs[0]["card"].items() if v is not None}
         way["layers"] = sorted({r["layer"] for r in runs})
     result = {
         "model": model_name,
@@ -139,7 +158,8 @@ def main(model_name: str, fit_seeds: int, whole_seeds: int, gate_data: str, out:
         "protocol": "the product gate pipeline from float32 features (LOSO layer over the candidate layers, attention "
         "read, threshold at 5% of benign calibration), refit per seed; scored on gate_guard's sources, none in the "
         "gate's data; 'fit': data seed 0, fit seed varied; 'whole': data and fit seed varied together; rates only",
-        "sources": {n: {"harmful": r[0].harmful, "requests": len(r)} for n, r in sets.items()},
+        "sources": {n: {"harmful": r[0].harmful, "requests": len(r), "in_gate_data": n in in_data} for n, r in sets.items()},
+        "card_sources": list(held_out),
         "xstest_like": XSTEST_LIKE,
         "ways": ways,
         "machine": machine(),
