@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -80,40 +80,74 @@ def first_after_system(ids: list[int], end_of_turn: int) -> int:
 
 
 def token_features(model_dir: Path, requests: list[Request], layers: tuple[int, ...]) -> dict[int, Tokens]:
-    """``{layer: Tokens}`` for ``requests``, from one store per model holding every request at the same layers:
-    only the requests it lacks are forwarded (``token_forward``) and appended; a store without one of ``layers`` is
-    replaced by one at ``layers``. Written whole through a staged file."""
-    keys = [request_key(r) for r in requests]
-    ident = {"model": models.directory_digest(model_dir), "read": "after-system"}
-    path = models.cache_root() / "gate" / f"tokens-{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]}.npz"
-    stored_keys: list[str] = []
-    found: dict[int, np.ndarray] = {}
-    offsets = np.zeros(1, dtype=np.int64)
-    if path.exists():
+    """``{layer: Tokens}`` for ``requests`` at every one of ``layers`` (``token_features_at``)."""
+    return token_features_at(model_dir, {layer: requests for layer in layers})
+
+
+def token_features_at(model_dir: Path, asked: dict[int, list[Request]]) -> dict[int, Tokens]:
+    """``{layer: Tokens}`` for the requests asked at each layer, from one store per model and layer: every request
+    some layer's store lacks is forwarded once, at every layer that lacks it (``token_forward``), and appended there,
+    each store written whole through a staged file — a new layer costs a forward of the requests asked there only."""
+    digest = models.directory_digest(model_dir)
+    stores = {layer: _TokenStore.load(digest, layer) for layer in asked}
+    keys = {layer: [request_key(r) for r in requests] for layer, requests in asked.items()}
+    unique = {k: r for layer, requests in asked.items() for k, r in zip(keys[layer], requests)}
+    missing = {layer: [k for k in dict.fromkeys(keys[layer]) if k not in stores[layer].row] for layer in asked}
+    needed = list(dict.fromkeys(k for lacking in missing.values() for k in lacking))
+    if needed:
+        read_at = tuple(sorted(layer for layer, lacking in missing.items() if lacking))
+        computed = token_forward(model_dir, [unique[k] for k in needed], read_at)
+        at = {k: i for i, k in enumerate(needed)}
+        for layer in read_at:
+            stores[layer].append(missing[layer], computed[layer], at)
+            stores[layer].save()
+    return {layer: stores[layer].take(keys[layer]) for layer in asked}
+
+
+@dataclass
+class _TokenStore:
+    """One model layer's token rows, by request key (``token_features``' cache)."""
+
+    path: Path
+    keys: list[str]
+    offsets: np.ndarray
+    rows: np.ndarray | None
+    row: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.row = {k: i for i, k in enumerate(self.keys)}
+
+    @classmethod
+    def load(cls, digest: str, layer: int) -> _TokenStore:
+        ident = {"model": digest, "read": "after-system", "layer": layer}
+        name = f"tokens-{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]}.npz"
+        path = models.cache_root() / "gate" / name
+        if not path.exists():
+            return cls(path, [], np.zeros(1, dtype=np.int64), None)
         with np.load(path) as stored:
-            held = {int(name) for name in stored.files if name.isdigit()}
-            if set(layers) <= held:
-                stored_keys, offsets = stored["keys"].tolist(), stored["offsets"]
-                found = {layer: stored[str(layer)] for layer in sorted(held)}
-    have = set(stored_keys)
-    missing = list({k: r for k, r in zip(keys, requests) if k not in have}.values())
-    if missing:
-        read_at = tuple(sorted(found)) if found else tuple(sorted(layers))
-        computed = token_forward(model_dir, missing, read_at)
-        offsets = np.concatenate([offsets, offsets[-1] + computed[read_at[0]].offsets[1:]])
-        found = {
-            layer: np.concatenate([found[layer], computed[layer].rows]) if found else computed[layer].rows for layer in read_at
-        }
-        stored_keys += [request_key(r) for r in missing]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staged = path.with_suffix(".tmp.npz")
-        np.savez(staged, keys=np.array(stored_keys), offsets=offsets, **{str(k): v for k, v in found.items()})
-        staged.replace(path)
-    known = {k: i for i, k in enumerate(stored_keys)}
-    order = [known[k] for k in keys]
-    spans = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in order])
-    mine = np.concatenate([[0], np.cumsum([offsets[i + 1] - offsets[i] for i in order])])
-    return {layer: Tokens(found[layer][spans], mine) for layer in layers}
+            return cls(path, stored["keys"].tolist(), stored["offsets"], stored["rows"])
+
+    def append(self, keys: list[str], computed: Tokens, at: dict[str, int]) -> None:
+        """Add ``keys``' rows from ``computed`` (a forward of requests indexed by ``at``)."""
+        spans = [np.arange(computed.offsets[at[k]], computed.offsets[at[k] + 1]) for k in keys]
+        added = computed.rows[np.concatenate(spans)]
+        self.rows = added if self.rows is None else np.concatenate([self.rows, added])
+        self.offsets = np.concatenate([self.offsets, self.offsets[-1] + np.cumsum([len(span) for span in spans])])
+        self.row.update((k, len(self.keys) + i) for i, k in enumerate(keys))
+        self.keys += keys
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        staged = self.path.with_suffix(".tmp.npz")
+        np.savez(staged, keys=np.array(self.keys), offsets=self.offsets, rows=self.rows)
+        staged.replace(self.path)
+
+    def take(self, keys: list[str]) -> Tokens:
+        """``keys``' rows, in that order."""
+        order = [self.row[k] for k in keys]
+        lengths = [self.offsets[i + 1] - self.offsets[i] for i in order]
+        spans = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in order])
+        return Tokens(self.rows[spans], np.concatenate([[0], np.cumsum(lengths)]))
 
 
 def token_forward(model_dir: Path, requests: list[Request], layers: tuple[int, ...]) -> dict[int, Tokens]:

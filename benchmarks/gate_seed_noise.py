@@ -36,7 +36,7 @@ import numpy as np
 
 from benchmarks.common import RESULTS, gate_data_option, machine, write_result
 from benchmarks.gate_guard import XSTEST_LIKE, card, guard_sets, harmful_flags
-from benchmarks.gate_pooling import token_features
+from benchmarks.gate_pooling import token_features_at
 from benchmarks.gate_sources import features_cached, gate_layers, request_key
 from safetylock import data, models
 from safetylock.gate import TARGET_FPR, fit_read, gate_from_features, read_scores, threshold_at
@@ -117,12 +117,15 @@ def main(model_name: str, fit_seeds: int, whole_seeds: int, gate_data: str, out:
             gate, _ = gate_from_features(features, requests, seed=s, progress=True)
             chosen[(d, s)] = gate.layer
             print(f"data seed {d}, fit seed {s}: layer {gate.layer}", flush=True)
-    found = token_features(model_dir, union, tuple(sorted(set(chosen.values()))))
-    row_of = {request_key(r): i for i, r in enumerate(union)}
+    asked_at: dict[int, dict[str, Request]] = {layer: {request_key(r): r for r in scored} for layer in chosen.values()}
+    for (d, _), layer in chosen.items():  # each layer's token rows for the fits that chose it and the scored sources
+        asked_at[layer].update((request_key(r), r) for r in drawn[d])
+    found = token_features_at(model_dir, {layer: list(asked.values()) for layer, asked in asked_at.items()})
+    row_of = {layer: {k: i for i, k in enumerate(asked)} for layer, asked in asked_at.items()}
 
     def rows(layer: int, requests: list[Request]) -> list[np.ndarray]:
-        t = found[layer]
-        return [t.rows[t.offsets[row_of[k]] : t.offsets[row_of[k] + 1]] for k in map(request_key, requests)]
+        t, at = found[layer], row_of[layer]
+        return [t.rows[t.offsets[at[k]] : t.offsets[at[k] + 1]] for k in map(request_key, requests)]
 
     fitted: dict[tuple[int, int], dict] = {}
     for d, s in chosen:  # once per distinct (data, fit) seed pair: the ways share seed 0's
