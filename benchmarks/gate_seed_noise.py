@@ -159,8 +159,9 @@ def main(model_name: str, fit_seeds: int, whole_seeds: int, gate_data: str, out:
         "model": model_name,
         "gate_data": gate_data,
         "protocol": "the product gate pipeline from float32 features (LOSO layer over the candidate layers, attention "
-        "read, threshold at 5% of benign calibration), refit per seed; scored on gate_guard's sources, none in the "
-        "gate's data; 'fit': data seed 0, fit seed varied; 'whole': data and fit seed varied together; rates only",
+        "read, threshold at 5% of benign calibration), refit per seed; scored on gate_guard's sources, the card on those "
+        "not in the gate's data; 'fit': data seed 0, fit seed varied; 'whole': data and fit seed varied together; "
+        "rates only",
         "sources": {n: {"harmful": r[0].harmful, "requests": len(r), "in_gate_data": n in in_data} for n, r in sets.items()},
         "card_sources": list(held_out),
         "xstest_like": XSTEST_LIKE,
