@@ -125,7 +125,7 @@ def main(options: str, out: str) -> None:
         failed = [c for c, ok in found["clauses"].items() if not ok]
         f1 = found["rows"]["f1_equal_prevalence"]
         print(
-            f"{name}: F1 {f1['core_mean']:.3f} -> {f1['option_mean']:.3f} (band {f1['band']:.3f}); "
+            f"{name}: F1 {f1['core_mean']:.4f} -> {f1['option_mean']:.4f} (band {f1['band']:.4f}); "
             f"{'candidate' if found['candidate'] else 'not a candidate: ' + ', '.join(failed)}"
         )
     if not comparisons:
