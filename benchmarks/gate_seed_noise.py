@@ -40,6 +40,7 @@ from benchmarks.gate_pooling import token_features_at
 from benchmarks.gate_sources import features_cached, gate_layers, request_key
 from safetylock import data, models
 from safetylock.gate import TARGET_FPR, fit_read, gate_from_features, read_scores, threshold_at
+from safetylock.overlap import fingerprints
 from safetylock.sources import GATE_DATA, Request, gate_requests, split
 
 
@@ -96,18 +97,17 @@ def main(model_name: str, fit_seeds: int, whole_seeds: int, gate_data: str, out:
     drawn: dict[int, list[Request]] = {
         d: list(gate_requests(data.advbench(), GATE_DATA[gate_data], seed=d)) for _, d, _ in plans
     }
-    union = list({request_key(r): r for r in [*scored, *(r for rs in drawn.values() for r in rs)]}.values())
-    print(f"{len(union)} distinct requests ({len(scored)} scored)", flush=True)
+    fitted = {request_key(r): r for rs in drawn.values() for r in rs}
+    print(f"{len(fitted.keys() | set(map(request_key, scored)))} distinct requests ({len(scored)} scored)", flush=True)
 
-    fitted_keys = {request_key(r) for rs in drawn.values() for r in rs}
-    fitted_texts = {r.text for rs in drawn.values() for r in rs}
-    in_data = sorted(name for name, asked in sets.items() if any(r.text in fitted_texts for r in asked))
+    fitted_prompts = set(fingerprints(r.text for r in fitted.values()))
+    in_data = sorted(name for name, asked in sets.items() if fitted_prompts & set(fingerprints(r.text for r in asked)))
     held_out = {name: asked for name, asked in sets.items() if name not in in_data}
     if in_data:
         print(f"in the gate's data, not held out: {', '.join(in_data)}", flush=True)
 
-    last_token = features_cached(model_dir, [r for r in union if request_key(r) in fitted_keys], layers)
-    last_row = {k: i for i, k in enumerate(request_key(r) for r in union if request_key(r) in fitted_keys)}
+    last_token = features_cached(model_dir, list(fitted.values()), layers)
+    last_row = {k: i for i, k in enumerate(fitted)}
     chosen: dict[tuple[int, int], int] = {}
     for _, d, s in plans:  # the layer each fit picks, from last-token features (the store read once)
         if (d, s) not in chosen:
