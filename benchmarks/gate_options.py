@@ -3,7 +3,8 @@ advance.
 
 Reads ``gate_seed_noise``'s results: the core's (``results/gate_seed_noise.json``) and each option's
 (``results/gate_seed_noise_NAME.json``, from ``python -m benchmarks.gate_seed_noise --fit-seeds 0 --whole-seeds 5
---gate-data NAME --out gate_seed_noise_NAME``), the ``whole`` way of each (data and fit seed varied together). A
+--gate-data NAME --out gate_seed_noise_NAME``; ``crossfit``: the core's data fit another way, ``--fit-protocol
+crossfit``), the ``whole`` way of each (data and fit seed varied together). A
 scored source whose prompts are in the option's data is not held out for that option; the core's figures are
 recomputed on the same held-out sources from its per-seed firing, so both sides of a comparison are scored alike.
 
@@ -12,8 +13,13 @@ five seeds each). An option is a candidate for re-serving only if, on its held-o
 prevalence) rises by at least the band; no harmful source's mean falls by more than its band; no benign source's
 mean rises by more than its band; mean FPR rises by no more than its band. Nothing here changes what is served.
 
-Run: python -m benchmarks.gate_options [--options harm_evals,people,asks,topics,pairs]
-Writes benchmarks/results/gate_options.{json,png} (rates only); an option without its result file is skipped.
+Run: python -m benchmarks.gate_options [--options harm_evals,people,asks,topics,pairs,crossfit]
+Also, not part of the rule: each file's mean card at every threshold of its fits' ``curve`` (1–12% of the benign
+requests the threshold is set on), where every scored source is held out — whether an option moves the curve or only
+its operating point.
+
+Writes benchmarks/results/gate_options.{json,png} and gate_options_curves.png (rates only); an option without its
+result file is skipped.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ def compare(core: dict, option: dict) -> dict:
     not_held = [n for n in option["sources"] if n not in harmful]
     return {
         "gate_data": option["gate_data"],
+        "fit_protocol": option.get("fit_protocol", "split"),
         "seeds": {"core": n_core, "option": n_option},
         "layers": option["ways"]["whole"]["layers"],
         "held_out": harmful,
@@ -81,6 +88,37 @@ def compare(core: dict, option: dict) -> dict:
         "clauses": clauses,
         "candidate": all(clauses.values()),
     }
+
+
+def curve(result: dict) -> dict[str, dict[str, float]] | None:
+    """Mean TPR and mean FPR over the whole seeds at each threshold of the fits' ``curve`` (None where the file
+    has none, or where a scored source is in the gate's data: its card is over other sources than the core's)."""
+    runs = whole_runs(result)
+    if "curve" not in runs[0] or held_out(result).keys() != result["sources"].keys():
+        return None
+    return {
+        target: {key: round(float(np.mean([run["curve"][target][key] for run in runs])), 4) for key in CARD_KEYS}
+        for target in runs[0]["curve"]
+    }
+
+
+def plot_curves(curves: dict[str, dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, points in curves.items():
+        fprs, tprs = zip(*((100 * p["mean_fpr"], 100 * p["mean_tpr"]) for p in points.values()))
+        ax.plot(fprs, tprs, marker="o", label=name, linewidth=2.5 if name == "core" else 1.2)
+    ax.set_xlabel("mean FPR on the scored benign sources (%)")
+    ax.set_ylabel("mean TPR on the scored harmful sources (%)")
+    ax.set_title("Means of five seeds, threshold at 1-12% of each fit's benign requests", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def plot(comparisons: dict[str, dict], path) -> None:
@@ -110,17 +148,19 @@ def plot(comparisons: dict[str, dict], path) -> None:
 
 
 @click.command()
-@click.option("--options", default="harm_evals,people,asks,topics,pairs", show_default=True)
+@click.option("--options", default="harm_evals,people,asks,topics,pairs,crossfit", show_default=True)
 @click.option("--out", default="gate_options", show_default=True)
 def main(options: str, out: str) -> None:
     core = json.loads((RESULTS / f"{CORE}.json").read_text())
-    comparisons = {}
+    comparisons, curves = {}, {"core": curve(core)}
     for name in options.split(","):
         path = RESULTS / f"{CORE}_{name}.json"
         if not path.exists():
             print(f"{name}: no {path.name}, skipped")
             continue
-        comparisons[name] = compare(core, json.loads(path.read_text()))
+        option = json.loads(path.read_text())
+        comparisons[name] = compare(core, option)
+        curves[name] = curve(option)
         found = comparisons[name]
         failed = [c for c, ok in found["clauses"].items() if not ok]
         f1 = found["rows"]["f1_equal_prevalence"]
@@ -130,8 +170,11 @@ def main(options: str, out: str) -> None:
         )
     if not comparisons:
         raise click.UsageError("no option's result file found; run benchmarks.gate_seed_noise --gate-data NAME first")
-    write_result(out, {"rule": __doc__.split("\n\n")[2], "comparisons": comparisons})
+    curves = {name: points for name, points in curves.items() if points is not None}
+    write_result(out, {"rule": __doc__.split("\n\n")[2], "comparisons": comparisons, "curves": curves})
     plot(comparisons, RESULTS / f"{out}.png")
+    if len(curves) > 1:
+        plot_curves(curves, RESULTS / f"{out}_curves.png")
 
 
 if __name__ == "__main__":

@@ -13,23 +13,33 @@ candidate layers on last-token features (``gate.gate_from_features``), the atten
 * ``whole``: the seed of everything, 0 … ``--whole-seeds``-1 — requests redrawn too, as ``extract --seed`` would.
 
 Per way and source: mean, sd, min and max of the firing; the card's figures (mean TPR / FPR, F1 at equal
-prevalence, edgy firing) the same way; the layer chosen per fit. The band ``2·√2·sd`` is about a 95% band for the
-difference between two single fits. Features are float32 (the served read); the extract's own forward may be
-bfloat16, so seed 0 here is close to, not equal to, the product lock's figures. Nothing is tuned on the scored sources.
+prevalence, edgy firing) the same way; the layer chosen per fit; per fit, the card with the threshold at each of
+``CURVE_FPRS`` of the benign requests it is set on (``curve``), so that two ways of fitting compare at equal firing.
+The band ``2·√2·sd`` is about a 95% band for the difference between two single fits. Features are float32 (the
+served read); the extract's own forward may be bfloat16, so seed 0 here is close to, not equal to, the product
+lock's figures. Nothing is tuned on the scored sources.
 
 ``--gate-data`` refits another of ``extract``'s gate-data options the same way, so that an option is compared with
 the product as the means of several seeds, not as one fit each. A scored source whose prompts are in the option's
 data (``topics``, ``pairs``) is not held out: its firing is reported, marked ``in_gate_data``, and the card is
 computed on the held-out sources only (``card_sources``).
 
-Run: python -m benchmarks.gate_seed_noise [--fit-seeds 10] [--whole-seeds 5] [--gate-data core] [--out gate_seed_noise]
+``--fit-protocol crossfit`` sets the weights and threshold at the chosen layer another way: the mean of
+``FOLDS`` fits, each on all folds but one (``folds``: stratified by source and label, a request's fold a seeded hash
+of it, so no other source moves it), and the threshold at 5% of every benign request's out-of-fold score — every
+request fits, four times the benign requests set the threshold. The layer is chosen as the product chooses it.
+
+Run: python -m benchmarks.gate_seed_noise [--fit-seeds 10] [--whole-seeds 5] [--gate-data core]
+[--fit-protocol split] [--out gate_seed_noise]
 Writes benchmarks/results/NAME.{json,png} (rates only); features cached in the cache's ``gate/``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+from collections.abc import Sequence
 
 import click
 import numpy as np
@@ -55,6 +65,59 @@ def spread(values: list[float]) -> dict[str, float]:
         "max": round(float(array.max()), 4),
         "two_fit_band": round(2 * math.sqrt(2) * sd, 4),
     }
+
+
+FOLDS = 4
+PROTOCOLS = ("split", "crossfit")
+CURVE_FPRS = (0.01, 0.02, 0.03, 0.05, 0.08, 0.12)  # benign firing targets of each fit's card curve
+
+
+def folds(requests: Sequence[Request], seed: int, count: int = FOLDS) -> np.ndarray:
+    """Each request's fold: within each (source, label) stratum, members ordered by a seeded hash of the request
+    and dealt in turn from a seeded offset, so a request's fold depends on its stratum alone."""
+
+    def digest(text: str) -> bytes:
+        return hashlib.sha256(f"{seed}\0{text}".encode()).digest()
+
+    strata: dict[tuple[str, bool], list[int]] = {}
+    for index, request in enumerate(requests):
+        strata.setdefault((request.source, request.harmful), []).append(index)
+    fold = np.empty(len(requests), dtype=int)
+    for (source, harmful), members in strata.items():
+        offset = digest(f"{source}\0{harmful}")[0] % count
+        for position, index in enumerate(sorted(members, key=lambda i: digest(request_key(requests[i])))):
+            fold[index] = (position + offset) % count
+    return fold
+
+
+def fit_weights(
+    tokens: list[np.ndarray], requests: list[Request], seed: int, protocol: str
+) -> tuple[np.ndarray, float, tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """The attention read's (weight, bias, (u, q)) and the benign scores its threshold is set on: the fit split and
+    the scores of its benign calibration quarter (``split``, the product), or the mean of the fold fits and every
+    benign request's out-of-fold score (``crossfit``)."""
+    benign = ~np.array([r.harmful for r in requests])
+    if protocol == "split":
+        fit, calibration = split(requests, seed=seed)
+        weight, bias, pooled = fit_read(tokens, requests, fit, seed, "attention")
+        held = calibration[benign[calibration]]
+        return weight, bias, pooled, read_scores([tokens[i] for i in held], weight, bias, pooled)
+    fold = folds(requests, seed)
+    scores = np.empty(len(requests))
+    fits = []
+    for k in range(FOLDS):
+        weight, bias, pooled = fit_read(tokens, requests, np.flatnonzero(fold != k), seed, "attention")
+        held = np.flatnonzero(fold == k)
+        scores[held] = read_scores([tokens[i] for i in held], weight, bias, pooled)
+        fits.append((weight, bias, *pooled))
+    weight, bias, u, q = (np.mean(part, axis=0) for part in zip(*fits))
+    return weight, float(bias), (u, q), scores[benign]
+
+
+def firing_at(scores: dict[str, np.ndarray], benign_scores: np.ndarray, fpr: float) -> dict[str, float]:
+    """Each scored source's firing with the threshold at ``fpr`` of ``benign_scores``."""
+    threshold = threshold_at(benign_scores, fpr)
+    return {name: round(float((values > threshold).mean()), 4) for name, values in scores.items()}
 
 
 def plot(result: dict, path) -> None:
@@ -86,8 +149,15 @@ def plot(result: dict, path) -> None:
 @click.option("--fit-seeds", type=click.IntRange(0, 50), default=10, show_default=True, help="0 skips the fit way.")
 @click.option("--whole-seeds", type=click.IntRange(2, 20), default=5, show_default=True)
 @gate_data_option("The gate's data (extract --gate-data): an option's spread to set beside the product's.")
+@click.option(
+    "--fit-protocol",
+    type=click.Choice(PROTOCOLS),
+    default="split",
+    show_default=True,
+    help="split: the product's fit and calibration split; crossfit: the mean of fold fits, out-of-fold threshold.",
+)
 @click.option("--out", default="gate_seed_noise", show_default=True)
-def main(model_name: str, fit_seeds: int, whole_seeds: int, gate_data: str, out: str) -> None:
+def main(model_name: str, fit_seeds: int, whole_seeds: int, gate_data: str, fit_protocol: str, out: str) -> None:
     started = time.perf_counter()
     model_dir = models.resolve(model_name)
     layers = gate_layers(model_dir)
@@ -130,21 +200,16 @@ def main(model_name: str, fit_seeds: int, whole_seeds: int, gate_data: str, out:
     fitted: dict[tuple[int, int], dict] = {}
     for d, s in chosen:  # once per distinct (data, fit) seed pair: the ways share seed 0's
         requests, layer = drawn[d], chosen[(d, s)]
-        tokens = rows(layer, requests)
-        fit, calibration = split(requests, seed=s)
-        weight, bias, pooled = fit_read(tokens, requests, fit, s, "attention")
-        benign_cal = calibration[~np.array([r.harmful for r in requests])[calibration]]
-        threshold = threshold_at(read_scores([tokens[i] for i in benign_cal], weight, bias, pooled), TARGET_FPR)
-        firing = {
-            name: round(float((read_scores(rows(layer, asked), weight, bias, pooled) > threshold).mean()), 4)
-            for name, asked in sets.items()
-        }
+        weight, bias, pooled, benign_scores = fit_weights(rows(layer, requests), requests, s, fit_protocol)
+        scores = {name: read_scores(rows(layer, asked), weight, bias, pooled) for name, asked in sets.items()}
+        firing = firing_at(scores, benign_scores, TARGET_FPR)
         fitted[(d, s)] = {
             "data_seed": d,
             "fit_seed": s,
             "layer": layer,
             "firing": firing,
             "card": card(firing, harmful_flags(held_out)),
+            "curve": {f"{fpr:g}": card(firing_at(scores, benign_scores, fpr), harmful_flags(held_out)) for fpr in CURVE_FPRS},
         }
         print(fitted[(d, s)], flush=True)
     ways: dict[str, dict] = {way: {"runs": []} for way in dict.fromkeys(way for way, _, _ in plans)}
@@ -158,8 +223,10 @@ def main(model_name: str, fit_seeds: int, whole_seeds: int, gate_data: str, out:
     result = {
         "model": model_name,
         "gate_data": gate_data,
+        "fit_protocol": fit_protocol,
         "protocol": "the product gate pipeline from float32 features (LOSO layer over the candidate layers, attention "
-        "read, threshold at 5% of benign calibration), refit per seed; scored on gate_guard's sources, the card on those "
+        "read, threshold at 5% of benign calibration; fit_protocol crossfit: weights the mean of 4 fold fits, threshold "
+        "at 5% of benign out-of-fold scores), refit per seed; scored on gate_guard's sources, the card on those "
         "not in the gate's data; 'fit': data seed 0, fit seed varied; 'whole': data and fit seed varied together; "
         "rates only",
         "sources": {n: {"harmful": r[0].harmful, "requests": len(r), "in_gate_data": n in in_data} for n, r in sets.items()},
