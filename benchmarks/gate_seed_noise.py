@@ -138,7 +138,8 @@ def plot(result: dict, path) -> None:
         ax.scatter([], [], marker=marker, color="C0" if way == "fit" else "C1", label=f"{way} seed varied ({len(runs)} fits)")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("gate firing (%)")
-    ax.set_title("The product gate refit from features: firing on sources outside its data, one point per seed")
+    how = f"gate data {result['gate_data']}, fit {result['fit_protocol']}"
+    ax.set_title(f"The gate refit from features ({how}): firing on sources outside its data, one point per seed")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
