@@ -13,11 +13,11 @@ five seeds each). An option is a candidate for re-serving only if, on its held-o
 prevalence) rises by at least the band; no harmful source's mean falls by more than its band; no benign source's
 mean rises by more than its band; mean FPR rises by no more than its band. Nothing here changes what is served.
 
-Run: python -m benchmarks.gate_options [--options harm_evals,people,asks,topics,pairs,crossfit]
 Also, not part of the rule: each file's mean card at every threshold of its fits' ``curve`` (1–12% of the benign
 requests the threshold is set on), where every scored source is held out — whether an option moves the curve or only
 its operating point.
 
+Run: python -m benchmarks.gate_options [--options harm_evals,people,asks,topics,pairs,crossfit]
 Writes benchmarks/results/gate_options.{json,png} and gate_options_curves.png (rates only); an option without its
 result file is skipped.
 """
