@@ -168,17 +168,18 @@ def main(model_name: str, fit_seeds: int, whole_seeds: int, gate_data: str, fit_
     drawn: dict[int, list[Request]] = {
         d: list(gate_requests(data.advbench(), GATE_DATA[gate_data], seed=d)) for _, d, _ in plans
     }
-    fitted = {request_key(r): r for rs in drawn.values() for r in rs}
-    print(f"{len(fitted.keys() | set(map(request_key, scored)))} distinct requests ({len(scored)} scored)", flush=True)
+    fit_requests = {request_key(r): r for rs in drawn.values() for r in rs}  # every fit's, once
+    print(f"{len(fit_requests.keys() | set(map(request_key, scored)))} distinct requests ({len(scored)} scored)", flush=True)
 
-    fitted_prompts = set(fingerprints(r.text for r in fitted.values()))
+    fitted_prompts = set(fingerprints(r.text for r in fit_requests.values()))
     in_data = sorted(name for name, asked in sets.items() if fitted_prompts & set(fingerprints(r.text for r in asked)))
     held_out = {name: asked for name, asked in sets.items() if name not in in_data}
+    flags = harmful_flags(held_out)
     if in_data:
         print(f"in the gate's data, not held out: {', '.join(in_data)}", flush=True)
 
-    last_token = features_cached(model_dir, list(fitted.values()), layers)
-    last_row = {k: i for i, k in enumerate(fitted)}
+    last_token = features_cached(model_dir, list(fit_requests.values()), layers)
+    last_row = {k: i for i, k in enumerate(fit_requests)}
     chosen: dict[tuple[int, int], int] = {}
     for _, d, s in plans:  # the layer each fit picks, from last-token features (the store read once)
         if (d, s) not in chosen:
@@ -209,8 +210,8 @@ def main(model_name: str, fit_seeds: int, whole_seeds: int, gate_data: str, fit_
             "fit_seed": s,
             "layer": layer,
             "firing": firing,
-            "card": card(firing, harmful_flags(held_out)),
-            "curve": {f"{fpr:g}": card(firing_at(scores, benign_scores, fpr), harmful_flags(held_out)) for fpr in CURVE_FPRS},
+            "card": card(firing, flags),
+            "curve": {f"{fpr:g}": card(firing_at(scores, benign_scores, fpr), flags) for fpr in CURVE_FPRS},
         }
         print(fitted[(d, s)], flush=True)
     ways: dict[str, dict] = {way: {"runs": []} for way in dict.fromkeys(way for way, _, _ in plans)}
